@@ -61,16 +61,23 @@ class ToolJob(_Bus, kw_only=True, tag="tool_job"):
 
 
 class ToolResultMsg(_Bus, kw_only=True, tag="tool_result"):
+    """A tool worker's answer on core NATS `reply_subject`; `timed_out` marks the worker's own
+    time-limit failure so the dispatcher can report it as a timeout."""
+
     session_id: str
     turn_id: str
     call_id: str
     ok: bool
     text: str
     attempt: int = 1
+    timed_out: bool = False
 
 
 class ToolCancel(_Bus, kw_only=True, tag="tool_cancel"):
+    """Broadcast to every tool worker; `turn_id` scopes `call_id` (ids are unique per turn)."""
+
     call_id: str
+    turn_id: str = ""
 
 
 class TurnAnalytics(_Bus, kw_only=True, tag="analytics"):

@@ -1,0 +1,123 @@
+"""Assembles the gateway: adapters owned by cleanup contexts, routes, and an orderly drain.
+
+On shutdown (SIGTERM) the gateway stops accepting, closes every WebSocket with 1012 so clients
+reconnect to another gateway and resume, ends SSE streams, then releases its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway import poll, sessions, sse, ws
+from gateway.deps import Deps
+from gateway.hub import SessionHub
+from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS, SSE_STREAMS
+from gateway.settings import GatewaySettings
+from gateway.stream import Replayer
+from shared.bus import Bus
+from shared.checkpoints import CheckpointStore
+from shared.eventlog import EventLog
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_frame_bytes)
+    app[SOCKETS] = weakref.WeakSet()
+    app[SSE_STREAMS] = weakref.WeakSet()
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        gateway_id = settings.gateway_id or "gw-" + secrets.token_hex(4)
+        eventlog = await EventLog.connect(settings.postgres_dsn, timeout_s=settings.postgres_timeout_s,
+                                          max_size=20)
+        checkpoints = CheckpointStore.connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
+                                              ttl_s=settings.session_ttl_s)
+        bus = await Bus.connect(settings.nats_url, name=gateway_id, timeout_s=settings.nats_timeout_s)
+        await bus.ensure_streams()
+        deps = Deps(settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id)
+        hub = SessionHub(bus, checkpoints, gateway_id)
+        app[DEPS] = deps
+        app[HUB] = hub
+        app[REPLAYER] = Replayer(deps)
+        presence = asyncio.create_task(hub.refresh_presence(), name="presence")
+        log.info("gateway %s ready on %s:%s", gateway_id, settings.host, settings.http_port)
+        yield
+        presence.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await presence
+        await bus.close()
+        await checkpoints.close()
+        await eventlog.close()
+
+    async def drain(app: web.Application) -> None:
+        if DEPS not in app:
+            return
+        app[DEPS].draining = True
+        for sock in list(app[SOCKETS]):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sock.close(code=ws.CLOSE_RESTARTING, message=b"server restarting"), 2)
+        for stream in list(app[SSE_STREAMS]):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.write_eof(), 2)
+
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(drain)
+    app.add_routes([
+        web.get("/v1/ws", ws.websocket_handler),
+        web.post("/v1/sessions", sessions.create_session),
+        web.get("/v1/sessions", sessions.list_sessions),
+        web.get("/v1/sessions/{sid}", sessions.get_session),
+        web.post("/v1/sessions/{sid}/messages", sessions.post_message),
+        web.post("/v1/sessions/{sid}/stop", sessions.post_stop),
+        web.get("/v1/sessions/{sid}/events", sse.sse_handler),
+        web.get("/v1/sessions/{sid}/poll", poll.poll_handler),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+        web.get("/", index),
+    ])
+    if STATIC.is_dir():
+        app.router.add_static("/static/", STATIC)
+    return app
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    page = STATIC / "index.html"
+    if not page.exists():
+        return web.Response(text="tidewire gateway", content_type="text/plain")
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    checks: dict[str, bool] = {"nats": deps.bus.connected, "draining": not deps.draining}
+    for name, probe in (("redis", deps.checkpoints.ping), ("postgres", deps.eventlog.ping)):
+        try:
+            async with asyncio.timeout(1):
+                await probe()
+            checks[name] = True
+        except Exception:  # noqa: BLE001 - a failed probe is the answer
+            checks[name] = False
+    ok = all(checks.values())
+    return web.json_response({"ok": ok, "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    lines = []
+    for name, value in vars(deps.counters).items():
+        lines.append(f"tidewire_gateway_{name} {value}")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

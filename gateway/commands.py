@@ -1,0 +1,136 @@
+"""What a client can ask of a session, shared by the WebSocket and HTTP transports.
+
+`send_message` is the path that must never lose or repeat a message: the seq is allocated and the
+event checkpointed atomically in Redis (deduplicated by client_msg_id), the row is made durable in
+Postgres and the turn is published to JetStream (deduplicated by turn_id), and only then is the
+`ack` returned. Every step is idempotent, so a client retry after any crash converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+from gateway.deps import Deps
+from proto import bus as busproto
+from proto import client
+from shared.checkpoints import DoubleTextPolicy
+from shared.errors import BadFrame, Degraded, Forbidden, NotFound, SeedNeeded, TidewireError, TooLarge
+
+log = logging.getLogger(__name__)
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(12)
+
+
+async def authorize(deps: Deps, session_id: str, subject: str) -> None:
+    """Every path re-checks ownership; an unknown session and a foreign one are both refused."""
+    try:
+        row = await deps.eventlog.get_session(session_id)
+    except Exception as e:
+        raise Degraded("session store unavailable", retry_after_ms=1000) from e
+    if row is None:
+        raise NotFound("no such session")
+    if row.subject != subject:
+        raise Forbidden("this session belongs to someone else")
+
+
+async def create_session(deps: Deps, subject: str, title: str | None = None) -> str:
+    if await deps.eventlog.count_sessions(subject) >= deps.settings.max_sessions_per_subject:
+        raise TooLarge("too many sessions for this user")
+    sid = secrets.token_urlsafe(18)
+    await deps.eventlog.create_session(sid, subject, title)
+    return sid
+
+
+def _validate(deps: Deps, client_msg_id: str, text: str) -> None:
+    if not client_msg_id or len(client_msg_id) > 128:
+        raise BadFrame("client_msg_id must be 1..128 characters")
+    if not text.strip():
+        raise BadFrame("text must not be empty")
+    if len(text) > deps.settings.max_text_chars:
+        raise TooLarge(f"text longer than {deps.settings.max_text_chars} characters")
+
+
+async def send_message(deps: Deps, subject: str, session_id: str, req: client.SendRequest | client.Send,
+                       policy: DoubleTextPolicy | None = None) -> client.Ack:
+    received_ns = time.time_ns()
+    _validate(deps, req.client_msg_id, req.text)
+    policy = policy or deps.settings.double_text_policy  # type: ignore[assignment]
+    turn_id = new_id("t_")
+    raw = client.json_encoder.encode(client.Message(seq=0, turn_id=turn_id, client_msg_id=req.client_msg_id,
+                                                    role="user", text=req.text, attachments=req.attachments))
+    request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=0,
+                                   client_msg_id=req.client_msg_id, subject=subject, text=req.text,
+                                   attachments=req.attachments, received_at_ns=received_ns)
+    cp = deps.checkpoints
+    try:
+        async with asyncio.timeout(deps.settings.redis_timeout_s * 2):
+            try:
+                appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw,
+                                                busproto.bus_encoder.encode(request), policy or "queue")
+            except SeedNeeded:
+                stored = await deps.eventlog.find_user_message(session_id, req.client_msg_id)
+                if stored is not None:
+                    return client.Ack(client_msg_id=req.client_msg_id, seq=stored.seq, turn_id=stored.turn_id,
+                                      duplicate=True)
+                await cp.seed(session_id, await deps.eventlog.last_seq(session_id))
+                appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw,
+                                                busproto.bus_encoder.encode(request), policy or "queue")
+    except TidewireError:
+        raise
+    except Exception as e:
+        deps.counters.degraded += 1
+        raise Degraded("checkpoint store unavailable", retry_after_ms=1000) from e
+
+    seq, turn_id = appended.seq, appended.turn_id
+    if appended.duplicate:
+        logged = await cp.read_log(session_id, seq - 1, 1)
+        if not logged or logged[0][0] != seq:
+            return client.Ack(client_msg_id=req.client_msg_id, seq=seq, turn_id=turn_id, duplicate=True)
+        raw_seq = logged[0][1]
+        message = client.event_decoder.decode(raw_seq)
+        assert isinstance(message, client.Message)
+        request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=seq,
+                                       client_msg_id=req.client_msg_id, subject=subject, text=message.text,
+                                       attachments=message.attachments, received_at_ns=received_ns)
+    else:
+        raw_seq = raw.replace(b'"seq":0,', b'"seq":%d,' % seq, 1)
+        message = client.Message(seq=seq, turn_id=turn_id, client_msg_id=req.client_msg_id, role="user",
+                                 text=req.text, attachments=req.attachments)
+        request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=seq,
+                                       client_msg_id=req.client_msg_id, subject=subject, text=req.text,
+                                       attachments=req.attachments, received_at_ns=received_ns)
+    try:
+        async with asyncio.timeout(max(deps.settings.postgres_timeout_s, deps.settings.nats_timeout_s) + 1):
+            await asyncio.gather(deps.eventlog.append_user_message(session_id, message, raw_seq),
+                                 deps.bus.publish_turn(request))
+    except Exception as e:
+        deps.counters.degraded += 1
+        log.warning("send not acknowledged (%s): the client will retry with the same client_msg_id", e)
+        raise Degraded("message not yet durable; retry with the same client_msg_id", retry_after_ms=500) from e
+    for t in appended.interrupted:
+        await deps.bus.publish_cancel(busproto.CancelTurn(session_id=session_id, turn_id=t, reason="interrupt"))
+    try:
+        await deps.bus.publish_events(session_id, [raw_seq])
+    except Exception as e:  # noqa: BLE001 - durable already; listeners catch up from the store
+        log.warning("live echo failed: %s", e)
+    return client.Ack(client_msg_id=req.client_msg_id, seq=seq, turn_id=turn_id, duplicate=appended.duplicate)
+
+
+async def stop_turn(deps: Deps, session_id: str, turn_id: str | None) -> str | None:
+    """Records the cancel in Redis (it survives an orchestrator crash) and tells the owner at once."""
+    try:
+        if turn_id is None:
+            pending = await deps.checkpoints.pending(session_id)
+            if not pending:
+                return None
+            turn_id = pending[0]
+        await deps.checkpoints.request_cancel(session_id, turn_id)
+        await deps.bus.publish_cancel(busproto.CancelTurn(session_id=session_id, turn_id=turn_id))
+    except Exception as e:
+        raise Degraded("could not deliver the stop request", retry_after_ms=500) from e
+    return turn_id

@@ -1,0 +1,33 @@
+"""What a gateway request handler needs, assembled once per process by `gateway.app.create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.settings import GatewaySettings
+from shared.bus import Bus
+from shared.checkpoints import CheckpointStore
+from shared.eventlog import EventLog
+
+
+@dataclass
+class Counters:
+    sockets: int = 0
+    sse_streams: int = 0
+    resumes: int = 0
+    resets: int = 0
+    degraded: int = 0
+    merged_deltas: int = 0
+    slow_consumers: int = 0
+    bad_frames: int = 0
+
+
+@dataclass
+class Deps:
+    settings: GatewaySettings
+    eventlog: EventLog
+    checkpoints: CheckpointStore
+    bus: Bus
+    gateway_id: str
+    counters: Counters = field(default_factory=Counters)
+    draining: bool = False

@@ -1,0 +1,111 @@
+"""Per-process fan-out: one NATS subscription per watched session, shared by all its connections.
+
+A session watched by a thousand connections on one gateway costs one subscription; each event is
+decoded once and handed to every connection's feed in memory. The hub also publishes presence
+(how many connections watch a session here) for the orchestrators' disconnect policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+from nats.aio.msg import Msg
+
+from proto.client import Event
+from shared.bus import Bus
+from shared.checkpoints import CheckpointStore
+
+log = logging.getLogger(__name__)
+_events_decoder = msgspec.json.Decoder(list[Event])
+PRESENCE_TTL_MS = 6000
+
+
+class Listener(Protocol):
+    def on_live(self, events: list[Event]) -> None: ...
+
+
+class _Entry:
+    __slots__ = ("listeners", "sub", "ready")
+
+    def __init__(self) -> None:
+        self.listeners: set[Listener] = set()
+        self.sub: Any = None
+        self.ready = asyncio.Event()
+
+
+class SessionHub:
+    def __init__(self, bus: Bus, checkpoints: CheckpointStore, gateway_id: str) -> None:
+        self._bus = bus
+        self._cp = checkpoints
+        self._gateway_id = gateway_id
+        self._entries: dict[str, _Entry] = {}
+        self.on_decode_error: Callable[[], None] | None = None
+
+    def watched_sessions(self) -> dict[str, int]:
+        return {sid: len(e.listeners) for sid, e in self._entries.items()}
+
+    async def join(self, session_id: str, listener: Listener) -> None:
+        """Returns once live events of the session reach the listener."""
+        entry = self._entries.get(session_id)
+        if entry is None:
+            entry = self._entries[session_id] = _Entry()
+            entry.listeners.add(listener)
+            try:
+                entry.sub = await self._bus.subscribe_session(session_id, self._callback(session_id))
+            except BaseException:
+                self._entries.pop(session_id, None)
+                entry.ready.set()
+                raise
+            entry.ready.set()
+            await self._presence(session_id, 1)
+        else:
+            entry.listeners.add(listener)
+            await entry.ready.wait()
+            if entry.sub is None:
+                raise ConnectionError("session subscription failed")
+
+    async def leave(self, session_id: str, listener: Listener) -> None:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return
+        entry.listeners.discard(listener)
+        if not entry.listeners and entry.ready.is_set():
+            self._entries.pop(session_id, None)
+            if entry.sub is not None:
+                try:
+                    await entry.sub.unsubscribe()
+                except Exception:  # noqa: BLE001 - connection may be gone; the server forgets it anyway
+                    pass
+            await self._presence(session_id, 0)
+
+    def _callback(self, session_id: str) -> Callable[[Msg], Any]:
+        async def cb(msg: Msg) -> None:
+            entry = self._entries.get(session_id)
+            if entry is None:
+                return
+            try:
+                events = _events_decoder.decode(msg.data)
+            except msgspec.ValidationError:
+                log.error("undecodable live payload on session %s", session_id)
+                return
+            for listener in list(entry.listeners):
+                listener.on_live(events)
+
+        return cb
+
+    async def _presence(self, session_id: str, count: int) -> None:
+        try:
+            await self._cp.set_watchers(session_id, self._gateway_id, count, PRESENCE_TTL_MS)
+        except Exception as e:  # noqa: BLE001 - presence is advisory; never fail a connection on it
+            log.debug("presence update failed: %s", e)
+
+    async def refresh_presence(self) -> None:
+        """Runs for the life of the process: keeps this gateway's presence entries alive."""
+        while True:
+            await asyncio.sleep(PRESENCE_TTL_MS / 3000)
+            for sid, n in list(self.watched_sessions().items()):
+                await self._presence(sid, n)

@@ -1,0 +1,184 @@
+"""Replay-then-live for every transport: subscribe first, replay from the stores, then go live,
+deduplicating by seq, so the switch has no duplicate and no gap.
+
+Replay reads come from the checkpoint store (Redis) while the session is hot and from the event
+log (Postgres) for what Redis no longer holds; they are paged, and a feed waits for its
+connection to drain before reading the next page, so a replay of any length needs bounded memory.
+A live event that does not follow the last delivered seq (core NATS may drop or reorder across
+publishers) triggers a catch-up read from the stores instead of being delivered out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from gateway.delivery import OutboundBuffer, SlowConsumer
+from gateway.deps import Deps
+from gateway.hub import SessionHub
+from proto import client
+from proto.client import Event
+
+PAGE = 256
+HELD_LIMIT = 2048
+
+
+class _SeqOnly(msgspec.Struct):
+    seq: int
+
+
+_seq_decoder = msgspec.json.Decoder(_SeqOnly)
+
+
+def seq_of(raw: bytes) -> int:
+    return _seq_decoder.decode(raw).seq
+
+
+class Replayer:
+    """Reads pages of events after a seq; concurrent identical reads share one round trip."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._inflight: dict[tuple[str, int, int], asyncio.Future[list[bytes]]] = {}
+
+    async def page(self, session_id: str, after: int, limit: int = PAGE) -> list[bytes]:
+        key = (session_id, after, limit)
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            result = await self._read(session_id, after, limit)
+            fut.set_result(result)
+            return result
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _read(self, session_id: str, after: int, limit: int) -> list[bytes]:
+        cp, elog = self._deps.checkpoints, self._deps.eventlog
+        first = await cp.first_logged_seq(session_id)
+        if first is None or after + 1 < first:
+            raws = await elog.read_events(session_id, after, limit)
+            if first is not None:
+                raws = [r for r in raws if seq_of(r) < first]
+            if raws or first is None:
+                return raws
+        return [raw for _, raw in await cp.read_log(session_id, after, limit)]
+
+    async def last_seq(self, session_id: str) -> int:
+        v = await self._deps.checkpoints.last_seq(session_id)
+        return v if v is not None else await self._deps.eventlog.last_seq(session_id)
+
+
+class Feed:
+    """One connection's ordered, gap-free, bounded view of one session."""
+
+    def __init__(self, session_id: str, after: int, buffer: OutboundBuffer, replayer: Replayer,
+                 hub: SessionHub) -> None:
+        self.session_id = session_id
+        self.last_seq = after
+        self.buffer = buffer
+        self._replayer = replayer
+        self._hub = hub
+        self._replaying = True
+        self._held: list[Event] = []
+        self._overflow = False
+        self.wake = asyncio.Event()
+        self.drained = asyncio.Event()
+        self._resync = asyncio.Event()
+        self.failure: str | None = None
+
+    # ---- producer side -----------------------------------------------------------------------
+    def push(self, frame: client.ServerFrame) -> None:
+        try:
+            self.buffer.push(frame, time.monotonic())
+        except SlowConsumer:
+            self.failure = "too far behind: reconnect and resume"
+        self.wake.set()
+
+    def on_live(self, events: list[Event]) -> None:
+        if self._replaying:
+            if len(self._held) + len(events) > HELD_LIMIT:
+                self._held.clear()
+                self._overflow = True
+            elif not self._overflow:
+                self._held.extend(events)
+            return
+        self._accept(events)
+
+    def _accept(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.seq <= self.last_seq:
+                continue
+            if ev.seq != self.last_seq + 1:
+                self._resync.set()
+                return
+            self.last_seq = ev.seq
+            self.push(ev)
+
+    # ---- the pump: replay, then live ----------------------------------------------------------
+    async def run(self) -> None:
+        """Owned by the connection's task group; ends only by cancellation or failure."""
+        await self._hub.join(self.session_id, self)
+        try:
+            while self.failure is None:
+                await self._catch_up()
+                await self._resync.wait()
+                self._resync.clear()
+                self._replaying = True
+        finally:
+            await self._hub.leave(self.session_id, self)
+
+    async def _catch_up(self) -> None:
+        while True:
+            raws = await self._replayer.page(self.session_id, self.last_seq)
+            for raw in raws:
+                ev = client.event_decoder.decode(raw)
+                if ev.seq <= self.last_seq:
+                    continue
+                self.last_seq = ev.seq
+                self.push(ev)
+            if self.failure is not None:
+                return
+            if raws:
+                await self._wait_drained()
+                continue
+            held, overflow = self._held, self._overflow
+            self._held, self._overflow = [], False
+            if overflow:
+                continue
+            self._replaying = False
+            self._accept(held)
+            return
+
+    async def _wait_drained(self) -> None:
+        while len(self.buffer) > PAGE and self.failure is None:
+            self.drained.clear()
+            await self.drained.wait()
+
+
+async def run_sender(feed: Feed, write: Callable[[list[client.ServerFrame]], Awaitable[None]]) -> None:
+    """Pops what the delivery mode releases and writes it; sleeps until woken or a held frame is due."""
+    while feed.failure is None:
+        feed.wake.clear()
+        frames = feed.buffer.pop_ready(time.monotonic())
+        if frames:
+            await write(frames)
+            feed.drained.set()
+            continue
+        feed.drained.set()
+        deadline = feed.buffer.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(timeout):
+                await feed.wake.wait()
+        except TimeoutError:
+            pass

@@ -1,0 +1,91 @@
+"""Writes a turn's events to the checkpoint store, then publishes them live, in order.
+
+While one append is in flight, new events queue up and go in the next one, so the number of
+Redis round trips per token falls as the token rate rises. The queue is bounded: a slow store
+slows the model stream instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shared.bus import Bus
+from shared.checkpoints import CheckpointStore, Lease, with_seq
+from shared.errors import SeedNeeded
+from shared.eventlog import EventLog
+
+log = logging.getLogger(__name__)
+MAX_QUEUED = 1024
+
+
+class CheckpointWriter:
+    def __init__(self, store: CheckpointStore, eventlog: EventLog, bus: Bus, lease: Lease) -> None:
+        self._store = store
+        self._eventlog = eventlog
+        self._bus = bus
+        self._lease = lease
+        self._queue: list[bytes] = []
+        self._kick = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.last_seq = 0
+        self.appends = 0
+        self.events = 0
+        self.error: BaseException | None = None
+
+    async def put(self, raw: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        while len(self._queue) >= MAX_QUEUED:
+            self._room.clear()
+            await self._room.wait()
+        self._queue.append(raw)
+        self._idle.clear()
+        self._kick.set()
+
+    async def write_now(self, raws: list[bytes], start_turn: str = "") -> int:
+        """Appends and publishes immediately (used outside the batching loop); returns the first seq."""
+        await self.flush()
+        return await self._append(raws, start_turn)
+
+    async def flush(self) -> None:
+        await self._idle.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._kick.wait()
+                self._kick.clear()
+                while self._queue:
+                    batch, self._queue = self._queue, []
+                    self._room.set()
+                    await self._append(batch)
+                self._idle.set()
+        except asyncio.CancelledError:
+            self._idle.set()
+            raise
+        except Exception as e:
+            self.error = e
+            self._idle.set()
+            raise
+
+    async def _append(self, raws: list[bytes], start_turn: str = "") -> int:
+        try:
+            first = await self._store.append(self._lease, raws, start_turn=start_turn)
+        except SeedNeeded:
+            await self._store.seed(self._lease.session_id, await self._eventlog.last_seq(self._lease.session_id))
+            first = await self._store.append(self._lease, raws, start_turn=start_turn)
+        self.appends += 1
+        self.events += len(raws)
+        self.last_seq = first + len(raws) - 1
+        try:
+            await self._bus.publish_events(self._lease.session_id,
+                                           [with_seq(r, first + i) for i, r in enumerate(raws)])
+        except Exception as e:  # noqa: BLE001 - checkpointed: readers catch up from the store
+            log.warning("live publish failed: %s", e)
+        return first

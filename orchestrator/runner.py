@@ -1,0 +1,291 @@
+"""The turn loop: while it holds a session's lease, a runner plays the session's queued turns in
+order, one at a time, and gives the session up only when the queue is empty.
+
+Each turn: restore progress from the checkpoint (a takeover continues where the dead owner's
+last checkpointed event ended), stream the model through the grapheme buffer into the checkpoint
+writer, run tool calls concurrently, end with `turn_end`, write the turn to Postgres, then mark it
+done in Redis under the lease (the fencing re-check) — only after that may the JetStream message
+be acked. Losing the lease (a renewal refused) cancels everything at once: a stale owner writes
+nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from orchestrator.checkpoint_writer import CheckpointWriter
+from orchestrator.packer import pack
+from orchestrator.providers.base import ProviderError, ProviderRequest, TextDelta, ToolCallRequest
+from orchestrator.segmenter import GraphemeBuffer
+from orchestrator.turn import TurnProgress, status_line
+from proto import bus as busproto
+from proto import client
+from proto.state import ChatMessage
+from shared.checkpoints import Lease
+from shared.errors import StaleEpoch
+
+if TYPE_CHECKING:
+    from orchestrator.service import OrchestratorService
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class TurnCancelled(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SessionRunner:
+    def __init__(self, svc: OrchestratorService, lease: Lease) -> None:
+        self.svc = svc
+        self.lease = lease
+        self.sid = lease.session_id
+        self.current: str | None = None
+        self._cancel = asyncio.Event()
+        self._cancel_reason = "stop"
+        self.done_turns: asyncio.Event = asyncio.Event()
+
+    # ---- control -----------------------------------------------------------------------------
+    def request_cancel(self, turn_id: str | None, reason: str = "stop") -> None:
+        if self.current is not None and (turn_id is None or turn_id == self.current):
+            self._cancel_reason = reason
+            self._cancel.set()
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                renew = tg.create_task(self._renew_loop())
+                try:
+                    await self._drain()
+                finally:
+                    renew.cancel()
+        except* (LeaseLost, StaleEpoch):
+            log.warning("lost the lease of session %s (epoch %s): stopping without writing",
+                        self.sid, self.lease.epoch)
+            self.svc.metrics["lease_lost"] += 1
+
+    async def _renew_loop(self) -> None:
+        s = self.svc.settings
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(s.lease_renew_ms / 1000)
+            try:
+                async with asyncio.timeout(s.lease_ttl_ms / 1000):
+                    ok = await self.svc.checkpoints.renew(self.lease, s.lease_ttl_ms)
+            except Exception as e:  # noqa: BLE001 - Redis blip: keep trying until the lease would lapse
+                if time.monotonic() - last_ok > s.lease_ttl_ms / 1000:
+                    raise LeaseLost(str(e)) from e
+                continue
+            if not ok:
+                raise LeaseLost(self.lease.token)
+            last_ok = time.monotonic()
+
+    async def _drain(self) -> None:
+        cp = self.svc.checkpoints
+        while True:
+            pending = await cp.pending(self.sid)
+            if not pending:
+                if await cp.release(self.lease):
+                    return
+                continue
+            turn_id = pending[0]
+            self.current = turn_id
+            self._cancel.clear()
+            try:
+                await self._run_turn(turn_id)
+            finally:
+                self.current = None
+                self.done_turns.set()
+                self.done_turns = asyncio.Event()
+
+    # ---- one turn ----------------------------------------------------------------------------
+    async def _run_turn(self, turn_id: str) -> None:
+        svc, cp = self.svc, self.svc.checkpoints
+        raw_req = await cp.turn_request(self.sid, turn_id)
+        state = await cp.turn_state(self.sid, turn_id)
+        if raw_req is None or (state is not None and state[0] == "done"):
+            await cp.finish_turn(self.lease, turn_id, state[1] if state else "failed")
+            return
+        req = busproto.bus_decoder.decode(raw_req)
+        assert isinstance(req, busproto.TurnRequest)
+        user_seq = await cp.user_seq(self.sid, req.client_msg_id)
+        attempts = await cp.bump_attempts(self.sid, turn_id)
+        progress = TurnProgress(turn_id)
+        if state is not None:  # running: a takeover, or a retry after a failure
+            progress = TurnProgress.restore(turn_id, await self._turn_events(int(state[1])))
+            svc.metrics["takeovers"] += 1
+        writer = CheckpointWriter(cp, svc.eventlog, svc.bus, self.lease)
+        if progress.ended is None:
+            if not progress.started:
+                progress.start_seq = await writer.write_now([progress.turn_start()], start_turn=turn_id)
+                svc.observe_first_event(req)
+            status, why = await self._generate(req, progress, writer, attempts)
+            await writer.write_now([progress.end(status)])
+            if why:
+                log.info("turn %s ended %s: %s", turn_id, status, why)
+        assert progress.ended is not None
+        raws = [raw for _, raw in await self._log_from(progress.start_seq)]
+        ended = next(ev for ev in (client.event_decoder.decode(r) for r in reversed(raws))
+                     if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
+        await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended, self.lease.epoch,
+                                       flags=svc.flags_in_force(req))
+        await cp.finish_turn(self.lease, turn_id, ended.status)
+        svc.metrics["turns_" + ended.status] += 1
+        await svc.remember_turn(req, ended)
+
+    async def _log_from(self, start_seq: int) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        after = start_seq - 1
+        while True:
+            page = await self.svc.checkpoints.read_log(self.sid, after, 1000)
+            out.extend(page)
+            if len(page) < 1000:
+                return out
+            after = page[-1][0]
+
+    async def _turn_events(self, start_seq: int) -> list[client.Event]:
+        return [client.event_decoder.decode(raw) for _, raw in await self._log_from(start_seq)]
+
+    async def _generate(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
+                        attempts: int) -> tuple[client.TurnStatus, str]:
+        svc = self.svc
+        if attempts > svc.settings.max_turn_attempts:
+            await svc.dead_letter(req, f"failed {attempts - 1} times")
+            text = f"This message could not be processed after {attempts - 1} attempts."
+            await writer.write_now([progress.status(text)])
+            return "failed", "dead-lettered"
+        if await svc.checkpoints.is_cancelled(self.sid, progress.turn_id):
+            return "cancelled", "cancelled before it started"
+        writer_task = asyncio.create_task(writer.run(), name=f"writer-{progress.turn_id}")
+        gen = asyncio.create_task(self._steps(req, progress, writer), name=f"steps-{progress.turn_id}")
+        watchers = [asyncio.create_task(self._cancel.wait()), asyncio.create_task(self._disconnect_watch())]
+        owned = [gen, *watchers]
+        try:
+            await asyncio.wait([gen, writer_task, *watchers], timeout=svc.settings.turn_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if writer_task.done():
+                writer_task.result()  # a stale epoch surfaces here
+            if gen.done():
+                exc = gen.exception()
+                if isinstance(exc, ProviderError):
+                    await writer.flush()
+                    await writer.write_now([progress.status(f"The model failed: {exc}")])
+                    return "failed", str(exc)
+                if exc is not None:
+                    raise exc
+                await writer.flush()
+                return "completed", ""
+            gen.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gen
+            await writer.flush()
+            if self._cancel.is_set():
+                svc.metrics["cancel_success"] += 1
+                return "cancelled", self._cancel_reason
+            return "timed_out", f"no answer within {svc.settings.turn_timeout_s:g} s"
+        finally:
+            for t in owned:
+                t.cancel()
+            await asyncio.gather(*owned, return_exceptions=True)
+            writer_task.cancel()
+            await asyncio.gather(writer_task, return_exceptions=True)
+
+    async def _disconnect_watch(self) -> None:
+        policy = self.svc.disconnect_policy(self.sid)
+        if not policy.startswith("cancel_after="):
+            await asyncio.Event().wait()
+        grace = float(policy.split("=", 1)[1])
+        alone_since: float | None = None
+        while True:
+            await asyncio.sleep(min(1.0, max(0.1, grace / 4)))
+            if await self.svc.checkpoints.watched(self.sid):
+                alone_since = None
+            elif alone_since is None:
+                alone_since = time.monotonic()
+            elif time.monotonic() - alone_since >= grace:
+                self._cancel_reason = f"every client disconnected for {grace:g} s"
+                self._cancel.set()
+                return
+
+    async def _steps(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter) -> None:
+        svc = self.svc
+        messages = await svc.context_for(req)
+        tools = svc.tool_specs()
+        for _ in range(svc.settings.max_tool_steps + 1):
+            pending_calls = progress.unfinished_calls()
+            if pending_calls:
+                await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in pending_calls])
+            preq = ProviderRequest(session_id=self.sid, turn_id=progress.turn_id,
+                                   messages=messages + progress.tool_messages(), tools=tools,
+                                   continue_from=progress.step_text(), model=svc.model_for(req))
+            calls = await self._stream_step(preq, progress, writer)
+            if not calls:
+                return
+            names = [c.name for c in calls]
+            await writer.put(progress.status(status_line(names)))
+            for c in calls:
+                await writer.put(progress.tool_call(c.call_id, c.name, c.args))
+            await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in calls])
+
+    async def _stream_step(self, preq: ProviderRequest, progress: TurnProgress,
+                           writer: CheckpointWriter) -> list[ToolCallRequest]:
+        svc = self.svc
+        calls: list[ToolCallRequest] = []
+        first_token = False
+
+        def retryable(e: BaseException) -> bool:
+            return isinstance(e, ProviderError) and e.retryable and not first_token
+
+        async for attempt in AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(3),
+                                           wait=wait_exponential_jitter(initial=0.05, max=1.0), reraise=True):
+            with attempt:
+                calls.clear()
+                graphemes = GraphemeBuffer()
+                async with svc.upstream_slot(), contextlib.aclosing(svc.provider.stream(preq)) as stream:
+                    async for ev in stream:
+                        if isinstance(ev, TextDelta):
+                            out = graphemes.feed(ev.text)
+                            if out:
+                                if not first_token:
+                                    first_token = True
+                                await writer.put(progress.delta(out))
+                        elif isinstance(ev, ToolCallRequest):
+                            calls.append(ev)
+                tail = graphemes.flush()
+                if tail:
+                    await writer.put(progress.delta(tail))
+        return calls
+
+    async def _run_tools(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
+                         calls: list[tuple[str, str, dict[str, Any]]]) -> None:
+        svc = self.svc
+
+        async def one(call_id: str, name: str, args: dict[str, Any]) -> None:
+            ok, text = await svc.call_tool(self.sid, progress.turn_id, call_id, name, args)
+            await writer.put(progress.tool_result(call_id, ok, text))
+
+        async with asyncio.TaskGroup() as tg:
+            for call in calls:
+                tg.create_task(one(*call))
+
+
+def decode_request(raw: bytes) -> busproto.TurnRequest:
+    req = busproto.bus_decoder.decode(raw)
+    if not isinstance(req, busproto.TurnRequest):
+        raise msgspec.ValidationError("not a turn request")
+    return req
+
+
+__all__ = ["SessionRunner", "decode_request", "pack", "ChatMessage"]

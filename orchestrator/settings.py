@@ -1,0 +1,43 @@
+"""Orchestrator settings, read once from `TIDEWIRE_*` environment variables (see the README table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.config import from_env
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    nats_url: str = "nats://127.0.0.1:4222"
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/tidewire"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    orchestrator_id: str = ""
+    health_port: int = 0
+    host: str = "127.0.0.1"
+    # timeouts (seconds) on each network hop
+    redis_timeout_s: float = 2.0
+    postgres_timeout_s: float = 5.0
+    nats_timeout_s: float = 3.0
+    # ownership: short leases renewed by the owner and watched by the others (fast takeover)
+    lease_ttl_ms: int = 300
+    lease_renew_ms: int = 80
+    takeover_scan_ms: int = 50
+    max_sessions: int = 256
+    max_turn_attempts: int = 3
+    turn_timeout_s: float = 600.0
+    max_tool_steps: int = 4
+    # model
+    provider: str = "simulated"
+    system_prompt: str = "You are a helpful assistant."
+    context_budget_tokens: int = 8000
+    window_messages: int = 64
+    # policies (per deployment; a session flag overrides them)
+    disconnect_policy: str = "continue"
+    session_ttl_s: float = 86_400.0
+    log_level: str = "INFO"
+    graceful_s: float = 10.0
+
+
+def load() -> OrchestratorSettings:
+    return from_env(OrchestratorSettings)

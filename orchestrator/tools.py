@@ -1,0 +1,214 @@
+"""Tool dispatch for the turn loop: tool calls go to tool workers, never run in the orchestrator.
+
+`ToolDispatcher.call` validates the arguments against the shared registry, publishes a `ToolJob`
+to JetStream (`tw.tools.<pool>`, `Nats-Msg-Id` = the call key, so a retried publish is a no-op)
+and waits for the worker's `ToolResultMsg` on core NATS. Guarantees:
+
+- `call` always returns a `ToolOutcome` within the tool's `max_seconds` plus a small grace;
+  past the limit it is `ok=False, timed_out=True, text="<name> timed out after N s"`, never
+  silence, and a `ToolCancel` tells the worker to stop.
+- Cancelling the task awaiting `call` sends a `ToolCancel` too; a call cancelled before any
+  worker started it is marked done in the call ledger, so it never starts later.
+- A result that arrives after its call timed out or was cancelled has no waiter and is dropped.
+- A call whose publish was deduplicated (the same turn re-run after an orchestrator crash) is
+  answered from the call ledger when it already finished, else by the run still in flight.
+
+One wildcard subscription (`tw.toolresult.>`) serves every call of this process; results are
+routed by call key to the waiting future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import PubAck
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from orchestrator.providers.base import ToolSpec
+from proto import bus as busproto
+from shared import subjects
+from shared.bus import Bus
+from tool_workers.registry import CALLS_BUCKET, CallRecord, Tool, ToolArgsError, ToolRegistry, call_key
+
+__all__ = ["ToolDispatchSettings", "ToolDispatcher", "ToolOutcome"]
+
+log = logging.getLogger(__name__)
+
+_result_decoder = msgspec.msgpack.Decoder(busproto.ToolResultMsg)
+_record_decoder = msgspec.msgpack.Decoder(CallRecord)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What the turn loop reports as `tool_result {ok, text}` and gives back to the model."""
+
+    ok: bool
+    text: str
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolDispatchSettings:
+    # Wait this long past a tool's limit for the worker's own answer (it enforces the limit too).
+    extra_grace_seconds: float = 2.0
+    publish_timeout_seconds: float = 3.0
+    # Calls waiting at once in this process; beyond it a call fails at once instead of queueing.
+    max_in_flight: int = 10_000
+
+
+def tool_publish_retry() -> AsyncRetrying:
+    """Retries a ToolJob publish. Safe: `Nats-Msg-Id` makes JetStream keep only one copy."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type((nats.errors.TimeoutError, nats.errors.NoRespondersError)),
+        stop=stop_after_attempt(3),
+        wait=wait_random_exponential(multiplier=0.1, max=1.0),
+        reraise=True,
+    )
+
+
+class ToolDispatcher:
+    """Runs tool calls on tool workers. Many `call`s may run concurrently (one TaskGroup per step)."""
+
+    def __init__(self, bus: Bus, *, registry: ToolRegistry, settings: ToolDispatchSettings | None = None) -> None:
+        self._bus = bus
+        self._registry = registry
+        self._settings = settings or ToolDispatchSettings()
+        self._specs = [ToolSpec(name=t.name, description=t.description, parameters=t.parameters())
+                       for t in registry]
+        self._waiters: dict[str, asyncio.Future[ToolOutcome]] = {}
+        self._sub: Subscription | None = None
+        self._ledger: KeyValue | None = None
+
+    async def start(self) -> None:
+        """Subscribes to tool results; call once before `call`."""
+        if self._sub is None:
+            self._sub = await self._bus.nc.subscribe(subjects.tool_result_subject(">"), cb=self._on_result,
+                                                     pending_msgs_limit=65_536,
+                                                     pending_bytes_limit=64 * 1024 * 1024)
+
+    async def close(self) -> None:
+        """Unsubscribes; calls still waiting end at once with ok=False."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_result(ToolOutcome(ok=False, text="the tool call was abandoned: the orchestrator is stopping"))
+
+    def specs(self) -> list[ToolSpec]:
+        """The tools to offer the model (name, description, JSON schema of the arguments)."""
+        return list(self._specs)
+
+    async def call(self, session_id: str, turn_id: str, call_id: str, name: str,
+                   args: dict[str, Any]) -> ToolOutcome:
+        """Runs one tool call on a worker; see the module docstring for what is guaranteed."""
+        tool = self._registry.get(name)
+        if tool is None:
+            return ToolOutcome(ok=False, text=f"unknown tool {name!r}; available: {', '.join(self._registry.names())}")
+        try:
+            tool.validate(args)
+        except ToolArgsError as exc:
+            return ToolOutcome(ok=False, text=str(exc))
+        if self._sub is None:
+            raise RuntimeError("ToolDispatcher.start() was not awaited")
+        key = call_key(turn_id, call_id)
+        if key in self._waiters:
+            return ToolOutcome(ok=False, text=f"{name}: call {call_id} is already running")
+        if len(self._waiters) >= self._settings.max_in_flight:
+            return ToolOutcome(ok=False, text=f"{name} was not started: too many tool calls in flight")
+
+        fut: asyncio.Future[ToolOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters[key] = fut
+        job = busproto.ToolJob(session_id=session_id, turn_id=turn_id, call_id=call_id, name=name, args=args,
+                               deadline_ms=int((time.time() + tool.max_seconds) * 1000),
+                               schema_version=tool.schema_version,
+                               reply_subject=subjects.tool_result_subject(turn_id))
+        try:
+            async with asyncio.timeout(tool.max_seconds + self._settings.extra_grace_seconds):
+                try:
+                    ack = await self._publish(tool, job, key)
+                except Exception as exc:  # noqa: BLE001 - reported to the model, not raised
+                    log.warning("call %s: job not published: %r", call_id, exc)
+                    return ToolOutcome(ok=False, text=f"{name} could not be started: the tool queue is unavailable")
+                if ack.duplicate:
+                    stored = await self._stored_outcome(key)
+                    if stored is not None:
+                        return stored
+                return await fut
+        except TimeoutError:
+            log.warning("call %s (%s) timed out after %g s", call_id, name, tool.max_seconds)
+            await self._abandon(tool, turn_id, call_id, key, tool.timeout_text(), timed_out=True)
+            return ToolOutcome(ok=False, text=tool.timeout_text(), timed_out=True)
+        except asyncio.CancelledError:
+            await self._abandon(tool, turn_id, call_id, key, f"{name} was cancelled", timed_out=False)
+            raise
+        finally:
+            self._waiters.pop(key, None)
+
+    async def _publish(self, tool: Tool[Any], job: busproto.ToolJob, key: str) -> PubAck:
+        payload = busproto.bus_encoder.encode(job)
+        ack: PubAck = await tool_publish_retry()(
+            self._bus.js.publish, subjects.tool_subject(tool.pool), payload,
+            timeout=self._settings.publish_timeout_seconds, headers={"Nats-Msg-Id": key},
+        )
+        return ack
+
+    async def _on_result(self, msg: Msg) -> None:
+        try:
+            res = _result_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("undecodable tool result on %s dropped", msg.subject)
+            return
+        fut = self._waiters.get(call_key(res.turn_id, res.call_id))
+        if fut is None or fut.done():
+            log.debug("result of call %s has no waiter (late, cancelled or another process's)", res.call_id)
+            return
+        fut.set_result(ToolOutcome(ok=res.ok, text=res.text, timed_out=res.timed_out))
+
+    async def _abandon(self, tool: Tool[Any], turn_id: str, call_id: str, key: str, text: str, *,
+                       timed_out: bool) -> None:
+        """Tells workers to stop the call; if none started it yet, makes sure none ever will."""
+        with contextlib.suppress(Exception):
+            await self._bus.nc.publish(subjects.TOOL_CANCEL_SUBJECT,
+                                       _encoder.encode(busproto.ToolCancel(call_id=call_id, turn_id=turn_id)))
+        ledger = await self._open_ledger()
+        if ledger is None:
+            return
+        record = CallRecord(state="done", name=tool.name, ok=False, text=text, timed_out=timed_out)
+        with contextlib.suppress(Exception):  # exists (started or done): the cancel is enough
+            await asyncio.wait_for(ledger.create(key, _encoder.encode(record)), self._settings.publish_timeout_seconds)
+
+    async def _stored_outcome(self, key: str) -> ToolOutcome | None:
+        ledger = await self._open_ledger()
+        if ledger is None:
+            return None
+        try:
+            entry = await ledger.get(key)
+        except KeyNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - fall back to waiting for the run in flight
+            log.warning("call ledger unreadable: %r", exc)
+            return None
+        record = _record_decoder.decode(entry.value) if entry.value else None
+        if record is None or record.state != "done":
+            return None
+        return ToolOutcome(ok=record.ok, text=record.text, timed_out=record.timed_out)
+
+    async def _open_ledger(self) -> KeyValue | None:
+        """The workers create the bucket; until one has, there is nothing to read or guard."""
+        if self._ledger is None:
+            with contextlib.suppress(Exception):  # BucketNotFoundError, or NATS trouble
+                self._ledger = await self._bus.js.key_value(CALLS_BUCKET)
+        return self._ledger

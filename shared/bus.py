@@ -1,0 +1,150 @@
+"""NATS adapter: JetStream work queues for turns and tool jobs, core subjects for live events.
+
+Streams and consumers are declared idempotently at start from config objects and configured to
+lose nothing: file storage, work-queue retention with `discard: new` and limits sized never to be
+hit, a duplicate window longer than any client retry (turns are published with `Nats-Msg-Id` =
+turn_id), durable pull consumers with explicit acks, finite max-deliver and bounded ack-pending.
+Live session events go over core NATS: they are already in the checkpoint store, which is the
+replay source for anyone who missed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+from proto import bus as busproto
+from shared import subjects
+
+log = logging.getLogger(__name__)
+
+TURN_ACK_WAIT_S = 10.0
+TURN_MAX_DELIVER = 20
+DUPLICATE_WINDOW_S = 30 * 60
+
+
+def encode_events(raws: list[bytes]) -> bytes:
+    """Live payload: a JSON array of the exact event bytes clients receive."""
+    return b"[" + b",".join(raws) + b"]"
+
+
+def stream_configs() -> list[StreamConfig]:
+    return [
+        StreamConfig(name=subjects.TURNS_STREAM, subjects=[subjects.TURNS_SUBJECTS],
+                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                     discard=DiscardPolicy.NEW, max_msgs=10_000_000, max_bytes=8 * 1024**3,
+                     max_msg_size=1024 * 1024, duplicate_window=DUPLICATE_WINDOW_S, num_replicas=1),
+        StreamConfig(name=subjects.DLQ_STREAM, subjects=[subjects.DLQ_SUBJECTS],
+                     retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+                     discard=DiscardPolicy.OLD, max_age=14 * 86400, max_msg_size=1024 * 1024),
+        StreamConfig(name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_SUBJECTS],
+                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                     discard=DiscardPolicy.NEW, max_msgs=10_000_000, max_msg_size=1024 * 1024,
+                     duplicate_window=DUPLICATE_WINDOW_S),
+        StreamConfig(name=subjects.ANALYTICS_STREAM, subjects=[subjects.ANALYTICS_SUBJECT],
+                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                     discard=DiscardPolicy.OLD, max_msgs=10_000_000),
+    ]
+
+
+def turn_consumer_config() -> ConsumerConfig:
+    return ConsumerConfig(durable_name=subjects.TURNS_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+                          ack_wait=TURN_ACK_WAIT_S, max_deliver=TURN_MAX_DELIVER, max_ack_pending=4096,
+                          filter_subject=subjects.TURNS_SUBJECTS)
+
+
+class Bus:
+    """Owns one NATS connection. Business code calls these methods, never nats-py directly."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, *, timeout_s: float) -> None:
+        self.nc = nc
+        self.js = js
+        self.timeout_s = timeout_s
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, timeout_s: float = 3.0,
+                      on_state: Callable[[bool], None] | None = None) -> Bus:
+        async def disconnected() -> None:
+            log.warning("nats disconnected")
+            if on_state:
+                on_state(False)
+
+        async def reconnected() -> None:
+            log.info("nats reconnected")
+            if on_state:
+                on_state(True)
+
+        async def error_cb(e: Exception) -> None:
+            log.debug("nats error: %s", e)
+
+        nc = await nats.connect(url, name=name, connect_timeout=timeout_s, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.25, ping_interval=5, max_outstanding_pings=3,
+                                disconnected_cb=disconnected, reconnected_cb=reconnected,
+                                error_cb=error_cb, pending_size=64 * 1024 * 1024)
+        return cls(nc, nc.jetstream(timeout=timeout_s), timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), self.timeout_s)
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def ensure_streams(self) -> None:
+        for cfg in stream_configs():
+            try:
+                await self.js.add_stream(cfg)
+            except BadRequestError:
+                await self.js.update_stream(cfg)
+        await self.js.add_consumer(subjects.TURNS_STREAM, turn_consumer_config())
+
+    # ---- turns -------------------------------------------------------------------------------
+    async def publish_turn(self, req: busproto.TurnRequest, headers: dict[str, str] | None = None) -> None:
+        """Awaits the JetStream ack; `Nats-Msg-Id` = turn_id makes a retried publish a no-op."""
+        await self.js.publish(subjects.turn_subject(req.session_id), busproto.bus_encoder.encode(req),
+                              timeout=self.timeout_s, headers={"Nats-Msg-Id": req.turn_id, **(headers or {})})
+
+    async def dead_letter(self, req: busproto.TurnRequest, reason: str) -> None:
+        await self.js.publish(subjects.dlq_subject(req.session_id), busproto.bus_encoder.encode(req),
+                              timeout=self.timeout_s,
+                              headers={"Nats-Msg-Id": "dlq-" + req.turn_id, "Tidewire-Reason": reason[:500]})
+
+    async def turn_subscription(self) -> JetStreamContext.PullSubscription:
+        return await self.js.pull_subscribe_bind(durable=subjects.TURNS_CONSUMER, stream=subjects.TURNS_STREAM)
+
+    async def turn_queue_pending(self) -> int:
+        info = await self.js.consumer_info(subjects.TURNS_STREAM, subjects.TURNS_CONSUMER,
+                                           timeout=self.timeout_s)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    # ---- live events -------------------------------------------------------------------------
+    async def publish_events(self, session_id: str, raws: list[bytes]) -> None:
+        await self.nc.publish(subjects.session_subject(session_id), encode_events(raws))
+
+    async def subscribe_session(self, session_id: str, cb: Callable[[Msg], Awaitable[None]]) -> Any:
+        return await self.nc.subscribe(subjects.session_subject(session_id), cb=cb,
+                                       pending_msgs_limit=65536, pending_bytes_limit=64 * 1024 * 1024)
+
+    # ---- cancellation ------------------------------------------------------------------------
+    async def publish_cancel(self, msg: busproto.CancelTurn) -> None:
+        await self.nc.publish(subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg))

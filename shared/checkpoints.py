@@ -1,0 +1,308 @@
+"""The checkpoint store in Redis: per-session seq allocator, event log stream, turn queue and lease.
+
+Why one Lua script per step: a seq is allocated and its event appended to the session's stream in
+the same atomic step, so a crash can never leave a gap or a repeat. Assistant events carry a
+fencing token (`owner:epoch`) that must equal the session's current lease, so a paused or
+partitioned orchestrator that wakes up cannot inject events. No event is published to clients
+before this store has accepted it, so a replay always covers what any client may have seen.
+
+Events are stored as the exact JSON bytes clients receive; the caller encodes them with
+`"seq":0` and the script substitutes the allocated seq (the same substitution is done in Python
+with `with_seq`, so both sides hold identical bytes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from shared.errors import Conflict, SeedNeeded, StaleEpoch
+from shared.subjects import ACTIVE_LEASES, rkey
+
+DoubleTextPolicy = Literal["queue", "interrupt", "reject"]
+
+_SEQ_RE = b'"seq":0,'
+
+
+def with_seq(raw: bytes, seq: int) -> bytes:
+    """The event bytes with the placeholder seq replaced (first occurrence: `seq` follows `type`)."""
+    return raw.replace(_SEQ_RE, b'"seq":%d,' % seq, 1)
+
+
+# KEYS: seq log cmid pending turns cancelled ; ARGV: cmid turn_id ttl_ms event request policy
+_APPEND_USER = """
+local ex = redis.call('HGET', KEYS[3], ARGV[1])
+if ex then return {0, ex} end
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {-1} end
+local running = redis.call('LRANGE', KEYS[4], 0, -1)
+if ARGV[6] == 'reject' and #running > 0 then return {-2} end
+local seq = tonumber(cur) + 1
+local ev = string.gsub(ARGV[4], '"seq":0,', '"seq":' .. seq .. ',', 1)
+redis.call('XADD', KEYS[2], seq .. '-0', 'e', ev)
+redis.call('SET', KEYS[1], seq)
+redis.call('HSET', KEYS[3], ARGV[1], seq .. ':' .. ARGV[2])
+redis.call('HSET', KEYS[5], ARGV[2], ARGV[5])
+local out = {1, seq}
+if ARGV[6] == 'interrupt' then
+  for _, t in ipairs(running) do
+    redis.call('SADD', KEYS[6], t)
+    table.insert(out, t)
+  end
+end
+redis.call('RPUSH', KEYS[4], ARGV[2])
+for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+return out
+"""
+
+# KEYS: seq log lease tstate ; ARGV: token ttl_ms start_turn_id n ev1..evn
+_APPEND_EVENTS = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {-3} end
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {-1} end
+local first = tonumber(cur) + 1
+local seq = tonumber(cur)
+local n = tonumber(ARGV[4])
+for i = 1, n do
+  seq = seq + 1
+  local ev = string.gsub(ARGV[4 + i], '"seq":0,', '"seq":' .. seq .. ',', 1)
+  redis.call('XADD', KEYS[2], seq .. '-0', 'e', ev)
+end
+redis.call('SET', KEYS[1], seq)
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], ARGV[3], 'running:' .. first) end
+for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
+return {1, first}
+"""
+
+# KEYS: lease pending tstate ; ARGV: token turn_id status ttl_ms
+_FINISH_TURN = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -3 end
+redis.call('LREM', KEYS[2], 1, ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], 'done:' .. ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+return 1
+"""
+
+# KEYS: lease epoch ; ARGV: owner ttl_ms
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local o, e = string.match(cur, '^(.*):(%d+)$')
+  if o == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return tonumber(e) end
+  return -1
+end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. epoch, 'PX', ARGV[2])
+return epoch
+"""
+
+# KEYS: lease ; ARGV: token ttl_ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1 end
+return 0
+"""
+
+# KEYS: lease pending ; ARGV: token
+_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -3 end
+if redis.call('LLEN', KEYS[2]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class UserAppend:
+    seq: int
+    turn_id: str
+    duplicate: bool
+    interrupted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lease:
+    session_id: str
+    owner: str
+    epoch: int
+
+    @property
+    def token(self) -> str:
+        return f"{self.owner}:{self.epoch}"
+
+
+class CheckpointStore:
+    """Redis adapter for everything hot about a session. Business code receives this, not a client."""
+
+    def __init__(self, client: aioredis.Redis, *, ttl_s: float = 86_400, stale_counter: Any = None) -> None:
+        self.redis = client
+        self.ttl_ms = int(ttl_s * 1000)
+        self._append_user = client.register_script(_APPEND_USER)
+        self._append_events = client.register_script(_APPEND_EVENTS)
+        self._finish_turn = client.register_script(_FINISH_TURN)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self.stale_rejections = 0
+
+    @classmethod
+    def connect(cls, url: str, *, timeout_s: float = 3.0, ttl_s: float = 86_400) -> CheckpointStore:
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                         health_check_interval=10)
+        return cls(client, ttl_s=ttl_s)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    # ---- seq ---------------------------------------------------------------------------------
+    async def seed(self, session_id: str, last_seq: int) -> None:
+        """Re-seeds the counter from the event log's last seq; a no-op when it already exists."""
+        await self.redis.set(rkey(session_id, "seq"), last_seq, nx=True, px=self.ttl_ms)
+
+    async def last_seq(self, session_id: str) -> int | None:
+        v = await self.redis.get(rkey(session_id, "seq"))
+        return None if v is None else int(v)
+
+    # ---- user messages -----------------------------------------------------------------------
+    async def append_user(self, session_id: str, client_msg_id: str, turn_id: str, event: bytes,
+                          request: bytes, policy: DoubleTextPolicy = "queue") -> UserAppend:
+        keys = [rkey(session_id, k) for k in ("seq", "log", "cmid", "pending", "turns", "cancelled")]
+        r = await self._append_user(keys=keys, args=[client_msg_id, turn_id, self.ttl_ms, event, request, policy])
+        code = int(r[0])
+        if code == -1:
+            raise SeedNeeded(session_id)
+        if code == -2:
+            raise Conflict("a turn is still running and this session rejects double texting")
+        if code == 0:
+            seq_s, _, tid = (r[1].decode() if isinstance(r[1], bytes) else r[1]).partition(":")
+            return UserAppend(int(seq_s), tid, True)
+        return UserAppend(int(r[1]), turn_id, False,
+                          tuple(x.decode() if isinstance(x, bytes) else str(x) for x in r[2:]))
+
+    async def user_seq(self, session_id: str, client_msg_id: str) -> int | None:
+        v = await self.redis.hget(rkey(session_id, "cmid"), client_msg_id)
+        return None if v is None else int(v.decode().partition(":")[0])
+
+    async def ensure_queued(self, session_id: str, turn_id: str, request: bytes) -> bool:
+        """Re-queues a turn whose Redis entry was lost (Redis restarted without it); True if it did."""
+        if turn_id.encode() in await self.redis.lrange(rkey(session_id, "pending"), 0, -1):
+            return False
+        await self.redis.hset(rkey(session_id, "turns"), turn_id, request)
+        await self.redis.rpush(rkey(session_id, "pending"), turn_id)
+        return True
+
+    # ---- assistant events (fenced) ----------------------------------------------------------
+    async def append(self, lease: Lease, events: Sequence[bytes], *, start_turn: str = "") -> int:
+        """Appends events atomically under the lease; returns the first seq allocated."""
+        sid = lease.session_id
+        keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate")]
+        r = await self._append_events(keys=keys, args=[lease.token, self.ttl_ms, start_turn, len(events), *events])
+        code = int(r[0])
+        if code == -3:
+            self.stale_rejections += 1
+            raise StaleEpoch(lease.token)
+        if code == -1:
+            raise SeedNeeded(sid)
+        return int(r[1])
+
+    async def finish_turn(self, lease: Lease, turn_id: str, status: str) -> None:
+        sid = lease.session_id
+        keys = [rkey(sid, "lease"), rkey(sid, "pending"), rkey(sid, "tstate")]
+        if int(await self._finish_turn(keys=keys, args=[lease.token, turn_id, status, self.ttl_ms])) == -3:
+            self.stale_rejections += 1
+            raise StaleEpoch(lease.token)
+
+    # ---- reading -----------------------------------------------------------------------------
+    async def read_log(self, session_id: str, after: int, count: int = 500) -> list[tuple[int, bytes]]:
+        entries = await self.redis.xrange(rkey(session_id, "log"), min=f"{after + 1}-0", max="+", count=count)
+        return [(int(eid.split(b"-")[0]), fields[b"e"]) for eid, fields in entries]
+
+    async def first_logged_seq(self, session_id: str) -> int | None:
+        entries = await self.redis.xrange(rkey(session_id, "log"), min="-", max="+", count=1)
+        return int(entries[0][0].split(b"-")[0]) if entries else None
+
+    async def pending(self, session_id: str) -> list[str]:
+        return [t.decode() for t in await self.redis.lrange(rkey(session_id, "pending"), 0, -1)]
+
+    async def turn_request(self, session_id: str, turn_id: str) -> bytes | None:
+        v = await self.redis.hget(rkey(session_id, "turns"), turn_id)
+        return None if v is None else bytes(v)
+
+    async def turn_state(self, session_id: str, turn_id: str) -> tuple[str, str] | None:
+        """('running', turn_start_seq) or ('done', status) or None when the turn never started."""
+        v = await self.redis.hget(rkey(session_id, "tstate"), turn_id)
+        if v is None:
+            return None
+        kind, _, rest = v.decode().partition(":")
+        return kind, rest
+
+    async def bump_attempts(self, session_id: str, turn_id: str) -> int:
+        key = rkey(session_id, "attempts")
+        n = await self.redis.hincrby(key, turn_id, 1)
+        await self.redis.pexpire(key, self.ttl_ms)
+        return int(n)
+
+    # ---- cancellation ------------------------------------------------------------------------
+    async def request_cancel(self, session_id: str, turn_id: str) -> None:
+        key = rkey(session_id, "cancelled")
+        await self.redis.sadd(key, turn_id)
+        await self.redis.pexpire(key, self.ttl_ms)
+
+    async def is_cancelled(self, session_id: str, turn_id: str) -> bool:
+        return bool(await self.redis.sismember(rkey(session_id, "cancelled"), turn_id))
+
+    # ---- lease -------------------------------------------------------------------------------
+    async def acquire(self, session_id: str, owner: str, ttl_ms: int) -> Lease | None:
+        epoch = int(await self._acquire(keys=[rkey(session_id, "lease"), rkey(session_id, "epoch")],
+                                        args=[owner, ttl_ms]))
+        if epoch < 0:
+            return None
+        await self.redis.zadd(ACTIVE_LEASES, {session_id: int(time.time() * 1000) + ttl_ms})
+        return Lease(session_id, owner, epoch)
+
+    async def renew(self, lease: Lease, ttl_ms: int) -> bool:
+        async with self.redis.pipeline(transaction=False) as p:
+            await self._renew(keys=[rkey(lease.session_id, "lease")], args=[lease.token, ttl_ms], client=p)
+            p.zadd(ACTIVE_LEASES, {lease.session_id: int(time.time() * 1000) + ttl_ms})
+            ok, _ = await p.execute()
+        return bool(int(ok))
+
+    async def release(self, lease: Lease) -> bool:
+        """Gives the session up only when its turn queue is empty (else the owner must go on)."""
+        r = int(await self._release(keys=[rkey(lease.session_id, "lease"), rkey(lease.session_id, "pending")],
+                                    args=[lease.token]))
+        if r == 1:
+            await self.redis.zrem(ACTIVE_LEASES, lease.session_id)
+        return r != 0
+
+    async def lease_holder(self, session_id: str) -> str | None:
+        v = await self.redis.get(rkey(session_id, "lease"))
+        return None if v is None else v.decode()
+
+    async def expired_leases(self, limit: int = 20) -> list[str]:
+        """Sessions whose owner stopped renewing: candidates for takeover."""
+        now = int(time.time() * 1000)
+        return [s.decode() for s in await self.redis.zrangebyscore(ACTIVE_LEASES, "-inf", now, start=0, num=limit)]
+
+    async def forget_active(self, session_id: str) -> None:
+        await self.redis.zrem(ACTIVE_LEASES, session_id)
+
+    # ---- presence (disconnect policy) ---------------------------------------------------------
+    async def set_watchers(self, session_id: str, gateway_id: str, count: int, ttl_ms: int) -> None:
+        key = rkey(session_id, "watch")
+        if count > 0:
+            await self.redis.zadd(key, {gateway_id: int(time.time() * 1000) + ttl_ms})
+            await self.redis.pexpire(key, ttl_ms * 4)
+        else:
+            await self.redis.zrem(key, gateway_id)
+
+    async def watched(self, session_id: str) -> bool:
+        now = int(time.time() * 1000)
+        return bool(await self.redis.zcount(rkey(session_id, "watch"), now, "+inf"))

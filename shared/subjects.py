@@ -1,0 +1,59 @@
+"""Every NATS subject, stream and consumer name, and every Redis key shape, in one place.
+
+Session ids are URL-safe tokens (no `.`, `*`, `>`), so they are safe as subject tokens.
+Redis keys of one session share the hash tag `{sid}` so they live in one Redis Cluster slot
+and one Lua script may touch them all.
+"""
+
+from __future__ import annotations
+
+# ---- JetStream ------------------------------------------------------------------------------
+TURNS_STREAM = "TW_TURNS"
+TURNS_SUBJECTS = "tw.turns.>"
+TURNS_CONSUMER = "orchestrators"
+DLQ_STREAM = "TW_TURNS_DLQ"
+DLQ_SUBJECTS = "tw.dlq.>"
+TOOLS_STREAM = "TW_TOOLS"
+TOOLS_SUBJECTS = "tw.tools.>"
+ANALYTICS_STREAM = "TW_ANALYTICS"
+ANALYTICS_SUBJECT = "tw.analytics.turns"
+ANALYTICS_CONSUMER = "analytics-writer"
+MEDIA_BUCKET = "tw_media"
+
+# ---- core NATS (live, not persisted: the checkpoint store is the replay source) --------------
+CANCEL_SUBJECT = "tw.cancel"
+TOOL_CANCEL_SUBJECT = "tw.toolcancel"
+
+
+def turn_subject(session_id: str) -> str:
+    return f"tw.turns.{session_id}"
+
+
+def dlq_subject(session_id: str) -> str:
+    return f"tw.dlq.{session_id}"
+
+
+def session_subject(session_id: str) -> str:
+    return f"tw.session.{session_id}"
+
+
+def tool_subject(pool: str) -> str:
+    return f"tw.tools.{pool}"
+
+
+def tool_consumer(pool: str) -> str:
+    return f"tool-pool-{pool}"
+
+
+def tool_result_subject(turn_id: str) -> str:
+    return f"tw.toolresult.{turn_id}"
+
+
+# ---- Redis keys -----------------------------------------------------------------------------
+ACTIVE_LEASES = "tw:active"  # zset: session_id -> lease deadline (ms); scanned for takeover
+
+
+def rkey(session_id: str, name: str) -> str:
+    """`seq` counter, `log` stream, `cmid` dedupe hash, `pending` turn list, `turns` requests,
+    `tstate` turn states, `attempts`, `cancelled`, `lease`, `epoch`, `state`, `watch`."""
+    return f"tw:{{{session_id}}}:{name}"

@@ -1,0 +1,98 @@
+"""A deliberately small WebSocket test client: it records every frame and lets tests drop the
+connection at any point, so the guarantees are checked on the wire, not through our own client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import aiohttp
+
+from proto import client
+
+
+class WsTestClient:
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url
+        self.token = token
+        self.session: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.frames: list[client.ServerFrame] = []
+        self.events: list[client.Event] = []
+        self.ready: client.Ready | None = None
+        self.close_code: int | None = None
+
+    async def __aenter__(self) -> WsTestClient:
+        self.session = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.drop()
+        if self.session:
+            await self.session.close()
+
+    @property
+    def last_seen_seq(self) -> int:
+        return self.events[-1].seq if self.events else (self.ready.last_seq if self.ready and self.ready.reset else 0)
+
+    async def connect(self, session_id: str | None = None, last_seen_seq: int | None = None,
+                      delivery: str = "tokens", headers: dict[str, str] | None = None) -> client.Ready:
+        assert self.session is not None
+        url = self.base_url.replace("http", "ws", 1) + f"/v1/ws?access_token={self.token}"
+        self.ws = await self.session.ws_connect(url, headers=headers or {}, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        await self.send({"type": "hello", "session_id": session_id, "last_seen_seq": last_seen_seq,
+                         "delivery": delivery})
+        frame = await self.recv(timeout=10)
+        assert isinstance(frame, client.Ready), frame
+        self.ready = frame
+        return frame
+
+    async def drop(self) -> None:
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.close()
+        self.ws = None
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        assert self.ws is not None
+        await self.ws.send_str(json.dumps(obj))
+
+    async def send_message(self, text: str, client_msg_id: str | None = None) -> str:
+        cmid = client_msg_id or uuid.uuid4().hex
+        await self.send({"type": "send", "client_msg_id": cmid, "text": text})
+        return cmid
+
+    async def recv(self, timeout: float = 30) -> client.ServerFrame | None:
+        assert self.ws is not None
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            self.close_code = self.ws.close_code
+            return None
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        frame = client.server_frame_decoder.decode(msg.data)
+        self.frames.append(frame)
+        if isinstance(frame, client.EVENT_TYPES):
+            self.events.append(frame)  # type: ignore[arg-type]
+        return frame
+
+    async def until(self, pred: Any, timeout: float = 30) -> client.ServerFrame:
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv(timeout=timeout)
+                if frame is None:
+                    raise ConnectionError(f"closed with {self.close_code}")
+                if pred(frame):
+                    return frame
+
+    async def until_turn_end(self, turn_id: str | None = None, timeout: float = 60) -> client.TurnEnd:
+        f = await self.until(lambda f: isinstance(f, client.TurnEnd) and (turn_id is None or f.turn_id == turn_id),
+                             timeout)
+        assert isinstance(f, client.TurnEnd)
+        return f
+
+    async def ack_for(self, cmid: str, timeout: float = 15) -> client.Ack:
+        f = await self.until(lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid)
+                             or isinstance(f, client.Error), timeout)
+        assert isinstance(f, client.Ack), f
+        return f

@@ -1,0 +1,436 @@
+"""The tool worker: runs tool jobs from JetStream so slow tools never block a turn's stream.
+
+One durable pull consumer per pool (`tool-pool-<pool>` on `TW_TOOLS`) with explicit acks and a
+short `ack_wait`; while a tool runs the worker sends `in_progress` every half second, so a
+healthy worker keeps its job and a SIGKILLed one loses it to another worker within seconds.
+A semaphore per pool caps concurrent runs and the worker fetches only when it has a free slot,
+so a busy worker never sits on jobs an idle one could run.
+
+Crash and retry semantics (docs/tools.md):
+- Idempotent tools are simply run again on redelivery; transient errors inside a run are retried
+  by the named tenacity policy `transient_tool_retry`.
+- Non-idempotent tools are run at most once: "started" is written to the call ledger (KV bucket
+  `tw_tool_calls`) BEFORE the run; a redelivered call found "started" but not "done" is answered
+  "<name> was interrupted and was not retried because it is not idempotent".
+- A call found "done" in the ledger is answered with the stored result, not run again.
+- The worker enforces each tool's time limit itself, and a `ToolCancel` on `tw.toolcancel`
+  cancels the running coroutine of that call ("cancelled call <id>" in the log).
+- SIGTERM: stop fetching, let running tools finish for `shutdown_grace_seconds`, then cancel
+  them (idempotent ones are handed back with a nak for another worker to run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats.errors
+from aiohttp import web
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from proto import bus as busproto
+from shared import subjects
+from shared.bus import Bus
+from tool_workers.registry import (
+    CALLS_BUCKET,
+    CallRecord,
+    Tool,
+    ToolArgsError,
+    ToolContext,
+    ToolError,
+    ToolRegistry,
+    TransientToolError,
+    call_key,
+)
+from tool_workers.settings import ToolWorkerSettings
+
+log = logging.getLogger("tool_workers")
+
+_job_decoder = msgspec.msgpack.Decoder(busproto.ToolJob)
+_cancel_decoder = msgspec.msgpack.Decoder(busproto.ToolCancel)
+_record_decoder = msgspec.msgpack.Decoder(CallRecord)
+_encoder = msgspec.msgpack.Encoder()
+
+FETCH_WAIT_S = 1.0  # how long one fetch long-polls; also bounds how fast SIGTERM stops fetching
+_MAX_REMEMBERED_CANCELS = 10_000
+
+
+def transient_tool_retry() -> AsyncRetrying:
+    """Retry policy for TransientToolError inside one run of an IDEMPOTENT tool (never others).
+    The tool's time limit still bounds the whole run, retries included."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(TransientToolError),
+        stop=stop_after_attempt(4),
+        wait=wait_random_exponential(multiplier=0.1, max=1.0),
+        reraise=True,
+    )
+
+
+def tool_consumer_config(pool: str, settings: ToolWorkerSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.tool_consumer(pool),
+        filter_subject=subjects.tool_subject(pool),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_seconds,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=4096,
+    )
+
+
+def interrupted_text(name: str) -> str:
+    return f"{name} was interrupted and was not retried because it is not idempotent"
+
+
+class CallLedger:
+    """The `tw_tool_calls` KeyValue bucket: what was started and what finished, per call key."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, *, ttl_s: float) -> CallLedger:
+        """Creates the bucket if it does not exist yet (two workers racing is fine)."""
+        try:
+            return cls(await js.key_value(CALLS_BUCKET))
+        except BucketNotFoundError:
+            pass
+        config = KeyValueConfig(bucket=CALLS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
+                                max_value_size=256 * 1024)
+        try:
+            return cls(await js.create_key_value(config))
+        except BadRequestError:
+            return cls(await js.key_value(CALLS_BUCKET))
+
+    async def get(self, key: str) -> CallRecord | None:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            return None
+        return _record_decoder.decode(entry.value) if entry.value else None
+
+    async def mark_started(self, key: str, *, name: str, attempt: int) -> bool:
+        """False if the call already has a record: someone started it before."""
+        try:
+            await self._kv.create(key, _encoder.encode(CallRecord(state="started", name=name, attempt=attempt)))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def mark_done(self, key: str, record: CallRecord) -> None:
+        await self._kv.put(key, _encoder.encode(record))
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task[tuple[bool, str]]
+    call_id: str
+    reason: str = ""  # "cancel" (a ToolCancel) or "shutdown" (grace period over)
+
+
+class ToolWorker:
+    """Serves the registry's tools for the configured pools until `stop` is set."""
+
+    def __init__(self, bus: Bus, registry: ToolRegistry, settings: ToolWorkerSettings) -> None:
+        self._bus = bus
+        self._registry = registry
+        self._settings = settings
+        wanted = settings.pools or tuple(registry.pools())
+        self.pools: tuple[str, ...] = tuple(p for p in wanted if p in registry.pools())
+        self._slots = {pool: asyncio.Semaphore(settings.concurrency) for pool in self.pools}
+        self._running: dict[str, _Running] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._closing = False  # grace period over: start nothing new
+        self._ledger: CallLedger | None = None
+        self.ready = False
+
+    @property
+    def running_calls(self) -> int:
+        return len(self._running)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        if not self.pools:
+            raise RuntimeError(f"no known pool in {self._settings.pools}; known: {self._registry.pools()}")
+        js = self._bus.js
+        await self._bus.ensure_streams()
+        self._ledger = await CallLedger.open(js, ttl_s=self._settings.call_ledger_ttl_seconds)
+        subs: dict[str, JetStreamContext.PullSubscription] = {}
+        for pool in self.pools:
+            await self._declare_consumer(pool)
+            subs[pool] = await js.pull_subscribe_bind(durable=subjects.tool_consumer(pool),
+                                                      stream=subjects.TOOLS_STREAM)
+        cancel_sub = await self._bus.nc.subscribe(subjects.TOOL_CANCEL_SUBJECT, cb=self._on_cancel)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for pool, sub in subs.items():
+                    tg.create_task(self._fetch_loop(tg, pool, sub), name=f"fetch:{pool}")
+                self.ready = True
+                log.info("tool worker ready pools=%s tools=%s concurrency=%d", ",".join(self.pools),
+                         ",".join(t.name for t in self._registry if t.pool in self.pools),
+                         self._settings.concurrency)
+                await stop.wait()
+                await self._drain()
+        finally:
+            self.ready = False
+            with contextlib.suppress(Exception):
+                await cancel_sub.unsubscribe()
+            log.info("tool worker stopped")
+
+    async def _declare_consumer(self, pool: str) -> None:
+        config = tool_consumer_config(pool, self._settings)
+        try:
+            await self._bus.js.add_consumer(subjects.TOOLS_STREAM, config)
+        except BadRequestError as exc:  # exists with another config (an older deploy): keep it
+            log.warning("tool consumer %s not (re)declared: %s", config.durable_name, exc)
+
+    # ---- fetching ----------------------------------------------------------------------------
+    async def _fetch_loop(self, tg: asyncio.TaskGroup, pool: str, sub: JetStreamContext.PullSubscription) -> None:
+        """Fetches one job whenever a slot is free, until SIGTERM."""
+        slots = self._slots[pool]
+        while not self._stopping.is_set():
+            await slots.acquire()
+            msgs: list[Msg] = []
+            try:
+                if not self._stopping.is_set():
+                    msgs = await sub.fetch(1, timeout=FETCH_WAIT_S)
+            except nats.errors.TimeoutError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - connection trouble: back off and keep going
+                log.warning("fetch from pool %s failed: %r", pool, exc)
+                await asyncio.sleep(0.5)
+            if not msgs:
+                slots.release()
+                continue
+            msg = msgs[0]
+            if self._stopping.is_set():  # fetched while shutting down: let another worker have it
+                slots.release()
+                await _quietly(msg.nak())
+                continue
+            task = tg.create_task(self._handle(msg, slots), name=f"job:{pool}")
+            self._jobs.add(task)
+            task.add_done_callback(self._jobs.discard)
+
+    async def _drain(self) -> None:
+        self._stopping.set()
+        if self._jobs:
+            grace = self._settings.shutdown_grace_seconds
+            log.info("stopping: waiting up to %g s for %d running calls", grace, len(self._jobs))
+            _, pending = await asyncio.wait(set(self._jobs), timeout=grace)
+            if pending:
+                self._closing = True
+                for entry in list(self._running.values()):
+                    entry.reason = "shutdown"
+                    entry.task.cancel()
+
+    # ---- one job -----------------------------------------------------------------------------
+    async def _handle(self, msg: Msg, slots: asyncio.Semaphore) -> None:
+        """Never raises: a job's failure is an ok=false result, not a dead worker. Frees its slot."""
+        try:
+            await self._handle_job(msg)
+        finally:
+            slots.release()
+
+    async def _handle_job(self, msg: Msg) -> None:
+        try:
+            job = _job_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error("undecodable tool job dropped: %s", exc)
+            await _quietly(msg.term())
+            return
+        heartbeat = asyncio.create_task(self._keep_alive(msg), name=f"in-progress:{job.call_id}")
+        try:
+            result = await self._process(job, msg.metadata.num_delivered)
+            if result is None:  # to be run elsewhere or later
+                await _quietly(msg.nak())
+                return
+            if job.reply_subject:
+                await self._bus.nc.publish(job.reply_subject, busproto.bus_encoder.encode(result))
+            await msg.ack()
+        except Exception:  # noqa: BLE001
+            log.exception("call %s: unexpected failure; leaving it to redelivery", job.call_id)
+        finally:
+            heartbeat.cancel()
+            await asyncio.wait([heartbeat])
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self._settings.in_progress_interval_seconds)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _process(self, job: busproto.ToolJob, attempt: int) -> busproto.ToolResultMsg | None:
+        """The result to send, or None to hand the job back (nak)."""
+        limit_chars = self._settings.max_result_chars
+
+        def result(ok: bool, text: str, *, timed_out: bool = False) -> busproto.ToolResultMsg:
+            return busproto.ToolResultMsg(session_id=job.session_id, turn_id=job.turn_id, call_id=job.call_id,
+                                          ok=ok, text=text[:limit_chars], attempt=attempt, timed_out=timed_out)
+
+        key = call_key(job.turn_id, job.call_id)
+        tool = self._registry.get(job.name)
+        if tool is None:
+            return result(False, f"unknown tool {job.name!r}")
+        if job.schema_version != tool.schema_version:
+            return result(False, f"{tool.name}: argument schema v{job.schema_version} is not the worker's "
+                                 f"v{tool.schema_version}")
+        if key in self._cancelled:
+            log.info("skipping cancelled call %s", job.call_id)
+            return result(False, f"{tool.name} was cancelled")
+        try:
+            args = tool.validate(job.args)
+        except ToolArgsError as exc:
+            return result(False, str(exc))
+        remaining = job.deadline_ms / 1000 - time.time() if job.deadline_ms else tool.max_seconds
+        if remaining <= 0:
+            log.info("call %s expired in the queue", job.call_id)
+            return result(False, tool.timeout_text(), timed_out=True)
+
+        ledger = self._ledger
+        assert ledger is not None
+        try:
+            record = await ledger.get(key)
+        except Exception as exc:  # noqa: BLE001
+            if not tool.idempotent:
+                log.warning("call %s: ledger unavailable (%r); not running a non-idempotent tool", job.call_id, exc)
+                return None
+            record = None
+        if record is not None and record.state == "done":
+            log.info("call %s already done: answering from the ledger", job.call_id)
+            return result(record.ok, record.text, timed_out=record.timed_out)
+        if self._closing:
+            return None
+        if not tool.idempotent:
+            try:
+                first = record is None and await ledger.mark_started(key, name=tool.name, attempt=attempt)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("call %s: could not record the start (%r); handing it back", job.call_id, exc)
+                return None
+            if not first:
+                log.warning("call %s (%s) was started before and is not idempotent: not retried",
+                            job.call_id, tool.name)
+                refused = result(False, interrupted_text(tool.name))
+                await self._remember(ledger, key, tool, refused)
+                return refused
+
+        res = await self._run(job, tool, args, attempt, min(tool.max_seconds, remaining), result)
+        if res is not None and (res.ok or not tool.idempotent):
+            await self._remember(ledger, key, tool, res)
+        return res
+
+    async def _run(self, job: busproto.ToolJob, tool: Tool[Any], args: Any, attempt: int, limit: float,
+                   result: Callable[..., busproto.ToolResultMsg]) -> busproto.ToolResultMsg | None:
+        key = call_key(job.turn_id, job.call_id)
+        ctx = ToolContext(session_id=job.session_id, turn_id=job.turn_id, call_id=job.call_id, attempt=attempt,
+                          settings=self._settings)
+        run_task = asyncio.create_task(self._invoke(tool, args, ctx), name=f"tool:{tool.name}:{job.call_id}")
+        entry = _Running(task=run_task, call_id=job.call_id)
+        self._running[key] = entry
+        log.info("started call %s tool=%s attempt=%d", job.call_id, tool.name, attempt)
+        try:
+            async with asyncio.timeout(limit):
+                ok, text = await run_task
+            log.info("finished call %s tool=%s ok=%s", job.call_id, tool.name, ok)
+            return result(ok, text)
+        except TimeoutError:
+            log.warning("timed out call %s tool=%s after %g s", job.call_id, tool.name, limit)
+            return result(False, tool.timeout_text(), timed_out=True)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise  # this handler itself is being cancelled, not just the tool
+            if entry.reason == "shutdown":
+                if tool.idempotent:
+                    log.info("call %s interrupted by shutdown: handed back for another worker", job.call_id)
+                    return None
+                log.warning("call %s interrupted by shutdown (not idempotent)", job.call_id)
+                return result(False, interrupted_text(tool.name))
+            log.info("cancelled call %s tool=%s", job.call_id, tool.name)
+            return result(False, f"{tool.name} was cancelled")
+        finally:
+            self._running.pop(key, None)
+            if not run_task.done():
+                run_task.cancel()
+                await asyncio.wait([run_task], timeout=1.0)
+
+    async def _invoke(self, tool: Tool[Any], args: Any, ctx: ToolContext) -> tuple[bool, str]:
+        try:
+            if tool.idempotent:
+                text: str = await transient_tool_retry()(tool.run, args, ctx)
+            else:
+                text = await tool.run(args, ctx)
+        except ToolError as exc:
+            return False, str(exc) or f"{tool.name} failed"
+        except Exception:  # noqa: BLE001 - a bug in one tool must not kill the worker
+            log.exception("tool %s crashed on call %s", tool.name, ctx.call_id)
+            return False, f"{tool.name} failed with an internal error"
+        return True, text
+
+    async def _remember(self, ledger: CallLedger, key: str, tool: Tool[Any],
+                        res: busproto.ToolResultMsg) -> None:
+        record = CallRecord(state="done", name=tool.name, ok=res.ok, text=res.text, timed_out=res.timed_out,
+                            attempt=res.attempt)
+        try:
+            await ledger.mark_done(key, record)
+        except Exception as exc:  # noqa: BLE001 - the reply still goes out
+            log.warning("call %s: result not stored in the ledger: %r", res.call_id, exc)
+
+    # ---- cancellation ------------------------------------------------------------------------
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = _cancel_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if cancel.turn_id:
+            keys = [call_key(cancel.turn_id, cancel.call_id)]
+        else:  # an older sender: match by call id alone
+            keys = [k for k, e in self._running.items() if e.call_id == cancel.call_id]
+        for key in keys:
+            self._cancelled[key] = None
+            self._cancelled.move_to_end(key)
+            entry = self._running.get(key)
+            if entry is not None and not entry.task.done():
+                log.info("cancel requested for call %s", cancel.call_id)
+                entry.reason = "cancel"
+                entry.task.cancel()
+        while len(self._cancelled) > _MAX_REMEMBERED_CANCELS:
+            self._cancelled.popitem(last=False)
+
+
+async def _quietly(aw: Any) -> None:
+    with contextlib.suppress(Exception):
+        await aw
+
+
+# ---- health ---------------------------------------------------------------------------------
+HEALTH_WORKER: web.AppKey[ToolWorker] = web.AppKey("tool_worker", ToolWorker)
+HEALTH_BUS: web.AppKey[Bus] = web.AppKey("bus", Bus)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    worker, bus = request.app[HEALTH_WORKER], request.app[HEALTH_BUS]
+    healthy = worker.ready and bus.connected
+    return web.json_response({"ok": healthy, "pools": list(worker.pools), "running": worker.running_calls},
+                             status=200 if healthy else 503)
+
+
+def create_health_app(worker: ToolWorker, bus: Bus) -> web.Application:
+    """`GET /healthz`: 200 while the worker fetches jobs and NATS is connected, else 503."""
+    app = web.Application()
+    app[HEALTH_WORKER] = worker
+    app[HEALTH_BUS] = bus
+    app.router.add_get("/healthz", _healthz)
+    return app
