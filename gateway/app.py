@@ -78,6 +78,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/v1/sessions/{sid}", sessions.get_session),
         web.post("/v1/sessions/{sid}/messages", sessions.post_message),
         web.post("/v1/sessions/{sid}/stop", sessions.post_stop),
+        web.patch("/v1/sessions/{sid}/flags", sessions.patch_flags),
         web.get("/v1/sessions/{sid}/events", sse.sse_handler),
         web.get("/v1/sessions/{sid}/poll", poll.poll_handler),
         web.get("/healthz", healthz),

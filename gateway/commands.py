@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import signal
 import time
 
 from gateway.deps import Deps
@@ -18,6 +20,7 @@ from proto import bus as busproto
 from proto import client
 from shared.checkpoints import DoubleTextPolicy
 from shared.errors import BadFrame, Degraded, Forbidden, NotFound, SeedNeeded, TidewireError, TooLarge
+from shared.eventlog import SessionRow
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,33 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(12)
 
 
-async def authorize(deps: Deps, session_id: str, subject: str) -> None:
+SESSION_FLAGS = {"double_text_policy": ("queue", "interrupt", "reject"),
+                 "disconnect_policy": None, "model": None, "system_prompt_version": None}
+
+
+def validate_flags(flags: dict[str, object]) -> dict[str, object]:
+    """Only known flags with allowed values; `disconnect_policy` is `continue` or `cancel_after=<s>`."""
+    out: dict[str, object] = {}
+    for k, v in flags.items():
+        if k not in SESSION_FLAGS:
+            raise BadFrame(f"unknown flag {k!r}")
+        allowed = SESSION_FLAGS[k]
+        if allowed is not None and v not in allowed:
+            raise BadFrame(f"flag {k} must be one of {', '.join(allowed)}")
+        if k == "disconnect_policy":
+            sv = str(v)
+            if sv != "continue":
+                try:
+                    ok = sv.startswith("cancel_after=") and float(sv.split("=", 1)[1]) >= 0
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise BadFrame("disconnect_policy must be continue or cancel_after=<seconds>")
+        out[k] = v
+    return out
+
+
+async def authorize(deps: Deps, session_id: str, subject: str) -> SessionRow:
     """Every path re-checks ownership; an unknown session and a foreign one are both refused."""
     try:
         row = await deps.eventlog.get_session(session_id)
@@ -36,6 +65,7 @@ async def authorize(deps: Deps, session_id: str, subject: str) -> None:
         raise NotFound("no such session")
     if row.subject != subject:
         raise Forbidden("this session belongs to someone else")
+    return row
 
 
 async def create_session(deps: Deps, subject: str, title: str | None = None) -> str:
@@ -112,6 +142,9 @@ async def send_message(deps: Deps, subject: str, session_id: str, req: client.Se
         deps.counters.degraded += 1
         log.warning("send not acknowledged (%s): the client will retry with the same client_msg_id", e)
         raise Degraded("message not yet durable; retry with the same client_msg_id", retry_after_ms=500) from e
+    marker = deps.settings.fault_kill_after_persist
+    if marker and marker in req.text and not appended.duplicate:
+        os.kill(os.getpid(), signal.SIGKILL)
     for t in appended.interrupted:
         await deps.bus.publish_cancel(busproto.CancelTurn(session_id=session_id, turn_id=t, reason="interrupt"))
     try:

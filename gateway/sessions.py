@@ -11,6 +11,7 @@ from gateway.http_errors import http_error, json_response
 from gateway.keys import DEPS, REPLAYER
 from proto import client
 from shared.errors import BadFrame, TidewireError, TooLarge
+from shared.subjects import rkey
 
 
 async def _body(request: web.Request) -> bytes:
@@ -27,7 +28,16 @@ async def create_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     try:
         principal = authenticate(request, deps.settings)
+        body = await _body(request)
+        flags = {}
+        if body.strip():
+            try:
+                flags = commands.validate_flags(dict(msgspec.json.decode(body).get("flags") or {}))
+            except (msgspec.DecodeError, AttributeError, TypeError) as e:
+                raise BadFrame(f"invalid body: {e}") from e
         sid = await commands.create_session(deps, principal.subject)
+        if flags:
+            await deps.eventlog.set_session_flags(sid, flags)
     except TidewireError as e:
         return http_error(e)
     return json_response(client.CreateSessionResponse(session_id=sid), status=201)
@@ -62,12 +72,13 @@ async def post_message(request: web.Request) -> web.Response:
     sid = request.match_info["sid"]
     try:
         principal = authenticate(request, deps.settings)
-        await commands.authorize(deps, sid, principal.subject)
+        row = await commands.authorize(deps, sid, principal.subject)
         try:
             req = client.send_request_decoder.decode(await _body(request))
         except msgspec.DecodeError as e:
             raise BadFrame(f"invalid body: {e}") from e
-        ack = await commands.send_message(deps, principal.subject, sid, req)
+        ack = await commands.send_message(deps, principal.subject, sid, req,
+                                          policy=row.flags.get("double_text_policy"))
     except TidewireError as e:
         return http_error(e)
     return json_response(ack)
@@ -88,3 +99,23 @@ async def post_stop(request: web.Request) -> web.Response:
     except TidewireError as e:
         return http_error(e)
     return json_response({"stopped": turn_id is not None, "turn_id": turn_id}, status=202)
+
+
+async def patch_flags(request: web.Request) -> web.Response:
+    """Extension: `PATCH /v1/sessions/{sid}/flags {name: value}` sets per-session policies, applied to
+    new turns (double_text_policy, disconnect_policy, model, system_prompt_version)."""
+    deps = request.app[DEPS]
+    sid = request.match_info["sid"]
+    try:
+        principal = authenticate(request, deps.settings)
+        await commands.authorize(deps, sid, principal.subject)
+        try:
+            flags = commands.validate_flags(dict(msgspec.json.decode(await _body(request))))
+        except (msgspec.DecodeError, TypeError, ValueError) as e:
+            raise BadFrame(f"invalid body: {e}") from e
+        await deps.eventlog.set_session_flags(sid, flags)
+        await deps.checkpoints.redis.delete(rkey(sid, "state"))
+        row = await deps.eventlog.get_session(sid)
+    except TidewireError as e:
+        return http_error(e)
+    return json_response({"session_id": sid, "flags": row.flags if row else flags})

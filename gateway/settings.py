@@ -43,6 +43,9 @@ class GatewaySettings:
     log_level: str = "INFO"
     log_message_text: bool = False
     session_ttl_s: float = 86_400.0
+    # fault injection for tests only: SIGKILL this process after the user message is durable,
+    # before the ack is sent, when the message text contains this marker
+    fault_kill_after_persist: str = ""
 
 
 def load() -> GatewaySettings:

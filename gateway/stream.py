@@ -24,6 +24,7 @@ from proto.client import Event
 
 PAGE = 256
 HELD_LIMIT = 2048
+REPLAY_CHUNK = 16
 
 
 class _SeqOnly(msgspec.Struct):
@@ -140,12 +141,14 @@ class Feed:
     async def _catch_up(self) -> None:
         while True:
             raws = await self._replayer.page(self.session_id, self.last_seq)
-            for raw in raws:
+            for i, raw in enumerate(raws):
                 ev = client.event_decoder.decode(raw)
                 if ev.seq <= self.last_seq:
                     continue
                 self.last_seq = ev.seq
                 self.push(ev)
+                if i % REPLAY_CHUNK == REPLAY_CHUNK - 1:
+                    await self._wait_drained()  # a reader that keeps up gets replay unmerged
             if self.failure is not None:
                 return
             if raws:
@@ -160,7 +163,7 @@ class Feed:
             return
 
     async def _wait_drained(self) -> None:
-        while len(self.buffer) > PAGE and self.failure is None:
+        while len(self.buffer) > REPLAY_CHUNK // 2 and self.failure is None:
             self.drained.clear()
             await self.drained.wait()
 

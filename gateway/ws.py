@@ -45,6 +45,7 @@ class Connection:
         self.feed: Feed | None = None
         self.last_rx = time.monotonic()
         self.pre_hello: list[client.ServerFrame] = []
+        self.flags: dict[str, object] = {}
 
     def reply(self, frame: client.ServerFrame) -> None:
         if self.feed is not None:
@@ -63,7 +64,7 @@ class Connection:
             sid = await commands.create_session(deps, self.principal.subject)
         else:
             sid = hello.session_id
-            await commands.authorize(deps, sid, self.principal.subject)
+            self.flags = dict((await commands.authorize(deps, sid, self.principal.subject)).flags)
         replayer = self.request.app[REPLAYER]
         last_seq = await replayer.last_seq(sid)
         after = hello.last_seen_seq if hello.last_seen_seq is not None else 0
@@ -100,7 +101,8 @@ class Connection:
         elif self.feed is None:
             raise BadFrame("the first frame must be hello")
         elif isinstance(frame, client.Send):
-            ack = await commands.send_message(self.deps, self.principal.subject, self.feed.session_id, frame)
+            ack = await commands.send_message(self.deps, self.principal.subject, self.feed.session_id, frame,
+                                              policy=self.flags.get("double_text_policy"))  # type: ignore[arg-type]
             self.reply(ack)
         elif isinstance(frame, client.Stop):
             await commands.stop_turn(self.deps, self.feed.session_id, frame.turn_id)

@@ -46,10 +46,17 @@ class CheckpointWriter:
         self._idle.clear()
         self._kick.set()
 
-    async def write_now(self, raws: list[bytes], start_turn: str = "") -> int:
-        """Appends and publishes immediately (used outside the batching loop); returns the first seq."""
+    async def write_now(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True) -> int:
+        """Appends (and publishes, unless told not to) right away; returns the first seq."""
         await self.flush()
-        return await self._append(raws, start_turn)
+        return await self._append(raws, start_turn, publish=publish)
+
+    async def publish(self, raws: list[bytes], first_seq: int) -> None:
+        try:
+            await self._bus.publish_events(self._lease.session_id,
+                                           [with_seq(r, first_seq + i) for i, r in enumerate(raws)])
+        except Exception as e:  # noqa: BLE001 - checkpointed: readers catch up from the store
+            log.warning("live publish failed: %s", e)
 
     async def flush(self) -> None:
         await self._idle.wait()
@@ -74,7 +81,7 @@ class CheckpointWriter:
             self._idle.set()
             raise
 
-    async def _append(self, raws: list[bytes], start_turn: str = "") -> int:
+    async def _append(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True) -> int:
         try:
             first = await self._store.append(self._lease, raws, start_turn=start_turn)
         except SeedNeeded:
@@ -83,9 +90,6 @@ class CheckpointWriter:
         self.appends += 1
         self.events += len(raws)
         self.last_seq = first + len(raws) - 1
-        try:
-            await self._bus.publish_events(self._lease.session_id,
-                                           [with_seq(r, first + i) for i, r in enumerate(raws)])
-        except Exception as e:  # noqa: BLE001 - checkpointed: readers catch up from the store
-            log.warning("live publish failed: %s", e)
+        if publish:
+            await self.publish(raws, first)
         return first

@@ -127,20 +127,24 @@ class SessionRunner:
             progress = TurnProgress.restore(turn_id, await self._turn_events(int(state[1])))
             svc.metrics["takeovers"] += 1
         writer = CheckpointWriter(cp, svc.eventlog, svc.bus, self.lease)
+        unpublished: list[bytes] = []
         if progress.ended is None:
             if not progress.started:
                 progress.start_seq = await writer.write_now([progress.turn_start()], start_turn=turn_id)
                 svc.observe_first_event(req)
             status, why = await self._generate(req, progress, writer, attempts)
-            await writer.write_now([progress.end(status)])
+            end_raw = progress.end(status)
+            await writer.write_now([end_raw], publish=False)  # published once durable in Postgres
+            unpublished = [end_raw]
             if why:
                 log.info("turn %s ended %s: %s", turn_id, status, why)
-        assert progress.ended is not None
         raws = [raw for _, raw in await self._log_from(progress.start_seq)]
         ended = next(ev for ev in (client.event_decoder.decode(r) for r in reversed(raws))
                      if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
         await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended, self.lease.epoch,
                                        flags=svc.flags_in_force(req))
+        if unpublished:
+            await writer.publish(unpublished, writer.last_seq)
         await cp.finish_turn(self.lease, turn_id, ended.status)
         svc.metrics["turns_" + ended.status] += 1
         await svc.remember_turn(req, ended)
@@ -221,6 +225,9 @@ class SessionRunner:
 
     async def _steps(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter) -> None:
         svc = self.svc
+        marker = svc.settings.fault_poison_marker
+        if marker and marker in req.text:
+            raise RuntimeError("injected poison turn")
         messages = await svc.context_for(req)
         tools = svc.tool_specs()
         for _ in range(svc.settings.max_tool_steps + 1):

@@ -37,6 +37,9 @@ class OrchestratorSettings:
     session_ttl_s: float = 86_400.0
     log_level: str = "INFO"
     graceful_s: float = 10.0
+    # fault injection for tests only: a turn whose text contains this marker raises inside the
+    # turn loop (an orchestrator bug, not a model error), to exercise retries and dead-lettering
+    fault_poison_marker: str = ""
 
 
 def load() -> OrchestratorSettings:

@@ -182,7 +182,7 @@ class ToolDispatcher:
         """Tells workers to stop the call; if none started it yet, makes sure none ever will."""
         with contextlib.suppress(Exception):
             await self._bus.nc.publish(subjects.TOOL_CANCEL_SUBJECT,
-                                       _encoder.encode(busproto.ToolCancel(call_id=call_id, turn_id=turn_id)))
+                                       busproto.bus_encoder.encode(busproto.ToolCancel(call_id=call_id, turn_id=turn_id)))
         ledger = await self._open_ledger()
         if ledger is None:
             return

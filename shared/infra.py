@@ -820,7 +820,7 @@ class EmbeddedInfra:
             "daemonize no\n"
             'logfile ""\n'
             "appendonly yes\n"
-            "appendfsync everysec\n"
+            "appendfsync always\n"
             'save ""\n'
         )
         return conf
@@ -1083,7 +1083,7 @@ class ContainerInfra:
             .with_command("postgres -c synchronous_commit=on -c fsync=on -c max_connections=200")
         )
         redis = RedisContainer(self.REDIS_IMAGE).with_command(
-            "redis-server --appendonly yes --appendfsync everysec --save ''"
+            "redis-server --appendonly yes --appendfsync always --save ''"
         )
         self._containers = {
             "nats": bind(bind(nats, 4222, nats_port), 8222, monitor_port),

@@ -109,7 +109,14 @@ class Stack:
         return svc
 
     def add_orchestrator(self, name: str) -> Service:
-        return self.service(name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name})
+        port = free_port()
+        svc = self.service(name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name,
+                                                  "TIDEWIRE_HEALTH_PORT": str(port)})
+        svc.env["port"] = str(port)
+        return svc
+
+    def by_name(self, name: str) -> Service:
+        return next(s for s in reversed(self.services) if s.name == name)
 
     def start(self) -> Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,14 @@ class CallLedger:
         await self._kv.put(key, _encoder.encode(record))
 
 
+@dataclass(frozen=True)
+class HandBack:
+    """Return the job to the queue (nak) instead of answering: another worker, or a later
+    attempt, will run it. `delay` spaces out attempts while something is down."""
+
+    delay: float = 0.0
+
+
 @dataclass
 class _Running:
     task: asyncio.Task[tuple[bool, str]]
@@ -186,6 +194,11 @@ class ToolWorker:
                 await self._drain()
         finally:
             self.ready = False
+            # Unsubscribed here rather than drained with the connection: an expired pull request's
+            # status message left in a pull inbox would make a drain wait for its whole timeout.
+            for pull in subs.values():
+                with contextlib.suppress(Exception):
+                    await pull.unsubscribe()
             with contextlib.suppress(Exception):
                 await cancel_sub.unsubscribe()
             log.info("tool worker stopped")
@@ -194,7 +207,7 @@ class ToolWorker:
         config = tool_consumer_config(pool, self._settings)
         try:
             await self._bus.js.add_consumer(subjects.TOOLS_STREAM, config)
-        except BadRequestError as exc:  # exists with another config (an older deploy): keep it
+        except BadRequestError as exc:  # a change the server cannot apply in place: keep the old one
             log.warning("tool consumer %s not (re)declared: %s", config.durable_name, exc)
 
     # ---- fetching ----------------------------------------------------------------------------
@@ -254,8 +267,8 @@ class ToolWorker:
         heartbeat = asyncio.create_task(self._keep_alive(msg), name=f"in-progress:{job.call_id}")
         try:
             result = await self._process(job, msg.metadata.num_delivered)
-            if result is None:  # to be run elsewhere or later
-                await _quietly(msg.nak())
+            if isinstance(result, HandBack):  # to be run elsewhere or later
+                await _quietly(msg.nak(delay=result.delay or None))
                 return
             if job.reply_subject:
                 await self._bus.nc.publish(job.reply_subject, busproto.bus_encoder.encode(result))
@@ -272,8 +285,8 @@ class ToolWorker:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
-    async def _process(self, job: busproto.ToolJob, attempt: int) -> busproto.ToolResultMsg | None:
-        """The result to send, or None to hand the job back (nak)."""
+    async def _process(self, job: busproto.ToolJob, attempt: int) -> busproto.ToolResultMsg | HandBack:
+        """The result to send, or HandBack to return the job to the queue (nak)."""
         limit_chars = self._settings.max_result_chars
 
         def result(ok: bool, text: str, *, timed_out: bool = False) -> busproto.ToolResultMsg:
@@ -306,19 +319,19 @@ class ToolWorker:
         except Exception as exc:  # noqa: BLE001
             if not tool.idempotent:
                 log.warning("call %s: ledger unavailable (%r); not running a non-idempotent tool", job.call_id, exc)
-                return None
+                return HandBack(delay=1.0)
             record = None
         if record is not None and record.state == "done":
             log.info("call %s already done: answering from the ledger", job.call_id)
             return result(record.ok, record.text, timed_out=record.timed_out)
         if self._closing:
-            return None
+            return HandBack()
         if not tool.idempotent:
             try:
                 first = record is None and await ledger.mark_started(key, name=tool.name, attempt=attempt)
             except Exception as exc:  # noqa: BLE001
                 log.warning("call %s: could not record the start (%r); handing it back", job.call_id, exc)
-                return None
+                return HandBack(delay=1.0)
             if not first:
                 log.warning("call %s (%s) was started before and is not idempotent: not retried",
                             job.call_id, tool.name)
@@ -327,12 +340,12 @@ class ToolWorker:
                 return refused
 
         res = await self._run(job, tool, args, attempt, min(tool.max_seconds, remaining), result)
-        if res is not None and (res.ok or not tool.idempotent):
+        if not isinstance(res, HandBack):
             await self._remember(ledger, key, tool, res)
         return res
 
     async def _run(self, job: busproto.ToolJob, tool: Tool[Any], args: Any, attempt: int, limit: float,
-                   result: Callable[..., busproto.ToolResultMsg]) -> busproto.ToolResultMsg | None:
+                   result: Callable[..., busproto.ToolResultMsg]) -> busproto.ToolResultMsg | HandBack:
         key = call_key(job.turn_id, job.call_id)
         ctx = ToolContext(session_id=job.session_id, turn_id=job.turn_id, call_id=job.call_id, attempt=attempt,
                           settings=self._settings)
@@ -355,13 +368,14 @@ class ToolWorker:
             if entry.reason == "shutdown":
                 if tool.idempotent:
                     log.info("call %s interrupted by shutdown: handed back for another worker", job.call_id)
-                    return None
+                    return HandBack()
                 log.warning("call %s interrupted by shutdown (not idempotent)", job.call_id)
                 return result(False, interrupted_text(tool.name))
             log.info("cancelled call %s tool=%s", job.call_id, tool.name)
             return result(False, f"{tool.name} was cancelled")
         finally:
-            self._running.pop(key, None)
+            if self._running.get(key) is entry:
+                del self._running[key]
             if not run_task.done():
                 run_task.cancel()
                 await asyncio.wait([run_task], timeout=1.0)

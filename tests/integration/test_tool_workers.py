@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 
 from orchestrator.tools import ToolDispatcher, ToolDispatchSettings, ToolOutcome
 from proto import bus as busproto
@@ -241,3 +244,90 @@ async def test_sigterm_lets_a_running_tool_finish(dispatcher: ToolDispatcher, st
     assert outcome.ok, outcome
     assert code == 0
     assert "tool worker stopped" in worker.log_text()
+
+
+async def test_sigterm_hands_a_tool_that_outlives_the_grace_period_to_another_worker(
+        dispatcher: ToolDispatcher, start_worker: Any) -> None:
+    leaving = start_worker("tool-worker-leaving", TIDEWIRE_SHUTDOWN_GRACE_SECONDS="0.3")
+    await leaving.wait_for_log_async(READY)
+    call = asyncio.create_task(dispatcher.call("s1", new_turn(), "handoff", "slow_lookup",
+                                               {"query": "q", "seconds": 2}))
+    await started_on([leaving], "handoff")
+    staying = start_worker("tool-worker-staying")
+    await staying.wait_for_log_async(READY)
+    assert await asyncio.to_thread(leaving.terminate, 15.0) == 0
+    assert "call handoff interrupted by shutdown: handed back" in leaving.log_text()
+    outcome = await call
+    assert outcome.ok, outcome
+    assert json.loads(outcome.text)["worker_pid"] == staying.pid
+
+
+async def test_concurrency_is_capped_per_pool(dispatcher: ToolDispatcher, start_worker: Any) -> None:
+    worker = start_worker(TIDEWIRE_CONCURRENCY="1")
+    await worker.wait_for_log_async(READY)
+    turn = new_turn()
+    async with asyncio.TaskGroup() as tg:
+        slow = [tg.create_task(dispatcher.call("s1", turn, f"one{i}", "slow_lookup", {"query": "q", "seconds": 0.5}))
+                for i in range(2)]
+        fast = tg.create_task(dispatcher.call("s1", turn, "calc", "calculator", {"expression": "1+1"}))
+    runs = sorted((json.loads(t.result().text) for t in slow), key=lambda r: r["started_at"])
+    assert runs[0]["finished_at"] <= runs[1]["started_at"]  # one slot in the slow pool...
+    assert fast.result() == ToolOutcome(ok=True, text="2")  # ...and the fast pool has its own
+
+
+async def test_health_endpoint_reports_a_ready_worker(start_worker: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = start_worker(TIDEWIRE_HEALTH_PORT=str(port))
+    await worker.wait_for_log_async(READY)
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["ok"] is True and set(body["pools"]) == {"fast", "slow"}
+
+
+async def test_http_get_reaches_only_allowlisted_hosts_within_its_limits(bus: Bus, start_worker: Any) -> None:
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text="hello from the page")
+
+    async def big(_: web.Request) -> web.Response:
+        return web.Response(text="x" * 500_000)
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://localhost:{request.url.port}/page")
+
+    app = web.Application()
+    app.router.add_get("/page", page)
+    app.router.add_get("/big", big)
+    app.router.add_get("/hop", hop)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    settings = ToolWorkerSettings(http_get_enabled=True, http_get_allowlist=("127.0.0.1",))
+    d = ToolDispatcher(bus, registry=default_registry(settings))
+    await d.start()
+    try:
+        worker = start_worker(TIDEWIRE_HTTP_GET_ENABLED="1", TIDEWIRE_HTTP_GET_ALLOWLIST="127.0.0.1",
+                              TIDEWIRE_HTTP_GET_MAX_BYTES="1000")
+        await worker.wait_for_log_async(READY)
+        turn = new_turn()
+
+        async def get(call_id: str, url: str) -> ToolOutcome:
+            return await d.call("s1", turn, call_id, "http_get", {"url": url})
+
+        ok = await get("h1", f"http://127.0.0.1:{port}/page")
+        assert ok.ok and ok.text.endswith("\nhello from the page")
+        truncated = await get("h2", f"http://127.0.0.1:{port}/big")
+        assert truncated.ok and "(truncated)" in truncated.text and truncated.text.split("\n", 1)[1] == "x" * 1000
+        elsewhere = await get("h3", f"http://localhost:{port}/page")
+        assert elsewhere == ToolOutcome(ok=False, text="http_get: host 'localhost' is not on the allowlist")
+        redirected = await get("h4", f"http://127.0.0.1:{port}/hop")
+        assert redirected == ToolOutcome(ok=False, text="http_get: host 'localhost' is not on the allowlist")
+        scheme = await get("h5", "file:///etc/passwd")
+        assert scheme == ToolOutcome(ok=False, text="http_get: only http and https URLs are allowed")
+    finally:
+        await d.close()
+        await runner.cleanup()

@@ -86,6 +86,9 @@ class WsTestClient:
                     return frame
 
     async def until_turn_end(self, turn_id: str | None = None, timeout: float = 60) -> client.TurnEnd:
+        for e in self.events:
+            if isinstance(e, client.TurnEnd) and (turn_id is None or e.turn_id == turn_id):
+                return e
         f = await self.until(lambda f: isinstance(f, client.TurnEnd) and (turn_id is None or f.turn_id == turn_id),
                              timeout)
         assert isinstance(f, client.TurnEnd)

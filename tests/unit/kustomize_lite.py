@@ -41,7 +41,14 @@ Resource = dict[str, Any]
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 KUSTOMIZATION_FIELDS = {
-    "apiVersion", "kind", "namespace", "resources", "components", "patches", "configMapGenerator", "images",
+    "apiVersion",
+    "kind",
+    "namespace",
+    "resources",
+    "components",
+    "patches",
+    "configMapGenerator",
+    "images",
 }
 PATCH_FIELDS = {"path", "patch", "target"}
 TARGET_FIELDS = {"kind", "name", "namespace", "group", "version"}
@@ -50,9 +57,19 @@ IMAGE_FIELDS = {"name", "newName", "newTag", "digest"}
 
 # Cluster-scoped kinds never get a namespace.
 CLUSTER_SCOPED = {
-    "Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "StorageClass",
-    "PersistentVolume", "PriorityClass", "IngressClass", "APIService", "RuntimeClass",
-    "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "ClusterIssuer",
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "StorageClass",
+    "PersistentVolume",
+    "PriorityClass",
+    "IngressClass",
+    "APIService",
+    "RuntimeClass",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+    "ClusterIssuer",
 }
 
 # Strategic-merge keys of the list fields (from the Kubernetes OpenAPI `x-kubernetes-patch-merge-key`).
@@ -71,10 +88,28 @@ MERGE_KEYS = {
 
 # kustomize's "legacy" output order (kinds not listed keep their relative order in between).
 ORDER_FIRST = [
-    "Namespace", "ResourceQuota", "StorageClass", "CustomResourceDefinition", "ServiceAccount",
-    "PodSecurityPolicy", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "ConfigMap", "Secret",
-    "Endpoints", "Service", "LimitRange", "PriorityClass", "PersistentVolume", "PersistentVolumeClaim",
-    "Deployment", "StatefulSet", "CronJob", "PodDisruptionBudget",
+    "Namespace",
+    "ResourceQuota",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "PodSecurityPolicy",
+    "Role",
+    "ClusterRole",
+    "RoleBinding",
+    "ClusterRoleBinding",
+    "ConfigMap",
+    "Secret",
+    "Endpoints",
+    "Service",
+    "LimitRange",
+    "PriorityClass",
+    "PersistentVolume",
+    "PersistentVolumeClaim",
+    "Deployment",
+    "StatefulSet",
+    "CronJob",
+    "PodDisruptionBudget",
 ]
 ORDER_LAST = ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]
 
@@ -120,13 +155,15 @@ def _resolve_file(root: Path, relative: str) -> Path:
 def _check_fields(where: str, data: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(data) - allowed
     if unknown:
-        raise KustomizeError(f"{where}: unsupported field(s) {sorted(unknown)} (kustomize_lite models only {sorted(allowed)})")
+        raise KustomizeError(
+            f"{where}: unsupported field(s) {sorted(unknown)} (kustomize_lite models only {sorted(allowed)})"
+        )
 
 
 def _resource_id(res: Resource) -> tuple[str, str, str, str]:
-    group = res.get("apiVersion", "").rpartition("/")[0]
     meta = res.get("metadata") or {}
-    return (group, res.get("kind", ""), meta.get("namespace", ""), meta.get("name", ""))
+    group = str(res.get("apiVersion", "")).rpartition("/")[0]
+    return (group, str(res.get("kind", "")), str(meta.get("namespace", "")), str(meta.get("name", "")))
 
 
 def _id_str(res: Resource) -> str:
@@ -158,7 +195,9 @@ class _Builder:
         kind = k.get("kind", "Kustomization")
         if kind != expect_kind:
             raise KustomizeError(f"{kfile}: kind {kind!r} used where a {expect_kind} is expected")
-        expected_api = "kustomize.config.k8s.io/v1alpha1" if kind == "Component" else "kustomize.config.k8s.io/v1beta1"
+        expected_api = (
+            "kustomize.config.k8s.io/v1alpha1" if kind == "Component" else "kustomize.config.k8s.io/v1beta1"
+        )
         if k.get("apiVersion", expected_api) != expected_api:
             raise KustomizeError(f"{kfile}: apiVersion must be {expected_api}")
         self._stack.append(directory)
@@ -204,7 +243,9 @@ class _Builder:
         (k,) = load_yaml_documents(kfile)
         _check_fields(str(kfile), k, KUSTOMIZATION_FIELDS)
         if k.get("kind") != "Component" or k.get("apiVersion") != "kustomize.config.k8s.io/v1alpha1":
-            raise KustomizeError(f"{kfile}: components must be kind Component, apiVersion kustomize.config.k8s.io/v1alpha1")
+            raise KustomizeError(
+                f"{kfile}: components must be kind Component, apiVersion kustomize.config.k8s.io/v1alpha1"
+            )
         self._stack.append(comp_dir)
         try:
             self._accumulate(comp_dir, k, resources)
@@ -227,18 +268,29 @@ class _Builder:
                     raise KustomizeError(f"{directory}: configMapGenerator {name}: bad literal {literal!r}")
                 data[key] = value
             behavior = gen.get("behavior", "create")
-            existing = [r for r in resources if r.get("kind") == "ConfigMap" and r["metadata"]["name"] == name]
+            existing = [
+                r for r in resources if r.get("kind") == "ConfigMap" and r["metadata"]["name"] == name
+            ]
             if behavior == "create":
                 if existing:
-                    raise KustomizeError(f"{directory}: ConfigMap {name} already exists (use behavior: merge)")
-                cm: Resource = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+                    raise KustomizeError(
+                        f"{directory}: ConfigMap {name} already exists (use behavior: merge)"
+                    )
+                cm: Resource = {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {"name": name},
+                    "data": data,
+                }
                 if gen.get("namespace"):
                     cm["metadata"]["namespace"] = gen["namespace"]
                 cm[_NEEDS_HASH] = True
                 resources.append(cm)
             elif behavior in ("merge", "replace"):
                 if len(existing) != 1:
-                    raise KustomizeError(f"{directory}: ConfigMap {name} to {behavior} not found exactly once")
+                    raise KustomizeError(
+                        f"{directory}: ConfigMap {name} to {behavior} not found exactly once"
+                    )
                 target = existing[0]
                 if behavior == "merge":
                     target.setdefault("data", {}).update(data)
@@ -292,8 +344,11 @@ def _matches(res: Resource, patch: Resource, target: dict[str, Any] | None) -> b
     if target is not None:
         group, _, version = res.get("apiVersion", "").rpartition("/")
         checks = {
-            "kind": res.get("kind"), "name": meta.get("name"), "namespace": meta.get("namespace"),
-            "group": group, "version": version,
+            "kind": res.get("kind"),
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "group": group,
+            "version": version,
         }
         return all(checks[key] == value for key, value in target.items())
     pmeta = patch.get("metadata") or {}
@@ -301,10 +356,12 @@ def _matches(res: Resource, patch: Resource, target: dict[str, Any] | None) -> b
         return False
     if pmeta.get("namespace") and meta.get("namespace") and pmeta["namespace"] != meta["namespace"]:
         return False
-    return res.get("apiVersion", "").rpartition("/")[0] == patch.get("apiVersion", "").rpartition("/")[0]
+    return _resource_id(res)[0] == _resource_id(patch)[0]
 
 
-def _apply_patch(resources: list[Resource], patch: Resource, target: dict[str, Any] | None, origin: str) -> None:
+def _apply_patch(
+    resources: list[Resource], patch: Resource, target: dict[str, Any] | None, origin: str
+) -> None:
     hits = [i for i, res in enumerate(resources) if _matches(res, patch, target)]
     if not hits:
         raise KustomizeError(f"{origin}: no resource matches patch for {_id_str(patch)}")
@@ -351,8 +408,14 @@ def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
         for item in patch:
             if not isinstance(item, dict) or merge_key not in item:
                 raise KustomizeError(f"list {field!r}: patch item without merge key {merge_key!r}: {item!r}")
-            index = next((i for i, cur in enumerate(merged_list)
-                          if isinstance(cur, dict) and cur.get(merge_key) == item[merge_key]), None)
+            index = next(
+                (
+                    i
+                    for i, cur in enumerate(merged_list)
+                    if isinstance(cur, dict) and cur.get(merge_key) == item[merge_key]
+                ),
+                None,
+            )
             if _is_delete(item):
                 if index is not None:
                     del merged_list[index]
@@ -394,7 +457,7 @@ def split_image(image: str) -> tuple[str, str | None, str | None]:
     colon = name.rfind(":")
     tag = None
     if colon > slash:
-        name, tag = name[:colon], name[colon + 1:]
+        name, tag = name[:colon], name[colon + 1 :]
     return name, tag, digest or None
 
 
@@ -402,7 +465,7 @@ def _retag(image: str, rule: dict[str, Any]) -> str:
     name, tag, digest = split_image(image)
     if name != rule["name"]:
         return image
-    name = rule.get("newName", name)
+    name = str(rule.get("newName", name))
     if "digest" in rule:
         return f"{name}@{rule['digest']}"
     if "newTag" in rule:
@@ -415,14 +478,18 @@ def _retag(image: str, rule: dict[str, Any]) -> str:
 
 
 def configmap_hash(cm: Resource) -> str:
-    payload: dict[str, Any] = {"kind": "ConfigMap", "name": cm["metadata"]["name"], "data": cm.get("data") or ""}
+    payload: dict[str, Any] = {
+        "kind": "ConfigMap",
+        "name": cm["metadata"]["name"],
+        "data": cm.get("data") or "",
+    }
     if cm.get("binaryData"):
         payload["binaryData"] = cm["binaryData"]
     encoded = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # Go's encoding/json escapes these three characters.
     encoded = encoded.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     digest = hashlib.sha256(encoded.encode("utf-8")).hexdigest()[:10]
-    return digest.translate(str.maketrans({"0": "g", "1": "h", "3": "k", "a": "m", "e": "t"}))
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
 
 
 def _apply_hash_suffixes(resources: list[Resource]) -> None:
@@ -468,7 +535,9 @@ def _order(resources: list[Resource]) -> list[Resource]:
     return [res for _, res in sorted(enumerate(resources), key=rank)]
 
 
-def build(path: str | os.PathLike[str], extra_components: list[str | os.PathLike[str]] | None = None) -> list[Resource]:
+def build(
+    path: str | os.PathLike[str], extra_components: list[str | os.PathLike[str]] | None = None
+) -> list[Resource]:
     """Renders the kustomization in directory `path`, like `kustomize build path`.
 
     `extra_components` are appended to that kustomization's own `components:` (as if listed there)."""

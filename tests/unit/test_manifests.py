@@ -2,8 +2,8 @@
 
 * every YAML file under k8s/ parses, and is either a kustomization, a file one of them uses,
   or a known Helm values/example file;
-* the kustomizations (base, dev, prod, and the KEDA component on top of dev and prod) are rendered
-  with tests/unit/kustomize_lite.py (kustomize itself is a Go binary, not on PyPI);
+* the kustomizations (base, dev, prod, prod-keda, and dev with the KEDA component added) are
+  rendered with tests/unit/kustomize_lite.py (kustomize itself is a Go binary, not on PyPI);
 * every built-in Kubernetes object, rendered or standalone, is validated in strict mode against
   the JSON schemas bundled in the PyPI package `kubernetes-validate`, for the oldest and newest
   Kubernetes minor versions checked here; the KEDA ScaledObject (a CRD) against a hand-written
@@ -30,10 +30,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jsonschema
+import kubernetes_validate.utils as kv_utils
 import pytest
 import yaml
-
-kv_utils = pytest.importorskip("kubernetes_validate.utils", reason="pip install kubernetes-validate")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -189,9 +188,13 @@ def validate_object(obj: dict[str, Any], where: str) -> None:
             kv_utils.validate(obj, version, strict=True)
         except kv_utils.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
-            pytest.fail(f"{where}: {obj['kind']}/{obj['metadata'].get('name')} (k8s {version}): {path}: {exc.message}")
+            pytest.fail(
+                f"{where}: {obj['kind']}/{obj['metadata'].get('name')} (k8s {version}): {path}: {exc.message}"
+            )
         except kv_utils.SchemaNotFoundError as exc:
-            pytest.fail(f"{where}: {exc.message} - add a vendored schema for this kind to tests/unit/schemas/")
+            pytest.fail(
+                f"{where}: {exc.message} - add a vendored schema for this kind to tests/unit/schemas/"
+            )
 
 
 def kustomize_inputs() -> dict[str, set[str]]:
@@ -243,7 +246,9 @@ def test_standalone_manifests_validate_against_k8s_schemas() -> None:
 def test_patches_are_partial_objects_of_known_kinds() -> None:
     for name in sorted(kustomize_inputs()["patches"]):
         for doc in load_docs(K8S / name):
-            assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{name}: patch needs apiVersion/kind/metadata"
+            assert {"apiVersion", "kind", "metadata"} <= set(doc), (
+                f"{name}: patch needs apiVersion/kind/metadata"
+            )
             assert doc["metadata"].get("name"), f"{name}: patch needs metadata.name"
             if doc.get("$patch") == "delete" or (doc["apiVersion"], doc["kind"]) in CRD_VALIDATORS:
                 continue
@@ -268,7 +273,10 @@ def test_keda_scaledobject_is_an_optional_component_only() -> None:
     # prod-keda keeps prod's orchestrator scaling range.
     (so,) = of_kind(rendered("prod-keda"), "ScaledObject").values()
     prod_hpa = of_kind(rendered("prod"), "HorizontalPodAutoscaler")["orchestrator"]["spec"]
-    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (prod_hpa["minReplicas"], prod_hpa["maxReplicas"])
+    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (
+        prod_hpa["minReplicas"],
+        prod_hpa["maxReplicas"],
+    )
     # Why prod-keda is an overlay on top of prod: inside prod, prod's own HPA patch loses its target.
     with pytest.raises(kl.KustomizeError, match="no resource matches patch"):
         kl.build(K8S / "overlays" / "prod", extra_components=[K8S / "components" / "keda"])
@@ -336,7 +344,9 @@ def test_workloads_have_probes_resources_and_run_as_non_root(variant: str) -> No
             assert http["path"] == path, f"{name}.{probe}"
             assert named_ports.get(http["port"], http["port"]) == port, f"{name}.{probe} port"
         assert container["command"] == ["python", "-m", MODULES[name]]
-        env_port = config_value(resources, deployment, "TIDEWIRE_HTTP_PORT" if name == "gateway" else "TIDEWIRE_HEALTH_PORT")
+        env_port = config_value(
+            resources, deployment, "TIDEWIRE_HTTP_PORT" if name == "gateway" else "TIDEWIRE_HEALTH_PORT"
+        )
         assert env_port == str(port), name
         # the services default to 127.0.0.1, unreachable for probes and Services
         assert config_value(resources, deployment, "TIDEWIRE_HOST") == "0.0.0.0", name
@@ -369,7 +379,9 @@ def test_every_deployment_has_a_pdb(variant: str) -> None:
     for workload in workloads:
         labels = workload["spec"]["template"]["metadata"]["labels"]
         covering = [p for p in pdbs.values() if selector_matches(p["spec"]["selector"], labels)]
-        assert len(covering) == 1, f"{variant}: {workload['metadata']['name']} is covered by {len(covering)} PDBs"
+        assert len(covering) == 1, (
+            f"{variant}: {workload['metadata']['name']} is covered by {len(covering)} PDBs"
+        )
         spec = covering[0]["spec"]
         assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable"), covering[0]["metadata"]["name"]
 
@@ -407,11 +419,15 @@ def test_references_resolve(variant: str) -> None:
                 if "configMapRef" in env_from:
                     assert env_from["configMapRef"]["name"] in cms
                 if "secretRef" in env_from:
-                    assert env_from["secretRef"]["name"] in secrets or env_from["secretRef"]["name"] in external
+                    assert (
+                        env_from["secretRef"]["name"] in secrets or env_from["secretRef"]["name"] in external
+                    )
             for env in container.get("env") or []:
                 ref = (env.get("valueFrom") or {}).get("secretKeyRef")
                 if ref:
-                    assert ref["key"] in (secrets[ref["name"]].get("stringData") or secrets[ref["name"]].get("data"))
+                    assert ref["key"] in (
+                        secrets[ref["name"]].get("stringData") or secrets[ref["name"]].get("data")
+                    )
         for volume in spec.get("volumes") or []:
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in cms
@@ -420,7 +436,9 @@ def test_references_resolve(variant: str) -> None:
     # Services select pods, HPAs and PDBs point at workloads.
     templates = [w["spec"]["template"]["metadata"]["labels"] for w in pods]
     for svc in of_kind(resources, "Service").values():
-        assert any(selector_matches({"matchLabels": svc["spec"]["selector"]}, t) for t in templates), svc["metadata"]
+        assert any(selector_matches({"matchLabels": svc["spec"]["selector"]}, t) for t in templates), svc[
+            "metadata"
+        ]
     deployments = of_kind(resources, "Deployment")
     for hpa in of_kind(resources, "HorizontalPodAutoscaler").values():
         assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
@@ -433,7 +451,10 @@ def test_references_resolve(variant: str) -> None:
 
 
 def test_config_map_hash_changes_with_content() -> None:
-    names = {v: next(n for n in of_kind(rendered(v), "ConfigMap") if n.startswith("tidewire-config")) for v in ("base", "dev", "prod")}
+    names = {
+        v: next(n for n in of_kind(rendered(v), "ConfigMap") if n.startswith("tidewire-config"))
+        for v in ("base", "dev", "prod")
+    }
     assert len(set(names.values())) == 3, names
 
 
@@ -496,7 +517,9 @@ def test_prod_is_bigger_than_dev_and_uses_external_datastores() -> None:
     # No placeholder secret ships to prod; the Secret there is created out of band.
     assert not of_kind(prod, "Secret")
     for obj in prod:
-        assert PLACEHOLDER_ANNOTATION not in (obj["metadata"].get("annotations") or {}), obj["metadata"]["name"]
+        assert PLACEHOLDER_ANNOTATION not in (obj["metadata"].get("annotations") or {}), obj["metadata"][
+            "name"
+        ]
         assert "PLACEHOLDER" not in json.dumps(obj), obj["metadata"]["name"]
     prod_config = next(c for n, c in of_kind(prod, "ConfigMap").items() if n.startswith("tidewire-config"))
     assert urlsplit(prod_config["data"]["TIDEWIRE_NATS_URL"]).hostname == "nats"
@@ -509,7 +532,11 @@ def test_placeholder_secrets_are_marked() -> None:
             assert all("PLACEHOLDER" in v or v.startswith("redis://") for v in secret["stringData"].values())
     (example,) = load_docs(K8S / "overlays" / "prod" / "secret.example.yaml")
     assert example["metadata"]["annotations"][PLACEHOLDER_ANNOTATION] == "true"
-    assert set(example["stringData"]) == {"TIDEWIRE_POSTGRES_DSN", "TIDEWIRE_REDIS_URL", "TIDEWIRE_JWT_SECRET"}
+    assert set(example["stringData"]) == {
+        "TIDEWIRE_POSTGRES_DSN",
+        "TIDEWIRE_REDIS_URL",
+        "TIDEWIRE_JWT_SECRET",
+    }
     base_secret = of_kind(rendered("base"), "Secret")["tidewire-secrets"]
     assert set(base_secret["stringData"]) == set(example["stringData"])
 
@@ -565,8 +592,12 @@ def ingress_allowed(
 
     `src_labels` None means a source outside any pod selector match (another namespace / outside)."""
     same_namespace = src_namespace_labels.get("kubernetes.io/metadata.name") == NAMESPACE
-    selecting = [p for p in policies if selector_matches(p["spec"]["podSelector"], dst_labels)
-                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    selecting = [
+        p
+        for p in policies
+        if selector_matches(p["spec"]["podSelector"], dst_labels)
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
     if not selecting:
         return True
     for policy in selecting:
@@ -581,7 +612,9 @@ def ingress_allowed(
                 if "ipBlock" in peer:
                     return True
                 ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
-                ns_ok = selector_matches(ns_sel, src_namespace_labels) if ns_sel is not None else same_namespace
+                ns_ok = (
+                    selector_matches(ns_sel, src_namespace_labels) if ns_sel is not None else same_namespace
+                )
                 pod_ok = pod_sel is None or (src_labels is not None and selector_matches(pod_sel, src_labels))
                 if ns_ok and pod_ok:
                     return True
@@ -592,22 +625,31 @@ def ingress_allowed(
 def test_network_policies(variant: str) -> None:
     resources = rendered(variant)
     policies = list(of_kind(resources, "NetworkPolicy").values())
-    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies), "default deny"
+    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies), (
+        "default deny"
+    )
     ns = {"kubernetes.io/metadata.name": NAMESPACE}
     outside = {"kubernetes.io/metadata.name": "ingress-nginx"}
     monitoring = {"kubernetes.io/metadata.name": "monitoring"}
     deployments = of_kind(resources, "Deployment")
     labels = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
-    nats_labels = {"app.kubernetes.io/name": "nats", "app.kubernetes.io/component": "nats"}  # dev set and Helm chart
+    nats_labels = {
+        "app.kubernetes.io/name": "nats",
+        "app.kubernetes.io/component": "nats",
+    }  # dev set and Helm chart
     stores = [(nats_labels, 4222)]
     if variant == "dev":
         sts = of_kind(resources, "StatefulSet")
         assert sts["nats"]["spec"]["template"]["metadata"]["labels"].items() >= nats_labels.items()
-        stores += [(sts["postgres"]["spec"]["template"]["metadata"]["labels"], 5432),
-                   (sts["redis"]["spec"]["template"]["metadata"]["labels"], 6379)]
+        stores += [
+            (sts["postgres"]["spec"]["template"]["metadata"]["labels"], 5432),
+            (sts["redis"]["spec"]["template"]["metadata"]["labels"], 6379),
+        ]
 
     def allowed(dst: dict[str, str], port: int, src: dict[str, str] | None, src_ns: dict[str, str]) -> bool:
-        return ingress_allowed(policies, dst_labels=dst, port=port, src_labels=src, src_namespace_labels=src_ns)
+        return ingress_allowed(
+            policies, dst_labels=dst, port=port, src_labels=src, src_namespace_labels=src_ns
+        )
 
     # Only the gateway is reachable from outside the namespace.
     assert allowed(labels["gateway"], 8080, None, outside)
@@ -627,8 +669,12 @@ def test_network_policies(variant: str) -> None:
     for policy in policies:
         for rule in policy["spec"].get("ingress") or []:
             if not rule.get("from"):
-                assert policy["spec"]["podSelector"] == {"matchLabels": {
-                    "app.kubernetes.io/name": "tidewire", "app.kubernetes.io/component": "gateway"}}, policy["metadata"]
+                assert policy["spec"]["podSelector"] == {
+                    "matchLabels": {
+                        "app.kubernetes.io/name": "tidewire",
+                        "app.kubernetes.io/component": "gateway",
+                    }
+                }, policy["metadata"]
 
 
 @pytest.mark.parametrize("variant", ("dev", "prod"))
@@ -639,8 +685,12 @@ def test_ingress_is_websocket_friendly_without_stickiness(variant: str) -> None:
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 3600
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
-    sticky = [a for a in annotations if a.startswith("nginx.ingress.kubernetes.io/") and
-              ("affinity" in a or "session-cookie" in a or "upstream-hash-by" in a)]
+    sticky = [
+        a
+        for a in annotations
+        if a.startswith("nginx.ingress.kubernetes.io/")
+        and ("affinity" in a or "session-cookie" in a or "upstream-hash-by" in a)
+    ]
     assert not sticky, f"no stickiness needed: {sticky}"
     services = of_kind(resources, "Service")
     assert services["gateway"]["spec"].get("sessionAffinity", "None") == "None"
@@ -705,9 +755,16 @@ def test_compose_services() -> None:
         assert svc["build"]["dockerfile"] == "Dockerfile"
         deps = svc["depends_on"]
         assert {d: deps[d]["condition"] for d in ("nats", "postgres", "redis")} == dict.fromkeys(
-            ("nats", "postgres", "redis"), "service_healthy")
+            ("nats", "postgres", "redis"), "service_healthy"
+        )
         env = compose_env(svc)
-        for var in ("TIDEWIRE_NATS_URL", "TIDEWIRE_POSTGRES_DSN", "TIDEWIRE_REDIS_URL", "TIDEWIRE_JWT_SECRET", "TIDEWIRE_LOG_LEVEL"):
+        for var in (
+            "TIDEWIRE_NATS_URL",
+            "TIDEWIRE_POSTGRES_DSN",
+            "TIDEWIRE_REDIS_URL",
+            "TIDEWIRE_JWT_SECRET",
+            "TIDEWIRE_LOG_LEVEL",
+        ):
             assert env.get(var), f"{name}: {var}"
         assert env["TIDEWIRE_HOST"] == "0.0.0.0", name
         port_var = "TIDEWIRE_HTTP_PORT" if name == "gateway" else "TIDEWIRE_HEALTH_PORT"
@@ -741,12 +798,16 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile() -> None:
     instructions = dockerfile_instructions()
-    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] for word, rest in instructions if word == "ARG" and "=" in rest}
+    args = {
+        rest.split("=", 1)[0]: rest.split("=", 1)[1]
+        for word, rest in instructions
+        if word == "ARG" and "=" in rest
+    }
     assert args["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
     froms = [rest for word, rest in instructions if word == "FROM"]
     assert len(froms) >= 2, "multi-stage build"
     assert all(f.startswith("${PYTHON_IMAGE}") for f in froms)
-    final_stage = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM"):]
+    final_stage = instructions[max(i for i, (w, _) in enumerate(instructions) if w == "FROM") :]
     users = [rest for word, rest in final_stage if word == "USER"]
     assert users and users[-1].split(":")[0] == "10001", "runtime stage runs as uid 10001"
     assert any(w == "COPY" and "--from=build" in r and "/opt/venv" in r for w, r in final_stage)
@@ -769,18 +830,48 @@ def _write(path: Path, data: Any) -> None:
 def test_kustomize_lite_hash_matches_kustomize() -> None:
     # Vectors from kustomize's hasher tests.
     assert kl.configmap_hash({"metadata": {"name": ""}, "data": {"one": ""}}) == "9g67k2htb6"
-    assert kl.configmap_hash({"metadata": {"name": ""}, "data": {"two": "2", "one": "", "three": "3"}}) == "f5h7t85m9b"
+    assert (
+        kl.configmap_hash({"metadata": {"name": ""}, "data": {"two": "2", "one": "", "three": "3"}})
+        == "f5h7t85m9b"
+    )
 
 
 def test_kustomize_lite_strategic_merge() -> None:
-    base = {"spec": {"replicas": 1, "template": {"spec": {"containers": [
-        {"name": "a", "image": "x", "env": [{"name": "K", "value": "1"}], "resources": {"limits": {"cpu": "1"}}},
-        {"name": "b", "image": "y"},
-    ]}}}}
-    patch = {"spec": {"replicas": 3, "template": {"spec": {"containers": [
-        {"name": "a", "env": [{"name": "J", "value": "2"}], "resources": {"requests": {"cpu": "1"}}},
-        {"name": "b", "$patch": "delete"},
-    ]}}}}
+    base = {
+        "spec": {
+            "replicas": 1,
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "a",
+                            "image": "x",
+                            "env": [{"name": "K", "value": "1"}],
+                            "resources": {"limits": {"cpu": "1"}},
+                        },
+                        {"name": "b", "image": "y"},
+                    ]
+                }
+            },
+        }
+    }
+    patch = {
+        "spec": {
+            "replicas": 3,
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "a",
+                            "env": [{"name": "J", "value": "2"}],
+                            "resources": {"requests": {"cpu": "1"}},
+                        },
+                        {"name": "b", "$patch": "delete"},
+                    ]
+                }
+            },
+        }
+    }
     out = kl.strategic_merge(base, patch)
     assert out["spec"]["replicas"] == 3
     (a,) = out["spec"]["template"]["spec"]["containers"]
@@ -806,6 +897,8 @@ def test_kustomize_lite_refuses_what_kustomize_refuses(tmp_path: Path) -> None:
         kl.build(tmp_path / "d")
     _write(tmp_path / "p" / "cm.yaml", cm)
     _write(tmp_path / "p" / "patch.yaml", {**cm, "metadata": {"name": "nope"}})
-    _write(tmp_path / "p" / "kustomization.yaml", {"resources": ["cm.yaml"], "patches": [{"path": "patch.yaml"}]})
+    _write(
+        tmp_path / "p" / "kustomization.yaml", {"resources": ["cm.yaml"], "patches": [{"path": "patch.yaml"}]}
+    )
     with pytest.raises(kl.KustomizeError, match="no resource matches"):
         kl.build(tmp_path / "p")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -92,11 +91,11 @@ def test_calculator_formats_results_for_people() -> None:
     assert format_number(1e20) == "1e+20"
 
 
-def test_calculator_tool_turns_errors_into_tool_errors() -> None:
+async def test_calculator_tool_turns_errors_into_tool_errors() -> None:
     args = calculator.TOOL.validate({"expression": "__import__('os')"})
     with pytest.raises(ToolError, match="calculator: unsupported syntax: function calls"):
-        asyncio.run(calculator.TOOL.run(args, ctx()))
-    assert asyncio.run(calculator.TOOL.run(calculator.TOOL.validate({"expression": "6*7"}), ctx())) == "42"
+        await calculator.TOOL.run(args, ctx())
+    assert await calculator.TOOL.run(calculator.TOOL.validate({"expression": "6*7"}), ctx()) == "42"
 
 
 # ---- registry -------------------------------------------------------------------------------
@@ -156,10 +155,10 @@ def test_timeout_text_names_the_tool_and_its_limit() -> None:
     assert calculator.TOOL.timeout_text() == "calculator timed out after 2 s"
 
 
-def test_clock_refuses_unknown_zones() -> None:
+async def test_clock_refuses_unknown_zones() -> None:
     with pytest.raises(ToolError, match="unknown time zone"):
-        asyncio.run(clock.TOOL.run(clock.TOOL.validate({"timezone": "Mars/Olympus"}), ctx()))
-    assert "Europe/Paris" in asyncio.run(clock.TOOL.run(clock.TOOL.validate({"timezone": "Europe/Paris"}), ctx()))
+        await clock.TOOL.run(clock.TOOL.validate({"timezone": "Mars/Olympus"}), ctx())
+    assert "Europe/Paris" in await clock.TOOL.run(clock.TOOL.validate({"timezone": "Europe/Paris"}), ctx())
 
 
 def test_call_key_is_turn_scoped_and_safe_for_nats() -> None:

@@ -46,6 +46,17 @@ def _checked_url(url: str, allowlist: tuple[str, ...]) -> str:
     return url
 
 
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Reads until `limit` bytes or the end: a huge body is never held in memory."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await resp.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 async def run(args: HttpGetArgs, ctx: ToolContext) -> str:
     settings = ctx.settings
     url = _checked_url(args.url, settings.http_get_allowlist)
@@ -57,7 +68,7 @@ async def run(args: HttpGetArgs, ctx: ToolContext) -> str:
                     if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                         url = _checked_url(urljoin(url, resp.headers["Location"]), settings.http_get_allowlist)
                         continue
-                    body = await resp.content.read(settings.http_get_max_bytes + 1)
+                    body = await _read_at_most(resp, settings.http_get_max_bytes + 1)
                     truncated = len(body) > settings.http_get_max_bytes
                     body = body[: settings.http_get_max_bytes]
                     ctype = resp.headers.get("Content-Type", "")
