@@ -68,6 +68,24 @@ async def authorize(deps: Deps, session_id: str, subject: str) -> SessionRow:
     return row
 
 
+FLAG_CACHE_TTL_S = 1.0
+FLAG_CACHE_MAX = 10_000
+
+
+async def session_flags(deps: Deps, session_id: str) -> dict[str, object]:
+    """Per-session flags, cached for a second per process: a flip applies to the next turns."""
+    now = time.monotonic()
+    hit = deps.flag_cache.get(session_id)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    row = await deps.eventlog.get_session(session_id)
+    flags: dict[str, object] = dict(row.flags) if row else {}
+    if len(deps.flag_cache) >= FLAG_CACHE_MAX:
+        deps.flag_cache.clear()
+    deps.flag_cache[session_id] = (now + FLAG_CACHE_TTL_S, flags)
+    return flags
+
+
 async def create_session(deps: Deps, subject: str, title: str | None = None) -> str:
     if await deps.eventlog.count_sessions(subject) >= deps.settings.max_sessions_per_subject:
         raise TooLarge("too many sessions for this user")
@@ -89,6 +107,8 @@ async def send_message(deps: Deps, subject: str, session_id: str, req: client.Se
                        policy: DoubleTextPolicy | None = None) -> client.Ack:
     received_ns = time.time_ns()
     _validate(deps, req.client_msg_id, req.text)
+    if policy is None:
+        policy = (await session_flags(deps, session_id)).get("double_text_policy")  # type: ignore[assignment]
     policy = policy or deps.settings.double_text_policy  # type: ignore[assignment]
     turn_id = new_id("t_")
     raw = client.json_encoder.encode(client.Message(seq=0, turn_id=turn_id, client_msg_id=req.client_msg_id,

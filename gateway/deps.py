@@ -31,3 +31,4 @@ class Deps:
     gateway_id: str
     counters: Counters = field(default_factory=Counters)
     draining: bool = False
+    flag_cache: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)

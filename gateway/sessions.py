@@ -72,13 +72,12 @@ async def post_message(request: web.Request) -> web.Response:
     sid = request.match_info["sid"]
     try:
         principal = authenticate(request, deps.settings)
-        row = await commands.authorize(deps, sid, principal.subject)
+        await commands.authorize(deps, sid, principal.subject)
         try:
             req = client.send_request_decoder.decode(await _body(request))
         except msgspec.DecodeError as e:
             raise BadFrame(f"invalid body: {e}") from e
-        ack = await commands.send_message(deps, principal.subject, sid, req,
-                                          policy=row.flags.get("double_text_policy"))
+        ack = await commands.send_message(deps, principal.subject, sid, req)
     except TidewireError as e:
         return http_error(e)
     return json_response(ack)
@@ -114,6 +113,7 @@ async def patch_flags(request: web.Request) -> web.Response:
         except (msgspec.DecodeError, TypeError, ValueError) as e:
             raise BadFrame(f"invalid body: {e}") from e
         await deps.eventlog.set_session_flags(sid, flags)
+        deps.flag_cache.pop(sid, None)
         await deps.checkpoints.redis.delete(rkey(sid, "state"))
         row = await deps.eventlog.get_session(sid)
     except TidewireError as e:

@@ -45,7 +45,6 @@ class Connection:
         self.feed: Feed | None = None
         self.last_rx = time.monotonic()
         self.pre_hello: list[client.ServerFrame] = []
-        self.flags: dict[str, object] = {}
 
     def reply(self, frame: client.ServerFrame) -> None:
         if self.feed is not None:
@@ -64,7 +63,7 @@ class Connection:
             sid = await commands.create_session(deps, self.principal.subject)
         else:
             sid = hello.session_id
-            self.flags = dict((await commands.authorize(deps, sid, self.principal.subject)).flags)
+            await commands.authorize(deps, sid, self.principal.subject)
         replayer = self.request.app[REPLAYER]
         last_seq = await replayer.last_seq(sid)
         after = hello.last_seen_seq if hello.last_seen_seq is not None else 0
@@ -101,8 +100,7 @@ class Connection:
         elif self.feed is None:
             raise BadFrame("the first frame must be hello")
         elif isinstance(frame, client.Send):
-            ack = await commands.send_message(self.deps, self.principal.subject, self.feed.session_id, frame,
-                                              policy=self.flags.get("double_text_policy"))  # type: ignore[arg-type]
+            ack = await commands.send_message(self.deps, self.principal.subject, self.feed.session_id, frame)
             self.reply(ack)
         elif isinstance(frame, client.Stop):
             await commands.stop_turn(self.deps, self.feed.session_id, frame.turn_id)

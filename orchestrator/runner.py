@@ -75,6 +75,12 @@ class SessionRunner:
             log.warning("lost the lease of session %s (epoch %s): stopping without writing",
                         self.sid, self.lease.epoch)
             self.svc.metrics["lease_lost"] += 1
+        except* Exception as eg:
+            # A bug or a store failure in this turn: keep the lease until it lapses, so the turn is
+            # retried (here or elsewhere) after a pause; its attempts are counted and a turn that
+            # keeps failing is dead-lettered. Never let it take the process down.
+            log.error("session %s: a turn failed: %r", self.sid, eg.exceptions[0])
+            self.svc.metrics["turn_errors"] += 1
 
     async def _renew_loop(self) -> None:
         s = self.svc.settings
@@ -207,18 +213,21 @@ class SessionRunner:
             await asyncio.gather(writer_task, return_exceptions=True)
 
     async def _disconnect_watch(self) -> None:
-        policy = self.svc.disconnect_policy(self.sid)
-        if not policy.startswith("cancel_after="):
-            await asyncio.Event().wait()
-        grace = float(policy.split("=", 1)[1])
+        """The disconnect policy: `continue` (finish and persist) or `cancel_after=<s>` once no
+        connection has watched the session for that long. Re-read each tick: flags load with the turn."""
         alone_since: float | None = None
         while True:
-            await asyncio.sleep(min(1.0, max(0.1, grace / 4)))
+            await asyncio.sleep(0.25)
+            policy = self.svc.disconnect_policy(self.sid)
+            if not policy.startswith("cancel_after="):
+                alone_since = None
+                continue
+            grace = float(policy.split("=", 1)[1])
             if await self.svc.checkpoints.watched(self.sid):
                 alone_since = None
             elif alone_since is None:
                 alone_since = time.monotonic()
-            elif time.monotonic() - alone_since >= grace:
+            if alone_since is not None and time.monotonic() - alone_since >= grace:
                 self._cancel_reason = f"every client disconnected for {grace:g} s"
                 self._cancel.set()
                 return

@@ -595,6 +595,8 @@ class TidewireClient:
                 log.info("tidewire: websocket handshake failed: %s", e)
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 log.info("tidewire: connection lost: %r", e)
+            except Exception:  # noqa: BLE001 - a bug must not leave the client silently disconnected
+                log.exception("tidewire: unexpected error in the connection; reconnecting")
             if code in FATAL_CLOSE_CODES:
                 self._halt(TidewireError(FATAL_CLOSE_CODES[code], f"connection closed by the server ({code})"))
                 return

@@ -113,6 +113,7 @@ class Stack:
         svc = self.service(name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name,
                                                   "TIDEWIRE_HEALTH_PORT": str(port)})
         svc.env["port"] = str(port)
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc=svc)
         return svc
 
     def by_name(self, name: str) -> Service:

@@ -20,7 +20,36 @@ def make_token(subject: str = "alice", **kw: float) -> str:
 
 def stack_env(infra: Infrastructure, **extra: str) -> dict[str, str]:
     return {**infra.endpoints.as_env(), "TIDEWIRE_JWT_SECRET": SECRET, "TIDEWIRE_TEST_TOOLS": "1",
-            "TIDEWIRE_SIM_RATE": "400", "TIDEWIRE_LOG_LEVEL": "INFO", **extra}
+            "TIDEWIRE_SIM_RATE": "400", "TIDEWIRE_LOG_LEVEL": "INFO",
+            "TIDEWIRE_FAULT_POISON_MARKER": "POISON-PILL", **extra}
+
+
+async def lease_owner(infra: Infrastructure, session_id: str) -> str | None:
+    """The orchestrator id holding the session's lease (ids are the Stack's service names)."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(infra.endpoints.redis_url)
+    try:
+        v = await r.get(f"tw:{{{session_id}}}:lease")
+    finally:
+        await r.aclose()
+    return None if v is None else v.decode().rsplit(":", 1)[0]
+
+
+def scrape(port: str | int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
 
 
 @pytest.fixture(scope="module")

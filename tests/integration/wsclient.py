@@ -99,3 +99,16 @@ class WsTestClient:
                              or isinstance(f, client.Error), timeout)
         assert isinstance(f, client.Ack), f
         return f
+
+    async def send_until_acked(self, text: str, attempts: int = 20) -> client.Ack:
+        """What a real client does: resend with the same client_msg_id while the server says degraded."""
+        cmid = uuid.uuid4().hex
+        for _ in range(attempts):
+            await self.send_message(text, cmid)
+            f = await self.until(lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid)
+                                 or isinstance(f, client.Error), 15)
+            if isinstance(f, client.Ack):
+                return f
+            assert isinstance(f, client.Error) and f.code == "degraded", f
+            await asyncio.sleep((f.retry_after_ms or 500) / 1000)
+        raise AssertionError("never acknowledged")
