@@ -60,13 +60,6 @@ Ctrl-C stops everything.""", flush=True)
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    from tidewire.chat import main as chat_main
-
-    chat_main(args.rest)
-    return 0
-
-
 def cmd_token(args: argparse.Namespace) -> int:
     secret = os.environ.get("TIDEWIRE_JWT_SECRET", DEV_SECRET)
     print(tokens.mint(args.subject, secret, ttl_s=args.ttl))
@@ -74,6 +67,17 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:  # the chat has its own options; hand them over untouched
+        from tidewire.chat import main as chat_main
+
+        chat_main(argv[1:])
+        return
+    if argv[:1] == ["top"]:
+        from tidewire.top import main as top_main  # type: ignore[import-not-found]
+
+        top_main(argv[1:])
+        return
     p = argparse.ArgumentParser(prog="tidewire", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     dev = sub.add_parser("dev", help="run infrastructure + gateway + orchestrators + tool worker")
@@ -81,9 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     dev.add_argument("--port", type=int, default=0)
     dev.add_argument("--orchestrators", type=int, default=2)
     dev.set_defaults(func=cmd_dev)
-    chat = sub.add_parser("chat", help="terminal client (see tidewire chat --help)", add_help=False)
-    chat.add_argument("rest", nargs=argparse.REMAINDER)
-    chat.set_defaults(func=cmd_chat)
+    sub.add_parser("chat", help="terminal client (see tidewire chat --help)")
+    sub.add_parser("top", help="live view of the local stack's metrics")
     tok = sub.add_parser("token", help="mint a token with the dev key")
     tok.add_argument("--subject", required=True)
     tok.add_argument("--ttl", type=float, default=7 * 86400)
