@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore, Lease, with_seq
@@ -36,13 +37,15 @@ class CheckpointWriter:
         self.events = 0
         self.error: BaseException | None = None
 
-    async def put(self, raw: bytes) -> None:
+    async def put(self, make: Callable[[], bytes]) -> None:
+        """Queues the event `make()` builds once there is room: building it (which allocates its
+        offset) and queueing it happen together, so a cancelled put never skips text."""
         if self.error is not None:
             raise self.error
         while len(self._queue) >= MAX_QUEUED:
             self._room.clear()
             await self._room.wait()
-        self._queue.append(raw)
+        self._queue.append(make())
         self._idle.clear()
         self._kick.set()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -250,9 +251,9 @@ class SessionRunner:
             if not calls:
                 return
             names = [c.name for c in calls]
-            await writer.put(progress.status(status_line(names)))
+            await writer.put(functools.partial(progress.status, status_line(names)))
             for c in calls:
-                await writer.put(progress.tool_call(c.call_id, c.name, c.args))
+                await writer.put(functools.partial(progress.tool_call, c.call_id, c.name, c.args))
             await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in calls])
 
     async def _stream_step(self, preq: ProviderRequest, progress: TurnProgress,
@@ -276,12 +277,12 @@ class SessionRunner:
                             if out:
                                 if not first_token:
                                     first_token = True
-                                await writer.put(progress.delta(out))
+                                await writer.put(functools.partial(progress.delta, out))
                         elif isinstance(ev, ToolCallRequest):
                             calls.append(ev)
                 tail = graphemes.flush()
                 if tail:
-                    await writer.put(progress.delta(tail))
+                    await writer.put(functools.partial(progress.delta, tail))
         return calls
 
     async def _run_tools(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
@@ -290,7 +291,7 @@ class SessionRunner:
 
         async def one(call_id: str, name: str, args: dict[str, Any]) -> None:
             ok, text = await svc.call_tool(self.sid, progress.turn_id, call_id, name, args)
-            await writer.put(progress.tool_result(call_id, ok, text))
+            await writer.put(functools.partial(progress.tool_result, call_id, ok, text))
 
         async with asyncio.TaskGroup() as tg:
             for call in calls:

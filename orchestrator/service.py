@@ -54,7 +54,8 @@ def make_provider(name: str) -> Provider:
 class OrchestratorService:
     def __init__(self, settings: OrchestratorSettings) -> None:
         self.settings = settings
-        self.id = settings.orchestrator_id or "orch-" + secrets.token_hex(4)
+        # unique per process: a restarted orchestrator with the same name is a different owner
+        self.id = (settings.orchestrator_id or "orch") + "/" + secrets.token_hex(4)
         self.metrics: collections.Counter[str] = collections.Counter()
         self.runners: dict[str, tuple[SessionRunner, asyncio.Task[None]]] = {}
         self._states: dict[str, SessionState] = {}
@@ -167,6 +168,7 @@ class OrchestratorService:
                     lease = await cp.acquire(req.session_id, self.id, self.settings.lease_ttl_ms)
                     if lease is not None:
                         runner = self._start_runner(lease)
+                    runner = self.runners.get(req.session_id)
                 waiter = runner[0].done_turns if runner else asyncio.Event()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.25 if runner is None else 2.0):
@@ -210,7 +212,7 @@ class OrchestratorService:
                         await cp.forget_active(sid)
                         continue
                     lease = await cp.acquire(sid, self.id, self.settings.lease_ttl_ms)
-                    if lease is not None:
+                    if lease is not None and sid not in self.runners:
                         log.info("taking over session %s (epoch %d)", sid, lease.epoch)
                         self._start_runner(lease)
             except Exception as e:  # noqa: BLE001 - Redis blip: scan again next tick

@@ -88,14 +88,10 @@ redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return 1
 """
 
-# KEYS: lease epoch ; ARGV: owner ttl_ms
+# KEYS: lease epoch ; ARGV: owner ttl_ms  -- never re-granted while held, not even to the same owner:
+# two runners of one process must not share a fencing token
 _ACQUIRE = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local o, e = string.match(cur, '^(.*):(%d+)$')
-  if o == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return tonumber(e) end
-  return -1
-end
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local epoch = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. epoch, 'PX', ARGV[2])
 return epoch

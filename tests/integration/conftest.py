@@ -33,7 +33,7 @@ async def lease_owner(infra: Infrastructure, session_id: str) -> str | None:
         v = await r.get(f"tw:{{{session_id}}}:lease")
     finally:
         await r.aclose()
-    return None if v is None else v.decode().rsplit(":", 1)[0]
+    return None if v is None else v.decode().rsplit(":", 1)[0].split("/", 1)[0]
 
 
 def scrape(port: str | int) -> dict[str, float]:
