@@ -18,7 +18,7 @@ class _Bus(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", omit_def
     pass
 
 
-class TurnRequest(_Bus, kw_only=True, tag="turn"):
+class TurnRequest(_Bus, frozen=True, kw_only=True, tag="turn"):
     """Published to JetStream (Nats-Msg-Id = turn_id) after the user message is durable."""
 
     session_id: str
@@ -32,14 +32,14 @@ class TurnRequest(_Bus, kw_only=True, tag="turn"):
     trace_context: dict[str, str] | None = None
 
 
-class SessionEvents(_Bus, kw_only=True, tag="events"):
+class SessionEvents(_Bus, frozen=True, kw_only=True, tag="events"):
     """Live fan-out on the session subject: events already checkpointed, in seq order."""
 
     session_id: str
     events: list[Event]
 
 
-class CancelTurn(_Bus, kw_only=True, tag="cancel"):
+class CancelTurn(_Bus, frozen=True, kw_only=True, tag="cancel"):
     """Stop request for a session's named or current turn; every orchestrator listens."""
 
     session_id: str
@@ -47,7 +47,7 @@ class CancelTurn(_Bus, kw_only=True, tag="cancel"):
     reason: str = "stop"
 
 
-class ToolJob(_Bus, kw_only=True, tag="tool_job"):
+class ToolJob(_Bus, frozen=True, kw_only=True, tag="tool_job"):
     """A tool call handed to a tool worker; `call_id` is the idempotency key."""
 
     session_id: str
@@ -60,7 +60,7 @@ class ToolJob(_Bus, kw_only=True, tag="tool_job"):
     reply_subject: str = ""
 
 
-class ToolResultMsg(_Bus, kw_only=True, tag="tool_result"):
+class ToolResultMsg(_Bus, frozen=True, kw_only=True, tag="tool_result"):
     """A tool worker's answer on core NATS `reply_subject`; `timed_out` marks the worker's own
     time-limit failure so the dispatcher can report it as a timeout."""
 
@@ -73,14 +73,14 @@ class ToolResultMsg(_Bus, kw_only=True, tag="tool_result"):
     timed_out: bool = False
 
 
-class ToolCancel(_Bus, kw_only=True, tag="tool_cancel"):
+class ToolCancel(_Bus, frozen=True, kw_only=True, tag="tool_cancel"):
     """Broadcast to every tool worker; `turn_id` scopes `call_id` (ids are unique per turn)."""
 
     call_id: str
     turn_id: str = ""
 
 
-class TurnAnalytics(_Bus, kw_only=True, tag="analytics"):
+class TurnAnalytics(_Bus, frozen=True, kw_only=True, tag="analytics"):
     session_id: str
     turn_id: str
     status: str

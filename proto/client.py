@@ -23,7 +23,7 @@ class Attachment(msgspec.Struct, frozen=True, kw_only=True):
     media_id: str
 
 
-class Message(_Frame, kw_only=True, tag="message"):
+class Message(_Frame, frozen=True, kw_only=True, tag="message"):
     seq: int
     turn_id: str
     client_msg_id: str
@@ -32,25 +32,25 @@ class Message(_Frame, kw_only=True, tag="message"):
     attachments: list[Attachment] | None = None
 
 
-class TurnStart(_Frame, kw_only=True, tag="turn_start"):
+class TurnStart(_Frame, frozen=True, kw_only=True, tag="turn_start"):
     seq: int
     turn_id: str
 
 
-class Delta(_Frame, kw_only=True, tag="delta"):
+class Delta(_Frame, frozen=True, kw_only=True, tag="delta"):
     seq: int
     turn_id: str
     offset: int
     text: str
 
 
-class Status(_Frame, kw_only=True, tag="status"):
+class Status(_Frame, frozen=True, kw_only=True, tag="status"):
     seq: int
     turn_id: str
     text: str
 
 
-class ToolCall(_Frame, kw_only=True, tag="tool_call"):
+class ToolCall(_Frame, frozen=True, kw_only=True, tag="tool_call"):
     seq: int
     turn_id: str
     call_id: str
@@ -58,7 +58,7 @@ class ToolCall(_Frame, kw_only=True, tag="tool_call"):
     args: dict[str, Any]
 
 
-class ToolResult(_Frame, kw_only=True, tag="tool_result"):
+class ToolResult(_Frame, frozen=True, kw_only=True, tag="tool_result"):
     seq: int
     turn_id: str
     call_id: str
@@ -69,7 +69,7 @@ class ToolResult(_Frame, kw_only=True, tag="tool_result"):
 TurnStatus = Literal["completed", "cancelled", "failed", "timed_out"]
 
 
-class TurnEnd(_Frame, kw_only=True, tag="turn_end"):
+class TurnEnd(_Frame, frozen=True, kw_only=True, tag="turn_end"):
     seq: int
     turn_id: str
     status: TurnStatus
@@ -84,23 +84,23 @@ EVENT_TYPES: tuple[type[_Frame], ...] = (Message, TurnStart, Delta, Status, Tool
 Delivery = Literal["tokens", "phrases", "batched"]
 
 
-class Hello(_Frame, kw_only=True, tag="hello"):
+class Hello(_Frame, frozen=True, kw_only=True, tag="hello"):
     session_id: str | None = None
     last_seen_seq: int | None = None
     delivery: Delivery = "tokens"
 
 
-class Send(_Frame, kw_only=True, tag="send"):
+class Send(_Frame, frozen=True, kw_only=True, tag="send"):
     client_msg_id: str = msgspec.field()
     text: str
     attachments: list[Attachment] | None = None
 
 
-class Stop(_Frame, kw_only=True, tag="stop"):
+class Stop(_Frame, frozen=True, kw_only=True, tag="stop"):
     turn_id: str | None = None
 
 
-class Ping(_Frame, kw_only=True, tag="ping"):
+class Ping(_Frame, frozen=True, kw_only=True, tag="ping"):
     pass
 
 
@@ -109,20 +109,20 @@ ClientFrame = Hello | Send | Stop | Ping
 # ---- control frames, server -> client --------------------------------------------------------
 
 
-class Ready(_Frame, kw_only=True, tag="ready"):
+class Ready(_Frame, frozen=True, kw_only=True, tag="ready"):
     session_id: str
     last_seq: int
     reset: bool = False
 
 
-class Ack(_Frame, kw_only=True, tag="ack"):
+class Ack(_Frame, frozen=True, kw_only=True, tag="ack"):
     client_msg_id: str
     seq: int
     turn_id: str
     duplicate: bool
 
 
-class Pong(_Frame, kw_only=True, tag="pong"):
+class Pong(_Frame, frozen=True, kw_only=True, tag="pong"):
     pass
 
 
@@ -139,7 +139,7 @@ ErrorCode = Literal[
 ]
 
 
-class Error(_Frame, kw_only=True, tag="error"):
+class Error(_Frame, frozen=True, kw_only=True, tag="error"):
     code: ErrorCode
     message: str
     retry_after_ms: int | None = None

@@ -6,6 +6,10 @@ hit, a duplicate window longer than any client retry (turns are published with `
 turn_id), durable pull consumers with explicit acks, finite max-deliver and bounded ack-pending.
 Live session events go over core NATS: they are already in the checkpoint store, which is the
 replay source for anyone who missed them.
+
+Tracing: every JetStream publish made while a span is current carries the W3C `traceparent` in its
+headers (`TracingJetStream`), and so do cancel requests; live event fan-out carries nothing (the
+token hot path stays a bare publish).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 
 from proto import bus as busproto
-from shared import subjects
+from shared import subjects, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,20 @@ def turn_consumer_config() -> ConsumerConfig:
                           filter_subject=subjects.TURNS_SUBJECTS)
 
 
+class TracingJetStream(JetStreamContext):
+    """A JetStream context whose publishes carry the current trace context in their headers, so a
+    consumer (orchestrator, tool worker) continues the publisher's trace."""
+
+    async def publish(self, subject: str, payload: bytes = b"", timeout: float | None = None,
+                      stream: str | None = None, headers: dict[str, Any] | None = None,
+                      msg_ttl: float | None = None) -> Any:
+        carrier = telemetry.inject()
+        if carrier:
+            headers = {**carrier, **(headers or {})}
+        return await super().publish(subject, payload, timeout=timeout, stream=stream, headers=headers,
+                                     msg_ttl=msg_ttl)
+
+
 class Bus:
     """Owns one NATS connection. Business code calls these methods, never nats-py directly."""
 
@@ -97,14 +115,16 @@ class Bus:
                                 reconnect_time_wait=0.25, ping_interval=5, max_outstanding_pings=3,
                                 disconnected_cb=disconnected, reconnected_cb=reconnected,
                                 error_cb=error_cb, pending_size=64 * 1024 * 1024)
-        return cls(nc, nc.jetstream(timeout=timeout_s), timeout_s=timeout_s)
+        return cls(nc, TracingJetStream(nc, timeout=timeout_s), timeout_s=timeout_s)
 
     async def close(self) -> None:
+        """Flushes what was published, then closes (consumers were already stopped by the owner)."""
         if not self.nc.is_closed:
             try:
-                await asyncio.wait_for(self.nc.drain(), self.timeout_s)
+                await self.nc.flush(timeout=max(1, int(self.timeout_s)))
             except Exception:  # noqa: BLE001 - closing anyway
-                await self.nc.close()
+                pass
+            await self.nc.close()
 
     @property
     def connected(self) -> bool:
@@ -133,9 +153,19 @@ class Bus:
         return await self.js.pull_subscribe_bind(durable=subjects.TURNS_CONSUMER, stream=subjects.TURNS_STREAM)
 
     async def turn_queue_pending(self) -> int:
+        waiting, unacked = await self.turn_queue_depth()
+        return waiting + unacked
+
+    async def turn_queue_depth(self) -> tuple[int, int]:
+        """(turns not yet delivered to any orchestrator, turns delivered and not yet acked)."""
         info = await self.js.consumer_info(subjects.TURNS_STREAM, subjects.TURNS_CONSUMER,
                                            timeout=self.timeout_s)
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    async def dead_lettered(self) -> int:
+        """Messages kept in the dead-letter stream (14 days): anything above zero needs a look."""
+        info = await self.js.stream_info(subjects.DLQ_STREAM)
+        return int(info.state.messages or 0)
 
     # ---- live events -------------------------------------------------------------------------
     async def publish_events(self, session_id: str, raws: list[bytes]) -> None:
@@ -147,4 +177,5 @@ class Bus:
 
     # ---- cancellation ------------------------------------------------------------------------
     async def publish_cancel(self, msg: busproto.CancelTurn) -> None:
-        await self.nc.publish(subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg))
+        await self.nc.publish(subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg),
+                              headers=telemetry.inject() or None)

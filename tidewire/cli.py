@@ -37,7 +37,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         stack.start()
         token = tokens.mint("dev", secret)
         url = f"http://127.0.0.1:{port}"
-        (state / "dev.json").write_text(json.dumps({"url": url, "token": token}, indent=2))
+        metrics = [f"{url}/metrics"] + [f"http://127.0.0.1:{svc.env['port']}/metrics"
+                                        for svc in stack.services if svc.module == "orchestrator"]
+        (state / "dev.json").write_text(json.dumps({"url": url, "token": token, "metrics": metrics}, indent=2))
         print(f"""
 tidewire is up.
   browser page : {url}/?token={token}
