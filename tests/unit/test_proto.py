@@ -79,3 +79,11 @@ def test_progress_restores_exactly_and_refuses_holes() -> None:
     holed = [events[0], events[1], events[3]]
     with pytest.raises(ValueError, match="hole"):
         TurnProgress.restore("t", holed)
+
+
+def test_readme_configuration_table_is_current() -> None:
+    from tidewire import settings_doc
+
+    text = (ROOT / "README.md").read_text()
+    assert settings_doc.BEGIN + "\n" + settings_doc.render() + settings_doc.END in text, \
+        "run `python -m tidewire.settings_doc` and commit README.md"
