@@ -214,3 +214,38 @@ async def test_random_disconnects_and_duplicate_sends_keep_invariants(stack, inf
     turns = invariants.check_turns(events)
     assert turns[turn_id].text == await _pg_turn(infra, turn_id)
     await asyncio.sleep(0)
+
+
+async def test_hot_session_costs_one_subscription_per_gateway_process(stack, infra) -> None:
+    """200 connections watching one session: every one gets every event, and the gateway holds a
+    single NATS subscription for the session subject (checked on the NATS server's monitor)."""
+    import json
+
+    import aiohttp
+
+    token = make_token("hot")
+    async with WsTestClient(stack.url, token) as owner:
+        ready = await owner.connect()
+        watchers = [WsTestClient(stack.url, token) for _ in range(200)]
+        for w in watchers:
+            await w.__aenter__()
+        try:
+            await asyncio.gather(*(w.connect(ready.session_id, last_seen_seq=0) for w in watchers))
+            monitor = getattr(infra, "nats_monitor_url", None)
+            if monitor:
+                async with aiohttp.ClientSession() as http, http.get(
+                        f"{monitor}/subsz?subs=1&test=tw.session.{ready.session_id}", timeout=5) as r:
+                    subs = json.loads(await r.text())
+                matching = [s for s in subs.get("subscriptions_list", [])
+                            if s.get("subject") == f"tw.session.{ready.session_id}"]
+                assert len(matching) == 1, matching
+            ack = await owner.ack_for(await owner.send_message("/sim tokens=30\nfan out"))
+            end = await owner.until_turn_end(ack.turn_id)
+            ends = await asyncio.gather(*(w.until_turn_end(ack.turn_id) for w in watchers))
+            assert all(e.text == end.text for e in ends)
+            for w in watchers[:20]:
+                invariants.check_seqs(w.events)
+                assert [e.seq for e in w.events] == [e.seq for e in owner.events]
+        finally:
+            for w in watchers:
+                await w.__aexit__(None, None, None)

@@ -248,3 +248,55 @@ async def test_store_restart_mid_stream_keeps_text_exact(stack, infra, server) -
     assert end.status in ("completed", "failed")
     invariants.check_seqs(events, merged=True)
     assert invariants.check_turns(events)[ack.turn_id].text == end.text
+
+
+async def test_gateway_sigterm_closes_sockets_with_1012_and_exits_within_grace(infra, tmp_path) -> None:
+    from tests.integration.conftest import stack_env
+    from tidewire.stack import Stack
+
+    s = Stack(infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"), log_dir=tmp_path, orchestrators=1,
+              tool_workers=0)
+    s.start()
+    try:
+        async with WsTestClient(s.url, make_token()) as c:
+            await c.connect()
+            ack = await c.ack_for(await c.send_message(SLOW + "drain me"))
+            await _deltas(c, 2)
+            gw = s.by_name("gateway")
+            t0 = time.monotonic()
+            gw.proc.terminate()
+            async with asyncio.timeout(10):
+                while await c.recv() is not None:
+                    pass
+            assert c.close_code == 1012
+            await asyncio.to_thread(gw.proc.wait, 10)
+            assert time.monotonic() - t0 < 6
+            other = s.add_gateway("gateway-2")
+            url2 = f"http://127.0.0.1:{other.env['port']}"
+            seen = list(c.events)
+        async with WsTestClient(url2, make_token()) as c2:
+            await c2.connect(c.ready.session_id, last_seen_seq=seen[-1].seq)
+            await c2.send({"type": "stop", "turn_id": ack.turn_id})
+            end = await c2.until_turn_end(ack.turn_id)
+        events = seen + c2.events
+        invariants.check_seqs(events)
+        assert invariants.check_turns(events)[ack.turn_id].text == end.text
+    finally:
+        s.stop()
+
+
+async def test_sends_get_degraded_not_a_hang_while_postgres_is_down(stack, infra) -> None:
+    async with WsTestClient(stack.url, make_token()) as c:
+        await c.connect()
+        infra.kill("postgres")
+        try:
+            t0 = time.monotonic()
+            await c.send_message("/sim tokens=5\nwhile the database is down")
+            f = await c.until(lambda f: isinstance(f, (client.Ack, client.Error)), 30)
+            assert isinstance(f, client.Error) and f.code == "degraded" and f.retry_after_ms
+            assert time.monotonic() - t0 < 15
+        finally:
+            infra.restart("postgres")
+        ack = await c.send_until_acked("/sim tokens=5\nafter the database is back")
+        end = await c.until_turn_end(ack.turn_id)
+        assert end.status == "completed"

@@ -1,0 +1,1 @@
+"""Numbered SQL migrations of the event log, applied in order by shared.eventlog.apply_migrations."""
