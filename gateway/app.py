@@ -16,12 +16,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import poll, sessions, sse, ws
+from gateway import limits, openapi, poll, sessions, sse, ws
 from gateway.deps import Deps
 from gateway.hub import SessionHub
 from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS, SSE_STREAMS
+from gateway.metrics import install as install_metrics
+from gateway.metrics import metrics
 from gateway.settings import GatewaySettings
 from gateway.stream import Replayer
+from shared import telemetry
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
@@ -37,6 +40,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         gateway_id = settings.gateway_id or "gw-" + secrets.token_hex(4)
+        telemetry.setup("gateway", gateway_id)
         eventlog = await EventLog.connect(settings.postgres_dsn, timeout_s=settings.postgres_timeout_s,
                                           max_size=20)
         checkpoints = CheckpointStore.connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
@@ -46,6 +50,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         deps = Deps(settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id)
         hub = SessionHub(bus, checkpoints, gateway_id)
         app[DEPS] = deps
+        install_metrics(deps)
         app[HUB] = hub
         app[REPLAYER] = Replayer(deps)
         presence = asyncio.create_task(hub.refresh_presence(), name="presence")
@@ -57,6 +62,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         await bus.close()
         await checkpoints.close()
         await eventlog.close()
+        telemetry.flush()
 
     async def drain(app: web.Application) -> None:
         if DEPS not in app:
@@ -70,6 +76,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
                 await asyncio.wait_for(stream.write_eof(), 2)
 
     app.cleanup_ctx.append(resources)
+    app.cleanup_ctx.append(limits.edge_context)
+    app.middlewares.append(limits.edge_middleware)
     app.on_shutdown.append(drain)
     app.add_routes([
         web.get("/v1/ws", ws.websocket_handler),
@@ -84,6 +92,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
+        web.get("/openapi.json", openapi.openapi_handler),
         web.get("/", index),
     ])
     if STATIC.is_dir():
@@ -114,11 +123,3 @@ async def readyz(request: web.Request) -> web.Response:
             checks[name] = False
     ok = all(checks.values())
     return web.json_response({"ok": ok, "checks": checks}, status=200 if ok else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
-    lines = []
-    for name, value in vars(deps.counters).items():
-        lines.append(f"tidewire_gateway_{name} {value}")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -14,15 +14,19 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from gateway.deps import Deps
 from proto import bus as busproto
 from proto import client
+from shared import telemetry
 from shared.checkpoints import DoubleTextPolicy
 from shared.errors import BadFrame, Degraded, Forbidden, NotFound, SeedNeeded, TidewireError, TooLarge
 from shared.eventlog import SessionRow
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def new_id(prefix: str) -> str:
@@ -60,6 +64,7 @@ async def authorize(deps: Deps, session_id: str, subject: str) -> SessionRow:
     try:
         row = await deps.eventlog.get_session(session_id)
     except Exception as e:
+        deps.counters.degraded += 1
         raise Degraded("session store unavailable", retry_after_ms=1000) from e
     if row is None:
         raise NotFound("no such session")
@@ -78,7 +83,11 @@ async def session_flags(deps: Deps, session_id: str) -> dict[str, object]:
     hit = deps.flag_cache.get(session_id)
     if hit is not None and hit[0] > now:
         return hit[1]
-    row = await deps.eventlog.get_session(session_id)
+    try:
+        row = await deps.eventlog.get_session(session_id)
+    except Exception as e:
+        deps.counters.degraded += 1
+        raise Degraded("session store unavailable", retry_after_ms=1000) from e
     flags: dict[str, object] = dict(row.flags) if row else {}
     if len(deps.flag_cache) >= FLAG_CACHE_MAX:
         deps.flag_cache.clear()
@@ -103,9 +112,47 @@ def _validate(deps: Deps, client_msg_id: str, text: str) -> None:
         raise TooLarge(f"text longer than {deps.settings.max_text_chars} characters")
 
 
+async def _stage(name: str, span: str, aw: Awaitable[T]) -> T:
+    """One timed step of accepting a message: a child span of `gateway.send` and a stage histogram."""
+    t0 = time.perf_counter()
+    with telemetry.tracer.start_as_current_span(span):
+        try:
+            return await aw
+        finally:
+            telemetry.observe_stage(name, time.perf_counter() - t0)
+
+
 async def send_message(deps: Deps, subject: str, session_id: str, req: client.SendRequest | client.Send,
                        policy: DoubleTextPolicy | None = None) -> client.Ack:
+    """The root span of a turn's trace (`gateway.send`); its context rides in the TurnRequest."""
+    received_mono = time.monotonic_ns()
+    deps.counters.sends += 1
+    with telemetry.tracer.start_as_current_span(
+            "gateway.send", kind=telemetry.SpanKind.SERVER,
+            attributes={"session_id": session_id, "client_msg_id": req.client_msg_id}) as span:
+        turn_id = ""
+
+        def started(tid: str) -> None:
+            nonlocal turn_id
+            turn_id = tid
+            span.set_attribute("turn_id", tid)
+            deps.turn_traces.started(tid, span.get_span_context(), received_mono)
+
+        try:
+            ack = await _send_message(deps, subject, session_id, req, policy, started)
+        except BaseException:
+            if turn_id:
+                deps.turn_traces.forget(turn_id)
+            raise
+        span.set_attribute("duplicate", ack.duplicate)
+        telemetry.observe_stage("gateway_accept", (time.monotonic_ns() - received_mono) / 1e9)
+        return ack
+
+
+async def _send_message(deps: Deps, subject: str, session_id: str, req: client.SendRequest | client.Send,
+                        policy: DoubleTextPolicy | None, started: Callable[[str], None]) -> client.Ack:
     received_ns = time.time_ns()
+    trace_context = telemetry.inject() or None
     _validate(deps, req.client_msg_id, req.text)
     if policy is None:
         policy = (await session_flags(deps, session_id)).get("double_text_policy")  # type: ignore[assignment]
@@ -115,8 +162,11 @@ async def send_message(deps: Deps, subject: str, session_id: str, req: client.Se
                                                     role="user", text=req.text, attachments=req.attachments))
     request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=0,
                                    client_msg_id=req.client_msg_id, subject=subject, text=req.text,
-                                   attachments=req.attachments, received_at_ns=received_ns)
+                                   attachments=req.attachments, received_at_ns=received_ns,
+                                   trace_context=trace_context)
     cp = deps.checkpoints
+    checkpoint_span = telemetry.tracer.start_span("checkpoint.append_user")
+    t0 = time.perf_counter()
     try:
         async with asyncio.timeout(deps.settings.redis_timeout_s * 2):
             try:
@@ -135,6 +185,9 @@ async def send_message(deps: Deps, subject: str, session_id: str, req: client.Se
     except Exception as e:
         deps.counters.degraded += 1
         raise Degraded("checkpoint store unavailable", retry_after_ms=1000) from e
+    finally:
+        checkpoint_span.end()
+        telemetry.observe_stage("checkpoint_append_user", time.perf_counter() - t0)
 
     seq, turn_id = appended.seq, appended.turn_id
     if appended.duplicate:
@@ -146,18 +199,23 @@ async def send_message(deps: Deps, subject: str, session_id: str, req: client.Se
         assert isinstance(message, client.Message)
         request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=seq,
                                        client_msg_id=req.client_msg_id, subject=subject, text=message.text,
-                                       attachments=message.attachments, received_at_ns=received_ns)
+                                       attachments=message.attachments, received_at_ns=received_ns,
+                                       trace_context=trace_context)
     else:
         raw_seq = raw.replace(b'"seq":0,', b'"seq":%d,' % seq, 1)
         message = client.Message(seq=seq, turn_id=turn_id, client_msg_id=req.client_msg_id, role="user",
                                  text=req.text, attachments=req.attachments)
         request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=seq,
                                        client_msg_id=req.client_msg_id, subject=subject, text=req.text,
-                                       attachments=req.attachments, received_at_ns=received_ns)
+                                       attachments=req.attachments, received_at_ns=received_ns,
+                                       trace_context=trace_context)
+        started(turn_id)
     try:
         async with asyncio.timeout(max(deps.settings.postgres_timeout_s, deps.settings.nats_timeout_s) + 1):
-            await asyncio.gather(deps.eventlog.append_user_message(session_id, message, raw_seq),
-                                 deps.bus.publish_turn(request))
+            await asyncio.gather(
+                _stage("eventlog_append", "eventlog.append_user", deps.eventlog.append_user_message(
+                    session_id, message, raw_seq)),
+                _stage("publish", "bus.publish_turn", deps.bus.publish_turn(request)))
     except Exception as e:
         deps.counters.degraded += 1
         log.warning("send not acknowledged (%s): the client will retry with the same client_msg_id", e)
@@ -175,7 +233,17 @@ async def send_message(deps: Deps, subject: str, session_id: str, req: client.Se
 
 
 async def stop_turn(deps: Deps, session_id: str, turn_id: str | None) -> str | None:
-    """Records the cancel in Redis (it survives an orchestrator crash) and tells the owner at once."""
+    """Records the cancel in Redis (it survives an orchestrator crash) and tells the owner at once.
+    Traced in the turn's own trace when this gateway received the turn."""
+    deps.counters.cancel_requests += 1
+    known = deps.turn_traces.span_context(turn_id) if turn_id else None
+    parent = telemetry.context_of(known) if known is not None else None
+    with telemetry.tracer.start_as_current_span("gateway.stop", context=parent,
+                                                attributes={"session_id": session_id, "turn_id": turn_id or ""}):
+        return await _stop_turn(deps, session_id, turn_id)
+
+
+async def _stop_turn(deps: Deps, session_id: str, turn_id: str | None) -> str | None:
     try:
         if turn_id is None:
             pending = await deps.checkpoints.pending(session_id)
@@ -185,5 +253,6 @@ async def stop_turn(deps: Deps, session_id: str, turn_id: str | None) -> str | N
         await deps.checkpoints.request_cancel(session_id, turn_id)
         await deps.bus.publish_cancel(busproto.CancelTurn(session_id=session_id, turn_id=turn_id))
     except Exception as e:
+        deps.counters.degraded += 1
         raise Degraded("could not deliver the stop request", retry_after_ms=500) from e
     return turn_id

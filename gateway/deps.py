@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.metrics import TurnTraces
 from gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore
@@ -12,14 +13,20 @@ from shared.eventlog import EventLog
 
 @dataclass
 class Counters:
+    """Plain ints bumped on hot paths; exposed as `tidewire_gateway_<field>` by gateway.metrics
+    (`sockets` and `sse_streams` are gauges, the rest counters)."""
+
     sockets: int = 0
     sse_streams: int = 0
+    reconnects: int = 0  # a stream opened with last_seen_seq > 0 (any transport)
     resumes: int = 0
     resets: int = 0
     degraded: int = 0
     merged_deltas: int = 0
     slow_consumers: int = 0
     bad_frames: int = 0
+    sends: int = 0
+    cancel_requests: int = 0
 
 
 @dataclass
@@ -30,5 +37,6 @@ class Deps:
     bus: Bus
     gateway_id: str
     counters: Counters = field(default_factory=Counters)
+    turn_traces: TurnTraces = field(default_factory=TurnTraces)
     draining: bool = False
     flag_cache: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)

@@ -1,40 +1,94 @@
-"""The HTTP API of sessions: create, list, history, send and stop (PROTOCOL.md, SSE commands)."""
+"""The HTTP API of sessions: create, list, history, send and stop (PROTOCOL.md, SSE commands).
+
+Every handler authenticates first (401 before anything else is looked at), then checks the Origin of
+a browser request, then the session id's form (404) and its ownership (403). A body is read up to
+`max_frame_bytes` (413 beyond); an undecodable one (bad JSON, invalid UTF-8, nesting too deep, wrong
+types) is a 400. Sends pass the same edge checks as on a WebSocket (gateway.limits): shedding
+(`degraded`) and the subject's message rate (`rate_limited`).
+"""
 
 from __future__ import annotations
+
+from typing import TypeVar
 
 import msgspec
 from aiohttp import web
 
 from gateway import commands
-from gateway.auth import authenticate
+from gateway.auth import Principal, authenticate, check_origin
 from gateway.http_errors import http_error, json_response
 from gateway.keys import DEPS, REPLAYER
+from gateway.limits import EDGE, check_session_id, check_text
+from gateway.openapi import (
+    FlagsResponse,
+    SessionFlags,
+    SessionList,
+    SessionSummary,
+    create_session_decoder,
+    session_flags_decoder,
+)
 from proto import client
 from shared.errors import BadFrame, TidewireError, TooLarge
 from shared.subjects import rkey
 
 
 async def _body(request: web.Request) -> bytes:
+    """The whole body, at most `max_frame_bytes` (the app's client_max_size) of it."""
     limit = request.app[DEPS].settings.max_frame_bytes
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"body larger than {limit} bytes")
-    body = await request.content.read(limit + 1)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise TooLarge(f"body larger than {limit} bytes") from e
     if len(body) > limit:
         raise TooLarge(f"body larger than {limit} bytes")
     return body
 
 
+T = TypeVar("T")
+
+# what a malformed body can raise while it is decoded: JSON errors, invalid UTF-8, nesting too deep
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+def _caller(request: web.Request) -> Principal:
+    settings = request.app[DEPS].settings
+    principal = authenticate(request, settings)
+    check_origin(request, settings)
+    return principal
+
+
+async def _owner(request: web.Request) -> tuple[Principal, str]:
+    """The caller, if it owns the session of the path."""
+    principal = _caller(request)
+    sid = check_session_id(request.match_info["sid"])
+    await commands.authorize(request.app[DEPS], sid, principal.subject)
+    return principal, sid
+
+
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    try:
+        return decoder.decode(body)
+    except _UNDECODABLE as e:
+        raise BadFrame(f"invalid body: {str(e)[:200]}") from e
+
+
+def _flags(flags: SessionFlags | None) -> dict[str, object]:
+    if flags is None:
+        return {}
+    values = {k: v for k, v in msgspec.structs.asdict(flags).items() if v is not None}
+    for name, value in values.items():
+        check_text(name, str(value))  # Postgres jsonb cannot hold NUL
+    return commands.validate_flags(values)
+
+
 async def create_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     try:
-        principal = authenticate(request, deps.settings)
+        principal = _caller(request)
         body = await _body(request)
-        flags = {}
-        if body.strip():
-            try:
-                flags = commands.validate_flags(dict(msgspec.json.decode(body).get("flags") or {}))
-            except (msgspec.DecodeError, AttributeError, TypeError) as e:
-                raise BadFrame(f"invalid body: {e}") from e
+        flags = _flags(_decode(create_session_decoder, body).flags) if body.strip() else {}
         sid = await commands.create_session(deps, principal.subject)
         if flags:
             await deps.eventlog.set_session_flags(sid, flags)
@@ -46,20 +100,18 @@ async def create_session(request: web.Request) -> web.Response:
 async def list_sessions(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     try:
-        principal = authenticate(request, deps.settings)
+        principal = _caller(request)
         rows = await deps.eventlog.list_sessions(principal.subject)
     except TidewireError as e:
         return http_error(e)
-    return json_response({"sessions": [{"session_id": r.session_id, "created_at": r.created_at,
-                                        "title": r.title} for r in rows]})
+    return json_response(SessionList(sessions=[SessionSummary(session_id=r.session_id, created_at=r.created_at,
+                                                              title=r.title) for r in rows]))
 
 
 async def get_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    sid = request.match_info["sid"]
     try:
-        principal = authenticate(request, deps.settings)
-        await commands.authorize(deps, sid, principal.subject)
+        _, sid = await _owner(request)
         messages = await deps.eventlog.history(sid)
         last_seq = await request.app[REPLAYER].last_seq(sid)
     except TidewireError as e:
@@ -69,14 +121,10 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def post_message(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    sid = request.match_info["sid"]
     try:
-        principal = authenticate(request, deps.settings)
-        await commands.authorize(deps, sid, principal.subject)
-        try:
-            req = client.send_request_decoder.decode(await _body(request))
-        except msgspec.DecodeError as e:
-            raise BadFrame(f"invalid body: {e}") from e
+        principal, sid = await _owner(request)
+        req = _decode(client.send_request_decoder, await _body(request))
+        await request.app[EDGE].admit_send(principal.subject, None, req.client_msg_id, req.text)
         ack = await commands.send_message(deps, principal.subject, sid, req)
     except TidewireError as e:
         return http_error(e)
@@ -85,15 +133,10 @@ async def post_message(request: web.Request) -> web.Response:
 
 async def post_stop(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    sid = request.match_info["sid"]
     try:
-        principal = authenticate(request, deps.settings)
-        await commands.authorize(deps, sid, principal.subject)
+        _, sid = await _owner(request)
         body = await _body(request)
-        try:
-            req = client.stop_request_decoder.decode(body) if body.strip() else client.StopRequest()
-        except msgspec.DecodeError as e:
-            raise BadFrame(f"invalid body: {e}") from e
+        req = _decode(client.stop_request_decoder, body) if body.strip() else client.StopRequest()
         turn_id = await commands.stop_turn(deps, sid, req.turn_id)
     except TidewireError as e:
         return http_error(e)
@@ -104,18 +147,13 @@ async def patch_flags(request: web.Request) -> web.Response:
     """Extension: `PATCH /v1/sessions/{sid}/flags {name: value}` sets per-session policies, applied to
     new turns (double_text_policy, disconnect_policy, model, system_prompt_version)."""
     deps = request.app[DEPS]
-    sid = request.match_info["sid"]
     try:
-        principal = authenticate(request, deps.settings)
-        await commands.authorize(deps, sid, principal.subject)
-        try:
-            flags = commands.validate_flags(dict(msgspec.json.decode(await _body(request))))
-        except (msgspec.DecodeError, TypeError, ValueError) as e:
-            raise BadFrame(f"invalid body: {e}") from e
+        _, sid = await _owner(request)
+        flags = _flags(_decode(session_flags_decoder, await _body(request)))
         await deps.eventlog.set_session_flags(sid, flags)
         deps.flag_cache.pop(sid, None)
         await deps.checkpoints.redis.delete(rkey(sid, "state"))
         row = await deps.eventlog.get_session(sid)
     except TidewireError as e:
         return http_error(e)
-    return json_response({"session_id": sid, "flags": row.flags if row else flags})
+    return json_response(FlagsResponse(session_id=sid, flags=row.flags if row else flags))

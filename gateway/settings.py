@@ -1,10 +1,16 @@
-"""Gateway settings, read once from `TIDEWIRE_*` environment variables (see the README table)."""
+"""Gateway settings, read once from `TIDEWIRE_*` environment variables (see the README table).
+
+The edge limits (frame size, per-connection and per-subject rates, connections per subject, load
+shedding) are tuned separately; docs/security.md has the table of what each one does when exceeded.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from shared.config import from_env
+
+DEV_JWT_SECRET = "tidewire-dev-secret-change-me-in-production"
 
 
 @dataclass(frozen=True)
@@ -16,11 +22,15 @@ class GatewaySettings:
     http_port: int = 8080
     gateway_id: str = ""
     # auth
-    jwt_secret: str = "tidewire-dev-secret-change-me-in-production"
+    jwt_secret: str = DEV_JWT_SECRET  # HS256; "" disables HS256 (and with a JWKS file the dev secret is ignored)
     jwt_issuer: str = "tidewire"
     jwt_audience: str = "tidewire"
-    jwks_file: str = ""
-    allowed_origins: tuple[str, ...] = ()
+    jwt_leeway_s: float = 30.0  # clock skew allowed on exp / nbf / iat
+    jwks_file: str = ""  # RS256 / ES256 public keys (JWKS JSON), re-read when the file changes
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed besides the gateway's own ("*" = any)
+    # TLS: both set = the gateway serves HTTPS / WSS itself
+    tls_cert: str = ""
+    tls_key: str = ""
     # timeouts (seconds) on each network hop
     redis_timeout_s: float = 2.0
     postgres_timeout_s: float = 5.0
@@ -34,8 +44,23 @@ class GatewaySettings:
     sse_heartbeat_s: float = 15.0
     outbound_max_frames: int = 512
     outbound_max_chars: int = 1_000_000
+    # per connection (in process): messages (`send`) and frames of any kind
     msg_rate_per_s: float = 5.0
     msg_burst: int = 20
+    frame_rate_per_s: float = 50.0
+    frame_burst: int = 200
+    # per subject, across every gateway (Redis)
+    subject_msg_rate_per_s: float = 10.0
+    subject_msg_burst: int = 40
+    max_connections_per_subject: int = 32  # WebSocket + SSE + long-poll requests open at once
+    connection_lease_s: float = 60.0  # a dead gateway's connections stop counting after this
+    limits_timeout_s: float = 0.25  # a Redis limit check that takes longer is skipped (fail open)
+    # load shedding: new sends are refused with `degraded` while the turn queue is this deep
+    # (0 = always shed, negative = never) or a dependency is down; sampled in the background
+    turn_queue_shed_threshold: int = 5000
+    shed_sample_ms: int = 250
+    shed_retry_after_ms: int = 2000
+    receive_yield_every: int = 16  # the receive loop yields to the event loop every N frames
     # behaviour
     double_text_policy: str = "queue"
     drain_seconds: float = 20.0

@@ -2,6 +2,7 @@
 `id: <seq>` / `event: <type>` / `data: <json>` records, with a comment line as heartbeat.
 
 Resume point: `?after=N`, or the `Last-Event-ID` header a browser's EventSource sends on its own.
+A stream holds one of its subject's connection slots (gateway.limits) for as long as it is open.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from gateway.auth import authenticate, check_origin
 from gateway.delivery import OutboundBuffer
 from gateway.http_errors import http_error
 from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS
+from gateway.limits import EDGE, check_session_id
 from gateway.stream import Feed, run_sender
 from proto import client
 from shared.errors import BadFrame, TidewireError
@@ -43,9 +45,11 @@ def _record(frame: client.ServerFrame) -> bytes:
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     sid = request.match_info["sid"]
+    edge = request.app[EDGE]
     try:
         check_origin(request, deps.settings)
         principal = authenticate(request, deps.settings)
+        check_session_id(sid)
         await commands.authorize(deps, sid, principal.subject)
         after = _after(request)
         mode = request.query.get("delivery", "tokens")
@@ -53,8 +57,18 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
             raise BadFrame("delivery must be tokens, phrases or batched")
         replayer = request.app[REPLAYER]
         last_seq = await replayer.last_seq(sid)
+        slot = await edge.subjects.acquire(principal.subject)
     except TidewireError as e:
         return http_error(e)
+    try:
+        return await _stream(request, sid, after, mode, last_seq)
+    finally:
+        await asyncio.shield(edge.subjects.release(slot))
+
+
+async def _stream(request: web.Request, sid: str, after: int | None, mode: str, last_seq: int) -> web.StreamResponse:
+    deps = request.app[DEPS]
+    replayer = request.app[REPLAYER]
     start = after if after is not None else 0
     reset = start > last_seq or start < 0
     if reset:

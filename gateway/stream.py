@@ -6,11 +6,16 @@ log (Postgres) for what Redis no longer holds; they are paged, and a feed waits 
 connection to drain before reading the next page, so a replay of any length needs bounded memory.
 A live event that does not follow the last delivered seq (core NATS may drop or reorder across
 publishers) triggers a catch-up read from the stores instead of being delivered out of order.
+
+`run_sender` is where every transport writes, so it is also where the gateway measures time to
+first byte (gateway.metrics.TurnTraces) and counts merged deltas: both cost an int compare per
+write while nothing is awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,7 +27,11 @@ from gateway.hub import SessionHub
 from proto import client
 from proto.client import Event
 
+log = logging.getLogger(__name__)
+
 PAGE = 256
+STORE_RETRY_FIRST_S = 0.25  # a replay read that failed (store down) is retried with backoff up to
+STORE_RETRY_MAX_S = 2.0  # this pause, and the connection stays open meanwhile
 HELD_LIMIT = 2048
 REPLAY_CHUNK = 16
 
@@ -43,6 +52,7 @@ class Replayer:
 
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
+        self.deps = deps
         self._inflight: dict[tuple[str, int, int], asyncio.Future[list[bytes]]] = {}
 
     async def page(self, session_id: str, after: int, limit: int = PAGE) -> list[bytes]:
@@ -96,6 +106,11 @@ class Feed:
         self.drained = asyncio.Event()
         self._resync = asyncio.Event()
         self.failure: str | None = None
+        deps: Deps | None = getattr(replayer, "deps", None)
+        self.counters = deps.counters if deps is not None else None
+        self.turn_traces = deps.turn_traces if deps is not None else None
+        if after > 0 and self.counters is not None:
+            self.counters.reconnects += 1
 
     # ---- producer side -----------------------------------------------------------------------
     def push(self, frame: client.ServerFrame) -> None:
@@ -130,8 +145,16 @@ class Feed:
         """Owned by the connection's task group; ends only by cancellation or failure."""
         await self._hub.join(self.session_id, self)
         try:
+            delay = STORE_RETRY_FIRST_S
             while self.failure is None:
-                await self._catch_up()
+                try:
+                    await self._catch_up()
+                except Exception as e:  # noqa: BLE001 - a store is down: keep the connection, read again
+                    log.warning("replay of session %s failed (%s); retrying in %g s", self.session_id, e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, STORE_RETRY_MAX_S)
+                    continue
+                delay = STORE_RETRY_FIRST_S
                 await self._resync.wait()
                 self._resync.clear()
                 self._replaying = True
@@ -170,11 +193,21 @@ class Feed:
 
 async def run_sender(feed: Feed, write: Callable[[list[client.ServerFrame]], Awaitable[None]]) -> None:
     """Pops what the delivery mode releases and writes it; sleeps until woken or a held frame is due."""
+    traces, counters = feed.turn_traces, feed.counters
+    merged = feed.buffer.merged_count
     while feed.failure is None:
         feed.wake.clear()
         frames = feed.buffer.pop_ready(time.monotonic())
         if frames:
-            await write(frames)
+            if traces:  # a turn received here awaits its first byte
+                started = time.time_ns()
+                await write(frames)
+                traces.written(frames, started)
+            else:
+                await write(frames)
+            if counters is not None and feed.buffer.merged_count != merged:
+                counters.merged_deltas += feed.buffer.merged_count - merged
+                merged = feed.buffer.merged_count
             feed.drained.set()
             continue
         feed.drained.set()

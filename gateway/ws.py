@@ -3,7 +3,14 @@
 The first client frame must be `hello`; the server answers `ready`, replays what the client
 missed, then streams live (gateway.stream). Errors about one frame are answered with an `error`
 frame and the connection stays usable. Close codes are the protocol's: 4401, 4403, 4408, 4410
-(too far behind: resume), 4429, 1012 (server restarting).
+(too far behind: resume), 4429, 1012 (server restarting); aiohttp itself fails a connection that
+breaks the WebSocket protocol (1002), sends invalid UTF-8 (1007) or a message over
+`4 * max_frame_bytes` (1009). A message over `max_frame_bytes` (and under that) gets `too_large`.
+
+Edge protection (gateway.limits): every frame costs a token of the connection's frame bucket and
+every `send` one of its message bucket and one of its subject's (shared by all gateways); over a
+rate the frame is answered `rate_limited` and dropped. The receive loop yields to the event loop
+every `receive_yield_every` frames, so a client flooding one socket cannot starve the others.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from gateway.auth import Principal, authenticate, check_origin
 from gateway.delivery import OutboundBuffer
 from gateway.deps import Deps
 from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS
+from gateway.limits import EDGE, ConnectionLimits, Edge, check_session_id
 from gateway.stream import Feed, run_sender
 from proto import client
-from shared.errors import BadFrame, Forbidden, NotFound, TidewireError, Unauthorized
+from shared.errors import BadFrame, Forbidden, NotFound, RateLimited, TidewireError, TooLarge, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,9 @@ class Connection:
         self.ws = ws
         self.principal = principal
         self.deps: Deps = request.app[DEPS]
+        self.edge: Edge = request.app[EDGE]
+        self.limits = ConnectionLimits(self.deps.settings)
+        self.frames_received = 0
         self.feed: Feed | None = None
         self.last_rx = time.monotonic()
         self.pre_hello: list[client.ServerFrame] = []
@@ -62,7 +73,7 @@ class Connection:
         if hello.session_id is None:
             sid = await commands.create_session(deps, self.principal.subject)
         else:
-            sid = hello.session_id
+            sid = check_session_id(hello.session_id)
             await commands.authorize(deps, sid, self.principal.subject)
         replayer = self.request.app[REPLAYER]
         last_seq = await replayer.last_seq(sid)
@@ -84,13 +95,17 @@ class Connection:
         tg.create_task(run_sender(self.feed, self.write), name=f"sender-{sid}")
 
     async def handle_text(self, data: str, tg: asyncio.TaskGroup) -> None:
-        if len(data) > self.deps.settings.max_frame_bytes:
-            raise BadFrame("frame too large")
+        limit = self.deps.settings.max_frame_bytes
+        if len(data) > limit or (len(data) * 4 > limit and len(data.encode()) > limit):
+            raise TooLarge(f"frame larger than {limit} bytes")
         try:
             frame = client.client_frame_decoder.decode(data)
         except msgspec.DecodeError as e:
             self.deps.counters.bad_frames += 1
             raise BadFrame(f"invalid frame: {e}") from e
+        except RecursionError as e:
+            self.deps.counters.bad_frames += 1
+            raise BadFrame("invalid frame: nested too deeply") from e
         if isinstance(frame, client.Ping):
             self.reply(client.Pong())
         elif isinstance(frame, client.Hello):
@@ -100,6 +115,7 @@ class Connection:
         elif self.feed is None:
             raise BadFrame("the first frame must be hello")
         elif isinstance(frame, client.Send):
+            await self.edge.admit_send(self.principal.subject, self.limits, frame.client_msg_id, frame.text)
             ack = await commands.send_message(self.deps, self.principal.subject, self.feed.session_id, frame)
             self.reply(ack)
         elif isinstance(frame, client.Stop):
@@ -127,17 +143,30 @@ class Connection:
                     return
         while await self._receive_one(tg):
             if self.feed is not None and self.feed.failure is not None:
-                await ws.close(code=CLOSE_TOO_SLOW, message=self.feed.failure.encode()[:120])
+                await ws.close(code=CLOSE_TOO_SLOW, message=_reason(self.feed.failure))
                 self.deps.counters.slow_consumers += 1
                 return
 
     async def _receive_one(self, tg: asyncio.TaskGroup) -> bool:
         msg = await self.ws.receive()
         self.last_rx = time.monotonic()
+        self.frames_received += 1
+        if self.frames_received % self.deps.settings.receive_yield_every == 0:
+            await asyncio.sleep(0)  # buffered frames are returned without a suspension point
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            try:
+                self.limits.frame()
+            except RateLimited as e:
+                self.edge.counters.rate_limited_frames += 1
+                self.reply(e.frame())
+                await self._flush_pre_hello()
+                return True
         if msg.type == WSMsgType.TEXT:
             await self._guarded(msg.data, tg)
         elif msg.type == WSMsgType.BINARY:
+            self.deps.counters.bad_frames += 1
             self.reply(client.Error(code="bad_frame", message="binary frames are not supported; send JSON text"))
+            await self._flush_pre_hello()
         elif msg.type == WSMsgType.PING:
             await self.ws.pong(msg.data)
         elif msg.type == WSMsgType.PONG:
@@ -156,7 +185,7 @@ class Connection:
         except (Unauthorized, Forbidden, NotFound) as e:
             if self.feed is None:
                 code = CLOSE_UNAUTHORIZED if isinstance(e, Unauthorized) else CLOSE_FORBIDDEN
-                await self.ws.close(code=code, message=e.message.encode()[:120])
+                await self.ws.close(code=code, message=_reason(e.message))
             else:
                 self.reply(e.frame())
         except TidewireError as e:
@@ -164,16 +193,27 @@ class Connection:
         except Exception:
             log.exception("internal error handling a frame")
             self.reply(client.Error(code="internal", message="internal error; nothing was accepted"))
+        await self._flush_pre_hello()
+
+    async def _flush_pre_hello(self) -> None:
+        """Before `hello` there is no feed (and no sender task): answers are written directly."""
         if self.feed is None and self.pre_hello and not self.ws.closed:
             frames, self.pre_hello = self.pre_hello, []
             await self.write(frames)
 
 
+def _reason(text: str) -> bytes:
+    """A close reason: at most 123 bytes of valid UTF-8."""
+    return text.encode()[:120].decode(errors="ignore").encode()
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
+    edge = request.app[EDGE]
     ws = web.WebSocketResponse(autoping=False, max_msg_size=deps.settings.max_frame_bytes * 4, compress=False)
     principal: Principal | None = None
     refusal: tuple[int, str] | None = None
+    slot = None
     try:
         check_origin(request, deps.settings)
         principal = authenticate(request, deps.settings)
@@ -183,11 +223,26 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         refusal = (CLOSE_FORBIDDEN, e.message)
     if deps.draining:
         refusal = (CLOSE_RESTARTING, "server restarting")
-    await ws.prepare(request)
-    if refusal is not None or principal is None:
-        code, reason = refusal or (CLOSE_UNAUTHORIZED, "unauthorized")
-        await ws.close(code=code, message=reason.encode()[:120])
-        return ws
+    if refusal is None and principal is not None:
+        try:
+            slot = await edge.subjects.acquire(principal.subject)
+        except RateLimited as e:
+            refusal = (CLOSE_TOO_MANY, e.message)
+    try:
+        await ws.prepare(request)
+        if refusal is not None or principal is None:
+            code, reason = refusal or (CLOSE_UNAUTHORIZED, "unauthorized")
+            await ws.close(code=code, message=_reason(reason))
+            return ws
+        await _serve(request, ws, principal)
+    finally:
+        if slot is not None:
+            await asyncio.shield(edge.subjects.release(slot))
+    return ws
+
+
+async def _serve(request: web.Request, ws: web.WebSocketResponse, principal: Principal) -> None:
+    deps = request.app[DEPS]
     conn = Connection(request, ws, principal)
     sockets = request.app[SOCKETS]
     sockets.add(ws)
@@ -212,4 +267,3 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         deps.counters.sockets -= 1
         if not ws.closed:
             await ws.close()
-    return ws

@@ -3,14 +3,19 @@
 While one append is in flight, new events queue up and go in the next one, so the number of
 Redis round trips per token falls as the token rate rises. The queue is bounded: a slow store
 slows the model stream instead of growing memory.
+
+Each append's latency (one Redis round trip for a batch of events, fenced by the lease) is
+recorded in `tidewire_checkpoint_append_seconds`: once per batch, never per token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
+from shared import telemetry
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore, Lease, with_seq
 from shared.errors import SeedNeeded
@@ -18,6 +23,13 @@ from shared.eventlog import EventLog
 
 log = logging.getLogger(__name__)
 MAX_QUEUED = 1024
+
+_append_seconds = telemetry.meter("tidewire.orchestrator").create_histogram(
+    "tidewire_checkpoint_append_seconds", unit="s",
+    description="Checkpoint store append latency (one batch of a turn's events, fenced by the lease)",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+_append_events = telemetry.meter("tidewire.orchestrator").create_counter(
+    "tidewire_checkpoint_appended_events", description="Events appended to the checkpoint store")
 
 
 class CheckpointWriter:
@@ -85,11 +97,14 @@ class CheckpointWriter:
             raise
 
     async def _append(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True) -> int:
+        t0 = time.perf_counter()
         try:
             first = await self._store.append(self._lease, raws, start_turn=start_turn)
         except SeedNeeded:
             await self._store.seed(self._lease.session_id, await self._eventlog.last_seq(self._lease.session_id))
             first = await self._store.append(self._lease, raws, start_turn=start_turn)
+        _append_seconds.record(time.perf_counter() - t0)
+        _append_events.add(len(raws))
         self.appends += 1
         self.events += len(raws)
         self.last_seq = first + len(raws) - 1

@@ -7,6 +7,11 @@ writer, run tool calls concurrently, end with `turn_end`, write the turn to Post
 done in Redis under the lease (the fencing re-check) — only after that may the JetStream message
 be acked. Losing the lease (a renewal refused) cancels everything at once: a stale owner writes
 nothing more.
+
+Each turn continues the trace its gateway started (`TurnRequest.trace_context`, stored with the
+request, so a takeover lands in the same trace): `orchestrator.pickup` spans the queue wait from
+the gateway's receipt, `orchestrator.turn` the whole turn, and `upstream.first_token` each model
+call's wait for its first event. No span is made per delta.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from orchestrator.checkpoint_writer import CheckpointWriter
@@ -29,6 +35,7 @@ from orchestrator.turn import TurnProgress, status_line
 from proto import bus as busproto
 from proto import client
 from proto.state import ChatMessage
+from shared import telemetry
 from shared.checkpoints import Lease
 from shared.errors import StaleEpoch
 
@@ -127,12 +134,32 @@ class SessionRunner:
             return
         req = busproto.bus_decoder.decode(raw_req)
         assert isinstance(req, busproto.TurnRequest)
+        parent = telemetry.extract(req.trace_context)
+        picked_ns, picked = time.time_ns(), time.perf_counter()
+        if req.received_at_ns:
+            wait_s = max(0.0, (picked_ns - req.received_at_ns) / 1e9)
+            telemetry.observe_stage("queue_wait", wait_s)
+            telemetry.record_span("orchestrator.pickup", req.received_at_ns, picked_ns, parent=parent,
+                                  attributes={"queue_wait_s": wait_s, "orchestrator": svc.id},
+                                  kind=telemetry.SpanKind.CONSUMER)
+        with telemetry.tracer.start_as_current_span(
+                "orchestrator.turn", context=parent, kind=telemetry.SpanKind.CONSUMER,
+                attributes={"session_id": self.sid, "turn_id": turn_id, "orchestrator": svc.id,
+                            "lease_epoch": self.lease.epoch}) as span:
+            status = await self._play_turn(req, turn_id, state, span)
+        svc.observe_turn(time.perf_counter() - picked, status)
+
+    async def _play_turn(self, req: busproto.TurnRequest, turn_id: str, state: tuple[str, str] | None,
+                         span: Any) -> str:
+        svc, cp = self.svc, self.svc.checkpoints
         user_seq = await cp.user_seq(self.sid, req.client_msg_id)
         attempts = await cp.bump_attempts(self.sid, turn_id)
+        span.set_attribute("attempt", attempts)
         progress = TurnProgress(turn_id)
         if state is not None:  # running: a takeover, or a retry after a failure
             progress = TurnProgress.restore(turn_id, await self._turn_events(int(state[1])))
             svc.metrics["takeovers"] += 1
+            span.set_attribute("takeover", True)
         writer = CheckpointWriter(cp, svc.eventlog, svc.bus, self.lease)
         unpublished: list[bytes] = []
         if progress.ended is None:
@@ -148,13 +175,16 @@ class SessionRunner:
         raws = [raw for _, raw in await self._log_from(progress.start_seq)]
         ended = next(ev for ev in (client.event_decoder.decode(r) for r in reversed(raws))
                      if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
-        await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended, self.lease.epoch,
-                                       flags=svc.flags_in_force(req))
+        with telemetry.tracer.start_as_current_span("eventlog.append_turn"):
+            await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended,
+                                           self.lease.epoch, flags=svc.flags_in_force(req))
         if unpublished:
             await writer.publish(unpublished, writer.last_seq)
         await cp.finish_turn(self.lease, turn_id, ended.status)
         svc.metrics["turns_" + ended.status] += 1
+        span.set_attribute("status", ended.status)
         await svc.remember_turn(req, ended)
+        return ended.status
 
     async def _log_from(self, start_seq: int) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
@@ -204,6 +234,7 @@ class SessionRunner:
             await writer.flush()
             if self._cancel.is_set():
                 svc.metrics["cancel_success"] += 1
+                trace.get_current_span().add_event("cancelled", {"reason": self._cancel_reason})
                 return "cancelled", self._cancel_reason
             return "timed_out", f"no answer within {svc.settings.turn_timeout_s:g} s"
         finally:
@@ -270,16 +301,29 @@ class SessionRunner:
             with attempt:
                 calls.clear()
                 graphemes = GraphemeBuffer()
-                async with svc.upstream_slot(), contextlib.aclosing(svc.provider.stream(preq)) as stream:
-                    async for ev in stream:
-                        if isinstance(ev, TextDelta):
-                            out = graphemes.feed(ev.text)
-                            if out:
-                                if not first_token:
-                                    first_token = True
-                                await writer.put(functools.partial(progress.delta, out))
-                        elif isinstance(ev, ToolCallRequest):
-                            calls.append(ev)
+                async with svc.upstream_slot():
+                    waiting: Any = telemetry.tracer.start_span("upstream.first_token")
+                    asked = time.perf_counter()
+                    try:
+                        async with contextlib.aclosing(svc.provider.stream(preq)) as stream:
+                            async for ev in stream:
+                                if waiting is not None:  # once per model call, not per delta
+                                    telemetry.observe_stage("upstream_first_token", time.perf_counter() - asked)
+                                    waiting.set_attribute("event", type(ev).__name__)
+                                    waiting.end()
+                                    waiting = None
+                                if isinstance(ev, TextDelta):
+                                    out = graphemes.feed(ev.text)
+                                    if out:
+                                        if not first_token:
+                                            first_token = True
+                                        await writer.put(functools.partial(progress.delta, out))
+                                elif isinstance(ev, ToolCallRequest):
+                                    calls.append(ev)
+                    finally:
+                        if waiting is not None:
+                            waiting.set_attribute("event", "none")
+                            waiting.end()
                 tail = graphemes.flush()
                 if tail:
                     await writer.put(functools.partial(progress.delta, tail))

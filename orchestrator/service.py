@@ -6,6 +6,12 @@ few hundred milliseconds, long before JetStream's ack wait) and the cancel subsc
 JetStream message is acked only once the turn is done in the checkpoint store, which happens after
 its Postgres commit under a re-checked lease; until then it is kept alive with in-progress acks,
 so JetStream redelivery remains the backstop if this process dies.
+
+Telemetry: the process continues each turn's trace from `TurnRequest.trace_context` (runner.py),
+times the stages before the first token (session fetch, context pack, retrieval, model queue),
+samples the turn queue every second for `tidewire_turn_queue_pending`, and serves `/metrics` on
+the health port (shared.telemetry renders it; the `tidewire_orchestrator_*` and
+`tidewire_upstream_*` names are kept).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -30,13 +36,28 @@ from orchestrator.settings import OrchestratorSettings
 from proto import bus as busproto
 from proto import client
 from proto.state import ChatMessage, SessionState
-from shared import subjects
+from shared import subjects, telemetry
 from shared.bus import TURN_ACK_WAIT_S, Bus
 from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
 from shared.sessionstate import SessionStore
 
 log = logging.getLogger(__name__)
+
+QUEUE_SAMPLE_S = 1.0
+# Counted in OrchestratorService.metrics; always exposed (0 until they happen) so alerts can rely on them.
+COUNTERS = ("cancel_requests", "cancel_success", "lease_lost", "turn_errors", "runner_errors", "takeovers",
+            "tool_calls", "tool_timeouts", "dead_lettered", "turns_started", "turns_completed",
+            "turns_cancelled", "turns_failed", "turns_timed_out")
+UPSTREAM_COUNTERS = ("started", "finished", "aborted", "failed")
+
+_meter = telemetry.meter("tidewire.orchestrator")
+_tool_seconds = _meter.create_histogram(
+    "tidewire_tool_call_seconds", unit="s", description="Tool call latency seen by the turn (dispatch -> result)",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+_turn_seconds = _meter.create_histogram(
+    "tidewire_turn_seconds", unit="s", description="Whole turn duration, pickup -> turn_end durable",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
 
 
 def make_provider(name: str) -> Provider:
@@ -64,10 +85,13 @@ class OrchestratorService:
         self._upstream = asyncio.Semaphore(1024)
         self.provider: Provider = make_provider(settings.provider)
         self.tools: Any = None
+        self.queue_depth: tuple[int, int] | None = None  # (waiting, delivered but unacked), sampled
+        self.dead_letters: int | None = None
 
     # ---- life cycle --------------------------------------------------------------------------
     async def run(self) -> None:
         s = self.settings
+        telemetry.setup("orchestrator", self.id)
         self.eventlog = await EventLog.connect(s.postgres_dsn, timeout_s=s.postgres_timeout_s, max_size=10)
         self.checkpoints = CheckpointStore.connect(s.redis_url, timeout_s=s.redis_timeout_s, ttl_s=s.session_ttl_s)
         self.bus = await Bus.connect(s.nats_url, name=self.id, timeout_s=s.nats_timeout_s)
@@ -83,7 +107,8 @@ class OrchestratorService:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 loops = [tg.create_task(self._fetch_loop(), name="fetch"),
-                         tg.create_task(self._takeover_loop(), name="takeover")]
+                         tg.create_task(self._takeover_loop(), name="takeover"),
+                         tg.create_task(self._sample_queue(), name="queue-sampler")]
                 health = await self._start_health()
                 log.info("orchestrator %s ready", self.id)
                 await self._stopping.wait()
@@ -101,6 +126,7 @@ class OrchestratorService:
             await self.bus.close()
             await self.checkpoints.close()
             await self.eventlog.close()
+            telemetry.flush()
 
     async def _finish_runners(self) -> None:
         tasks = [t for _, t in self.runners.values()]
@@ -228,11 +254,31 @@ class OrchestratorService:
             self.metrics["cancel_requests"] += 1
             entry = self.runners.get(cancel.session_id)
             if entry is not None:
+                now = time.time_ns()
+                telemetry.record_span("orchestrator.cancel_request", now, now, parent=telemetry.extract(msg.headers),
+                                      attributes={"turn_id": cancel.turn_id or "", "reason": cancel.reason},
+                                      kind=telemetry.SpanKind.CONSUMER)
                 entry[0].request_cancel(cancel.turn_id, cancel.reason)
 
     # ---- what runners ask of the service -------------------------------------------------------
     async def context_for(self, req: busproto.TurnRequest) -> list[ChatMessage]:
-        state = await self.sessions.load(req.session_id, req.subject)
+        """Session fetch, context pack and retrieval: three timed stages before the model is asked."""
+        tracer = telemetry.tracer
+        t0 = time.perf_counter()
+        with tracer.start_as_current_span("session.fetch"):
+            state = await self.sessions.load(req.session_id, req.subject)
+        t1 = time.perf_counter()
+        telemetry.observe_stage("session_fetch", t1 - t0)
+        with tracer.start_as_current_span("context.pack"):
+            messages = self._pack(req, state)
+        t2 = time.perf_counter()
+        telemetry.observe_stage("context_pack", t2 - t1)
+        with tracer.start_as_current_span("retrieval", attributes={"retrieval.enabled": False}):
+            pass  # no retrieval stage yet: the span and histogram mark where it will go
+        telemetry.observe_stage("retrieval", time.perf_counter() - t2)
+        return messages
+
+    def _pack(self, req: busproto.TurnRequest, state: SessionState) -> list[ChatMessage]:
         self._flags[req.session_id] = dict(state.flags)
         window = [m for m in state.window if m.turn_id != req.turn_id or m.role != "assistant"]
         if not any(m.turn_id == req.turn_id and m.role == "user" for m in window):
@@ -273,15 +319,32 @@ class OrchestratorService:
         if self.tools is None:
             return False, f"{name} is not available: no tool workers are configured"
         self.metrics["tool_calls"] += 1
-        outcome = await self.tools.call(session_id, turn_id, call_id, name, args)
-        if getattr(outcome, "timed_out", False):
+        t0 = time.perf_counter()
+        outcome_label = "cancelled"
+        with telemetry.tracer.start_as_current_span("tool.call", kind=telemetry.SpanKind.PRODUCER,
+                                                    attributes={"tool": name, "call_id": call_id}) as span:
+            try:
+                outcome = await self.tools.call(session_id, turn_id, call_id, name, args)
+                timed_out = bool(getattr(outcome, "timed_out", False))
+                outcome_label = "timeout" if timed_out else "ok" if outcome.ok else "error"
+                span.set_attribute("outcome", outcome_label)
+            finally:
+                _tool_seconds.record(time.perf_counter() - t0, {"tool": name, "outcome": outcome_label})
+        if timed_out:
             self.metrics["tool_timeouts"] += 1
         return bool(outcome.ok), str(outcome.text)
 
     @contextlib.asynccontextmanager
     async def upstream_slot(self) -> AsyncIterator[None]:
+        """A slot for one upstream model stream; the wait for it is the `model.queue` stage."""
+        start_ns, t0 = time.time_ns(), time.perf_counter()
         async with self._upstream:
+            telemetry.observe_stage("model_queue", time.perf_counter() - t0)
+            telemetry.record_span("model.queue", start_ns, time.time_ns())
             yield
+
+    def observe_turn(self, seconds: float, status: str) -> None:
+        _turn_seconds.record(seconds, {"status": status})
 
     def observe_first_event(self, req: busproto.TurnRequest) -> None:
         if req.received_at_ns:
@@ -289,13 +352,69 @@ class OrchestratorService:
 
     async def dead_letter(self, req: busproto.TurnRequest, reason: str) -> None:
         self.metrics["dead_lettered"] += 1
+        telemetry.tracer.start_span("orchestrator.dead_letter", attributes={"reason": reason}).end()
         try:
             await self.bus.dead_letter(req, reason)
         except Exception as e:  # noqa: BLE001 - the failure is still reported to the user
             log.error("dead-letter publish failed for %s: %s", req.turn_id, e)
 
+    # ---- metrics -----------------------------------------------------------------------------
+    async def _sample_queue(self) -> None:
+        """Turn-queue depth and dead letters, once a second: a scrape never waits on NATS."""
+        while True:
+            try:
+                self.queue_depth = await self.bus.turn_queue_depth()
+                self.dead_letters = await self.bus.dead_lettered()
+            except Exception as e:  # noqa: BLE001 - NATS blip: keep the last sample
+                log.debug("queue sample failed: %s", e)
+            await asyncio.sleep(QUEUE_SAMPLE_S)
+
+    def _install_metrics(self) -> None:
+        def counter(key: str) -> Callable[[], int]:
+            return lambda: self.metrics[key]
+
+        for key in COUNTERS:
+            telemetry.observe(f"tidewire_orchestrator_{key}", counter(key), kind="counter")
+        telemetry.observe("tidewire_orchestrator_stale_rejections", lambda: self.checkpoints.stale_rejections,
+                          kind="counter", description="Checkpoint writes refused: a stale owner was fenced off")
+        telemetry.observe("tidewire_orchestrator_sessions_owned", lambda: len(self.runners),
+                          description="Sessions whose lease this orchestrator holds")
+        prov = self.provider
+
+        def upstream(name: str) -> Callable[[], int]:
+            return lambda: int(getattr(prov, name))
+
+        for name in UPSTREAM_COUNTERS:
+            if hasattr(prov, name):
+                telemetry.observe(f"tidewire_upstream_{name}", upstream(name), kind="counter")
+        if hasattr(prov, "orphaned"):
+            telemetry.observe("tidewire_upstream_orphaned", upstream("orphaned"),
+                              description="Upstream streams started and not finished, failed or aborted")
+
+        def queue(i: int | None) -> Any:
+            depth = self.queue_depth
+            if depth is None:
+                return []
+            return [({}, sum(depth) if i is None else depth[i])]
+
+        telemetry.observe("tidewire_turn_queue_pending", lambda: queue(None),
+                          description="Turns queued in JetStream: waiting + delivered but unacked (sampled 1/s)")
+        telemetry.observe("tidewire_turn_queue_waiting", lambda: queue(0),
+                          description="Turns not yet delivered to any orchestrator")
+        telemetry.observe("tidewire_turn_queue_ack_pending", lambda: queue(1),
+                          description="Turns delivered to an orchestrator and not yet acked (running or parked)")
+        telemetry.observe("tidewire_dead_letter_messages",
+                          lambda: [] if self.dead_letters is None else [({}, self.dead_letters)],
+                          description="Turns in the dead-letter stream (kept 14 days)")
+
+    def _extra_metrics(self) -> list[tuple[str, str, float | int]]:
+        """Counters bumped under names that are not pre-declared (exposed, untyped, all the same)."""
+        return [(f"tidewire_orchestrator_{k}", "untyped", v) for k, v in sorted(self.metrics.items())
+                if k not in COUNTERS]
+
     # ---- health ------------------------------------------------------------------------------
     async def _start_health(self) -> web.AppRunner | None:
+        self._install_metrics()
         if not self.settings.health_port:
             return None
         app = web.Application()
@@ -314,14 +433,8 @@ class OrchestratorService:
             return web.json_response({"ok": ok}, status=200 if ok else 503)
 
         async def metrics(_: web.Request) -> web.Response:
-            lines = [f"tidewire_orchestrator_{k} {v}" for k, v in sorted(self.metrics.items())]
-            lines.append(f"tidewire_orchestrator_stale_rejections {self.checkpoints.stale_rejections}")
-            lines.append(f"tidewire_orchestrator_sessions_owned {len(self.runners)}")
-            prov = self.provider
-            for name in ("started", "finished", "aborted", "orphaned"):
-                if hasattr(prov, name):
-                    lines.append(f"tidewire_upstream_{name} {getattr(prov, name)}")
-            return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+            return web.Response(text=telemetry.render_prometheus(self._extra_metrics()),
+                                content_type=telemetry.PROMETHEUS_CONTENT_TYPE)
 
         app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
         runner = web.AppRunner(app, access_log=None)

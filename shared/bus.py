@@ -14,7 +14,6 @@ token hot path stays a bare publish).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any

@@ -17,6 +17,10 @@ Crash and retry semantics (docs/tools.md):
   cancels the running coroutine of that call ("cancelled call <id>" in the log).
 - SIGTERM: stop fetching, let running tools finish for `shutdown_grace_seconds`, then cancel
   them (idempotent ones are handed back with a nak for another worker to run).
+
+Telemetry: a job continues the trace of the turn that called it (W3C `traceparent` in the
+JetStream message headers) with a `tool.run` span; run latency, outcomes and timeouts are
+metrics, served with `/healthz` and `/readyz` on the health port at `/metrics`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -38,10 +43,11 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from proto import bus as busproto
-from shared import subjects
+from shared import subjects, telemetry
 from shared.bus import Bus
 from tool_workers.registry import (
     CALLS_BUCKET,
@@ -62,6 +68,13 @@ _job_decoder = msgspec.msgpack.Decoder(busproto.ToolJob)
 _cancel_decoder = msgspec.msgpack.Decoder(busproto.ToolCancel)
 _record_decoder = msgspec.msgpack.Decoder(CallRecord)
 _encoder = msgspec.msgpack.Encoder()
+
+_meter = telemetry.meter("tidewire.tool_worker")
+_run_seconds = _meter.create_histogram(
+    "tidewire_tool_run_seconds", unit="s", description="Tool job handling time on the worker, by tool and outcome",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+_jobs = _meter.create_counter("tidewire_tool_jobs", description="Tool jobs handled, by tool and outcome")
+_timeouts = _meter.create_counter("tidewire_tool_timeouts", description="Tool runs that hit their time limit")
 
 FETCH_WAIT_S = 1.0  # how long one fetch long-polls; also bounds how fast SIGTERM stops fetching
 _MAX_REMEMBERED_CANCELS = 10_000
@@ -173,6 +186,9 @@ class ToolWorker:
     async def serve(self, stop: asyncio.Event) -> None:
         if not self.pools:
             raise RuntimeError(f"no known pool in {self._settings.pools}; known: {self._registry.pools()}")
+        telemetry.setup("tool-worker", f"tool-worker-{os.getpid()}")
+        telemetry.observe("tidewire_tool_worker_running", lambda: self.running_calls,
+                          description="Tool calls running on this worker")
         js = self._bus.js
         await self._bus.ensure_streams()
         self._ledger = await CallLedger.open(js, ttl_s=self._settings.call_ledger_ttl_seconds)
@@ -201,6 +217,7 @@ class ToolWorker:
                     await pull.unsubscribe()
             with contextlib.suppress(Exception):
                 await cancel_sub.unsubscribe()
+            telemetry.flush()
             log.info("tool worker stopped")
 
     async def _declare_consumer(self, pool: str) -> None:
@@ -265,17 +282,33 @@ class ToolWorker:
             await _quietly(msg.term())
             return
         heartbeat = asyncio.create_task(self._keep_alive(msg), name=f"in-progress:{job.call_id}")
+        tool_label = job.name if self._registry.get(job.name) is not None else "unknown"
+        outcome = "crashed"
+        t0 = time.perf_counter()
+        span = telemetry.tracer.start_span(
+            "tool.run", context=telemetry.extract(msg.headers), kind=telemetry.SpanKind.CONSUMER,
+            attributes={"tool": job.name, "call_id": job.call_id, "attempt": msg.metadata.num_delivered})
         try:
-            result = await self._process(job, msg.metadata.num_delivered)
+            with trace.use_span(span, end_on_exit=False):
+                result = await self._process(job, msg.metadata.num_delivered)
             if isinstance(result, HandBack):  # to be run elsewhere or later
+                outcome = "handed_back"
                 await _quietly(msg.nak(delay=result.delay or None))
                 return
+            outcome = "timeout" if result.timed_out else "ok" if result.ok else "error"
+            if result.timed_out:
+                _timeouts.add(1, {"tool": tool_label})
             if job.reply_subject:
                 await self._bus.nc.publish(job.reply_subject, busproto.bus_encoder.encode(result))
             await msg.ack()
         except Exception:  # noqa: BLE001
             log.exception("call %s: unexpected failure; leaving it to redelivery", job.call_id)
         finally:
+            span.set_attribute("outcome", outcome)
+            span.end()
+            attrs = {"tool": tool_label, "outcome": outcome}
+            _run_seconds.record(time.perf_counter() - t0, attrs)
+            _jobs.add(1, attrs)
             heartbeat.cancel()
             await asyncio.wait([heartbeat])
 
@@ -441,10 +474,18 @@ async def _healthz(request: web.Request) -> web.Response:
                              status=200 if healthy else 503)
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(text=telemetry.render_prometheus(), content_type=telemetry.PROMETHEUS_CONTENT_TYPE)
+
+
 def create_health_app(worker: ToolWorker, bus: Bus) -> web.Application:
-    """`GET /healthz`: 200 while the worker fetches jobs and NATS is connected, else 503."""
+    """`GET /healthz` and `GET /readyz`: 200 while the worker fetches jobs and NATS is connected,
+    else 503 (a worker holds no state a restart would lose, so alive and ready are the same).
+    `GET /metrics`: Prometheus text format."""
     app = web.Application()
     app[HEALTH_WORKER] = worker
     app[HEALTH_BUS] = bus
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _healthz)
+    app.router.add_get("/metrics", _metrics)
     return app

@@ -1,0 +1,383 @@
+"""Edge protection: rate limits, connection caps and load shedding, each tuned separately.
+
+Three layers, cheapest first, so a misbehaving client costs the gateway little:
+
+- Per connection, in process (`ConnectionLimits`): a token bucket on frames of any kind and one on
+  `send`s. Over the rate a frame is answered with `error rate_limited` (+ `retry_after_ms`) and
+  nothing else is done for it, so the work one connection can cause is bounded by its rate.
+- Per subject, across every gateway (`SubjectLimits`, Redis): a token bucket on messages and a cap on
+  concurrent connections (WebSocket, SSE, long-poll). Each check is one Lua script (atomic, clocked
+  by Redis `TIME`, so gateways with skewed clocks agree). Connection slots are leases that a live
+  gateway renews, so the slots of a gateway that died free themselves. When Redis is slow or down
+  the check is skipped (fail open): the send path then answers `degraded` on its own.
+- Load shedding (`LoadShedder`): a background task samples the turn queue's depth (JetStream
+  consumer pending) and the dependencies at most every `shed_sample_ms`; a send checks the last
+  sample only (no I/O), so a refusal (`degraded`, `retry_after_ms`) is immediate, never a wait.
+
+`edge_context` owns the background tasks (an aiohttp cleanup context); handlers reach the limits
+through `request.app[EDGE]`. The settings and what happens when each limit is exceeded are
+tabulated in docs/security.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway import auth
+from gateway.deps import Deps
+from gateway.http_errors import http_error
+from gateway.keys import DEPS
+from gateway.settings import GatewaySettings
+from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited
+
+log = logging.getLogger(__name__)
+
+
+# ---- per connection ----------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """`burst` tokens, refilled at `rate` per second. `take` answers how long to wait (0 = go)."""
+
+    def __init__(self, rate_per_s: float, burst: float, *, now: float | None = None) -> None:
+        self.rate = rate_per_s
+        self.burst = max(1.0, float(burst))
+        self.tokens = self.burst
+        self.stamp = time.monotonic() if now is None else now
+
+    def take(self, cost: float = 1.0, *, now: float | None = None) -> float:
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        return (cost - self.tokens) / self.rate
+
+
+def _retry_ms(wait_s: float) -> int:
+    return max(1, math.ceil(wait_s * 1000))
+
+
+class ConnectionLimits:
+    """The buckets of one client connection. Pure and synchronous: no I/O per frame."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.frames = TokenBucket(settings.frame_rate_per_s, settings.frame_burst)
+        self.messages = TokenBucket(settings.msg_rate_per_s, settings.msg_burst)
+
+    def frame(self) -> None:
+        wait = self.frames.take()
+        if wait:
+            raise RateLimited("too many frames on this connection", retry_after_ms=_retry_ms(wait))
+
+    def message(self) -> None:
+        wait = self.messages.take()
+        if wait:
+            raise RateLimited("too many messages on this connection", retry_after_ms=_retry_ms(wait))
+
+
+# ---- per subject, across gateways (Redis) ------------------------------------------------------
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: bucket ; ARGV: rate_per_s burst cost -> ms to wait (0 = taken)
+_TAKE = _NOW_MS + """
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+local wait = 0
+if tokens >= cost then tokens = tokens - cost else wait = math.ceil((cost - tokens) * 1000 / rate) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return wait
+"""
+
+# KEYS: slots ; ARGV: slot limit lease_ms -> 1 taken, 0 refused
+_ACQUIRE = _NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: slots ; ARGV: slot lease_ms
+_RENEW = _NOW_MS + """
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+return 1
+"""
+
+
+def subject_key(subject: str, what: str) -> str:
+    return f"tw:subject:{{{subject}}}:{what}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    subject: str
+    slot_id: str
+
+
+@dataclass
+class EdgeCounters:
+    rate_limited_frames: int = 0
+    rate_limited_messages: int = 0
+    connections_refused: int = 0
+    shed_sends: int = 0
+    limit_checks_skipped: int = 0
+
+
+class SubjectLimits:
+    """Per-subject message rate and concurrent connections, shared by every gateway through Redis."""
+
+    def __init__(self, redis: Any, settings: GatewaySettings, gateway_id: str, counters: EdgeCounters) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.gateway_id = gateway_id
+        self.counters = counters
+        self._take = redis.register_script(_TAKE)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+        self.slots: set[Slot] = set()
+
+    async def _bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A limit check never holds a request up: slow or failing Redis = no check (fail open)."""
+        try:
+            async with asyncio.timeout(self.settings.limits_timeout_s):
+                return await call()
+        except Exception as e:  # noqa: BLE001 - the send path reports a down Redis on its own
+            self.counters.limit_checks_skipped += 1
+            log.debug("limit check skipped: %r", e)
+            return None
+
+    async def take_message(self, subject: str) -> None:
+        s = self.settings
+        if s.subject_msg_rate_per_s <= 0:
+            return
+        wait_ms = await self._bounded(lambda: self._take(keys=[subject_key(subject, "msgs")],
+                                                          args=[s.subject_msg_rate_per_s, s.subject_msg_burst, 1]))
+        if wait_ms:
+            self.counters.rate_limited_messages += 1
+            raise RateLimited("too many messages for this user", retry_after_ms=max(1, int(wait_ms)))
+
+    async def acquire(self, subject: str) -> Slot:
+        """A connection slot for `subject`, or RateLimited when it has too many open already."""
+        s = self.settings
+        slot = Slot(subject, f"{self.gateway_id}:{secrets.token_hex(8)}")
+        if s.max_connections_per_subject > 0:
+            ok = await self._bounded(lambda: self._acquire(
+                keys=[subject_key(subject, "conns")],
+                args=[slot.slot_id, s.max_connections_per_subject, int(s.connection_lease_s * 1000)]))
+            if ok == 0:
+                self.counters.connections_refused += 1
+                raise RateLimited(f"too many connections for this user (at most {s.max_connections_per_subject})",
+                                  retry_after_ms=1000)
+        self.slots.add(slot)
+        return slot
+
+    async def release(self, slot: Slot) -> None:
+        self.slots.discard(slot)
+        if self.settings.max_connections_per_subject > 0:
+            await self._bounded(lambda: self.redis.zrem(subject_key(slot.subject, "conns"), slot.slot_id))
+
+    @contextlib.asynccontextmanager
+    async def connection(self, subject: str) -> AsyncIterator[Slot]:
+        slot = await self.acquire(subject)
+        try:
+            yield slot
+        finally:
+            await asyncio.shield(self.release(slot))
+
+    async def renew_forever(self) -> None:
+        """Keeps this gateway's slots alive; a gateway that dies stops renewing and they lapse."""
+        lease_ms = int(self.settings.connection_lease_s * 1000)
+        while True:
+            await asyncio.sleep(self.settings.connection_lease_s / 3)
+            slots = list(self.slots)
+            if not slots or self.settings.max_connections_per_subject <= 0:
+                continue
+            try:
+                async with self.redis.pipeline(transaction=False) as p:
+                    for slot in slots:
+                        await self._renew(keys=[subject_key(slot.subject, "conns")], args=[slot.slot_id, lease_ms],
+                                          client=p)
+                    await p.execute()
+            except Exception as e:  # noqa: BLE001 - retried at the next tick, well inside the lease
+                log.warning("could not renew %d connection slots: %r", len(slots), e)
+
+
+# ---- load shedding -----------------------------------------------------------------------------
+
+
+@dataclass
+class LoadSample:
+    pending: int | None = None
+    down: tuple[str, ...] = ()
+    at: float = 0.0
+
+
+@dataclass
+class LoadShedder:
+    """Decides from the last background sample whether new sends are refused; `check` does no I/O."""
+
+    deps: Deps
+    counters: EdgeCounters
+    sample: LoadSample = field(default_factory=LoadSample)
+    failures: dict[str, int] = field(default_factory=dict)
+    FAILURES_TO_DOWN = 2
+    PG_EVERY = 4  # Postgres is probed every 4th sample (~1 s)
+
+    def check(self) -> None:
+        s = self.deps.settings
+        threshold = s.turn_queue_shed_threshold
+        reason = None
+        if self.sample.down:
+            reason = f"{', '.join(self.sample.down)} unavailable"
+        elif not self.deps.bus.connected:
+            reason = "nats unavailable"
+        elif threshold >= 0 and (threshold == 0 or (self.sample.pending or 0) >= threshold):
+            reason = "the turn queue is full"
+        if reason is not None:
+            self.counters.shed_sends += 1
+            raise Degraded(f"shedding load: {reason}; nothing was accepted", retry_after_ms=s.shed_retry_after_ms)
+
+    async def _probe(self, name: str, probe: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            async with asyncio.timeout(min(1.0, self.deps.settings.nats_timeout_s)):
+                result = await probe()
+        except Exception:  # noqa: BLE001 - a failed probe is the answer
+            self.failures[name] = self.failures.get(name, 0) + 1
+            return None
+        self.failures[name] = 0
+        return result
+
+    async def sample_once(self, n: int = 0) -> LoadSample:
+        deps = self.deps
+        probes: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("nats", deps.bus.turn_queue_pending), ("redis", deps.checkpoints.ping)]
+        if n % self.PG_EVERY == 0:
+            probes.append(("postgres", deps.eventlog.ping))
+        results = await asyncio.gather(*(self._probe(name, p) for name, p in probes))
+        pending = results[0] if isinstance(results[0], int) else self.sample.pending
+        down = tuple(name for name, count in sorted(self.failures.items()) if count >= self.FAILURES_TO_DOWN)
+        if not deps.bus.connected and "nats" not in down:
+            down = ("nats", *down)
+        if down != self.sample.down:
+            log.warning("load shedding: dependencies down: %s", ", ".join(down) or "none")
+        self.sample = LoadSample(pending=pending, down=down, at=time.monotonic())
+        return self.sample
+
+    async def run_forever(self) -> None:
+        interval = max(0.05, self.deps.settings.shed_sample_ms / 1000)
+        n = 1
+        while True:
+            started = time.monotonic()
+            await self.sample_once(n)
+            n += 1
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+# ---- input that the edge refuses before any store sees it ---------------------------------------
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_FORBIDDEN_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_session_id(session_id: str) -> str:
+    """Session ids are URL-safe tokens; anything else cannot name a session (404, not a store error)."""
+    if not _SESSION_ID.fullmatch(session_id):
+        raise NotFound("no such session")
+    return session_id
+
+
+def check_text(what: str, text: str) -> None:
+    """NUL and lone surrogates cannot be stored (Postgres text, UTF-8): refused up front."""
+    if _FORBIDDEN_CHARS.search(text):
+        raise BadFrame(f"{what} contains NUL or an unpaired surrogate")
+
+
+# ---- the edge, owned by the app ----------------------------------------------------------------
+
+
+@dataclass
+class Edge:
+    subjects: SubjectLimits
+    shedder: LoadShedder
+    counters: EdgeCounters
+
+    async def admit_send(self, subject: str, conn: ConnectionLimits | None, client_msg_id: str, text: str) -> None:
+        """Everything a send must pass before it reaches the stores, cheapest check first."""
+        check_text("client_msg_id", client_msg_id)
+        check_text("text", text)
+        self.shedder.check()
+        if conn is not None:
+            try:
+                conn.message()
+            except RateLimited:
+                self.counters.rate_limited_messages += 1
+                raise
+        await self.subjects.take_message(subject)
+
+
+EDGE = web.AppKey("edge", Edge)
+
+
+async def edge_context(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context (after the one that creates DEPS): the sampler and the slot renewer."""
+    deps = app[DEPS]
+    auth.verifier(deps.settings)  # a bad JWKS file fails the start, not the first request
+    counters = EdgeCounters()
+    edge = Edge(SubjectLimits(deps.checkpoints.redis, deps.settings, deps.gateway_id, counters),
+                LoadShedder(deps, counters), counters)
+    await edge.shedder.sample_once()
+    app[EDGE] = edge
+    tasks = [asyncio.create_task(edge.shedder.run_forever(), name="load-sampler"),
+             asyncio.create_task(edge.subjects.renew_forever(), name="slot-renewer")]
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+
+
+@web.middleware
+async def edge_middleware(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Responses are never sniffed or cached by browsers and never leak a token in a Referer; an
+    unexpected exception is answered with the protocol's `internal` error, never a stack trace."""
+    try:
+        resp = await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        resp = http_error(Internal("internal error; nothing was accepted"))
+    if not resp.prepared:
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.path.startswith("/v1/"):
+            resp.headers.setdefault("Cache-Control", "no-store")
+    return resp

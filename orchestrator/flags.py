@@ -1,0 +1,298 @@
+"""Feature flags and model routing: which model, prompt, tools and policies a turn runs with.
+
+Flags live in Postgres (`feature_flags`, one row per scope and name) so an operator can change a
+deployment without a release, and so the change is audited. A turn's flags are the merge of, from
+weakest to strongest:
+
+1. scope `deployment` (everyone),
+2. scope `tenant:<id>` (the token's tenant; the subject until tokens carry a tenant claim),
+3. the session row's own flags (what its owner set with `PATCH /v1/sessions/{sid}/flags`),
+4. scope `session:<id>` (an operator pinning one session, e.g. to debug it).
+
+A JSON `null` at a scope means "not set here" (inherit). Values are cached per scope for `ttl_s`
+(2 s by default), so a flip applies to turns starting a couple of seconds later and costs at most
+three small queries per scope per TTL. Flipping a flag back is the rollback. The values a turn ran
+with are recorded in its `turns.flags` row, so every answer can be traced to its configuration.
+
+Known flags: `model` (a route: "simulated", "openai", "openai:gpt-4o-mini", or a bare model name
+for the default upstream), `system_prompt_version`, `tool_set` ("all", "none" or a comma-separated
+list of tool names), `tool_schema_version`, `disconnect_policy` ("continue" or "cancel_after=<s>"),
+`double_text_policy` ("queue", "interrupt", "reject").
+
+Operators: `python -m orchestrator.flags set <scope> <name> <json>`, `get <scope>...`,
+`resolve --session <sid> --tenant <id>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from orchestrator.providers.base import ToolSpec
+
+__all__ = [
+    "DEPLOYMENT_SCOPE",
+    "KNOWN_FLAGS",
+    "KNOWN_PROVIDERS",
+    "FlagResolver",
+    "Route",
+    "load_system_prompts",
+    "main",
+    "parse_route",
+    "select_tools",
+    "session_scope",
+    "system_prompt_for",
+    "tenant_scope",
+    "validate_flag",
+]
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_SCOPE: Final = "deployment"
+KNOWN_PROVIDERS: Final = ("simulated", "openai")
+KNOWN_FLAGS: Final = ("model", "system_prompt_version", "tool_set", "tool_schema_version",
+                      "disconnect_policy", "double_text_policy")
+DOUBLE_TEXT_POLICIES: Final = ("queue", "interrupt", "reject")
+
+
+def tenant_scope(tenant: str) -> str:
+    return f"tenant:{tenant}"
+
+
+def session_scope(session_id: str) -> str:
+    return f"session:{session_id}"
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which upstream serves a step, and which of its models (None: the upstream's default)."""
+
+    provider: str
+    model: str | None
+
+
+def parse_route(value: Any, *, default_provider: str, known: Sequence[str] = KNOWN_PROVIDERS) -> Route:
+    """`None`/"" → the default upstream; "openai" → that upstream, its default model;
+    "openai:gpt-4o-mini" → that upstream and model; "gpt-4o-mini" (not an upstream name) → that
+    model on the default upstream. The model part may itself contain colons ("ollama:llama3:8b"
+    is not special: only the first colon splits, after a known upstream name)."""
+    if value is None or str(value).strip() == "":
+        return Route(default_provider, None)
+    text = str(value).strip()
+    head, sep, rest = text.partition(":")
+    if sep and (head in known or head == default_provider):
+        return Route(head, rest or None)
+    if text in known or text == default_provider:
+        return Route(text, None)
+    return Route(default_provider, text)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_flag(name: str, value: Any) -> Any:
+    """The value if it is valid for a known flag (None always is: it means "inherit");
+    ValueError otherwise. Unknown names are accepted: they are recorded, and used by nobody."""
+    if value is None:
+        return None
+    if name == "model":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("model must be a non-empty string route, e.g. \"openai:gpt-4o-mini\"")
+    elif name == "double_text_policy":
+        if value not in DOUBLE_TEXT_POLICIES:
+            raise ValueError(f"double_text_policy must be one of {', '.join(DOUBLE_TEXT_POLICIES)}")
+    elif name == "disconnect_policy":
+        ok = value == "continue"
+        if isinstance(value, str) and value.startswith("cancel_after="):
+            try:
+                ok = float(value.split("=", 1)[1]) >= 0
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError("disconnect_policy must be continue or cancel_after=<seconds>")
+    elif name == "tool_set":
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise ValueError('tool_set must be "all", "none", "a,b" or a list of tool names')
+    elif name in ("system_prompt_version", "tool_schema_version"):
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a string or an integer")
+    return value
+
+
+def select_tools(specs: Sequence[ToolSpec], tool_set: Any) -> list[ToolSpec]:
+    """The tools a turn offers the model under its `tool_set` flag (unset or "all": every tool)."""
+    if tool_set is None or tool_set == "all":
+        return list(specs)
+    names = tool_set if isinstance(tool_set, list) else str(tool_set).split(",")
+    wanted = {n.strip() for n in names if n.strip() and n.strip() != "none"}
+    return [s for s in specs if s.name in wanted]
+
+
+def load_system_prompts(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`TIDEWIRE_SYSTEM_PROMPTS`: a JSON object {version: prompt text}; empty when unset."""
+    raw = (os.environ if env is None else env).get("TIDEWIRE_SYSTEM_PROMPTS", "").strip()
+    if not raw:
+        return {}
+    data = json.loads(raw)
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError("TIDEWIRE_SYSTEM_PROMPTS must be a JSON object of strings")
+    return {str(k): v for k, v in data.items()}
+
+
+def system_prompt_for(version: Any, default: str, prompts: Mapping[str, str]) -> str:
+    """The prompt of a `system_prompt_version`; the default for an unset or unknown version (an
+    unknown version is logged, never fatal: a bad flag must not take every turn down)."""
+    if version is None:
+        return default
+    prompt = prompts.get(str(version))
+    if prompt is None:
+        log.warning("unknown system_prompt_version %r: using the default prompt", version)
+        return default
+    return prompt
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+class FlagSource(Protocol):
+    """What the resolver needs of the event log."""
+
+    async def flags_for(self, scopes: Sequence[str]) -> dict[str, Any]: ...
+
+
+class FlagResolver:
+    """Merged flags of a turn, each scope cached for `ttl_s`; concurrent misses of one scope share
+    one query. When Postgres cannot be read, a stale cached value is served (and logged); with
+    nothing cached the error propagates (the turn fails and is retried)."""
+
+    def __init__(self, source: FlagSource, *, ttl_s: float = 2.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._ttl = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._cache: collections.OrderedDict[str, tuple[float, dict[str, Any]]] = collections.OrderedDict()
+        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.queries = 0
+        self.stale_served = 0
+
+    async def resolve(self, session_id: str, tenant: str | None,
+                      session_flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """deployment < tenant:<tenant> < the session row's flags < session:<id>; None = unset."""
+        scopes = [DEPLOYMENT_SCOPE, *([tenant_scope(tenant)] if tenant else []), session_scope(session_id)]
+        *lower, operator_session = await asyncio.gather(*(self._scope(s) for s in scopes))
+        merged: dict[str, Any] = {}
+        for layer in (*lower, dict(session_flags or {}), operator_session):
+            for name, value in layer.items():
+                if value is not None:
+                    merged[name] = value
+        return merged
+
+    def invalidate(self, scope: str | None = None) -> None:
+        if scope is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(scope, None)
+
+    async def _scope(self, scope: str) -> dict[str, Any]:
+        now = self._clock()
+        hit = self._cache.get(scope)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        pending = self._inflight.get(scope)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._inflight[scope] = fut
+        try:
+            self.queries += 1
+            value = await self._source.flags_for([scope])
+        except Exception as exc:
+            self._inflight.pop(scope, None)
+            if hit is not None:
+                self.stale_served += 1
+                log.warning("flags of %s unavailable (%s): serving the cached value", scope, exc)
+                fut.set_result(hit[1])
+                return hit[1]
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
+            raise
+        self._inflight.pop(scope, None)
+        self._cache[scope] = (self._clock() + self._ttl, value)
+        self._cache.move_to_end(scope)
+        while len(self._cache) > self._max:
+            self._cache.popitem(last=False)
+        fut.set_result(value)
+        return value
+
+
+# --------------------------------------------------------------------------- operator CLI
+
+
+async def _cli(args: argparse.Namespace) -> int:
+    from orchestrator.settings import load
+    from shared.eventlog import EventLog
+
+    settings = load()
+    eventlog = await EventLog.connect(settings.postgres_dsn, timeout_s=settings.postgres_timeout_s, max_size=2)
+    try:
+        if args.command == "set":
+            try:
+                value = json.loads(args.value)
+            except ValueError as exc:
+                print(f"value must be JSON (quote strings: '\"openai:gpt-4o-mini\"'): {exc}", file=sys.stderr)
+                return 2
+            if args.name not in KNOWN_FLAGS and not args.force:
+                print(f"unknown flag {args.name!r} (known: {', '.join(KNOWN_FLAGS)}); --force to set it anyway",
+                      file=sys.stderr)
+                return 2
+            try:
+                validate_flag(args.name, value)
+            except ValueError as exc:
+                print(str(exc), file=sys.stderr)
+                return 2
+            previous = (await eventlog.flags_for([args.scope])).get(args.name)
+            await eventlog.set_flag(args.scope, args.name, value)
+            print(json.dumps({"scope": args.scope, "name": args.name, "value": value, "previous": previous}))
+        elif args.command == "get":
+            print(json.dumps(await eventlog.flags_for(args.scopes), sort_keys=True))
+        else:
+            row = await eventlog.get_session(args.session)
+            tenant = args.tenant or (row.subject if row else None)
+            resolved = await FlagResolver(eventlog).resolve(args.session, tenant, row.flags if row else None)
+            print(json.dumps(resolved, sort_keys=True))
+    finally:
+        await eventlog.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.flags", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_set = sub.add_parser("set", help="set a flag at a scope; setting the previous value back is the rollback")
+    p_set.add_argument("scope", help='"deployment", "tenant:<id>" or "session:<id>"')
+    p_set.add_argument("name")
+    p_set.add_argument("value", help="JSON, e.g. '\"openai:gpt-4o-mini\"' or null (unset: inherit)")
+    p_set.add_argument("--force", action="store_true", help="allow a flag name tidewire does not know")
+    p_get = sub.add_parser("get", help="the flags of the given scopes, later scopes overriding earlier ones")
+    p_get.add_argument("scopes", nargs="+")
+    p_res = sub.add_parser("resolve", help="the flags a new turn of this session would run with")
+    p_res.add_argument("--session", required=True)
+    p_res.add_argument("--tenant", help="default: the session's subject")
+    return asyncio.run(_cli(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

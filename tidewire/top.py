@@ -1,0 +1,242 @@
+"""`tidewire top`: a live terminal view of the local stack's metrics, refreshed every second.
+
+Scrapes the Prometheus `/metrics` endpoints of the stack (by default the `"metrics"` list that
+`tidewire dev` writes into `.tidewire/dev.json`, else the gateway's `"url"` + `/metrics`), sums
+them, and shows what an on-call engineer looks at first: TTFT p50/p99 and where it goes (per
+stage), sockets, turn-queue depth, turn/cancel/degraded rates, orphaned upstream streams, fencing
+events and dead letters. Rates and "now" quantiles come from the difference between two scrapes;
+before the second scrape (or when nothing happened in between) quantiles are since start.
+
+Only the standard library: it must run anywhere the stack runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[tuple[str, Labels], float]
+
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+STAGES = ("gateway_accept", "checkpoint_append_user", "eventlog_append", "publish", "queue_wait",
+          "session_fetch", "context_pack", "retrieval", "model_queue", "upstream_first_token")
+
+
+def parse(text: str) -> Samples:
+    """Prometheus text format → {(name, labels): value}; comments and junk lines are skipped."""
+    out: Samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if m is None:
+            continue
+        name, raw_labels, raw_value = m.groups()
+        try:
+            value = float(raw_value)
+        except ValueError:
+            continue
+        labels = tuple(sorted((k, v.replace('\\"', '"').replace("\\\\", "\\"))
+                              for k, v in _LABEL.findall(raw_labels or "")))
+        out[(name, labels)] = value
+    return out
+
+
+def merge(snapshots: Iterable[Samples]) -> Samples:
+    """Sums the same series across processes (counters and histograms add up; so do sockets)."""
+    out: Samples = {}
+    for snap in snapshots:
+        for key, value in snap.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def total(samples: Samples, name: str, **match: str) -> float:
+    want = set(match.items())
+    return sum(v for (n, labels), v in samples.items() if n == name and want <= set(labels))
+
+
+def maximum(snapshots: Iterable[Samples], name: str) -> float | None:
+    values = [v for snap in snapshots for (n, _), v in snap.items() if n == name]
+    return max(values) if values else None
+
+
+def buckets(samples: Samples, name: str, **match: str) -> list[tuple[float, float]]:
+    """Cumulative (upper bound, count) pairs of a histogram, summed over every other label."""
+    want = set(match.items())
+    acc: dict[float, float] = {}
+    for (n, labels), v in samples.items():
+        if n != name + "_bucket" or not want <= set(labels):
+            continue
+        le = dict(labels).get("le")
+        if le is None:
+            continue
+        bound = math.inf if le == "+Inf" else float(le)
+        acc[bound] = acc.get(bound, 0.0) + v
+    return sorted(acc.items())
+
+
+def diff_buckets(now: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    prev = dict(before)
+    return [(b, c - prev.get(b, 0.0)) for b, c in now]
+
+
+def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q·n."""
+    if not cumulative or cumulative[-1][1] <= 0:
+        return None
+    n = cumulative[-1][1]
+    rank = q * n
+    lower, below = 0.0, 0.0
+    for bound, count in cumulative:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower  # above the last finite bound: report that bound
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside > 0 else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v * 1000:.0f} ms" if v < 10 else f"{v:.1f} s"
+
+
+def render(now: list[Samples | None], before: list[Samples | None] | None, dt: float,
+           targets: list[str]) -> str:
+    """One refresh, from this scrape and the previous one (pure: testable without servers)."""
+    up = [s for s in now if s is not None]
+    cur = merge(up)
+    prev = merge(s for s in (before or []) if s is not None) if before else None
+
+    def rate(name: str, **match: str) -> str:
+        if prev is None or dt <= 0:
+            return "—"
+        return f"{max(0.0, total(cur, name, **match) - total(prev, name, **match)) / dt:.1f}/s"
+
+    def q(name: str, qq: float, **match: str) -> float | None:
+        b = buckets(cur, name, **match)
+        if prev is not None:
+            window = diff_buckets(b, buckets(prev, name, **match))
+            if window and window[-1][1] > 0:
+                return quantile(qq, window)
+        return quantile(qq, b)
+
+    out = [f"tidewire top — {time.strftime('%H:%M:%S')} — {len(up)}/{len(targets)} endpoints up"]
+    for target, snap in zip(targets, now, strict=True):
+        if snap is None:
+            out.append(f"  DOWN {target}")
+    ttft_n = total(cur, "tidewire_ttft_seconds_count")
+    out += [
+        "",
+        f"TTFT (gateway receipt → first byte)  p50 {_ms(q('tidewire_ttft_seconds', 0.5)):>9}   "
+        f"p99 {_ms(q('tidewire_ttft_seconds', 0.99)):>9}   turns measured {ttft_n:.0f}",
+        f"sockets {total(cur, 'tidewire_gateway_sockets'):.0f}   SSE streams {total(cur, 'tidewire_gateway_sse_streams'):.0f}"
+        f"   turn queue {_fmt_opt(maximum(up, 'tidewire_turn_queue_pending'))}"
+        f" (waiting {_fmt_opt(maximum(up, 'tidewire_turn_queue_waiting'))})"
+        f"   sessions owned {total(cur, 'tidewire_orchestrator_sessions_owned'):.0f}",
+        f"turns {rate('tidewire_turn_seconds_count')}   sends {rate('tidewire_gateway_sends')}"
+        f"   cancels {rate('tidewire_gateway_cancel_requests')} (succeeded {rate('tidewire_orchestrator_cancel_success')})"
+        f"   degraded {rate('tidewire_gateway_degraded')}   reconnects {rate('tidewire_gateway_reconnects')}",
+        f"upstream orphaned {total(cur, 'tidewire_upstream_orphaned'):.0f}"
+        f"   aborted {total(cur, 'tidewire_upstream_aborted'):.0f}"
+        f"   lease lost {total(cur, 'tidewire_orchestrator_lease_lost'):.0f}"
+        f"   stale rejections {total(cur, 'tidewire_orchestrator_stale_rejections'):.0f}"
+        f"   dead letters {_fmt_opt(maximum(up, 'tidewire_dead_letter_messages'))}"
+        f"   tool timeouts {total(cur, 'tidewire_orchestrator_tool_timeouts'):.0f}",
+        "",
+        f"{'stage':<24}{'p50':>10}{'p99':>10}{'count':>9}",
+    ]
+    for stage in STAGES:
+        n = total(cur, "tidewire_turn_stage_seconds_count", stage=stage)
+        if n == 0:
+            continue
+        out.append(f"{stage:<24}{_ms(q('tidewire_turn_stage_seconds', 0.5, stage=stage)):>10}"
+                   f"{_ms(q('tidewire_turn_stage_seconds', 0.99, stage=stage)):>10}{n:>9.0f}")
+    for name, label in (("tidewire_checkpoint_append_seconds", "checkpoint append"),
+                        ("tidewire_tool_call_seconds", "tool call")):
+        n = total(cur, name + "_count")
+        if n:
+            out.append(f"{label:<24}{_ms(q(name, 0.5)):>10}{_ms(q(name, 0.99)):>10}{n:>9.0f}")
+    return "\n".join(out)
+
+
+def _fmt_opt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f}"
+
+
+def scrape(url: str, timeout: float = 2.0) -> Samples | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return parse(r.read().decode())
+    except Exception:  # noqa: BLE001 - a down endpoint is shown as DOWN
+        return None
+
+
+def targets_from(config: Mapping[str, object]) -> list[str]:
+    metrics = config.get("metrics")
+    if isinstance(metrics, list) and metrics:
+        return [str(m) for m in metrics]
+    url = config.get("url")
+    return [str(url).rstrip("/") + "/metrics"] if url else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tidewire top", description=__doc__.split("\n\n")[0])
+    p.add_argument("--metrics", action="append", default=[],
+                   help="a /metrics URL to scrape (repeat for several; default: .tidewire/dev.json)")
+    p.add_argument("--url", help="gateway base URL (its /metrics is scraped)")
+    p.add_argument("--state-dir", default=".tidewire", help="where `tidewire dev` wrote dev.json")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one view (two scrapes) and exit")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    targets = list(args.metrics)
+    if args.url:
+        targets.append(args.url.rstrip("/") + "/metrics")
+    if not targets:
+        cfg = Path(args.state_dir) / "dev.json"
+        if not cfg.exists():
+            p.error(f"no --metrics/--url given and no {cfg} (run `tidewire dev` first)")
+        targets = targets_from(json.loads(cfg.read_text()))
+    if not targets:
+        p.error("no metrics endpoints to scrape")
+    pool = ThreadPoolExecutor(max_workers=min(16, len(targets)))
+    before: list[Samples | None] | None = None
+    last = time.monotonic()
+    try:
+        while True:
+            now = list(pool.map(scrape, targets))
+            t = time.monotonic()
+            if args.once and before is None:
+                before, last = now, t
+                time.sleep(args.interval)
+                continue
+            view = render(now, before, t - last, targets)
+            if args.once:
+                print(view)
+                return
+            sys.stdout.write("\x1b[H\x1b[2J" + view + "\n")
+            sys.stdout.flush()
+            before, last = now, t
+            time.sleep(max(0.0, args.interval - (time.monotonic() - t)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        pool.shutdown(wait=False)
+
+
+if __name__ == "__main__":
+    main()
