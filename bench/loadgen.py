@@ -361,12 +361,14 @@ async def scen_ttft(ctx: Ctx) -> dict[str, Any]:
     p = ctx.p
     base, n, turns = p["base_url"], int(p["sessions"]), int(p["turns"])
     text_tokens, rate = int(p.get("tokens", 8)), float(p.get("rate", 0))
+    turn_timeout = float(p.get("turn_timeout", 30))
     async with new_http() as http:
         clients, open_errors = await open_clients(ctx, http, base, n)
         if not clients:
             raise RuntimeError(f"no connection opened: {open_errors[:3]}")
         # warm-up: one unmeasured turn per session (first-use costs: subscriptions, pools, caches)
-        await gather_limited([lambda c=c: run_turn(c, sim_line(text_tokens, rate)) for c in clients], 100)
+        await gather_limited([lambda c=c: run_turn(c, sim_line(text_tokens, rate), timeout=turn_timeout)
+                              for c in clients], 100)
         await ctx.coord.call("mark", tag="start")
         ttft: list[float] = []
         ack: list[float] = []
@@ -381,7 +383,7 @@ async def scen_ttft(ctx: Ctx) -> dict[str, Any]:
             for _ in range(turns):
                 try:
                     rtt.append(await c.ping_rtt())
-                    o = await run_turn(c, sim_line(text_tokens, rate), timeout=30)
+                    o = await run_turn(c, sim_line(text_tokens, rate), timeout=turn_timeout)
                 except Exception as e:  # noqa: BLE001
                     errors[errname(e)[:80]] += 1
                     return
@@ -413,18 +415,30 @@ async def probe_ttft(ctx: Ctx, http: aiohttp.ClientSession, base: str, turns: in
                      ) -> dict[str, Any]:
     """One active session next to whatever else is open: its send->first-delta times."""
     c = WsClient(http, base, ctx.token())
-    await c.open()
-    await run_turn(c, sim_line(text_tokens, 0))
     samples: list[float] = []
     errors = 0
-    for _ in range(turns):
-        o = await run_turn(c, sim_line(text_tokens, 0))
-        if o.ttft_ms is not None:
-            samples.append(o.ttft_ms)
-        if o.error:
-            errors += 1
-    await c.close()
-    return {"ttft_ms": samples, "errors": errors}
+    failed_in_a_row = 0
+    try:
+        await c.open()
+        await run_turn(c, sim_line(text_tokens, 0), timeout=15)
+        for _ in range(turns):
+            o = await run_turn(c, sim_line(text_tokens, 0), timeout=15)
+            if o.ttft_ms is not None:
+                samples.append(o.ttft_ms)
+            if o.error:
+                errors += 1
+                failed_in_a_row += 1
+                if failed_in_a_row >= 3 or o.error in ("connection closed", "timeout"):
+                    log(f"probe gives up: {o.error}")
+                    break
+            else:
+                failed_in_a_row = 0
+    except Exception as e:  # noqa: BLE001
+        errors += 1
+        log(f"probe failed: {errname(e)}")
+    finally:
+        await c.close()
+    return {"ttft_ms": samples, "errors": errors, "turns": turns}
 
 
 async def open_sse(http: aiohttp.ClientSession, base: str, sid: str, token: str) -> aiohttp.ClientResponse:
@@ -453,11 +467,12 @@ async def scen_idle(ctx: Ctx) -> dict[str, Any]:
     probe_turns = int(p.get("probe_turns", 50))
     tag = p.get("tag", "")
     limit = int(p.get("open_concurrency", 100))
+    settle = float(p.get("settle_s", 2.0))
     out: dict[str, Any] = {"n": n}
     async with new_http() as http:
         warm, _ = await open_clients(ctx, http, base, min(20, n), limit=20)
         await gather_limited([lambda c=c: c.close() for c in warm], 20)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(settle / 2)
         await ctx.coord.call("snapshot", tag=f"{tag}before")
         t0 = time.monotonic()
         clients, errors = await open_clients(ctx, http, base, n, limit=limit)
@@ -468,17 +483,20 @@ async def scen_idle(ctx: Ctx) -> dict[str, Any]:
         out["ws_open_errors"] = len(errors)
         out["ws_open_error_kinds"] = dict(collections.Counter(e[:80] for e in errors).most_common(3))
         log(f"{len(clients)} idle websockets open in {out['ws_open_s']}s ({len(errors)} errors)")
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(settle)
+        out["ws_open_at_snapshot"] = sum(1 for c in clients if c.ws is not None and not c.ws.closed)
         await ctx.coord.call("snapshot", tag=f"{tag}ws_open", cpu_window_s=float(p.get("cpu_window_s", 5)))
         if probe_turns:
             out["ws_probe"] = await probe_ttft(ctx, http, base, probe_turns)
         alive = sum(1 for c in clients if c.ws is not None and not c.ws.closed)
         out["ws_still_open"] = alive
+        out["ws_closed_by_server"] = dict(collections.Counter(
+            str(c.ws.close_code) for c in clients if c.ws is not None and c.ws.closed).most_common(5))
         sessions = [(c.session_id, c) for c in clients]
         await gather_limited([lambda c=c: c.close() for c in clients], 500)
         if not sse:
             return out
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(settle)
         await ctx.coord.call("snapshot", tag=f"{tag}ws_closed")
         # a fresh gateway process, so the SSE figure does not reuse memory the WebSockets left behind
         await ctx.coord.call("fresh_gateway", timeout=120)
@@ -489,7 +507,7 @@ async def scen_idle(ctx: Ctx) -> dict[str, Any]:
         for w in warm:
             if isinstance(w, aiohttp.ClientResponse):
                 w.close()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(settle / 2)
         await ctx.coord.call("snapshot", tag=f"{tag}sse_before")
         t0 = time.monotonic()
         res = await gather_limited([lambda sid=sid: open_sse(http, base, sid, tokens_by_sid[sid])
@@ -501,7 +519,7 @@ async def scen_idle(ctx: Ctx) -> dict[str, Any]:
         out["sse_open_errors"] = len(sse_errors)
         out["sse_open_error_kinds"] = dict(collections.Counter(e[:80] for e in sse_errors).most_common(3))
         log(f"{len(streams)} idle SSE streams open in {out['sse_open_s']}s ({len(sse_errors)} errors)")
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(settle)
         await ctx.coord.call("snapshot", tag=f"{tag}sse_open", cpu_window_s=float(p.get("cpu_window_s", 5)))
         if probe_turns:
             out["sse_probe"] = await probe_ttft(ctx, http, base, probe_turns)

@@ -66,6 +66,8 @@ FULL: dict[str, Any] = {
     "ttft_tokens": 8,
     "idle_n": 10_000,
     "idle_probe_turns": 100,
+    "idle_cpu_window_s": 5,
+    "idle_settle_s": 2,
     "throughput": {"sessions": 50, "tokens": 400, "rounds": 3},
     "crash": {"trials": 30, "tokens": 150, "rate": 50, "kill_after": 20},
     "storm_n": 2000,
@@ -75,6 +77,8 @@ QUICK: dict[str, Any] = {
     "ttft_tokens": 8,
     "idle_n": 200,
     "idle_probe_turns": 10,
+    "idle_cpu_window_s": 1,
+    "idle_settle_s": 0.5,
     "throughput": {"sessions": 20, "tokens": 200, "rounds": 2},
     "crash": {"trials": 3, "tokens": 100, "rate": 50, "kill_after": 20},
     "storm_n": 50,
@@ -143,6 +147,7 @@ class Bench:
         self.orch_seq = 0
         self.samples: dict[str, Any] = {}  # raw samples for the plots (not written to the JSON)
         self.src = REPO
+        self.generation = 0
 
     # ---- life cycle ----------------------------------------------------------------------------
     def snapshot_source(self) -> Path:
@@ -160,11 +165,17 @@ class Bench:
         from shared.infra import EmbeddedInfra
         from tidewire.stack import Stack, free_port, wait_http
 
-        self.src = self.snapshot_source()
-        os.chdir(self.src)  # `python -m service` puts the cwd first on sys.path
+        if self.src == REPO:
+            self.src = self.snapshot_source()
+            os.chdir(self.src)  # `python -m service` puts the cwd first on sys.path
+        self.generation += 1
+        if self.generation > 1:  # a fresh stack: new state, new logs
+            self.log_dir = self.workdir / f"logs-{self.generation}"
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.orch_seq = 0
 
         log(f"starting embedded NATS/Postgres/Redis in {self.workdir}")
-        self.infra = EmbeddedInfra(self.workdir / "infra")
+        self.infra = EmbeddedInfra(self.workdir / f"infra-{self.generation}")
         endpoints = self.infra.start()
         self.env = {
             **endpoints.as_env(),
@@ -201,6 +212,18 @@ class Bench:
         if self.infra is not None:
             with contextlib.suppress(Exception):
                 self.infra.stop()
+        self.stack = self.infra = None
+
+    async def canary(self) -> dict[str, Any]:
+        """One session, three short turns: does the stack still answer after the last scenario?"""
+        try:
+            res = await self.loadgen("ttft", {"base_url": self.url, "sessions": 1, "turns": 3, "tokens": 8,
+                                              "rate": 0, "turn_timeout": 15}, timeout=120)
+        except Exception as e:  # noqa: BLE001
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+        ok = res["turns"] == 3 and res["errors"] == 0
+        return {"ok": ok, "ttft_p50_ms": summarize(res["ttft_ms"]).get("p50"), "errors": res["errors"],
+                "error_kinds": res["error_kinds"]}
 
     @property
     def url(self) -> str:
@@ -414,8 +437,10 @@ class Bench:
         snaps: dict[str, Any] = {}
         log(f"idle: {n} websockets then {n} SSE streams on one gateway")
         res = await self.loadgen("idle", {"base_url": self.url, "n": n, "sse": True,
-                                          "probe_turns": self.cfg["idle_probe_turns"], "cpu_window_s": 5,
-                                          "open_concurrency": 100}, self.snapshot_handler(snaps), timeout=1200)
+                                          "probe_turns": self.cfg["idle_probe_turns"],
+                                          "cpu_window_s": self.cfg["idle_cpu_window_s"],
+                                          "settle_s": self.cfg["idle_settle_s"], "open_concurrency": 100},
+                                 self.snapshot_handler(snaps), timeout=1200)
         out: dict[str, Any] = {"n": n}
 
         def per_conn(after: str, before: str, opened: int, comp: str = "gateway") -> tuple[float | None, ...]:
@@ -450,7 +475,9 @@ class Bench:
         log(f"idle: {n} websockets on the bare relay")
         bsnaps: dict[str, Any] = {}
         bres = await self.loadgen("idle", {"base_url": self.baseline_url, "n": n, "sse": False,
-                                           "probe_turns": self.cfg["idle_probe_turns"], "cpu_window_s": 5},
+                                           "probe_turns": self.cfg["idle_probe_turns"],
+                                           "cpu_window_s": self.cfg["idle_cpu_window_s"],
+                                           "settle_s": self.cfg["idle_settle_s"]},
                                   self.snapshot_handler(bsnaps), timeout=900)
         if "ws_open" in bsnaps and bres.get("ws_opened"):
             a, b = bsnaps["ws_open"]["baseline"], bsnaps["before"]["baseline"]
@@ -821,9 +848,10 @@ def build_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
             None, f"{idle.get('sse_opened')} opened, {idle.get('sse_open_errors')} errors")
         row("Idle SSE stream: file descriptors per stream", idle.get("sse_fds_per_conn"), "fd", "1",
             le(idle.get("sse_fds_per_conn"), 1.05))
-        row(f"Gateway CPU with {n} idle WebSockets (5 s window)", _get(idle, "ws_idle_cpu_pct", "gateway"), "%",
+        win = _get(results, "meta", "config", "idle_cpu_window_s")
+        row(f"Gateway CPU with {n} idle WebSockets ({win} s window)", _get(idle, "ws_idle_cpu_pct", "gateway"), "%",
             floor=idle.get("baseline_ws_idle_cpu_pct"))
-        row(f"Gateway CPU with {n} idle SSE streams (5 s window)", _get(idle, "sse_idle_cpu_pct", "gateway"), "%")
+        row(f"Gateway CPU with {n} idle SSE streams ({win} s window)", _get(idle, "sse_idle_cpu_pct", "gateway"), "%")
         row(f"TTFT p50 of an active session next to {n} idle WebSockets", _get(idle, "ws_probe_ttft_ms", "p50"),
             "ms", floor=_get(idle, "baseline_ws_probe_ttft_ms", "p50"))
         row(f"TTFT p99 of an active session next to {n} idle WebSockets", _get(idle, "ws_probe_ttft_ms", "p99"),
@@ -1058,6 +1086,18 @@ async def run_all(bench: Bench, only: list[str]) -> dict[str, Any]:
                 await asyncio.to_thread(bench.restart_gateway)
             while len(bench.orchestrators()) < 2:
                 await asyncio.to_thread(bench.add_orchestrator)
+        if name == only[-1]:
+            break
+        # ...or alive but wedged: the next scenario must not be measured on a broken stack
+        canary = await bench.canary()
+        if isinstance(scenarios[name], dict):
+            scenarios[name]["canary_after"] = canary
+        if not canary["ok"]:
+            log(f"{name}: the stack no longer answers ({canary}); starting a fresh one for the next scenario")
+            if isinstance(scenarios[name], dict):
+                scenarios[name]["stack_restarted_after"] = True
+            await asyncio.to_thread(bench.stop)
+            await asyncio.to_thread(bench.start)
     return scenarios
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import limits, openapi, poll, sessions, sse, ws
+from gateway import limits, media, openapi, poll, sessions, sse, ws
 from gateway.deps import Deps
 from gateway.hub import SessionHub
 from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS, SSE_STREAMS
@@ -48,6 +48,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         bus = await Bus.connect(settings.nats_url, name=gateway_id, timeout_s=settings.nats_timeout_s)
         await bus.ensure_streams()
         deps = Deps(settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id)
+        deps.media = app[media.MEDIA] = await media.MediaStore.open(bus.js, settings)
         hub = SessionHub(bus, checkpoints, gateway_id)
         app[DEPS] = deps
         install_metrics(deps)
@@ -86,6 +87,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/v1/sessions/{sid}", sessions.get_session),
         web.post("/v1/sessions/{sid}/messages", sessions.post_message),
         web.post("/v1/sessions/{sid}/stop", sessions.post_stop),
+        web.post("/v1/media", media.upload),
+        web.get("/v1/media/{media_id}", media.download),
         web.patch("/v1/sessions/{sid}/flags", sessions.patch_flags),
         web.get("/v1/sessions/{sid}/events", sse.sse_handler),
         web.get("/v1/sessions/{sid}/poll", poll.poll_handler),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from gateway import media
 from gateway.deps import Deps
 from proto import bus as busproto
 from proto import client
@@ -73,6 +74,7 @@ async def authorize(deps: Deps, session_id: str, subject: str) -> SessionRow:
     return row
 
 
+MAX_ATTACHMENTS = 10
 FLAG_CACHE_TTL_S = 1.0
 FLAG_CACHE_MAX = 10_000
 
@@ -154,6 +156,12 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
     received_ns = time.time_ns()
     trace_context = telemetry.inject() or None
     _validate(deps, req.client_msg_id, req.text)
+    if req.attachments:
+        if len(req.attachments) > MAX_ATTACHMENTS:
+            raise BadFrame(f"at most {MAX_ATTACHMENTS} attachments per message")
+        if deps.media is None:
+            raise BadFrame("attachments are not enabled on this gateway")
+        await media.check_attachments(deps.media, subject, req.attachments)
     if policy is None:
         policy = (await session_flags(deps, session_id)).get("double_text_policy")  # type: ignore[assignment]
     policy = policy or deps.settings.double_text_policy  # type: ignore[assignment]

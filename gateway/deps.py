@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.metrics import TurnTraces
 from gateway.settings import GatewaySettings
@@ -40,3 +41,4 @@ class Deps:
     turn_traces: TurnTraces = field(default_factory=TurnTraces)
     draining: bool = False
     flag_cache: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)
+    media: Any = None  # gateway.media.MediaStore: uploads referenced by `send.attachments`

@@ -162,10 +162,10 @@ class SubjectLimits:
         self._renew = redis.register_script(_RENEW)
         self.slots: set[Slot] = set()
 
-    async def _bounded(self, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _bounded(self, call: Callable[[], Awaitable[Any]], timeout_s: float | None = None) -> Any:
         """A limit check never holds a request up: slow or failing Redis = no check (fail open)."""
         try:
-            async with asyncio.timeout(self.settings.limits_timeout_s):
+            async with asyncio.timeout(timeout_s or self.settings.limits_timeout_s):
                 return await call()
         except Exception as e:  # noqa: BLE001 - the send path reports a down Redis on its own
             self.counters.limit_checks_skipped += 1
@@ -187,9 +187,11 @@ class SubjectLimits:
         s = self.settings
         slot = Slot(subject, f"{self.gateway_id}:{secrets.token_hex(8)}")
         if s.max_connections_per_subject > 0:
+            # once per connection, not per message: it may wait as long as any Redis command
             ok = await self._bounded(lambda: self._acquire(
                 keys=[subject_key(subject, "conns")],
-                args=[slot.slot_id, s.max_connections_per_subject, int(s.connection_lease_s * 1000)]))
+                args=[slot.slot_id, s.max_connections_per_subject, int(s.connection_lease_s * 1000)]),
+                max(s.limits_timeout_s, s.redis_timeout_s))
             if ok == 0:
                 self.counters.connections_refused += 1
                 raise RateLimited(f"too many connections for this user (at most {s.max_connections_per_subject})",

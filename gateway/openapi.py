@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
+from gateway.commands import MAX_ATTACHMENTS
 from gateway.keys import DEPS
 from gateway.settings import GatewaySettings
 from proto import client
@@ -113,7 +114,7 @@ def _sid() -> dict[str, Any]:
             "schema": {"type": "string", "pattern": SESSION_ID_PATTERN}}
 
 
-def _components(settings: GatewaySettings) -> dict[str, Any]:
+def _components(settings: GatewaySettings, attachments: bool) -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(_SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
     for name in _NAMES:
         assert name in schemas or name in ("ClientFrame", "ServerFrame"), name
@@ -130,10 +131,17 @@ def _components(settings: GatewaySettings) -> dict[str, Any]:
     send["text"] = {"type": "string", "minLength": 1, "maxLength": settings.max_text_chars,
                     "pattern": NOT_BLANK_NO_NUL,
                     "description": "Not blank; no NUL"}
+    if attachments:
+        send["attachments"] = {"anyOf": [{"type": "array", "maxItems": MAX_ATTACHMENTS, "items": _ref("Attachment")},
+                                         {"type": "null"}],
+                               "description": "Media the sender uploaded (`POST /v1/media`)"}
+    else:  # this gateway has no media store: a message cannot carry attachments
+        send.pop("attachments", None)
     return out
 
 
-def document(settings: GatewaySettings) -> dict[str, Any]:
+def document(settings: GatewaySettings, *, attachments: bool = False) -> dict[str, Any]:
+    """The document for a gateway with these settings (`attachments`: it has a media store)."""
     bearer = [{"bearer": []}, {"access_token": []}]
     session_ops_errors = ("400", "401", "403", "404")
     paths: dict[str, Any] = {
@@ -244,7 +252,7 @@ def document(settings: GatewaySettings) -> dict[str, Any]:
                 "access_token": {"type": "apiKey", "in": "query", "name": "access_token",
                                  "description": "For browsers that cannot set headers (WebSocket, EventSource)"},
             },
-            "schemas": _components(settings),
+            "schemas": _components(settings, attachments),
             "responses": {f"E{code}": {"description": text, "content": _json("Error")}
                           for code, text in _ERRORS.items()},
         },
@@ -252,10 +260,11 @@ def document(settings: GatewaySettings) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4)
-def document_bytes(settings: GatewaySettings) -> bytes:
-    return msgspec.json.encode(document(settings))
+def document_bytes(settings: GatewaySettings, attachments: bool = False) -> bytes:
+    return msgspec.json.encode(document(settings, attachments=attachments))
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    return web.Response(body=document_bytes(request.app[DEPS].settings), content_type="application/json",
-                        headers={"Cache-Control": "public, max-age=300"})
+    deps = request.app[DEPS]
+    body = document_bytes(deps.settings, getattr(deps, "media", None) is not None)
+    return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "public, max-age=300"})

@@ -52,9 +52,9 @@ class GatewaySettings:
     # per subject, across every gateway (Redis)
     subject_msg_rate_per_s: float = 10.0
     subject_msg_burst: int = 40
-    max_connections_per_subject: int = 32  # WebSocket + SSE + long-poll requests open at once
+    max_connections_per_subject: int = 256  # WebSocket + SSE + long-poll requests open at once
     connection_lease_s: float = 60.0  # a dead gateway's connections stop counting after this
-    limits_timeout_s: float = 0.25  # a Redis limit check that takes longer is skipped (fail open)
+    limits_timeout_s: float = 0.5  # a Redis message-rate check that takes longer is skipped (fail open)
     # load shedding: new sends are refused with `degraded` while the turn queue is this deep
     # (0 = always shed, negative = never) or a dependency is down; sampled in the background
     turn_queue_shed_threshold: int = 5000

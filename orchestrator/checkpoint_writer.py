@@ -48,6 +48,8 @@ class CheckpointWriter:
         self.appends = 0
         self.events = 0
         self.error: BaseException | None = None
+        self.written: list[bytes] = []  # what this writer checkpointed, seqs filled in, in order
+        self._first_seq = 0
 
     async def put(self, make: Callable[[], bytes]) -> None:
         """Queues the event `make()` builds once there is room: building it (which allocates its
@@ -66,10 +68,16 @@ class CheckpointWriter:
         await self.flush()
         return await self._append(raws, start_turn, publish=publish)
 
-    async def publish(self, raws: list[bytes], first_seq: int) -> None:
+    def contiguous_from(self, start_seq: int) -> bool:
+        """True when this writer wrote every event from `start_seq` on, with nobody else's in between,
+        so the turn can be persisted from memory instead of re-read from Redis."""
+        return bool(self.written) and self._first_seq == start_seq and \
+            self.last_seq - start_seq + 1 == len(self.written)
+
+    async def publish(self, events: list[bytes]) -> None:
+        """Publishes events already checkpointed (their seqs filled in)."""
         try:
-            await self._bus.publish_events(self._lease.session_id,
-                                           [with_seq(r, first_seq + i) for i, r in enumerate(raws)])
+            await self._bus.publish_events(self._lease.session_id, events)
         except Exception as e:  # noqa: BLE001 - checkpointed: readers catch up from the store
             log.warning("live publish failed: %s", e)
 
@@ -108,6 +116,10 @@ class CheckpointWriter:
         self.appends += 1
         self.events += len(raws)
         self.last_seq = first + len(raws) - 1
+        if not self.written:
+            self._first_seq = first
+        events = [with_seq(r, first + i) for i, r in enumerate(raws)]
+        self.written.extend(events)
         if publish:
-            await self.publish(raws, first)
+            await self.publish(events)
         return first

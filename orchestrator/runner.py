@@ -119,6 +119,12 @@ class SessionRunner:
             self._cancel.clear()
             try:
                 await self._run_turn(turn_id)
+            except (LeaseLost, StaleEpoch, asyncio.CancelledError):
+                raise
+            except Exception:
+                with contextlib.suppress(Exception):
+                    await cp.record_failure(self.sid, turn_id)
+                raise
             finally:
                 self.current = None
                 self.done_turns.set()
@@ -152,35 +158,36 @@ class SessionRunner:
     async def _play_turn(self, req: busproto.TurnRequest, turn_id: str, state: tuple[str, str] | None,
                          span: Any) -> str:
         svc, cp = self.svc, self.svc.checkpoints
-        user_seq = await cp.user_seq(self.sid, req.client_msg_id)
-        attempts = await cp.bump_attempts(self.sid, turn_id)
-        span.set_attribute("attempt", attempts)
+        starts, failures = await cp.begin_attempt(self.sid, turn_id)
+        span.set_attribute("attempt", starts)
         progress = TurnProgress(turn_id)
         if state is not None:  # running: a takeover, or a retry after a failure
             progress = TurnProgress.restore(turn_id, await self._turn_events(int(state[1])))
             svc.metrics["takeovers"] += 1
             span.set_attribute("takeover", True)
         writer = CheckpointWriter(cp, svc.eventlog, svc.bus, self.lease)
-        unpublished: list[bytes] = []
+        unpublished = False
         if progress.ended is None:
             if not progress.started:
                 progress.start_seq = await writer.write_now([progress.turn_start()], start_turn=turn_id)
                 svc.observe_first_event(req)
-            status, why = await self._generate(req, progress, writer, attempts)
-            end_raw = progress.end(status)
-            await writer.write_now([end_raw], publish=False)  # published once durable in Postgres
-            unpublished = [end_raw]
+            status, why = await self._generate(req, progress, writer, starts, failures)
+            await writer.write_now([progress.end(status)], publish=False)  # published once durable in Postgres
+            unpublished = True
             if why:
                 log.info("turn %s ended %s: %s", turn_id, status, why)
-        raws = [raw for _, raw in await self._log_from(progress.start_seq)]
+        raws = writer.written if state is None and writer.contiguous_from(progress.start_seq) else \
+            [raw for _, raw in await self._log_from(progress.start_seq)]
+        user_seq = await cp.user_seq(self.sid, req.client_msg_id)
         ended = next(ev for ev in (client.event_decoder.decode(r) for r in reversed(raws))
                      if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
         with telemetry.tracer.start_as_current_span("eventlog.append_turn"):
             await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended,
                                            self.lease.epoch, flags=svc.flags_in_force(req))
         if unpublished:
-            await writer.publish(unpublished, writer.last_seq)
+            await writer.publish(writer.written[-1:])
         await cp.finish_turn(self.lease, turn_id, ended.status)
+        svc.record_analytics(req, ended, raws)
         svc.metrics["turns_" + ended.status] += 1
         span.set_attribute("status", ended.status)
         await svc.remember_turn(req, ended)
@@ -200,11 +207,14 @@ class SessionRunner:
         return [client.event_decoder.decode(raw) for _, raw in await self._log_from(start_seq)]
 
     async def _generate(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
-                        attempts: int) -> tuple[client.TurnStatus, str]:
+                        starts: int, failures: int) -> tuple[client.TurnStatus, str]:
         svc = self.svc
-        if attempts > svc.settings.max_turn_attempts:
-            await svc.dead_letter(req, f"failed {attempts - 1} times")
-            text = f"This message could not be processed after {attempts - 1} attempts."
+        # A poison turn: it raised max_turn_attempts times, or its owners kept dying while running it
+        # (a crash loop is indistinguishable from chaos, hence the much higher ceiling on starts).
+        if failures >= svc.settings.max_turn_attempts or starts > svc.settings.max_turn_starts:
+            tries = max(failures, starts - 1)
+            await svc.dead_letter(req, f"failed {failures} times, started {starts - 1} times")
+            text = f"This message could not be processed after {tries} attempts."
             await writer.write_now([progress.status(text)])
             return "failed", "dead-lettered"
         if await svc.checkpoints.is_cancelled(self.sid, progress.turn_id):
@@ -270,7 +280,7 @@ class SessionRunner:
         if marker and marker in req.text:
             raise RuntimeError("injected poison turn")
         messages = await svc.context_for(req)
-        tools = svc.tool_specs()
+        tools = svc.tool_specs(req)
         for _ in range(svc.settings.max_tool_steps + 1):
             pending_calls = progress.unfinished_calls()
             if pending_calls:
@@ -317,9 +327,15 @@ class SessionRunner:
                                     if out:
                                         if not first_token:
                                             first_token = True
+                                            svc.note_first_token(preq.turn_id)
                                         await writer.put(functools.partial(progress.delta, out))
                                 elif isinstance(ev, ToolCallRequest):
                                     calls.append(ev)
+                    except ProviderError:
+                        tail = graphemes.flush() if first_token else ""
+                        if tail:  # text already promised must not lose its held-back last cluster
+                            await writer.put(functools.partial(progress.delta, tail))
+                        raise
                     finally:
                         if waiting is not None:
                             waiting.set_attribute("event", "none")

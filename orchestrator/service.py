@@ -26,13 +26,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from nats.aio.msg import Msg
 
+from orchestrator.analytics import AnalyticsPublisher, tool_calls_in, turn_analytics
+from orchestrator.flags import FlagResolver, load_system_prompts, parse_route, select_tools, system_prompt_for
 from orchestrator.packer import pack
 from orchestrator.providers.base import Provider, ToolSpec
 from orchestrator.runner import SessionRunner, decode_request
 from orchestrator.settings import OrchestratorSettings
+from orchestrator.upstream import UpstreamRouter
 from proto import bus as busproto
 from proto import client
 from proto.state import ChatMessage, SessionState
@@ -83,7 +87,11 @@ class OrchestratorService:
         self._flags: dict[str, dict[str, Any]] = {}
         self._stopping = asyncio.Event()
         self._upstream = asyncio.Semaphore(1024)
-        self.provider: Provider = make_provider(settings.provider)
+        self.upstreams = UpstreamRouter(make_provider(settings.provider), factory=make_provider,
+                                        on_wait=lambda _upstream, secs: telemetry.observe_stage("model_queue", secs))
+        self.provider: Provider = self.upstreams
+        self._system_prompts = load_system_prompts()
+        self._first_token_ns: dict[str, int] = {}
         self.tools: Any = None
         self.queue_depth: tuple[int, int] | None = None  # (waiting, delivered but unacked), sampled
         self.dead_letters: int | None = None
@@ -97,6 +105,8 @@ class OrchestratorService:
         self.bus = await Bus.connect(s.nats_url, name=self.id, timeout_s=s.nats_timeout_s)
         self.sessions = SessionStore(self.checkpoints.redis, self.eventlog, ttl_s=s.session_ttl_s,
                                      window=s.window_messages)
+        self.flags = FlagResolver(self.eventlog, ttl_s=2.0)
+        self.analytics = AnalyticsPublisher(self.bus.js)
         try:
             await self.bus.ensure_streams()
             await self._start_tools()
@@ -108,7 +118,9 @@ class OrchestratorService:
                 self._tg = tg
                 loops = [tg.create_task(self._fetch_loop(), name="fetch"),
                          tg.create_task(self._takeover_loop(), name="takeover"),
-                         tg.create_task(self._sample_queue(), name="queue-sampler")]
+                         tg.create_task(self._sample_queue(), name="queue-sampler"),
+                         tg.create_task(self.upstreams.publish_loop(self.checkpoints.redis), name="breakers")]
+                analytics = tg.create_task(self.analytics.run(), name="analytics")
                 health = await self._start_health()
                 log.info("orchestrator %s ready", self.id)
                 await self._stopping.wait()
@@ -116,6 +128,8 @@ class OrchestratorService:
                 for t in loops:
                     t.cancel()
                 await self._finish_runners()
+                await self.analytics.flush(2.0)
+                analytics.cancel()
                 await cancel_sub.unsubscribe()
                 if health is not None:
                     await health.cleanup()
@@ -123,6 +137,7 @@ class OrchestratorService:
             if self.tools is not None:
                 with contextlib.suppress(Exception):
                     await self.tools.close()
+            await self.upstreams.close()
             await self.bus.close()
             await self.checkpoints.close()
             await self.eventlog.close()
@@ -183,7 +198,8 @@ class OrchestratorService:
                 if state is not None and state[0] == "done":
                     await msg.ack()
                     return
-                if state is None and not checked_requeue:
+                if state is None and not checked_requeue and msg.metadata.num_delivered > 1:
+                    # a redelivery: the turn may be done already, or Redis may have lost its queue entry
                     checked_requeue = True
                     if await self.eventlog.turn_status(req.turn_id) is not None:
                         await msg.ack()
@@ -267,10 +283,11 @@ class OrchestratorService:
         t0 = time.perf_counter()
         with tracer.start_as_current_span("session.fetch"):
             state = await self.sessions.load(req.session_id, req.subject)
+            flags = await self.flags.resolve(req.session_id, req.subject, state.flags)
         t1 = time.perf_counter()
         telemetry.observe_stage("session_fetch", t1 - t0)
         with tracer.start_as_current_span("context.pack"):
-            messages = self._pack(req, state)
+            messages = self._pack(req, state, flags)
         t2 = time.perf_counter()
         telemetry.observe_stage("context_pack", t2 - t1)
         with tracer.start_as_current_span("retrieval", attributes={"retrieval.enabled": False}):
@@ -278,13 +295,19 @@ class OrchestratorService:
         telemetry.observe_stage("retrieval", time.perf_counter() - t2)
         return messages
 
-    def _pack(self, req: busproto.TurnRequest, state: SessionState) -> list[ChatMessage]:
-        self._flags[req.session_id] = dict(state.flags)
+    def _pack(self, req: busproto.TurnRequest, state: SessionState, flags: dict[str, Any]) -> list[ChatMessage]:
+        self._flags[req.session_id] = flags
         window = [m for m in state.window if m.turn_id != req.turn_id or m.role != "assistant"]
         if not any(m.turn_id == req.turn_id and m.role == "user" for m in window):
             window.append(ChatMessage(role="user", text=req.text, turn_id=req.turn_id, seq=req.user_seq))
+        if req.attachments:
+            note = "\n".join(f"[attachment {a.media_id}]" for a in req.attachments)
+            window = [msgspec.structs.replace(m, text=f"{m.text}\n{note}")
+                      if m.turn_id == req.turn_id and m.role == "user" and note not in m.text else m for m in window]
         state.window = window
-        messages, meta = pack(self.settings.system_prompt, window, self.settings.context_budget_tokens)
+        prompt = system_prompt_for(flags.get("system_prompt_version"), self.settings.system_prompt,
+                                   self._system_prompts)
+        messages, meta = pack(prompt, window, self.settings.context_budget_tokens)
         state.packer = meta
         self._states[req.session_id] = state
         return messages
@@ -304,15 +327,28 @@ class OrchestratorService:
         return str(self._flags.get(session_id, {}).get("disconnect_policy", self.settings.disconnect_policy))
 
     def flags_in_force(self, req: busproto.TurnRequest) -> dict[str, Any]:
-        return {"provider": self.provider.name, "disconnect_policy": self.disconnect_policy(req.session_id),
-                **self._flags.get(req.session_id, {})}
+        """Recorded on the turn's row, so an incident can see which turns used what."""
+        flags = self._flags.get(req.session_id, {})
+        return {"provider": parse_route(flags.get("model"), default_provider=self.settings.provider).provider,
+                "disconnect_policy": self.disconnect_policy(req.session_id), **flags}
 
     def model_for(self, req: busproto.TurnRequest) -> str | None:
         model = self._flags.get(req.session_id, {}).get("model")
         return None if model is None else str(model)
 
-    def tool_specs(self) -> list[ToolSpec]:
-        return list(self.tools.specs()) if self.tools is not None else []
+    def tool_specs(self, req: busproto.TurnRequest | None = None) -> list[ToolSpec]:
+        specs = list(self.tools.specs()) if self.tools is not None else []
+        return specs if req is None else select_tools(specs, self._flags.get(req.session_id, {}).get("tool_set"))
+
+    def note_first_token(self, turn_id: str) -> None:
+        if len(self._first_token_ns) > 10_000:
+            self._first_token_ns.clear()
+        self._first_token_ns.setdefault(turn_id, time.time_ns())
+
+    def record_analytics(self, req: busproto.TurnRequest, ended: client.TurnEnd, raws: list[bytes]) -> None:
+        """Never on the token path: a bounded queue, published in the background, dropped when full."""
+        self.analytics.offer(turn_analytics(req, ended, first_token_ns=self._first_token_ns.pop(req.turn_id, None),
+                                            tool_calls=tool_calls_in(raws)))
 
     async def call_tool(self, session_id: str, turn_id: str, call_id: str, name: str,
                         args: dict[str, Any]) -> tuple[bool, str]:

@@ -25,6 +25,7 @@ class OrchestratorSettings:
     takeover_scan_ms: int = 50
     max_sessions: int = 256
     max_turn_attempts: int = 3
+    max_turn_starts: int = 12
     turn_timeout_s: float = 600.0
     max_tool_steps: int = 4
     # model

@@ -146,10 +146,14 @@ class CheckpointStore:
         self.stale_rejections = 0
 
     @classmethod
-    def connect(cls, url: str, *, timeout_s: float = 3.0, ttl_s: float = 86_400) -> CheckpointStore:
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                         health_check_interval=10)
-        return cls(client, ttl_s=ttl_s)
+    def connect(cls, url: str, *, timeout_s: float = 3.0, ttl_s: float = 86_400,
+                max_connections: int = 64) -> CheckpointStore:
+        """A bounded pool: a burst of requests waits (up to the timeout) for a connection instead of
+        opening one per request; Redis executes commands one at a time anyway."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, health_check_interval=10)
+        return cls(aioredis.Redis(connection_pool=pool), ttl_s=ttl_s)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -239,9 +243,20 @@ class CheckpointStore:
         kind, _, rest = v.decode().partition(":")
         return kind, rest
 
-    async def bump_attempts(self, session_id: str, turn_id: str) -> int:
+    async def begin_attempt(self, session_id: str, turn_id: str) -> tuple[int, int]:
+        """Counts a start of the turn (first run or takeover); returns (starts, failures so far)."""
         key = rkey(session_id, "attempts")
-        n = await self.redis.hincrby(key, turn_id, 1)
+        async with self.redis.pipeline(transaction=False) as p:
+            p.hincrby(key, turn_id + ":starts", 1)
+            p.hget(key, turn_id + ":failures")
+            p.pexpire(key, self.ttl_ms)
+            starts, failures, _ = await p.execute()
+        return int(starts), int(failures or 0)
+
+    async def record_failure(self, session_id: str, turn_id: str) -> int:
+        """A run of the turn raised (a bug or a store failure), as opposed to its owner being killed."""
+        key = rkey(session_id, "attempts")
+        n = await self.redis.hincrby(key, turn_id + ":failures", 1)
         await self.redis.pexpire(key, self.ttl_ms)
         return int(n)
 

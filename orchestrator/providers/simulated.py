@@ -269,6 +269,7 @@ _AWKWARD: Final = (
     "こんにちは",
 )
 
+_ATTACHMENT: Final = re.compile(r"^\[attachment m_[\w-]+\]$", re.M)
 _QUOTE_LIMIT: Final = 200  # grapheme clusters of a tool result quoted in the answer
 
 
@@ -446,6 +447,9 @@ def plan_step(request: ProviderRequest, settings: SimulatedSettings | None = Non
     ]
     rng = random.Random(_seed(request.session_id, request.turn_id, directives.prompt, quoted))
     tokens: list[str] = [tok for _, name, text in quoted for tok in _quote(name, text)]
+    attached = len(_ATTACHMENT.findall(directives.prompt))
+    if attached and not results:  # media arrive by reference: acknowledge them
+        tokens[:0] = re.findall(r"\S+\s*", f"I received {attached} attachment{'s' * (attached > 1)}. ")
     prose = _prose_tokens(rng)
     tokens.extend(next(prose) for _ in range(settings.tokens))
     tokens = _finish(tokens)

@@ -144,7 +144,8 @@ def test_schemathesis_finds_no_server_error_and_no_ignored_auth(gateway, tmp_pat
          "-H", f"Authorization: Bearer {token}", "--phases", "examples,coverage,fuzzing",
          "--max-time", "60", "--seed", "1", "--report", "json", "--report-json-path", str(report),
          "--no-color"],
-        capture_output=True, text=True, timeout=200, env={**os.environ, "NO_COLOR": "1"})
+        capture_output=True, text=True, timeout=200, env={**os.environ, "NO_COLOR": "1"},
+        cwd=tmp_path)  # its cache folder (.schemathesis/) lands there, not in the repository
     elapsed = time.monotonic() - t0
     print(f"schemathesis: exit {proc.returncode} in {elapsed:.1f} s\n{proc.stdout[-3000:]}")
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
