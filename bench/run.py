@@ -65,7 +65,7 @@ FULL: dict[str, Any] = {
     "ttft_levels": [(1, 1000), (100, 10), (500, 4)],  # (concurrent sessions, measured turns each)
     "ttft_tokens": 8,
     "idle_n": 10_000,
-    "idle_probe_turns": 100,
+    "idle_probe_turns": 50,
     "idle_cpu_window_s": 5,
     "idle_settle_s": 2,
     "throughput": {"sessions": 50, "tokens": 400, "rounds": 3},
@@ -443,6 +443,12 @@ class Bench:
                                  self.snapshot_handler(snaps), timeout=1200)
         out: dict[str, Any] = {"n": n}
 
+        def held(after: str, before: str, gauge: str, opened: int) -> int:
+            """Connections the gateway itself counts as open (it may have closed some the client opened)."""
+            a = snaps.get(after, {}).get("_gateway_metrics", {}).get(gauge)
+            b = snaps.get(before, {}).get("_gateway_metrics", {}).get(gauge)
+            return int(a - b) if a is not None and b is not None and a - b > 0 else opened
+
         def per_conn(after: str, before: str, opened: int, comp: str = "gateway") -> tuple[float | None, ...]:
             if after not in snaps or before not in snaps or not opened:
                 return None, None
@@ -453,19 +459,25 @@ class Bench:
         out["ws_open_s"] = res.get("ws_open_s")
         out["ws_open_errors"] = res.get("ws_open_errors")
         out["ws_still_open_after_probe"] = res.get("ws_still_open")
-        out["ws_kib_per_conn"], out["ws_fds_per_conn"] = per_conn("ws_open", "before", res.get("ws_opened", 0))
+        out["ws_open_at_snapshot"] = res.get("ws_open_at_snapshot")
+        out["ws_closed_by_server"] = res.get("ws_closed_by_server")
+        out["ws_held_by_gateway"] = held("ws_open", "before", "sockets", res.get("ws_opened", 0))
+        out["ws_kib_per_conn"], out["ws_fds_per_conn"] = per_conn("ws_open", "before", out["ws_held_by_gateway"])
         out["ws_gateway_rss_mib"] = r3(snaps.get("ws_open", {}).get("gateway", {}).get("rss", math.nan) / 2**20)
         out["ws_idle_cpu_pct"] = {k: r3(v["cpu_pct"]) for k, v in snaps.get("ws_open:cpu", {}).items()}
         if "ws_probe" in res:
             out["ws_probe_ttft_ms"] = summarize(res["ws_probe"]["ttft_ms"])
+            out["ws_probe_errors"] = res["ws_probe"]["errors"]
         out["sse_opened"] = res.get("sse_opened")
         out["sse_open_s"] = res.get("sse_open_s")
         out["sse_open_errors"] = res.get("sse_open_errors")
+        out["sse_held_by_gateway"] = held("sse_open", "sse_before", "sse_streams", res.get("sse_opened", 0))
         out["sse_kib_per_conn"], out["sse_fds_per_conn"] = per_conn("sse_open", "sse_before",
-                                                                    res.get("sse_opened", 0))
+                                                                    out["sse_held_by_gateway"])
         out["sse_idle_cpu_pct"] = {k: r3(v["cpu_pct"]) for k, v in snaps.get("sse_open:cpu", {}).items()}
         if "sse_probe" in res:
             out["sse_probe_ttft_ms"] = summarize(res["sse_probe"]["ttft_ms"])
+            out["sse_probe_errors"] = res["sse_probe"]["errors"]
         out["error_kinds"] = {**res.get("ws_open_error_kinds", {}), **res.get("sse_open_error_kinds", {})}
         out["gateway_snapshots"] = {
             tag: {"rss_mib": r3(v["gateway"]["rss"] / 2**20), "fds": v["gateway"]["fds"],
@@ -517,12 +529,13 @@ class Bench:
         for delivery in ("tokens", "batched"):
             log(f"throughput: delivery={delivery}")
             out[delivery] = await self._throughput_run(self.url, delivery, comps)
+            if delivery == "tokens" and self.args.profile:
+                log("throughput: profiling (an extra, unmeasured run)")
+                out["profile"] = await self.profile(comps)
         log("throughput: bare relay")
         out["baseline"] = await self._throughput_run(self.baseline_url, "tokens", ["baseline"])
         out["ratio_tokens_per_cpu_s"] = ratio(out["tokens"]["tokens_per_cpu_s"],
                                               out["baseline"]["tokens_per_cpu_s"])
-        if self.args.profile:
-            out["profile"] = await self.profile(comps)
         return out
 
     async def profile(self, comps: list[str]) -> dict[str, Any]:
@@ -560,6 +573,8 @@ class Bench:
             raw = prof_dir / f"{name}.txt"
             if raw.exists():
                 out[name] = hot_spots(raw.read_text())
+                # py-spy samples only non-idle threads: samples / (rate x duration) ~ how busy it was
+                out[name]["on_cpu_pct_of_window"] = round(100 * out[name]["samples"] / (200 * duration), 1)
         return out
 
     async def scen_crash(self) -> dict[str, Any]:
@@ -840,12 +855,15 @@ def build_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
         n = idle["n"]
         row(f"Idle WebSocket: gateway RSS per connection ({n} open)", idle.get("ws_kib_per_conn"), "KiB",
             f"≤ {TARGETS['idle_ws_kib']:g} KiB", le(idle.get("ws_kib_per_conn"), TARGETS["idle_ws_kib"]),
-            idle.get("baseline_ws_kib_per_conn"), f"{idle.get('ws_opened')} opened, {idle.get('ws_open_errors')} errors")
+            idle.get("baseline_ws_kib_per_conn"),
+            f"{idle.get('ws_opened')} opened, {idle.get('ws_open_errors')} errors, {idle.get('ws_held_by_gateway')} "
+            f"held by the gateway at the snapshot")
         row("Idle WebSocket: file descriptors per connection", idle.get("ws_fds_per_conn"), "fd",
             "1", le(idle.get("ws_fds_per_conn"), 1.05), idle.get("baseline_ws_fds_per_conn"))
         row(f"Idle SSE stream: gateway RSS per stream ({n} open)", idle.get("sse_kib_per_conn"), "KiB",
             f"≤ {TARGETS['idle_sse_kib']:g} KiB", le(idle.get("sse_kib_per_conn"), TARGETS["idle_sse_kib"]),
-            None, f"{idle.get('sse_opened')} opened, {idle.get('sse_open_errors')} errors")
+            None, f"{idle.get('sse_opened')} opened, {idle.get('sse_open_errors')} errors, "
+                  f"{idle.get('sse_held_by_gateway')} held by the gateway at the snapshot")
         row("Idle SSE stream: file descriptors per stream", idle.get("sse_fds_per_conn"), "fd", "1",
             le(idle.get("sse_fds_per_conn"), 1.05))
         win = _get(results, "meta", "config", "idle_cpu_window_s")
@@ -853,7 +871,8 @@ def build_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
             floor=idle.get("baseline_ws_idle_cpu_pct"))
         row(f"Gateway CPU with {n} idle SSE streams ({win} s window)", _get(idle, "sse_idle_cpu_pct", "gateway"), "%")
         row(f"TTFT p50 of an active session next to {n} idle WebSockets", _get(idle, "ws_probe_ttft_ms", "p50"),
-            "ms", floor=_get(idle, "baseline_ws_probe_ttft_ms", "p50"))
+            "ms", floor=_get(idle, "baseline_ws_probe_ttft_ms", "p50"),
+            note=f"{_get(idle, 'ws_probe_ttft_ms', 'n')} turns, {idle.get('ws_probe_errors')} errors")
         row(f"TTFT p99 of an active session next to {n} idle WebSockets", _get(idle, "ws_probe_ttft_ms", "p99"),
             "ms", floor=_get(idle, "baseline_ws_probe_ttft_ms", "p99"))
     tp = s.get("throughput", {})

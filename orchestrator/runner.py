@@ -36,7 +36,7 @@ from proto import bus as busproto
 from proto import client
 from proto.state import ChatMessage
 from shared import telemetry
-from shared.checkpoints import Lease
+from shared.checkpoints import Lease, TurnSnapshot
 from shared.errors import StaleEpoch
 
 if TYPE_CHECKING:
@@ -133,8 +133,8 @@ class SessionRunner:
     # ---- one turn ----------------------------------------------------------------------------
     async def _run_turn(self, turn_id: str) -> None:
         svc, cp = self.svc, self.svc.checkpoints
-        raw_req = await cp.turn_request(self.sid, turn_id)
-        state = await cp.turn_state(self.sid, turn_id)
+        snap = await cp.begin_turn(self.sid, turn_id)
+        raw_req, state = snap.request, snap.state
         if raw_req is None or (state is not None and state[0] == "done"):
             await cp.finish_turn(self.lease, turn_id, state[1] if state else "failed")
             return
@@ -152,14 +152,14 @@ class SessionRunner:
                 "orchestrator.turn", context=parent, kind=telemetry.SpanKind.CONSUMER,
                 attributes={"session_id": self.sid, "turn_id": turn_id, "orchestrator": svc.id,
                             "lease_epoch": self.lease.epoch}) as span:
-            status = await self._play_turn(req, turn_id, state, span)
+            status = await self._play_turn(req, turn_id, snap, span)
         svc.observe_turn(time.perf_counter() - picked, status)
 
-    async def _play_turn(self, req: busproto.TurnRequest, turn_id: str, state: tuple[str, str] | None,
+    async def _play_turn(self, req: busproto.TurnRequest, turn_id: str, snap: TurnSnapshot,
                          span: Any) -> str:
         svc, cp = self.svc, self.svc.checkpoints
-        starts, failures = await cp.begin_attempt(self.sid, turn_id)
-        span.set_attribute("attempt", starts)
+        state = snap.state
+        span.set_attribute("attempt", snap.starts)
         progress = TurnProgress(turn_id)
         if state is not None:  # running: a takeover, or a retry after a failure
             progress = TurnProgress.restore(turn_id, await self._turn_events(int(state[1])))
@@ -171,7 +171,7 @@ class SessionRunner:
             if not progress.started:
                 progress.start_seq = await writer.write_now([progress.turn_start()], start_turn=turn_id)
                 svc.observe_first_event(req)
-            status, why = await self._generate(req, progress, writer, starts, failures)
+            status, why = await self._generate(req, progress, writer, snap)
             await writer.write_now([progress.end(status)], publish=False)  # published once durable in Postgres
             unpublished = True
             if why:
@@ -207,17 +207,18 @@ class SessionRunner:
         return [client.event_decoder.decode(raw) for _, raw in await self._log_from(start_seq)]
 
     async def _generate(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
-                        starts: int, failures: int) -> tuple[client.TurnStatus, str]:
+                        snap: TurnSnapshot) -> tuple[client.TurnStatus, str]:
         svc = self.svc
         # A poison turn: it raised max_turn_attempts times, or its owners kept dying while running it
         # (a crash loop is indistinguishable from chaos, hence the much higher ceiling on starts).
+        failures, starts = snap.failures, snap.starts
         if failures >= svc.settings.max_turn_attempts or starts > svc.settings.max_turn_starts:
             tries = max(failures, starts - 1)
             await svc.dead_letter(req, f"failed {failures} times, started {starts - 1} times")
             text = f"This message could not be processed after {tries} attempts."
             await writer.write_now([progress.status(text)])
             return "failed", "dead-lettered"
-        if await svc.checkpoints.is_cancelled(self.sid, progress.turn_id):
+        if snap.cancelled:
             return "cancelled", "cancelled before it started"
         writer_task = asyncio.create_task(writer.run(), name=f"writer-{progress.turn_id}")
         gen = asyncio.create_task(self._steps(req, progress, writer), name=f"steps-{progress.turn_id}")

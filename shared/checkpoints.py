@@ -121,6 +121,15 @@ class UserAppend:
 
 
 @dataclass(frozen=True)
+class TurnSnapshot:
+    request: bytes | None
+    state: tuple[str, str] | None  # ('running', turn_start seq) or ('done', status)
+    starts: int
+    failures: int
+    cancelled: bool
+
+
+@dataclass(frozen=True)
 class Lease:
     session_id: str
     owner: str
@@ -231,10 +240,6 @@ class CheckpointStore:
     async def pending(self, session_id: str) -> list[str]:
         return [t.decode() for t in await self.redis.lrange(rkey(session_id, "pending"), 0, -1)]
 
-    async def turn_request(self, session_id: str, turn_id: str) -> bytes | None:
-        v = await self.redis.hget(rkey(session_id, "turns"), turn_id)
-        return None if v is None else bytes(v)
-
     async def turn_state(self, session_id: str, turn_id: str) -> tuple[str, str] | None:
         """('running', turn_start_seq) or ('done', status) or None when the turn never started."""
         v = await self.redis.hget(rkey(session_id, "tstate"), turn_id)
@@ -243,15 +248,24 @@ class CheckpointStore:
         kind, _, rest = v.decode().partition(":")
         return kind, rest
 
-    async def begin_attempt(self, session_id: str, turn_id: str) -> tuple[int, int]:
-        """Counts a start of the turn (first run or takeover); returns (starts, failures so far)."""
+    async def begin_turn(self, session_id: str, turn_id: str) -> TurnSnapshot:
+        """Everything a runner needs before it starts (or takes over) a turn, in one round trip;
+        counts this start."""
         key = rkey(session_id, "attempts")
         async with self.redis.pipeline(transaction=False) as p:
+            p.hget(rkey(session_id, "turns"), turn_id)
+            p.hget(rkey(session_id, "tstate"), turn_id)
             p.hincrby(key, turn_id + ":starts", 1)
             p.hget(key, turn_id + ":failures")
             p.pexpire(key, self.ttl_ms)
-            starts, failures, _ = await p.execute()
-        return int(starts), int(failures or 0)
+            p.sismember(rkey(session_id, "cancelled"), turn_id)
+            request, tstate, starts, failures, _, cancelled = await p.execute()
+        state = None
+        if tstate is not None:
+            kind, _, rest = tstate.decode().partition(":")
+            state = (kind, rest)
+        return TurnSnapshot(None if request is None else bytes(request), state, int(starts), int(failures or 0),
+                            bool(cancelled))
 
     async def record_failure(self, session_id: str, turn_id: str) -> int:
         """A run of the turn raised (a bug or a store failure), as opposed to its owner being killed."""
@@ -265,9 +279,6 @@ class CheckpointStore:
         key = rkey(session_id, "cancelled")
         await self.redis.sadd(key, turn_id)
         await self.redis.pexpire(key, self.ttl_ms)
-
-    async def is_cancelled(self, session_id: str, turn_id: str) -> bool:
-        return bool(await self.redis.sismember(rkey(session_id, "cancelled"), turn_id))
 
     # ---- lease -------------------------------------------------------------------------------
     async def acquire(self, session_id: str, owner: str, ttl_ms: int) -> Lease | None:
