@@ -142,7 +142,7 @@ def _components(settings: GatewaySettings, attachments: bool) -> dict[str, Any]:
 
 def document(settings: GatewaySettings, *, attachments: bool = False) -> dict[str, Any]:
     """The document for a gateway with these settings (`attachments`: it has a media store)."""
-    bearer = [{"bearer": []}, {"access_token": []}]
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}, {"access_token": []}]
     session_ops_errors = ("400", "401", "403", "404")
     paths: dict[str, Any] = {
         "/v1/sessions": {

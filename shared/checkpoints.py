@@ -282,12 +282,14 @@ class CheckpointStore:
 
     # ---- lease -------------------------------------------------------------------------------
     async def acquire(self, session_id: str, owner: str, ttl_ms: int) -> Lease | None:
-        epoch = int(await self._acquire(keys=[rkey(session_id, "lease"), rkey(session_id, "epoch")],
-                                        args=[owner, ttl_ms]))
-        if epoch < 0:
-            return None
-        await self.redis.zadd(ACTIVE_LEASES, {session_id: int(time.time() * 1000) + ttl_ms})
-        return Lease(session_id, owner, epoch)
+        """One round trip. The takeover index entry is refreshed even when the lease is refused: it
+        is only a hint of when to look again, and the holder keeps refreshing it anyway."""
+        async with self.redis.pipeline(transaction=False) as p:
+            await self._acquire(keys=[rkey(session_id, "lease"), rkey(session_id, "epoch")], args=[owner, ttl_ms],
+                                client=p)
+            p.zadd(ACTIVE_LEASES, {session_id: int(time.time() * 1000) + ttl_ms})
+            epoch, _ = await p.execute()
+        return None if int(epoch) < 0 else Lease(session_id, owner, int(epoch))
 
     async def renew(self, lease: Lease, ttl_ms: int) -> bool:
         async with self.redis.pipeline(transaction=False) as p:
