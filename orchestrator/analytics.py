@@ -30,6 +30,7 @@ from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential_jitter
 from proto import bus as busproto
 from proto import client
 from shared import subjects
+from shared.bus import fetch_batch
 from shared.config import from_env
 
 __all__ = [
@@ -192,13 +193,8 @@ class AnalyticsWriter:
         sub = await self._js.pull_subscribe_bind(durable=subjects.ANALYTICS_CONSUMER,
                                                  stream=subjects.ANALYTICS_STREAM)
         while True:
-            try:
-                msgs = await sub.fetch(batch=self.settings.batch, timeout=self.settings.fetch_timeout_s)
-            except TimeoutError:
-                continue
-            except Exception as exc:  # noqa: BLE001 - broker hiccup: retry after a pause
-                log.warning("analytics fetch failed: %s", exc)
-                await asyncio.sleep(0.5)
+            msgs = await fetch_batch(sub, self.settings.batch, self.settings.fetch_timeout_s, what="analytics")
+            if not msgs:
                 continue
             await self.write_batch(msgs)
 

@@ -41,7 +41,7 @@ from proto import bus as busproto
 from proto import client
 from proto.state import ChatMessage, SessionState
 from shared import subjects, telemetry
-from shared.bus import TURN_ACK_WAIT_S, Bus
+from shared.bus import TURN_ACK_WAIT_S, Bus, fetch_batch
 from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
 from shared.sessionstate import SessionStore
@@ -169,14 +169,7 @@ class OrchestratorService:
             if room <= 0:
                 await asyncio.sleep(0.05)
                 continue
-            try:
-                msgs = await sub.fetch(batch=min(room, 64), timeout=1.0)
-            except TimeoutError:
-                continue
-            except Exception as e:  # noqa: BLE001 - broker hiccup: retry after a pause
-                log.warning("fetch failed: %s", e)
-                await asyncio.sleep(0.5)
-                continue
+            msgs = await fetch_batch(sub, min(room, 64), 1.0, what="the turn queue")
             for msg in msgs:
                 t = self._tg.create_task(self._handle_turn_msg(msg))
                 parked.add(t)

@@ -14,6 +14,7 @@ token hot path stays a bare publish).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +46,19 @@ DUPLICATE_WINDOW_S = 30 * 60
 def encode_events(raws: list[bytes]) -> bytes:
     """Live payload: a JSON array of the exact event bytes clients receive."""
     return b"[" + b",".join(raws) + b"]"
+
+
+async def fetch_batch(sub: Any, batch: int, timeout_s: float, *, what: str) -> list[Msg]:
+    """Up to `batch` messages of a pull subscription; [] when none came within the timeout, or when
+    the broker hiccuped (logged, after a short pause so a dead broker is not spun on)."""
+    try:
+        return list(await sub.fetch(batch, timeout=timeout_s))
+    except TimeoutError:
+        return []
+    except Exception as e:  # noqa: BLE001 - reconnecting: the caller simply fetches again
+        log.warning("fetch from %s failed: %r", what, e)
+        await asyncio.sleep(0.5)
+        return []
 
 
 def stream_configs() -> list[StreamConfig]:

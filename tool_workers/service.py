@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import nats.errors
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -48,7 +47,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from proto import bus as busproto
 from shared import subjects, telemetry
-from shared.bus import Bus
+from shared.bus import Bus, fetch_batch
 from tool_workers.registry import (
     CALLS_BUCKET,
     CallRecord,
@@ -234,14 +233,8 @@ class ToolWorker:
         while not self._stopping.is_set():
             await slots.acquire()
             msgs: list[Msg] = []
-            try:
-                if not self._stopping.is_set():
-                    msgs = await sub.fetch(1, timeout=FETCH_WAIT_S)
-            except nats.errors.TimeoutError:
-                pass
-            except Exception as exc:  # noqa: BLE001 - connection trouble: back off and keep going
-                log.warning("fetch from pool %s failed: %r", pool, exc)
-                await asyncio.sleep(0.5)
+            if not self._stopping.is_set():
+                msgs = await fetch_batch(sub, 1, FETCH_WAIT_S, what=f"pool {pool}")
             if not msgs:
                 slots.release()
                 continue
