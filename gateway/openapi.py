@@ -18,10 +18,12 @@ from aiohttp import web
 
 from gateway.commands import MAX_ATTACHMENTS
 from gateway.keys import DEPS
+from gateway.media import ALLOWED_TYPES, MediaInfo
 from gateway.settings import GatewaySettings
 from proto import client
 
 SESSION_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+MEDIA_ID_PATTERN = "^m_[A-Za-z0-9_-]{16,64}$"
 NO_NUL = "^[^\\u0000]*$"
 NOT_BLANK_NO_NUL = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
 DISCONNECT_POLICY_PATTERN = r"^(continue|cancel_after=[0-9]{1,6}(\.[0-9]{1,3})?)$"
@@ -79,11 +81,11 @@ session_flags_decoder = msgspec.json.Decoder(SessionFlags)
 _SCHEMA_TYPES: list[Any] = [
     CreateSessionRequest, client.CreateSessionResponse, SessionList, client.SessionHistory, client.SendRequest,
     client.Ack, client.StopRequest, StopResponse, SessionFlags, FlagsResponse, client.PollResponse,
-    client.Error, Health, Readiness, client.ClientFrame, client.ServerFrame,
+    client.Error, Health, Readiness, MediaInfo, client.ClientFrame, client.ServerFrame,
 ]
 _NAMES = ["CreateSessionRequest", "CreateSessionResponse", "SessionList", "SessionHistory", "SendRequest",
           "Ack", "StopRequest", "StopResponse", "SessionFlags", "FlagsResponse", "PollResponse", "Error",
-          "Health", "Readiness", "ClientFrame", "ServerFrame"]
+          "Health", "Readiness", "MediaInfo", "ClientFrame", "ServerFrame"]
 
 _ERRORS = {
     "400": "bad_frame: the request is malformed (body, parameters or types)",
@@ -217,6 +219,25 @@ def document(settings: GatewaySettings, *, attachments: bool = False) -> dict[st
                     "responses": {"200": {"description": "Events", "content": _json("PollResponse")},
                                   **_errors(*session_ops_errors, "429", "503")}},
         },
+        "/v1/media": {
+            "post": {"operationId": "uploadMedia",
+                     "summary": "Upload a file once; messages then reference it by `media_id`",
+                     "description": "The body is the raw bytes. Binary types must start with their format's "
+                                    "signature; text must be UTF-8.",
+                     "security": bearer,
+                     "requestBody": {"required": True, "content": {t: {} for t in sorted(ALLOWED_TYPES)}},
+                     "responses": {"201": {"description": "Stored", "content": _json("MediaInfo")},
+                                   **_errors("400", "401", "403", "413", "503")}},
+        },
+        "/v1/media/{media_id}": {
+            "parameters": [{"name": "media_id", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": MEDIA_ID_PATTERN}}],
+            "get": {"operationId": "downloadMedia", "summary": "The bytes of a file, to its owner only",
+                    "security": bearer,
+                    "responses": {"200": {"description": "The file, with its content type", "content": {
+                        t: {"schema": {"type": "string", "contentMediaType": t}} for t in sorted(ALLOWED_TYPES)}},
+                                  **_errors("401", "403", "404", "503")}},
+        },
         "/v1/ws": {
             "get": {"operationId": "websocket",
                     "summary": "WebSocket (`hello` first; frames are ClientFrame / ServerFrame)",
@@ -233,6 +254,9 @@ def document(settings: GatewaySettings, *, attachments: bool = False) -> dict[st
                             "security": [],
                             "responses": {"200": {"description": "Ready", "content": _json("Readiness")},
                                           "503": {"description": "Not ready", "content": _json("Readiness")}}}},
+        "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "security": [],
+                             "responses": {"200": {"description": "Prometheus text format",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [],
                                   "responses": {"200": {"description": "OpenAPI 3.1",
                                                         "content": {"application/json": {"schema": {}}}}}}},

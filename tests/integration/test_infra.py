@@ -119,7 +119,7 @@ async def test_servers_answer(infra: Infrastructure) -> None:
     try:
         assert await r.ping() is True
         assert await r.config_get("appendonly") == {"appendonly": "yes"}
-        assert await r.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert await r.config_get("appendfsync") == {"appendfsync": "always"}
     finally:
         await r.aclose()
 
