@@ -72,9 +72,11 @@ def create_app(settings: GatewaySettings) -> web.Application:
         for sock in list(app[SOCKETS]):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sock.close(code=ws.CLOSE_RESTARTING, message=b"server restarting"), 2)
-        for stream in list(app[SSE_STREAMS]):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(stream.write_eof(), 2)
+        streams = list(app[SSE_STREAMS])
+        for task in streams:
+            task.cancel()
+        if streams:
+            await asyncio.wait(streams, timeout=2)
 
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(limits.edge_context)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 
 from aiohttp import web
@@ -14,4 +15,4 @@ DEPS = web.AppKey("deps", Deps)
 HUB = web.AppKey("hub", SessionHub)
 REPLAYER = web.AppKey("replayer", Replayer)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
-SSE_STREAMS = web.AppKey("sse_streams", weakref.WeakSet[web.StreamResponse])
+SSE_STREAMS = web.AppKey("sse_streams", weakref.WeakSet[asyncio.Task[object]])  # their handler tasks

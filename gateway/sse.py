@@ -76,7 +76,9 @@ async def _stream(request: web.Request, sid: str, after: int | None, mode: str, 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    request.app[SSE_STREAMS].add(resp)
+    this = asyncio.current_task()
+    if this is not None:
+        request.app[SSE_STREAMS].add(this)  # a drain cancels the stream; `finally` ends it cleanly
     deps.counters.sse_streams += 1
     if after:
         deps.counters.resumes += 1
@@ -106,7 +108,7 @@ async def _stream(request: web.Request, sid: str, after: int | None, mode: str, 
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in tasks:
                 t.cancel()
-    except* (ConnectionError, TimeoutError, asyncio.CancelledError):
+    except* (ConnectionError, TimeoutError, RuntimeError, asyncio.CancelledError):
         pass
     finally:
         deps.counters.sse_streams -= 1

@@ -300,3 +300,29 @@ async def test_sends_get_degraded_not_a_hang_while_postgres_is_down(stack, infra
         ack = await c.send_until_acked("/sim tokens=5\nafter the database is back")
         end = await c.until_turn_end(ack.turn_id)
         assert end.status == "completed"
+
+
+async def test_gateway_sigterm_ends_sse_streams_promptly(infra, tmp_path) -> None:
+    from tests.integration.conftest import stack_env
+    from tidewire.stack import Stack
+
+    s = Stack(infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"), log_dir=tmp_path, orchestrators=0,
+              tool_workers=0)
+    s.start()
+    try:
+        token = make_token()
+        async with aiohttp.ClientSession() as http:
+            r = await http.post(f"{s.url}/v1/sessions", headers={"Authorization": f"Bearer {token}"})
+            sid = (await r.json())["session_id"]
+            resp = await http.get(f"{s.url}/v1/sessions/{sid}/events?access_token={token}")
+            assert resp.status == 200
+            assert b"event: ready" in await resp.content.readuntil(b"\n\n")
+            gw = s.by_name("gateway")
+            t0 = time.monotonic()
+            gw.proc.terminate()
+            await asyncio.to_thread(gw.proc.wait, 10)
+            assert time.monotonic() - t0 < 4
+            assert gw.proc.returncode == 0
+            assert "Error handling request" not in gw.log_path.read_text()
+    finally:
+        s.stop()
