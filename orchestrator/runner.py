@@ -72,39 +72,34 @@ class SessionRunner:
             self._cancel.set()
 
     async def run(self) -> None:
+        lost = self.svc.leases.hold(self.lease)
+        drain = asyncio.create_task(self._drain(), name=f"drain-{self.sid}")
+        watch = asyncio.create_task(lost.wait())
         try:
-            async with asyncio.TaskGroup() as tg:
-                renew = tg.create_task(self._renew_loop())
-                try:
-                    await self._drain()
-                finally:
-                    renew.cancel()
-        except* (LeaseLost, StaleEpoch):
+            await asyncio.wait([drain, watch], return_when=asyncio.FIRST_COMPLETED)
+            if not drain.done():  # the lease is gone: stop at once, write nothing more
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drain
+                raise LeaseLost(self.lease.token)
+            drain.result()
+        except (LeaseLost, StaleEpoch):
             log.warning("lost the lease of session %s (epoch %s): stopping without writing",
                         self.sid, self.lease.epoch)
             self.svc.metrics["lease_lost"] += 1
-        except* Exception as eg:
+        except Exception as e:
             # A bug or a store failure in this turn: keep the lease until it lapses, so the turn is
-            # retried (here or elsewhere) after a pause; its attempts are counted and a turn that
+            # retried (here or elsewhere) after a pause; its failures are counted and a turn that
             # keeps failing is dead-lettered. Never let it take the process down.
-            log.error("session %s: a turn failed: %r", self.sid, eg.exceptions[0])
+            log.error("session %s: a turn failed: %r", self.sid, e)
             self.svc.metrics["turn_errors"] += 1
-
-    async def _renew_loop(self) -> None:
-        s = self.svc.settings
-        last_ok = time.monotonic()
-        while True:
-            await asyncio.sleep(s.lease_renew_ms / 1000)
-            try:
-                async with asyncio.timeout(s.lease_ttl_ms / 1000):
-                    ok = await self.svc.checkpoints.renew(self.lease, s.lease_ttl_ms)
-            except Exception as e:  # noqa: BLE001 - Redis blip: keep trying until the lease would lapse
-                if time.monotonic() - last_ok > s.lease_ttl_ms / 1000:
-                    raise LeaseLost(str(e)) from e
-                continue
-            if not ok:
-                raise LeaseLost(self.lease.token)
-            last_ok = time.monotonic()
+        finally:
+            watch.cancel()
+            if not drain.done():
+                drain.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await drain
+            self.svc.leases.drop(self.lease)
 
     async def _drain(self) -> None:
         cp = self.svc.checkpoints

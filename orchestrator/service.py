@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 
 from orchestrator.analytics import AnalyticsPublisher, tool_calls_in, turn_analytics
 from orchestrator.flags import FlagResolver, load_system_prompts, parse_route, select_tools, system_prompt_for
+from orchestrator.leases import LeaseKeeper
 from orchestrator.packer import pack
 from orchestrator.providers.base import Provider, ToolSpec
 from orchestrator.runner import SessionRunner, decode_request
@@ -106,6 +107,7 @@ class OrchestratorService:
         self.sessions = SessionStore(self.checkpoints.redis, self.eventlog, ttl_s=s.session_ttl_s,
                                      window=s.window_messages)
         self.flags = FlagResolver(self.eventlog, ttl_s=2.0)
+        self.leases = LeaseKeeper(self.checkpoints, ttl_ms=s.lease_ttl_ms, renew_ms=s.lease_renew_ms)
         self.analytics = AnalyticsPublisher(self.bus.js)
         try:
             await self.bus.ensure_streams()
@@ -116,6 +118,7 @@ class OrchestratorService:
                 loop.add_signal_handler(sig, self._stopping.set)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                keeper = tg.create_task(self.leases.run(), name="leases")
                 loops = [tg.create_task(self._fetch_loop(), name="fetch"),
                          tg.create_task(self._takeover_loop(), name="takeover"),
                          tg.create_task(self._sample_queue(), name="queue-sampler"),
@@ -128,6 +131,7 @@ class OrchestratorService:
                 for t in loops:
                     t.cancel()
                 await self._finish_runners()
+                keeper.cancel()  # renewed until the last runner is done
                 await self.analytics.flush(2.0)
                 analytics.cancel()
                 await cancel_sub.unsubscribe()

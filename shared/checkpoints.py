@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import redis.asyncio as aioredis
 
@@ -143,8 +143,11 @@ class Lease:
 class CheckpointStore:
     """Redis adapter for everything hot about a session. Business code receives this, not a client."""
 
-    def __init__(self, client: aioredis.Redis, *, ttl_s: float = 86_400, stale_counter: Any = None) -> None:
+    def __init__(self, client: aioredis.Redis, *, ttl_s: float = 86_400,
+                 lease_client: aioredis.Redis | None = None) -> None:
         self.redis = client
+        # leases are renewed on connections of their own: never queued behind checkpoint writes
+        self.lease_redis = lease_client or client
         self.ttl_ms = int(ttl_s * 1000)
         self._append_user = client.register_script(_APPEND_USER)
         self._append_events = client.register_script(_APPEND_EVENTS)
@@ -159,13 +162,18 @@ class CheckpointStore:
                 max_connections: int = 64) -> CheckpointStore:
         """A bounded pool: a burst of requests waits (up to the timeout) for a connection instead of
         opening one per request; Redis executes commands one at a time anyway."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, health_check_interval=10)
-        return cls(aioredis.Redis(connection_pool=pool), ttl_s=ttl_s)
+        def pool(n: int) -> aioredis.BlockingConnectionPool:
+            return aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=n, timeout=timeout_s, socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s, health_check_interval=10)
+
+        return cls(aioredis.Redis(connection_pool=pool(max_connections)), ttl_s=ttl_s,
+                   lease_client=aioredis.Redis(connection_pool=pool(2)))
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self.lease_redis is not self.redis:
+            await self.lease_redis.aclose()
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -292,11 +300,19 @@ class CheckpointStore:
         return None if int(epoch) < 0 else Lease(session_id, owner, int(epoch))
 
     async def renew(self, lease: Lease, ttl_ms: int) -> bool:
-        async with self.redis.pipeline(transaction=False) as p:
-            await self._renew(keys=[rkey(lease.session_id, "lease")], args=[lease.token, ttl_ms], client=p)
-            p.zadd(ACTIVE_LEASES, {lease.session_id: int(time.time() * 1000) + ttl_ms})
-            ok, _ = await p.execute()
-        return bool(int(ok))
+        return (await self.renew_many([lease], ttl_ms))[0]
+
+    async def renew_many(self, leases: Sequence[Lease], ttl_ms: int) -> list[bool]:
+        """Renews every given lease in one pipelined round trip; False where the lease is no longer ours."""
+        if not leases:
+            return []
+        deadline = int(time.time() * 1000) + ttl_ms
+        async with self.lease_redis.pipeline(transaction=False) as p:
+            for lease in leases:
+                await self._renew(keys=[rkey(lease.session_id, "lease")], args=[lease.token, ttl_ms], client=p)
+            p.zadd(ACTIVE_LEASES, {lease.session_id: deadline for lease in leases})
+            replies = await p.execute()
+        return [bool(int(r)) for r in replies[:-1]]
 
     async def release(self, lease: Lease) -> bool:
         """Gives the session up only when its turn queue is empty (else the owner must go on)."""
