@@ -39,7 +39,7 @@ from gateway.deps import Deps
 from gateway.http_errors import http_error
 from gateway.keys import DEPS
 from gateway.settings import GatewaySettings
-from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited
+from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited, from_dependency
 
 log = logging.getLogger(__name__)
 
@@ -374,9 +374,14 @@ async def edge_middleware(request: web.Request,
         resp = await handler(request)
     except web.HTTPException:
         raise
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
-        resp = http_error(Internal("internal error; nothing was accepted"))
+    except Exception as e:
+        degraded = from_dependency(e)
+        if degraded is not None:
+            log.warning("dependency failure on %s %s: %r", request.method, request.path, e)
+            resp = http_error(degraded)
+        else:
+            log.exception("internal error on %s %s", request.method, request.path)
+            resp = http_error(Internal("internal error; nothing was accepted"))
     if not resp.prepared:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "no-referrer")

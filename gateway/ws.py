@@ -31,7 +31,16 @@ from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS
 from gateway.limits import EDGE, ConnectionLimits, Edge, check_session_id
 from gateway.stream import Feed, run_sender
 from proto import client
-from shared.errors import BadFrame, Forbidden, NotFound, RateLimited, TidewireError, TooLarge, Unauthorized
+from shared.errors import (
+    BadFrame,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    TidewireError,
+    TooLarge,
+    Unauthorized,
+    from_dependency,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +199,15 @@ class Connection:
                 self.reply(e.frame())
         except TidewireError as e:
             self.reply(e.frame())
-        except Exception:
-            log.exception("internal error handling a frame")
-            self.reply(client.Error(code="internal", message="internal error; nothing was accepted"))
+        except Exception as e:
+            degraded = from_dependency(e)
+            if degraded is not None:
+                log.warning("dependency failure handling a frame: %r", e)
+                self.deps.counters.degraded += 1
+                self.reply(degraded.frame())
+            else:
+                log.exception("internal error handling a frame")
+                self.reply(client.Error(code="internal", message="internal error; nothing was accepted"))
         await self._flush_pre_hello()
 
     async def _flush_pre_hello(self) -> None:

@@ -72,3 +72,16 @@ class StaleEpoch(Exception):
 
 class SeedNeeded(Exception):
     """Redis has no seq counter for the session (new, or expired): seed it from the event log."""
+
+
+_DEPENDENCY_MODULES = ("redis", "asyncpg", "nats")
+
+
+def from_dependency(e: BaseException) -> Degraded | None:
+    """A failure of NATS, Postgres or Redis (down, slow, pool exhausted) is `degraded` for the client,
+    who retries after a pause, not `internal`. Judged by the exception's module, so this file
+    imports no driver."""
+    mod = type(e).__module__.split(".", 1)[0]
+    if isinstance(e, (ConnectionError, TimeoutError)) or mod in _DEPENDENCY_MODULES:
+        return Degraded("a dependency is unavailable; nothing was accepted", retry_after_ms=1000)
+    return None

@@ -87,3 +87,16 @@ def test_readme_configuration_table_is_current() -> None:
     text = (ROOT / "README.md").read_text()
     assert settings_doc.BEGIN + "\n" + settings_doc.render() + settings_doc.END in text, \
         "run `python -m tidewire.settings_doc` and commit README.md"
+
+
+def test_dependency_failures_are_degraded_not_internal() -> None:
+    import asyncpg
+    import redis.exceptions
+
+    from shared.errors import from_dependency
+
+    for e in (redis.exceptions.ConnectionError("pool"), asyncpg.exceptions.CannotConnectNowError("x"),
+              TimeoutError(), ConnectionRefusedError()):
+        d = from_dependency(e)
+        assert d is not None and d.code == "degraded" and d.retry_after_ms
+    assert from_dependency(ValueError("bug")) is None
