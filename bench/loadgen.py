@@ -153,14 +153,21 @@ class Closed(ConnectionError):
 
 
 class WsClient:
-    """One WebSocket connection speaking PROTOCOL.md; frames are decoded with proto.client."""
+    """One WebSocket connection speaking PROTOCOL.md; frames are decoded with proto.client.
+
+    Once `ready` is in, a reader task reads the socket all the time and queues the frames with their
+    arrival time (`rx_t` of the last frame returned by `recv`): a client that is not reading cannot
+    answer the server's heartbeat pings, and would be closed (4408) while it waits for its turn.
+    """
 
     def __init__(self, http: aiohttp.ClientSession, base_url: str, token: str) -> None:
         self.http = http
         self.url = base_url.replace("http", "ws", 1) + f"/v1/ws?access_token={token}"
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.ready: client.Ready | None = None
-        self.pump: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.queue: asyncio.Queue[tuple[float, client.ServerFrame] | None] = asyncio.Queue()
+        self.rx_t = 0.0
         self.delivery = "tokens"
         self.last_seq = 0
         self.seq_gaps = 0  # a non-delta event whose seq is not last+1 (merged deltas may skip): a loss
@@ -180,15 +187,46 @@ class WsClient:
             await self.send({"type": "hello", "session_id": session_id, "last_seen_seq": last_seen_seq,
                              "delivery": delivery})
             while True:
-                frame = await self.recv(timeout)
+                frame = await self._read_one()
                 if frame is None:
                     raise Closed(f"closed before ready ({self.ws.close_code})")
                 if isinstance(frame, client.Ready):
                     self.ready = frame
                     self.last_seq = frame.last_seq if last_seen_seq is None or frame.reset else last_seen_seq
+                    self.reader = asyncio.create_task(self._read_loop())
                     return frame
                 if isinstance(frame, client.Error):
                     raise Closed(f"error before ready: {frame.code} {frame.message}")
+
+    async def _read_one(self) -> client.ServerFrame | None:
+        assert self.ws is not None
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                frame: client.ServerFrame = client.server_frame_decoder.decode(msg.data)
+                return frame
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
+                            aiohttp.WSMsgType.ERROR):
+                return None
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self._read_one()
+                if frame is None:
+                    return
+                seq = getattr(frame, "seq", None)
+                if seq is not None and not isinstance(frame, client.Ack):
+                    if seq <= self.last_seq:
+                        self.seq_dups += 1
+                    elif seq != self.last_seq + 1 and not isinstance(frame, client.Delta):  # merged deltas skip
+                        self.seq_gaps += 1
+                    self.last_seq = max(self.last_seq, seq)
+                self.queue.put_nowait((time.monotonic(), frame))
+        except Exception:  # noqa: BLE001 - a broken connection ends the stream like a close
+            return
+        finally:
+            self.queue.put_nowait(None)
 
     async def send(self, obj: dict[str, Any]) -> None:
         assert self.ws is not None
@@ -196,22 +234,13 @@ class WsClient:
             await self.ws.send_str(json.dumps(obj))
 
     async def recv(self, timeout: float = 30.0) -> client.ServerFrame | None:
-        assert self.ws is not None
-        msg = await self.ws.receive(timeout=timeout)
-        if msg.type == aiohttp.WSMsgType.TEXT:
-            frame = client.server_frame_decoder.decode(msg.data)
-            seq = getattr(frame, "seq", None)
-            if seq is not None and not isinstance(frame, client.Ack) and self.ready is not None:
-                if seq <= self.last_seq:
-                    self.seq_dups += 1
-                elif seq != self.last_seq + 1 and not isinstance(frame, client.Delta):  # merged deltas skip seqs
-                    self.seq_gaps += 1
-                self.last_seq = max(self.last_seq, seq)
-            return frame
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
-                        aiohttp.WSMsgType.ERROR):
+        """The next frame (None once the connection is closed); TimeoutError after `timeout` s."""
+        item = await asyncio.wait_for(self.queue.get(), timeout)
+        if item is None:
+            self.queue.put_nowait(None)  # closed stays closed for the next caller
             return None
-        return await self.recv(timeout)  # binary/ping/pong: not expected, skip
+        self.rx_t, frame = item
+        return frame
 
     async def ping_rtt(self, timeout: float = 10.0) -> float:
         """Round trip of a protocol `ping` frame to its `pong`, in ms."""
@@ -223,16 +252,13 @@ class WsClient:
                 if f is None:
                     raise Closed("closed while waiting for pong")
                 if isinstance(f, client.Pong):
-                    return (time.monotonic() - t0) * 1000
+                    return (self.rx_t - t0) * 1000
 
-    def start_idle_pump(self) -> None:
-        """Idle connections still have to read: that is what answers the server's heartbeat pings."""
-        async def pump() -> None:
-            assert self.ws is not None
-            with contextlib.suppress(Exception):
-                async for _ in self.ws:
-                    pass
-        self.pump = asyncio.create_task(pump())
+    @property
+    def is_open(self) -> bool:
+        if self.ws is None or self.ws.closed:
+            return False
+        return self.reader is not None and not self.reader.done()
 
     def abort(self) -> None:
         """Drop the connection abruptly (RST, no close frame), as a dying network would."""
@@ -244,18 +270,18 @@ class WsClient:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         with contextlib.suppress(Exception):
             self.ws._response.close()  # closes the transport: with SO_LINGER 0 that is a RST
-        if self.pump is not None:
-            self.pump.cancel()
+        if self.reader is not None:
+            self.reader.cancel()
 
     async def close(self) -> None:
-        if self.pump is not None:
-            self.pump.cancel()
         if self.ws is not None and not self.ws.closed:
             try:
                 async with asyncio.timeout(5):
                     await self.ws.close()
             except Exception:  # noqa: BLE001
                 self.abort()
+        if self.reader is not None:
+            self.reader.cancel()
 
 
 class TurnOutcome:
@@ -292,7 +318,7 @@ async def run_turn(c: WsClient, text: str, timeout: float = 60.0, keep_times: bo
         async with asyncio.timeout(timeout):
             while True:
                 f = await c.recv(timeout)
-                now = time.monotonic()
+                now = c.rx_t
                 if f is None:
                     out.error = "connection closed"
                     return out
@@ -349,8 +375,13 @@ class Ctx:
 
 async def open_clients(ctx: Ctx, http: aiohttp.ClientSession, base: str, n: int, delivery: str = "tokens",
                        limit: int = 100) -> tuple[list[WsClient], list[str]]:
+    """Open n connections, each with a hello on a new session (and its reader task running)."""
     clients = [WsClient(http, base, ctx.token()) for _ in range(n)]
-    res = await gather_limited([lambda c=c: c.open(delivery=delivery) for c in clients], limit)
+
+    async def one(c: WsClient) -> None:
+        await c.open(delivery=delivery)
+
+    res = await gather_limited([lambda c=c: one(c) for c in clients], limit)
     ok = [c for c, r in zip(clients, res, strict=True) if not isinstance(r, BaseException)]
     errors = [errname(r) for r in res if isinstance(r, BaseException)]
     return ok, errors
@@ -476,22 +507,19 @@ async def scen_idle(ctx: Ctx) -> dict[str, Any]:
         await ctx.coord.call("snapshot", tag=f"{tag}before")
         t0 = time.monotonic()
         clients, errors = await open_clients(ctx, http, base, n, limit=limit)
-        for c in clients:
-            c.start_idle_pump()
         out["ws_open_s"] = round(time.monotonic() - t0, 3)
         out["ws_opened"] = len(clients)
         out["ws_open_errors"] = len(errors)
         out["ws_open_error_kinds"] = dict(collections.Counter(e[:80] for e in errors).most_common(3))
         log(f"{len(clients)} idle websockets open in {out['ws_open_s']}s ({len(errors)} errors)")
         await asyncio.sleep(settle)
-        out["ws_open_at_snapshot"] = sum(1 for c in clients if c.ws is not None and not c.ws.closed)
+        out["ws_open_at_snapshot"] = sum(1 for c in clients if c.is_open)
         await ctx.coord.call("snapshot", tag=f"{tag}ws_open", cpu_window_s=float(p.get("cpu_window_s", 5)))
         if probe_turns:
             out["ws_probe"] = await probe_ttft(ctx, http, base, probe_turns)
-        alive = sum(1 for c in clients if c.ws is not None and not c.ws.closed)
-        out["ws_still_open"] = alive
+        out["ws_still_open"] = sum(1 for c in clients if c.is_open)
         out["ws_closed_by_server"] = dict(collections.Counter(
-            str(c.ws.close_code) for c in clients if c.ws is not None and c.ws.closed).most_common(5))
+            str(c.ws.close_code if c.ws is not None else None) for c in clients if not c.is_open).most_common(5))
         sessions = [(c.session_id, c) for c in clients]
         await gather_limited([lambda c=c: c.close() for c in clients], 500)
         if not sse:

@@ -449,6 +449,9 @@ class Bench:
             b = snaps.get(before, {}).get("_gateway_metrics", {}).get(gauge)
             return int(a - b) if a is not None and b is not None and a - b > 0 else opened
 
+        def consistent(client_open: int | None, held_n: int) -> bool:
+            return bool(client_open) and abs(held_n - client_open) <= 0.02 * client_open
+
         def per_conn(after: str, before: str, opened: int, comp: str = "gateway") -> tuple[float | None, ...]:
             if after not in snaps or before not in snaps or not opened:
                 return None, None
@@ -462,6 +465,7 @@ class Bench:
         out["ws_open_at_snapshot"] = res.get("ws_open_at_snapshot")
         out["ws_closed_by_server"] = res.get("ws_closed_by_server")
         out["ws_held_by_gateway"] = held("ws_open", "before", "sockets", res.get("ws_opened", 0))
+        out["ws_counts_consistent"] = consistent(res.get("ws_open_at_snapshot"), out["ws_held_by_gateway"])
         out["ws_kib_per_conn"], out["ws_fds_per_conn"] = per_conn("ws_open", "before", out["ws_held_by_gateway"])
         out["ws_gateway_rss_mib"] = r3(snaps.get("ws_open", {}).get("gateway", {}).get("rss", math.nan) / 2**20)
         out["ws_idle_cpu_pct"] = {k: r3(v["cpu_pct"]) for k, v in snaps.get("ws_open:cpu", {}).items()}
@@ -904,6 +908,13 @@ def build_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
             le(_get(cr, "pause_ms", "p99"), TARGETS["crash_p99_ms"]))
         row("Crash trials whose text was not exact (deltas ≠ turn_end.text)", cr.get("exact_text_failures"), "",
             "0", cr.get("exact_text_failures") == 0)
+    for name in SCENARIO_ORDER:
+        sc = s.get(name)
+        canary = sc.get("canary_after") if isinstance(sc, dict) else None
+        if isinstance(canary, dict) and not canary.get("ok"):
+            row(f"Stack still serving turns after the {name} scenario (1 session, 3 turns, 15 s timeout)", "no", "",
+                "yes", False, note="a fresh stack (new infra state, new processes) ran the next scenario; "
+                                   + ", ".join(f"{k} ×{v}" for k, v in (canary.get("error_kinds") or {}).items()))
     st = s.get("storm", {})
     if isinstance(st, dict) and "n" in st:
         n = st["n"]
@@ -954,6 +965,11 @@ def render_table(results: dict[str, Any], json_rel: str, plots_rel: list[str]) -
         lines.append(f"| {r['metric']} | {r['target']} | {fmt(r['value'], r['unit'])} | "
                      f"{fmt(r['floor'], r['unit']) if r['floor'] is not None else ''} | "
                      f"{fmt(r['ratio']) + '×' if r['ratio'] is not None else ''} | {met} | {r['note']} |")
+    busy = [f"{k} {v['machine_busy_pct']:.0f}%" for k, v in results["scenarios"].items()
+            if isinstance(v, dict) and isinstance(v.get("machine_busy_pct"), int | float)]
+    if busy:
+        lines += ["", "Machine-wide CPU busy during each scenario (every process on the box, ours or not): "
+                  + ", ".join(busy) + "."]
     errors = {k: v["error"] for k, v in results["scenarios"].items() if isinstance(v, dict) and "error" in v}
     if errors:
         lines += ["", "Scenarios that failed in this run: "
@@ -1120,6 +1136,19 @@ async def run_all(bench: Bench, only: list[str]) -> dict[str, Any]:
     return scenarios
 
 
+def render_only(json_path: Path, docs: Path) -> int:
+    results = json.loads(json_path.read_text())
+    results["summary"] = build_summary(results)
+    json_path.write_text(json.dumps(clean(results), indent=2, ensure_ascii=False) + "\n")
+    plots = sorted(p for p in json_path.parent.glob(f"{json_path.stem}-*.png"))
+    order = {name: i for i, name in enumerate(SCENARIO_ORDER)}
+    plots.sort(key=lambda p: order.get(p.stem.rsplit("-", 1)[-1], 99))
+    rel = lambda p: os.path.relpath(p, docs.parent)  # noqa: E731
+    update_docs(docs, render_table(results, rel(json_path), [rel(p) for p in plots]))
+    log(f"rewrote the summary of {json_path} and the table of {docs}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds per scenario")
@@ -1134,7 +1163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a size, e.g. --set idle_n=3000 --set 'crash={\"trials\": 5}'")
+    ap.add_argument("--render", metavar="JSON", help="no run: rebuild the summary of an existing results file "
+                                                     "and the docs table from it (plots found next to it)")
     args = ap.parse_args(argv)
+    if args.render:
+        return render_only(Path(args.render).resolve(), Path(args.docs).resolve() if args.docs else DOCS)
     base_cfg = QUICK if args.quick else FULL
     for item in args.set:
         key, _, raw = item.partition("=")
