@@ -42,8 +42,14 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
 
+## The chaos drill: locally against processes, or with K8S_CONTEXT=<ctx> URL=<gateway> SECRET=<jwt secret>
+## against a cluster (pods of each component deleted at random while a load client checks invariants).
 chaos: $(STAMP)
+ifdef K8S_CONTEXT
+	$(PY) -m tidewire.drill --url $(URL) --secret $(SECRET) --kubectl-context $(K8S_CONTEXT) --namespace $(or $(NAMESPACE),tidewire)
+else
 	$(PY) -m pytest -q tests/chaos
+endif
 
 ## Headless Chromium for the browser tests (Debian package; Playwright's own download cannot work offline).
 browser-deps: $(STAMP)
