@@ -65,6 +65,7 @@ class Connection:
         self.feed: Feed | None = None
         self.last_rx = time.monotonic()
         self.pre_hello: list[client.ServerFrame] = []
+        self.tasks: list[asyncio.Task[None]] = []  # owned by the connection, cancelled when it ends
 
     def reply(self, frame: client.ServerFrame) -> None:
         if self.feed is not None:
@@ -100,8 +101,8 @@ class Connection:
             self.feed.push(f)
         self.pre_hello.clear()
         self.feed.push(client.Ready(session_id=sid, last_seq=last_seq, reset=reset))
-        tg.create_task(self.feed.run(), name=f"feed-{sid}")
-        tg.create_task(run_sender(self.feed, self.write), name=f"sender-{sid}")
+        self.tasks += [tg.create_task(self.feed.run(), name=f"feed-{sid}"),
+                       tg.create_task(run_sender(self.feed, self.write), name=f"sender-{sid}")]
 
     async def handle_text(self, data: str, tg: asyncio.TaskGroup) -> None:
         limit = self.deps.settings.max_frame_bytes
@@ -264,16 +265,13 @@ async def _serve(request: web.Request, ws: web.WebSocketResponse, principal: Pri
     deps.counters.sockets += 1
     try:
         async with asyncio.TaskGroup() as tg:
-            hb = tg.create_task(conn.heartbeat())
-            exp = tg.create_task(conn.expiry())
+            conn.tasks += [tg.create_task(conn.heartbeat()), tg.create_task(conn.expiry())]
             try:
                 await conn.receive_loop(tg)
             except TimeoutError:
                 await ws.close(code=CLOSE_HEARTBEAT, message=b"no hello")
             finally:
-                hb.cancel()
-                exp.cancel()
-                for t in list(tg._tasks):  # the feed and sender end with the connection
+                for t in conn.tasks:  # heartbeat, expiry, feed and sender end with the connection
                     t.cancel()
     except* (ConnectionError, asyncio.CancelledError):
         pass

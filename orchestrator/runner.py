@@ -28,13 +28,11 @@ from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from orchestrator.checkpoint_writer import CheckpointWriter
-from orchestrator.packer import pack
 from orchestrator.providers.base import ProviderError, ProviderRequest, TextDelta, ToolCallRequest
 from orchestrator.segmenter import GraphemeBuffer
 from orchestrator.turn import TurnProgress, status_line
 from proto import bus as busproto
 from proto import client
-from proto.state import ChatMessage
 from shared import telemetry
 from shared.checkpoints import Lease, TurnSnapshot
 from shared.errors import StaleEpoch
@@ -360,5 +358,3 @@ def decode_request(raw: bytes) -> busproto.TurnRequest:
         raise msgspec.ValidationError("not a turn request")
     return req
 
-
-__all__ = ["SessionRunner", "decode_request", "pack", "ChatMessage"]

@@ -71,9 +71,9 @@ def make_provider(name: str) -> Provider:
 
         return SimulatedProvider()
     if name == "openai":
-        from orchestrator.providers.openai import OpenAIProvider  # type: ignore[import-not-found]
+        from orchestrator.providers.openai import OpenAIProvider
 
-        return OpenAIProvider.from_env()  # type: ignore[no-any-return]
+        return OpenAIProvider.from_env()
     raise ValueError(f"unknown provider {name!r}")
 
 
