@@ -35,6 +35,7 @@ class DrillClient:
     events: list[client.Event] = field(default_factory=list)
     acks: list[client.Ack] = field(default_factory=list)
     reconnects: int = 0
+    _ack: client.Ack | None = None
 
     async def run(self) -> None:
         async with aiohttp.ClientSession() as http:
@@ -42,24 +43,26 @@ class DrillClient:
                 await self._turn(http, self.text.format(turn=turn), uuid.uuid4().hex)
 
     async def _turn(self, http: aiohttp.ClientSession, text: str, cmid: str) -> None:
-        ack: client.Ack | None = None
+        self._ack = None  # survives reconnects: once acked, a message is never sent again
         attempt = 0
         while True:
             try:
-                ack = await self._connection(http, text, cmid, ack)
+                await self._connection(http, text, cmid)
                 return
             except (ConnectionError, TimeoutError, aiohttp.ClientError):
                 self.reconnects += 1
                 attempt += 1
                 await asyncio.sleep(random.uniform(0, min(2.0, 0.1 * 2**attempt)))
 
-    async def _connection(self, http: aiohttp.ClientSession, text: str, cmid: str,
-                          ack: client.Ack | None) -> client.Ack:
+    def _ended(self, turn_id: str) -> bool:
+        return any(isinstance(e, client.TurnEnd) and e.turn_id == turn_id for e in self.events)
+
+    async def _connection(self, http: aiohttp.ClientSession, text: str, cmid: str) -> None:
         url = self.url.replace("http", "ws", 1) + f"/v1/ws?access_token={self.token}"
         async with http.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
             last = self.events[-1].seq if self.events else None
             await ws.send_str(json.dumps({"type": "hello", "session_id": self.session_id, "last_seen_seq": last}))
-            if ack is None:
+            if self._ack is None:
                 await ws.send_str(json.dumps({"type": "send", "client_msg_id": cmid, "text": text}))
             async with asyncio.timeout(90):
                 async for msg in ws:
@@ -68,15 +71,18 @@ class DrillClient:
                     frame = client.server_frame_decoder.decode(msg.data)
                     if isinstance(frame, client.Ready):
                         self.session_id = frame.session_id
-                    elif isinstance(frame, client.Ack) and frame.client_msg_id == cmid and ack is None:
-                        ack = frame
+                    elif isinstance(frame, client.Ack) and frame.client_msg_id == cmid and self._ack is None:
+                        self._ack = frame
                         self.acks.append(frame)
-                    elif isinstance(frame, client.Error) and ack is None:
+                        if self._ended(frame.turn_id):  # replayed before the (duplicate) ack arrived
+                            return
+                    elif isinstance(frame, client.Error) and self._ack is None:
                         raise ConnectionError(f"send refused: {frame.code}")
                     elif isinstance(frame, client.EVENT_TYPES):
                         self.events.append(frame)  # type: ignore[arg-type]
-                        if ack is not None and isinstance(frame, client.TurnEnd) and frame.turn_id == ack.turn_id:
-                            return ack
+                        if (self._ack is not None and isinstance(frame, client.TurnEnd)
+                                and frame.turn_id == self._ack.turn_id):
+                            return
         raise ConnectionError("connection closed mid-turn")
 
 
