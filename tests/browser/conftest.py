@@ -117,9 +117,9 @@ async def gateways(gateways_of: Gateways) -> AsyncIterator[Gateways]:
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
     if not HAVE_CHROMIUM:
-        pytest.skip(f"{CHROMIUM} not installed (Debian package `chromium`; see `make browser-deps`)")
+        pytest.skip(reason=f"{CHROMIUM} not installed (Debian package `chromium`; see `make browser-deps`)")
     if async_playwright is None:
-        pytest.skip("Python package `playwright` is not installed (see `make browser-deps`)")
+        pytest.skip(reason="Python package `playwright` is not installed (see `make browser-deps`)")
     async with async_playwright() as p:
         b = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

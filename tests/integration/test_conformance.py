@@ -113,7 +113,7 @@ async def test_autobahn_cases_pass_against_the_websocket_endpoint(gateway) -> No
 def _schemathesis() -> str:
     exe = Path(sys.executable).with_name("schemathesis")
     if not exe.exists():
-        pytest.skip("schemathesis is not installed")
+        pytest.skip(reason="schemathesis is not installed")
     return str(exe)
 
 

@@ -475,3 +475,36 @@ async def test_a_stall_after_tokens_fails_the_turn_keeping_its_text(openai_stack
     assert end.text in ("Thinking", "Thinkin")
     await upstream.wait_for("dropped", "stall", timeout=10)
 
+
+
+async def test_breaker_state_round_trips_through_real_redis(infra) -> None:
+    """The breaker an orchestrator publishes is what the gateway reads, with a TTL so a dead
+    orchestrator leaves no stuck key."""
+    import redis.asyncio as aioredis
+
+    from orchestrator.upstream import GateSettings, UpstreamGate, breaker_key, read_state
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    r = aioredis.Redis.from_url(infra.endpoints.redis_url)
+    try:
+        name = "openai-breaker-test"
+        gate = UpstreamGate(name, GateSettings(failure_threshold=1, cooldown_s=5), clock=clock)
+        await gate.publish_state(r)
+        assert await read_state(r, name) is None
+        gate.record_failure()
+        await gate.publish_state(r)
+        state = await read_state(r, name)
+        assert state is not None and state.state == "open" and 0 < state.retry_after_ms <= 5000
+        assert 0 < await r.pttl(breaker_key(name))
+        clock.now += 6
+        gate.record_success()
+        await gate.publish_state(r)
+        assert await read_state(r, name) is None
+    finally:
+        await r.aclose()

@@ -222,7 +222,7 @@ async def test_postgres_in_a_folder_its_user_cannot_traverse(own: EmbeddedInfra)
     as an unprivileged user when we are root) must work without traversing it, checkpoints included."""
     blocked = [p for p in own.state_dir.parents if not p.stat().st_mode & stat.S_IXOTH]
     if os.geteuid() != 0 or not blocked:
-        pytest.skip("only relevant as root below a folder closed to other users")
+        pytest.skip(reason="only relevant as root below a folder closed to other users")
     mode = blocked[0].stat().st_mode
     conn = await asyncpg.connect(own.endpoints.postgres_dsn)
     try:

@@ -354,39 +354,6 @@ async def test_breaker_opens_on_error_ratio_and_ignores_non_upstream_errors() ->
     assert not gate.is_open
 
 
-async def test_breaker_state_round_trips_through_redis_keys() -> None:
-    from orchestrator.upstream import GateSettings, UpstreamGate, breaker_key, read_state
-
-    class FakeRedis:
-        def __init__(self) -> None:
-            self.kv: dict[str, tuple[bytes, int | None]] = {}
-
-        async def set(self, key: str, value: bytes | str, px: int | None = None) -> None:
-            self.kv[key] = (value.encode() if isinstance(value, str) else value, px)
-
-        async def get(self, key: str) -> bytes | None:
-            hit = self.kv.get(key)
-            return None if hit is None else hit[0]
-
-        async def delete(self, key: str) -> None:
-            self.kv.pop(key, None)
-
-    clock = FakeClock()
-    r = FakeRedis()
-    gate = UpstreamGate("openai", GateSettings(failure_threshold=1, cooldown_s=5), clock=clock)
-    await gate.publish_state(r)
-    assert await read_state(r, "openai") is None
-    gate.record_failure()
-    await gate.publish_state(r)
-    state = await read_state(r, "openai")
-    assert state is not None and state.state == "open" and 0 < state.retry_after_ms <= 5000
-    assert r.kv[breaker_key("openai")][1] is not None  # a TTL: a dead orchestrator leaves no stuck key
-    clock.now += 6
-    gate.record_success()
-    await gate.publish_state(r)
-    assert await read_state(r, "openai") is None
-
-
 async def test_router_sends_each_route_to_its_upstream_through_its_gate(server: ReplayServer) -> None:
     from orchestrator.providers.simulated import SimulatedProvider, SimulatedSettings
     from orchestrator.upstream import GateSettings, UpstreamRouter
