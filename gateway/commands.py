@@ -17,12 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import msgspec
+
 from gateway import media
 from gateway.deps import Deps
 from proto import bus as busproto
 from proto import client
 from shared import telemetry
-from shared.checkpoints import DoubleTextPolicy
+from shared.checkpoints import DoubleTextPolicy, with_seq
 from shared.errors import BadFrame, Degraded, Forbidden, NotFound, SeedNeeded, TidewireError, TooLarge
 from shared.eventlog import SessionRow
 
@@ -205,19 +207,15 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
         raw_seq = logged[0][1]
         message = client.event_decoder.decode(raw_seq)
         assert isinstance(message, client.Message)
-        request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=seq,
-                                       client_msg_id=req.client_msg_id, subject=subject, text=message.text,
-                                       attachments=message.attachments, received_at_ns=received_ns,
-                                       trace_context=trace_context)
+        # the original message wins: a retry may not rewrite it
+        request = msgspec.structs.replace(request, turn_id=turn_id, text=message.text,
+                                          attachments=message.attachments)
     else:
-        raw_seq = raw.replace(b'"seq":0,', b'"seq":%d,' % seq, 1)
+        raw_seq = with_seq(raw, seq)
         message = client.Message(seq=seq, turn_id=turn_id, client_msg_id=req.client_msg_id, role="user",
                                  text=req.text, attachments=req.attachments)
-        request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=seq,
-                                       client_msg_id=req.client_msg_id, subject=subject, text=req.text,
-                                       attachments=req.attachments, received_at_ns=received_ns,
-                                       trace_context=trace_context)
         started(turn_id)
+    request = msgspec.structs.replace(request, user_seq=seq)
     try:
         async with asyncio.timeout(max(deps.settings.postgres_timeout_s, deps.settings.nats_timeout_s) + 1):
             await asyncio.gather(
