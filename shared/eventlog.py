@@ -104,9 +104,12 @@ def event_type(ev: client.Event) -> str:
 class EventLog:
     """Postgres adapter. Business code receives this, never the pool."""
 
-    def __init__(self, pool: asyncpg.Pool, *, statement_timeout_s: float = 5.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, statement_timeout_s: float = 5.0,
+                 probe_pool: asyncpg.Pool | None = None) -> None:
         self._pool = pool
         self._timeout = statement_timeout_s
+        # health probes use a connection of their own: a pool saturated by load is not "Postgres down"
+        self._probe_pool = probe_pool or pool
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10,
@@ -116,13 +119,17 @@ class EventLog:
         assert pool is not None
         if migrate:
             await apply_migrations(pool)
-        return cls(pool, statement_timeout_s=timeout_s)
+        probe_pool = await asyncpg.create_pool(dsn, min_size=0, max_size=1, timeout=timeout_s,
+                                               command_timeout=timeout_s)
+        return cls(pool, statement_timeout_s=timeout_s, probe_pool=probe_pool)
 
     async def close(self) -> None:
         await self._pool.close()
+        if self._probe_pool is not self._pool:
+            await self._probe_pool.close()
 
     async def ping(self) -> None:
-        await self._pool.fetchval("SELECT 1", timeout=self._timeout)
+        await self._probe_pool.fetchval("SELECT 1", timeout=self._timeout)
 
     # ---- sessions ----------------------------------------------------------------------------
     async def create_session(self, session_id: str, subject: str, title: str | None = None) -> None:
