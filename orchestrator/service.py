@@ -88,8 +88,9 @@ class OrchestratorService:
         self._flags: dict[str, dict[str, Any]] = {}
         self._stopping = asyncio.Event()
         self._upstream = asyncio.Semaphore(1024)
-        self.upstreams = UpstreamRouter(make_provider(settings.provider), factory=make_provider,
-                                        on_wait=lambda _upstream, secs: telemetry.observe_stage("model_queue", secs))
+        # the model.queue stage is measured once, by upstream_slot (the router's per-upstream gate
+        # waits fall into upstream_first_token); observing both would count every step twice
+        self.upstreams = UpstreamRouter(make_provider(settings.provider), factory=make_provider)
         self.provider: Provider = self.upstreams
         self._system_prompts = load_system_prompts()
         self._first_token_ns: dict[str, int] = {}
