@@ -43,7 +43,6 @@ class SessionHub:
         self._cp = checkpoints
         self._gateway_id = gateway_id
         self._entries: dict[str, _Entry] = {}
-        self.on_decode_error: Callable[[], None] | None = None
 
     def watched_sessions(self) -> dict[str, int]:
         return {sid: len(e.listeners) for sid, e in self._entries.items()}

@@ -204,10 +204,6 @@ class EventLog:
                                       timeout=self._timeout)
         return None if v is None else str(v)
 
-    async def turn_row(self, turn_id: str) -> dict[str, Any] | None:
-        r = await self._pool.fetchrow("SELECT * FROM turns WHERE turn_id = $1", turn_id, timeout=self._timeout)
-        return None if r is None else dict(r)
-
     # ---- reading -----------------------------------------------------------------------------
     async def read_events(self, session_id: str, after: int, limit: int = 500) -> list[bytes]:
         """Events with seq > after, in order, as the exact JSON clients get. A merged delta row that
