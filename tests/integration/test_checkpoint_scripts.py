@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared.checkpoints import CheckpointStore, Lease
+from shared.checkpoints import CheckpointStore, DoubleTextPolicy, Lease, UserAppend
 from shared.errors import Conflict, SeedNeeded, StaleEpoch
 
 LEASE_MS = 5_000
@@ -52,9 +52,11 @@ def _event(kind: str, mark: str) -> bytes:
     return json.dumps({"type": kind, "seq": 0, "mark": mark}, separators=(",", ":")).encode()
 
 
-async def _user(store: CheckpointStore, sid: str, cmid: str, turn_id: str, policy: str = "queue"):
-    return await store.append_user(sid, cmid, turn_id, _event("user_message", cmid), b'{"turn":"%s"}' % turn_id.encode(),
-                                   policy)  # type: ignore[arg-type]
+async def _user(
+    store: CheckpointStore, sid: str, cmid: str, turn_id: str, policy: DoubleTextPolicy = "queue"
+) -> UserAppend:
+    request = b'{"turn":"%s"}' % turn_id.encode()
+    return await store.append_user(sid, cmid, turn_id, _event("user_message", cmid), request, policy)
 
 
 async def _expired_then_taken(store: CheckpointStore, sid: str) -> tuple[Lease, Lease]:
@@ -79,7 +81,9 @@ async def test_append_with_a_stale_epoch_is_refused_and_writes_nothing(store: Ch
     rejections = store.stale_rejections
 
     with pytest.raises(StaleEpoch):
-        await store.append(old, [_event("delta", "stale-1"), _event("delta", "stale-2")], start_turn="t-stale")
+        await store.append(
+            old, [_event("delta", "stale-1"), _event("delta", "stale-2")], start_turn="t-stale"
+        )
 
     assert await store.read_log(sid, 0) == log_before
     assert await store.last_seq(sid) == 1
@@ -92,15 +96,20 @@ async def test_a_token_that_was_never_granted_is_refused(store: CheckpointStore)
     await store.seed(sid, 5)
     lease = await store.acquire(sid, "orch-a/1", LEASE_MS)
     assert lease is not None
-    for forged in (Lease(sid, lease.owner, lease.epoch + 1), Lease(sid, "orch-b/1", lease.epoch),
-                   Lease(sid, lease.owner, lease.epoch - 1)):
+    for forged in (
+        Lease(sid, lease.owner, lease.epoch + 1),
+        Lease(sid, "orch-b/1", lease.epoch),
+        Lease(sid, lease.owner, lease.epoch - 1),
+    ):
         with pytest.raises(StaleEpoch):
             await store.append(forged, [_event("delta", "forged")])
     assert await store.last_seq(sid) == 5
     assert await store.read_log(sid, 0) == []
 
 
-async def test_finish_turn_with_a_stale_epoch_is_refused_and_leaves_the_turn_queued(store: CheckpointStore) -> None:
+async def test_finish_turn_with_a_stale_epoch_is_refused_and_leaves_the_turn_queued(
+    store: CheckpointStore,
+) -> None:
     sid = _sid()
     await store.seed(sid, 0)
     ack = await _user(store, sid, "m1", "t1")
@@ -120,8 +129,9 @@ async def test_finish_turn_with_a_stale_epoch_is_refused_and_leaves_the_turn_que
 # ---- the lease ---------------------------------------------------------------------------------
 
 
-async def test_a_held_lease_is_never_granted_again_not_even_to_its_owner(store: CheckpointStore,
-                                                                        other_store: CheckpointStore) -> None:
+async def test_a_held_lease_is_never_granted_again_not_even_to_its_owner(
+    store: CheckpointStore, other_store: CheckpointStore
+) -> None:
     sid = _sid()
     first = await store.acquire(sid, "orch-a/1", LEASE_MS)
     assert first is not None
@@ -131,10 +141,13 @@ async def test_a_held_lease_is_never_granted_again_not_even_to_its_owner(store: 
     assert await store.lease_holder(sid) == first.token
 
 
-async def test_racing_acquires_grant_exactly_one_lease(store: CheckpointStore, other_store: CheckpointStore) -> None:
+async def test_racing_acquires_grant_exactly_one_lease(
+    store: CheckpointStore, other_store: CheckpointStore
+) -> None:
     sid = _sid()
-    results = await asyncio.gather(*(s.acquire(sid, f"orch-{i}/1", LEASE_MS)
-                                     for i, s in enumerate([store, other_store] * 10)))
+    results = await asyncio.gather(
+        *(s.acquire(sid, f"orch-{i}/1", LEASE_MS) for i, s in enumerate([store, other_store] * 10))
+    )
     granted = [r for r in results if r is not None]
     assert len(granted) == 1
     assert await store.lease_holder(sid) == granted[0].token
@@ -199,8 +212,9 @@ async def test_a_stale_release_never_drops_the_new_owners_lease(store: Checkpoin
 # ---- seq allocation ----------------------------------------------------------------------------
 
 
-async def test_seqs_are_never_repeated_or_skipped_under_concurrent_appenders(store: CheckpointStore,
-                                                                            other_store: CheckpointStore) -> None:
+async def test_seqs_are_never_repeated_or_skipped_under_concurrent_appenders(
+    store: CheckpointStore, other_store: CheckpointStore
+) -> None:
     """User messages (unfenced) and assistant batches (fenced) from many tasks on two clients."""
     sid = _sid()
     await store.seed(sid, 0)
@@ -247,8 +261,9 @@ async def test_a_fenced_batch_gets_consecutive_seqs(store: CheckpointStore) -> N
     await store.seed(sid, 10)
     lease = await store.acquire(sid, "orch-a/1", LEASE_MS)
     assert lease is not None
-    first = await store.append(lease, [_event("turn_start", "s"), _event("delta", "d1"), _event("delta", "d2")],
-                               start_turn="t1")
+    first = await store.append(
+        lease, [_event("turn_start", "s"), _event("delta", "d1"), _event("delta", "d2")], start_turn="t1"
+    )
     assert first == 11
     log = await store.read_log(sid, 10)
     assert [(seq, json.loads(raw)["mark"]) for seq, raw in log] == [(11, "s"), (12, "d1"), (13, "d2")]
@@ -271,11 +286,14 @@ async def test_append_user_dedupes_by_client_msg_id(store: CheckpointStore) -> N
     assert await store.user_seq(sid, "m1") == 1
 
 
-async def test_racing_resends_of_one_message_are_accepted_once(store: CheckpointStore,
-                                                               other_store: CheckpointStore) -> None:
+async def test_racing_resends_of_one_message_are_accepted_once(
+    store: CheckpointStore, other_store: CheckpointStore
+) -> None:
     sid = _sid()
     await store.seed(sid, 0)
-    results = await asyncio.gather(*(_user(s, sid, "m1", f"t{i}") for i, s in enumerate([store, other_store] * 8)))
+    results = await asyncio.gather(
+        *(_user(s, sid, "m1", f"t{i}") for i, s in enumerate([store, other_store] * 8))
+    )
     assert sum(not r.duplicate for r in results) == 1
     assert {(r.seq, r.turn_id) for r in results} == {(1, next(r.turn_id for r in results if not r.duplicate))}
     assert len(await store.read_log(sid, 0)) == 1
@@ -300,7 +318,9 @@ async def test_reject_policy_raises_conflict_while_a_turn_is_pending(store: Chec
     assert (r.seq, r.duplicate) == (2, False)
 
 
-async def test_interrupt_policy_returns_the_running_turns_and_marks_them_cancelled(store: CheckpointStore) -> None:
+async def test_interrupt_policy_returns_the_running_turns_and_marks_them_cancelled(
+    store: CheckpointStore,
+) -> None:
     sid = _sid()
     await store.seed(sid, 0)
     await _user(store, sid, "m1", "t1")
