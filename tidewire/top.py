@@ -5,7 +5,9 @@ Scrapes the Prometheus `/metrics` endpoints of the stack (by default the `"metri
 them, and shows what an on-call engineer looks at first: TTFT p50/p99 and where it goes (per
 stage), sockets, turn-queue depth, turn/cancel/degraded rates, orphaned upstream streams, fencing
 events and dead letters. Rates and "now" quantiles come from the difference between two scrapes;
-before the second scrape (or when nothing happened in between) quantiles are since start.
+before the second scrape (or when nothing happened in between) quantiles are since start. When
+`tidewire dev` is supervising the stack, its `dev-status.json` adds one line per service: pid,
+state, restarts and the last exit (`tidewire dev status` prints the same table once).
 
 Only the standard library: it must run anywhere the stack runs.
 """
@@ -22,6 +24,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
@@ -116,7 +119,7 @@ def _ms(v: float | None) -> str:
 
 
 def render(now: list[Samples | None], before: list[Samples | None] | None, dt: float,
-           targets: list[str]) -> str:
+           targets: list[str], status: Mapping[str, Any] | None = None) -> str:
     """One refresh, from this scrape and the previous one (pure: testable without servers)."""
     up = [s for s in now if s is not None]
     cur = merge(up)
@@ -171,7 +174,49 @@ def render(now: list[Samples | None], before: list[Samples | None] | None, dt: f
         n = total(cur, name + "_count")
         if n:
             out.append(f"{label:<24}{_ms(q(name, 0.5)):>10}{_ms(q(name, 0.99)):>10}{n:>9.0f}")
+    if status is not None:
+        out += ["", *render_services(status)]
     return "\n".join(out)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render_services(status: Mapping[str, Any], now: float | None = None) -> list[str]:
+    """The supervisor's view (`dev-status.json`, written by `tidewire dev`): one line per service."""
+    now = time.time() if now is None else now
+    updated = float(status.get("updated_at") or 0.0)
+    head = f"supervisor pid {status.get('supervisor_pid')} — {status.get('state', '?')}"
+    if status.get("state") == "running" and now - updated > 10:
+        head += f" — status not refreshed for {_ago(now - updated)} (is `tidewire dev` still running?)"
+    out = [head, f"{'service':<18}{'pid':>8}  {'state':<13}{'up':>6}{'restarts':>10}  last exit"]
+    services = status.get("services")
+    for name, svc in (services.items() if isinstance(services, Mapping) else []):
+        up_since = svc.get("up_since")
+        up = _ago(now - float(up_since)) if up_since else "—"
+        state = str(svc.get("state", "?"))
+        if state == "backoff" and svc.get("next_restart_in_s") is not None:
+            state = f"backoff {float(svc['next_restart_in_s']):.1f}s"
+        last = svc.get("last_exit") or "—"
+        if svc.get("last_exit_at"):
+            last += f" ({_ago(now - float(svc['last_exit_at']))} ago)"
+        out.append(f"{name:<18}{svc.get('pid') or '—':>8}  {state:<13}{up:>6}{svc.get('restarts', 0):>10}  {last}")
+    return out
+
+
+def load_status(path: Path) -> dict[str, Any] | None:
+    """The status file, or None when there is none (no supervisor) or it cannot be read."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _fmt_opt(v: float | None) -> str:
@@ -213,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         targets = targets_from(json.loads(cfg.read_text()))
     if not targets:
         p.error("no metrics endpoints to scrape")
+    status_path = Path(args.state_dir) / "dev-status.json"
     pool = ThreadPoolExecutor(max_workers=min(16, len(targets)))
     before: list[Samples | None] | None = None
     last = time.monotonic()
@@ -224,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
                 before, last = now, t
                 time.sleep(args.interval)
                 continue
-            view = render(now, before, t - last, targets)
+            view = render(now, before, t - last, targets, load_status(status_path))
             if args.once:
                 print(view)
                 return
