@@ -7,7 +7,7 @@ import uuid
 
 import asyncpg
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from proto import client
@@ -27,10 +27,13 @@ async def _pg_turn(infra, turn_id: str) -> str:
 
 
 async def _read_n_events(c: WsTestClient, n: int) -> None:
+    """Reads up to n more events, stopping early at a turn_end (the protocol promises no count: deltas
+    merge for a reader that falls behind) — including one that already arrived, e.g. replayed
+    before the ack of a duplicate send, which the protocol does not order against events."""
     start = len(c.events)
-    while len(c.events) < start + n:
-        f = await c.recv(timeout=30)
-        if f is None or isinstance(f, client.TurnEnd):
+    while len(c.events) < start + n and not any(isinstance(e, client.TurnEnd) for e in c.events):
+        f = await c.recv(timeout=30, what=f"event {len(c.events) - start + 1} of {n} (or a turn_end)")
+        if f is None:
             return
 
 
@@ -182,9 +185,12 @@ async def test_ready_reset_when_last_seen_seq_is_ahead(stack) -> None:
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(drops=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=3),
-       dup_after_reconnect=st.booleans(), use_second_gateway=st.booleans())
+       dup_after_reconnect=st.booleans(), use_second_gateway=st.booleans(), pause_s=st.sampled_from([0.0, 0.5]))
+# The fresh-clone hang: the turn ended while the client was away, so on reconnect the replayed
+# turn_end came before the duplicate's ack, and the old test then waited for events that never come.
+@example(drops=[16, 23, 37], dup_after_reconnect=True, use_second_gateway=False, pause_s=0.5)
 async def test_random_disconnects_and_duplicate_sends_keep_invariants(stack, infra, drops, dup_after_reconnect,
-                                                                       use_second_gateway) -> None:
+                                                                       use_second_gateway, pause_s) -> None:
     urls = [stack.url]
     gws = [s for s in stack.services if s.module == "gateway" and s.alive()]
     urls += [f"http://127.0.0.1:{g.env['port']}" for g in gws if g.name != "gateway"]
@@ -196,24 +202,25 @@ async def test_random_disconnects_and_duplicate_sends_keep_invariants(stack, inf
     text = "/sim tokens=80 rate=400\nproperty"
     for i, n in enumerate([*drops, None]):
         url = urls[(i if use_second_gateway else 0) % len(urls)]
+        if i:
+            await asyncio.sleep(pause_s)  # 0.5 s: the turn ends while nobody is connected
         async with WsTestClient(url, token) as c:
             ready = await c.connect(session_id, last_seen_seq=events[-1].seq if events else None)
             session_id = ready.session_id
             if turn_id is None or dup_after_reconnect:
                 ack = await c.ack_for(await c.send_message(text, cmid))
-                assert turn_id is None or (ack.duplicate and ack.turn_id == turn_id)
+                assert turn_id is None or (ack.duplicate and ack.turn_id == turn_id), ack
                 turn_id = ack.turn_id
             if n is None:
                 await c.until_turn_end(turn_id)
             else:
                 await _read_n_events(c, n)
             events += c.events
-            if events and isinstance(events[-1], client.TurnEnd):
+            if any(isinstance(e, client.TurnEnd) for e in events):
                 break
     invariants.check_seqs(events)
     turns = invariants.check_turns(events)
     assert turns[turn_id].text == await _pg_turn(infra, turn_id)
-    await asyncio.sleep(0)
 
 
 async def test_hot_session_costs_one_subscription_per_gateway_process(stack, infra) -> None:

@@ -44,7 +44,7 @@ class WsTestClient:
         self.ws = await self.session.ws_connect(url, headers=headers or {}, timeout=aiohttp.ClientWSTimeout(ws_close=5))
         await self.send({"type": "hello", "session_id": session_id, "last_seen_seq": last_seen_seq,
                          "delivery": delivery})
-        frame = await self.recv(timeout=10)
+        frame = await self.recv(timeout=10, what="ready")
         assert isinstance(frame, client.Ready), frame
         self.ready = frame
         return frame
@@ -63,9 +63,19 @@ class WsTestClient:
         await self.send({"type": "send", "client_msg_id": cmid, "text": text})
         return cmid
 
-    async def recv(self, timeout: float = 30) -> client.ServerFrame | None:
+    def _tail(self) -> str:
+        return ", ".join(f"{type(f).__name__}{'#' + str(getattr(f, 'seq', '')) if hasattr(f, 'seq') else ''}"
+                         for f in self.frames[-8:]) or "nothing"
+
+    async def recv(self, timeout: float = 30, what: str = "a frame") -> client.ServerFrame | None:
+        """The next frame, or None when the server closed; a silent server fails the test after
+        `timeout` seconds with a message naming what was awaited and the last frames seen."""
         assert self.ws is not None
-        msg = await self.ws.receive(timeout=timeout)
+        try:
+            msg = await self.ws.receive(timeout=timeout)
+        except TimeoutError:
+            raise AssertionError(f"no frame within {timeout:g} s while awaiting {what}; "
+                                 f"last frames: {self._tail()}") from None
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
             self.close_code = self.ws.close_code
             return None
@@ -76,27 +86,31 @@ class WsTestClient:
             self.events.append(frame)  # type: ignore[arg-type]
         return frame
 
-    async def until(self, pred: Any, timeout: float = 30) -> client.ServerFrame:
-        async with asyncio.timeout(timeout):
-            while True:
-                frame = await self.recv(timeout=timeout)
-                if frame is None:
-                    raise ConnectionError(f"closed with {self.close_code}")
-                if pred(frame):
-                    return frame
+    async def until(self, pred: Any, timeout: float = 30, what: str = "a matching frame") -> client.ServerFrame:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise AssertionError(f"{what} not received within {timeout:g} s; last frames: {self._tail()}")
+            frame = await self.recv(timeout=left, what=what)
+            if frame is None:
+                raise ConnectionError(f"closed with {self.close_code} while awaiting {what}")
+            if pred(frame):
+                return frame
 
     async def until_turn_end(self, turn_id: str | None = None, timeout: float = 60) -> client.TurnEnd:
         for e in self.events:
             if isinstance(e, client.TurnEnd) and (turn_id is None or e.turn_id == turn_id):
                 return e
         f = await self.until(lambda f: isinstance(f, client.TurnEnd) and (turn_id is None or f.turn_id == turn_id),
-                             timeout)
+                             timeout, f"turn_end of {turn_id or 'any turn'}")
         assert isinstance(f, client.TurnEnd)
         return f
 
     async def ack_for(self, cmid: str, timeout: float = 15) -> client.Ack:
         f = await self.until(lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid)
-                             or isinstance(f, client.Error), timeout)
+                             or isinstance(f, client.Error), timeout, f"the ack of {cmid}")
         assert isinstance(f, client.Ack), f
         return f
 
@@ -106,7 +120,7 @@ class WsTestClient:
         for _ in range(attempts):
             await self.send_message(text, cmid)
             f = await self.until(lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid)
-                                 or isinstance(f, client.Error), 15)
+                                 or isinstance(f, client.Error), 15, f"the ack of {cmid}")
             if isinstance(f, client.Ack):
                 return f
             assert isinstance(f, client.Error) and f.code == "degraded", f
