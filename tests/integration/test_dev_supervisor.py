@@ -1,0 +1,208 @@
+"""`tidewire dev` heals: a real `tidewire dev` process (its own embedded servers, two gateways, two
+orchestrators, one tool worker) keeps streaming an answer while every orchestrator is SIGKILLed in
+turn, restarts each one (counted in `dev-status.json`), keeps serving, and on SIGINT stops within a
+bound leaving no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from proto import client
+from tests.integration.wsclient import WsTestClient
+from tidewire import invariants
+
+T = TypeVar("T")
+
+UP_TIMEOUT_S = 150.0  # embedded Postgres/NATS/Redis from their wheels, then six services, on 2 shared cores
+RESTART_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
+
+
+class DevProcess:
+    """The `tidewire dev` child, its output file and every process it was ever seen to own."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.state = tmp_path / "tw"
+        self.out_path = tmp_path / "dev.out"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_")}
+        with open(self.out_path, "wb") as out:  # a file, not a pipe: nobody has to keep reading it
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tidewire.cli", "dev", "--state-dir", str(self.state),
+                 "--gateways", "2", "--orchestrators", "2", "--tool-workers", "1"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        self.seen: dict[int, psutil.Process] = {}
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")[-4000:]
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.state / "dev-status.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def remember_children(self) -> None:
+        """psutil.Process objects remember their start time, so a reused pid is never mistaken."""
+        try:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+    async def eventually(self, what: str, timeout: float, probe: Callable[[], T | None],
+                         interval: float = 0.1, while_running: bool = True) -> T:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    assert not while_running or self.proc.poll() is None, f"tidewire dev exited while awaiting {what}:\n{self.output()}"
+                    value = probe()
+                    if value is not None:
+                        return value
+                    await asyncio.sleep(interval)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout:.0f} s awaiting {what}\n"
+                                 f"status: {self.status()}\noutput:\n{self.output()}") from None
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+    except Exception:  # noqa: BLE001 - not up (yet)
+        return False
+
+
+def _all_running(status: dict[str, Any] | None, names: set[str]) -> dict[str, Any] | None:
+    if status is None or set(status["services"]) != names:
+        return None
+    return status if all(s["state"] == "running" for s in status["services"].values()) else None
+
+
+def _restarted(dev: DevProcess, name: str, before: dict[str, Any]) -> dict[str, Any] | None:
+    status = dev.status()
+    now = status["services"][name] if status is not None else None
+    if now is None or now["pid"] == before["pid"] or now["state"] != "running":
+        return None
+    assert now["restarts"] == before["restarts"] + 1, (before, now)
+    return now  # type: ignore[no-any-return]
+
+
+SERVICES = {"gateway", "gateway-2", "orchestrator-1", "orchestrator-2", "tool-worker-1"}
+
+
+@pytest.mark.timeout(420)
+async def test_tidewire_dev_restarts_killed_orchestrators_and_the_answer_completes_exactly(tmp_path: Path) -> None:
+    dev = DevProcess(tmp_path)
+    try:
+        await _heal_under_fire(dev)
+        t_int = time.monotonic()
+        dev.remember_children()
+        dev.proc.send_signal(signal.SIGINT)
+        await dev.eventually("tidewire dev to exit after SIGINT", STOP_TIMEOUT_S,
+                             lambda: True if dev.proc.poll() is not None else None, while_running=False)
+        stop_s = time.monotonic() - t_int
+        assert dev.proc.returncode == 0, dev.output()
+        print(f"stopped {stop_s:.1f} s after SIGINT")
+    finally:
+        if dev.proc.poll() is None:
+            dev.proc.kill()
+            dev.proc.wait(10)
+    final = dev.status()
+    assert final is not None and final["state"] == "stopped", final
+    assert "stopped." in dev.output()
+    deadline = time.monotonic() + 5
+    while True:  # children are reaped by dev; give the kernel a moment to finish tearing them down
+        alive = [p for p in dev.seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    strays = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:  # e.g. an infra server or a restarted service forked after our last look
+            if str(dev.state) in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                strays.append(p.info["cmdline"])
+        except psutil.Error:
+            pass
+    assert not strays, f"processes still using the state dir: {strays}"
+
+
+async def _heal_under_fire(dev: DevProcess) -> None:
+    # dev-status.json is first written after dev.json is complete
+    status = await dev.eventually("every service running in dev-status.json", UP_TIMEOUT_S,
+                                  lambda: _all_running(dev.status(), SERVICES), interval=0.3)
+    info = json.loads((dev.state / "dev.json").read_text())
+    dev.remember_children()
+    assert info["url"] == info["gateways"][0] and len(info["gateways"]) == 2
+    assert len(set(info["gateways"])) == 2, info["gateways"]
+    assert len(info["metrics"]) == 5, info["metrics"]  # 2 gateways + 2 orchestrators + 1 tool worker
+    assert all(s["restarts"] == 0 for s in status["services"].values()), status
+
+    async with WsTestClient(info["url"], info["token"]) as c:
+        await c.connect()
+        cmid = await c.send_message("/sim tokens=1000 rate=80 ttft_ms=0\ntell me a long story")
+        ack = await c.ack_for(cmid)
+        reader = asyncio.create_task(c.until_turn_end(ack.turn_id, timeout=120))
+        try:
+            await dev.eventually("the first deltas", 20,
+                                 lambda: True if sum(isinstance(e, client.Delta) for e in c.events) >= 10 else None)
+            restart_s: dict[str, float] = {}
+            for name in ("orchestrator-1", "orchestrator-2"):
+                before = dev.status()["services"][name]  # type: ignore[index]
+                os.kill(before["pid"], signal.SIGKILL)
+                t_kill = time.monotonic()
+                after = await dev.eventually(f"{name} (pid {before['pid']}) to be restarted", RESTART_TIMEOUT_S,
+                                             lambda name=name, before=before: _restarted(dev, name, before))
+                assert after["last_exit"] == "SIGKILL", after
+                dev.remember_children()
+                await dev.eventually(f"restarted {name} ready on :{after['port']}", RESTART_TIMEOUT_S,
+                                     lambda port=after["port"]: True if _ready(port) else None, interval=0.2)
+                restart_s[name] = time.monotonic() - t_kill
+            still_streaming = not reader.done()
+            async with asyncio.timeout(120):
+                end = await reader
+        finally:
+            reader.cancel()
+        print(f"kill → ready: {restart_s}; answer still streaming after the last kill: {still_streaming}")
+        assert end.status == "completed", end
+        invariants.check_seqs(c.events)
+        assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
+        assert still_streaming, "the answer ended before every orchestrator was killed: nothing was tested"
+
+        ack2 = await c.ack_for(await c.send_message("/sim tokens=20\nare you still there?"))
+        end2 = await c.until_turn_end(ack2.turn_id, timeout=30)
+        assert end2.status == "completed" and end2.text
+
+    async with WsTestClient(info["gateways"][1], info["token"]) as c2:  # the second gateway serves too
+        await c2.connect()
+        ack3 = await c2.ack_for(await c2.send_message("/sim tokens=20\nhello via gateway-2"))
+        end3 = await c2.until_turn_end(ack3.turn_id, timeout=30)
+        assert end3.status == "completed" and end3.text
+
+    status = dev.status()
+    assert status is not None
+    restarts = {name: s["restarts"] for name, s in status["services"].items()}
+    assert restarts == {"gateway": 0, "gateway-2": 0, "orchestrator-1": 1, "orchestrator-2": 1,
+                        "tool-worker-1": 0}, restarts
+    out = dev.output()
+    for name in ("orchestrator-1", "orchestrator-2"):
+        assert f"{name} restarted (pid {status['services'][name]['pid']}, restart #1)" in out, out
+    shown = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "tidewire.cli", "dev", "status", "--state-dir", str(dev.state)],
+        capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert "orchestrator-1" in shown.stdout and "SIGKILL" in shown.stdout, shown.stdout
