@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import collections
 import json
 import logging
@@ -184,7 +185,7 @@ class FlagResolver:
         self._max = max_entries
         self._clock = clock
         self._cache: collections.OrderedDict[str, tuple[float, dict[str, Any]]] = collections.OrderedDict()
-        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._inflight: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self.queries = 0
         self.stale_served = 0
 
@@ -207,35 +208,39 @@ class FlagResolver:
             self._cache.pop(scope, None)
 
     async def _scope(self, scope: str) -> dict[str, Any]:
-        now = self._clock()
+        """One query per scope at a time, shared by every caller that misses the cache. The query is a
+        task of the resolver's own, not of its first caller: a caller cancelled mid-query (its runner
+        lost the lease) must not leave a future that nobody will ever resolve, which once wedged every
+        later turn of the process (PERF-LEDGER §5)."""
         hit = self._cache.get(scope)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > self._clock():
             return hit[1]
-        pending = self._inflight.get(scope)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._inflight[scope] = fut
-        try:
+        query = self._inflight.get(scope)
+        if query is None:
             self.queries += 1
-            value = await self._source.flags_for([scope])
-        except Exception as exc:
-            self._inflight.pop(scope, None)
-            if hit is not None:
-                self.stale_served += 1
-                log.warning("flags of %s unavailable (%s): serving the cached value", scope, exc)
-                fut.set_result(hit[1])
-                return hit[1]
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
+            query = asyncio.get_running_loop().create_task(self._source.flags_for([scope]), name=f"flags-{scope}")
+            self._inflight[scope] = query
+            query.add_done_callback(functools.partial(self._settle, scope))
+        try:
+            return await asyncio.shield(query)
+        except asyncio.CancelledError:
             raise
-        self._inflight.pop(scope, None)
-        self._cache[scope] = (self._clock() + self._ttl, value)
+        except Exception as exc:
+            if hit is None:
+                raise
+            self.stale_served += 1
+            log.warning("flags of %s unavailable (%s): serving the cached value", scope, exc)
+            return hit[1]
+
+    def _settle(self, scope: str, query: asyncio.Task[dict[str, Any]]) -> None:
+        if self._inflight.get(scope) is query:
+            del self._inflight[scope]
+        if query.cancelled() or query.exception() is not None:  # retrieved: waiters re-raise it
+            return
+        self._cache[scope] = (self._clock() + self._ttl, query.result())
         self._cache.move_to_end(scope)
         while len(self._cache) > self._max:
             self._cache.popitem(last=False)
-        fut.set_result(value)
-        return value
 
 
 # --------------------------------------------------------------------------- operator CLI
