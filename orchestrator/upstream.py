@@ -6,7 +6,8 @@ every session hit it at once turns a slow upstream into timeouts for all; hammer
 down wastes every turn's first-token timeout. So each upstream gets an `UpstreamGate`:
 
 - `async with gate.slot():` waits for one of `max_concurrency` slots (at most `max_wait_s`) and
-  records how long it waited (a histogram, plus an optional callback for other metrics systems);
+  records how long it waited (`tidewire_upstream_queue_wait_seconds{upstream}`, plus an optional
+  callback);
 - a circuit breaker opens after `failure_threshold` consecutive upstream failures, or when the
   failure ratio over `window_s` reaches `error_ratio` (with at least `min_calls` outcomes); while
   open, `slot()` refuses at once with `CircuitOpen` (a non-retryable ProviderError); after
@@ -14,8 +15,17 @@ down wastes every turn's first-token timeout. So each upstream gets an `Upstream
   failure opens it again. Only upstream failures count (`is_upstream_failure`): timeouts, 5xx,
   429, broken connections; a request the model rejects (a poison turn) does not.
 - `publish_state(redis)` mirrors an open breaker to the Redis key `tw:breaker:<upstream>` (with a
-  TTL, so a dead orchestrator leaves nothing stuck); the gateway's load shedding reads it with
-  `read_state(redis, upstream)` and answers `degraded` instead of queueing doomed turns.
+  TTL, so a dead orchestrator leaves nothing stuck), and the router's publish loop lists every
+  upstream it has a gate for in `tw:breaker:upstreams` (a sorted set scored by a "seen until"
+  time). The gateway's load shedder (`gateway/limits.py`) reads both: when every upstream seen
+  has its breaker open, new sends are answered `degraded` instead of queueing doomed turns.
+
+Metrics are OpenTelemetry instruments (shared/telemetry.py), served on the orchestrator's
+`/metrics`: the queue-wait histogram is recorded per admitted call; the gauges and counters of the
+gates (`tidewire_upstream_in_use`, `_waiting`, `_breaker_open`, `_breaker_opened`,
+`_breaker_rejections`, `_breaker_failures`, `_queue_timeouts`, each `{upstream}`) are read from the
+gates of every live router when `/metrics` is scraped (summed per upstream; a process has one
+router, tests may build several).
 
 `UpstreamRouter` is itself a `Provider`: it parses the step's model route (`orchestrator.flags.
 parse_route`: "simulated", "openai:gpt-4o-mini", ...), builds that upstream's provider on first use
@@ -34,7 +44,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+import weakref
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, Final, Protocol
@@ -43,6 +54,7 @@ import msgspec
 
 from orchestrator.flags import parse_route
 from orchestrator.providers.base import Provider, ProviderError, ProviderEvent, ProviderRequest, Usage
+from shared import telemetry
 
 __all__ = [
     "BreakerSnapshot",
@@ -51,7 +63,7 @@ __all__ = [
     "GateSettings",
     "UpstreamGate",
     "UpstreamRouter",
-    "WaitHistogram",
+    "BREAKERS_SEEN",
     "breaker_key",
     "is_upstream_failure",
     "read_state",
@@ -59,7 +71,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WAIT_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_queue_wait = telemetry.meter("tidewire.upstream").create_histogram(
+    "tidewire_upstream_queue_wait_seconds", unit="s",
+    description="Wait for a concurrency slot of the model upstream, per admitted call",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+
+# The Redis names the gateway reads too (gateway/limits.py keeps the same literals; both are
+# candidates for shared/subjects.py): an open breaker's key, and the upstreams orchestrators have.
+BREAKERS_SEEN: Final = "tw:breaker:upstreams"
+SEEN_FOR_MS: Final = 10_000  # an upstream no orchestrator re-lists for this long is forgotten
 
 
 def breaker_key(upstream: str) -> str:
@@ -71,6 +91,8 @@ class _Redis(Protocol):
     async def set(self, key: str, value: bytes | str, px: int | None = None) -> Any: ...
     async def get(self, key: str) -> Any: ...
     async def delete(self, key: str) -> Any: ...
+    async def zadd(self, name: str, mapping: Mapping[str, float]) -> Any: ...
+    async def pexpire(self, name: str, time: int) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -144,32 +166,6 @@ def is_upstream_failure(exc: BaseException | None) -> bool:
     return bool(exc.retryable if fault is None else fault)
 
 
-class WaitHistogram:
-    """Cumulative histogram of queue waits (Prometheus-style buckets, seconds)."""
-
-    def __init__(self, buckets: tuple[float, ...] = WAIT_BUCKETS_S) -> None:
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.count = 0
-        self.sum = 0.0
-        self.max = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.count += 1
-        self.sum += seconds
-        self.max = max(self.max, seconds)
-        for i, bound in enumerate(self.buckets):
-            if seconds <= bound:
-                self.counts[i] += 1
-
-    def lines(self, metric: str, labels: str) -> Iterator[str]:
-        for bound, n in zip(self.buckets, self.counts, strict=True):
-            yield f'{metric}_bucket{{{labels},le="{bound:g}"}} {n}'
-        yield f'{metric}_bucket{{{labels},le="+Inf"}} {self.count}'
-        yield f"{metric}_sum{{{labels}}} {self.sum:.6f}"
-        yield f"{metric}_count{{{labels}}} {self.count}"
-
-
 class BreakerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     """What the gateway reads from Redis."""
 
@@ -235,7 +231,9 @@ class UpstreamGate:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.settings = GateSettings() if settings is None else settings
-        self.wait_histogram = WaitHistogram()
+        self._wait_attrs = {"upstream": name}
+        self.queue_waits = 0
+        self.queue_wait_max_s = 0.0
         self._on_wait = on_wait
         self._clock = clock
         self._sem = asyncio.Semaphore(self.settings.max_concurrency)
@@ -289,7 +287,9 @@ class UpstreamGate:
             self._probing = False
 
     def _observe_wait(self, seconds: float) -> None:
-        self.wait_histogram.observe(seconds)
+        self.queue_waits += 1
+        self.queue_wait_max_s = max(self.queue_wait_max_s, seconds)
+        _queue_wait.record(seconds, self._wait_attrs)
         if self._on_wait is not None:
             self._on_wait(seconds)
 
@@ -368,18 +368,7 @@ class UpstreamGate:
                 "successes": self.successes, "failures": self.failures, "rejected": self.rejected,
                 "queue_timeouts": self.queue_timeouts, "opened": self.opened,
                 "retry_after_s": round(self.retry_after_s(), 3),
-                "queue_wait_max_s": round(self.wait_histogram.max, 6)}
-
-    def metrics_lines(self) -> Iterator[str]:
-        labels = f'upstream="{self.name}"'
-        yield from self.wait_histogram.lines("tidewire_upstream_queue_wait_seconds", labels)
-        yield f"tidewire_upstream_in_use{{{labels}}} {self.in_use}"
-        yield f"tidewire_upstream_waiting{{{labels}}} {self.waiting}"
-        yield f"tidewire_upstream_breaker_open{{{labels}}} {int(self.is_open)}"
-        yield f"tidewire_upstream_breaker_opened_total{{{labels}}} {self.opened}"
-        yield f"tidewire_upstream_breaker_rejections_total{{{labels}}} {self.rejected}"
-        yield f"tidewire_upstream_failures_total{{{labels}}} {self.failures}"
-        yield f"tidewire_upstream_queue_timeouts_total{{{labels}}} {self.queue_timeouts}"
+                "queue_waits": self.queue_waits, "queue_wait_max_s": round(self.queue_wait_max_s, 6)}
 
 
 async def read_state(redis: _Redis, upstream: str) -> BreakerSnapshot | None:
@@ -418,6 +407,9 @@ class UpstreamRouter:
         self.providers: dict[str, Provider] = {default.name: default}
         self.gates: dict[str, UpstreamGate] = {}
         self.gate(default.name)
+        self._publish_failing = False
+        _routers.add(self)
+        _install_metrics()
 
     def gate(self, upstream: str) -> UpstreamGate:
         gate = self.gates.get(upstream)
@@ -477,17 +469,29 @@ class UpstreamRouter:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {name: gate.snapshot() for name, gate in self.gates.items()}
 
-    def metrics_lines(self) -> list[str]:
-        return [line for gate in self.gates.values() for line in gate.metrics_lines()]
+    async def publish_once(self, redis: _Redis) -> None:
+        """Lists this router's upstreams for the gateways, then mirrors each open breaker."""
+        until = int(time.time() * 1000) + SEEN_FOR_MS
+        gates = list(self.gates.values())
+        await redis.zadd(BREAKERS_SEEN, {gate.name: until for gate in gates})
+        await redis.pexpire(BREAKERS_SEEN, SEEN_FOR_MS)
+        for gate in gates:
+            await gate.publish_state(redis)
 
     async def publish_loop(self, redis: _Redis, interval_s: float = 0.5) -> None:
-        """Mirror open breakers to Redis for the gateways, forever (owned by the service's TaskGroup)."""
+        """`publish_once` forever (owned by the service's TaskGroup). A failing Redis is logged
+        once per outage (a warning, then an info when it recovers), not once per tick."""
         while True:
-            for gate in list(self.gates.values()):
-                try:
-                    await gate.publish_state(redis)
-                except Exception as exc:  # noqa: BLE001 - Redis blip: the next tick tries again
-                    log.debug("breaker state of %s not published: %s", gate.name, exc)
+            try:
+                await self.publish_once(redis)
+            except Exception as exc:  # noqa: BLE001 - Redis blip: the next tick tries again
+                if not self._publish_failing:
+                    log.warning("breaker states not published (retrying every %g s): %r", interval_s, exc)
+                self._publish_failing = True
+            else:
+                if self._publish_failing:
+                    log.info("breaker states published again")
+                self._publish_failing = False
             await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
@@ -496,3 +500,41 @@ class UpstreamRouter:
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer()
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+_routers: weakref.WeakSet[UpstreamRouter] = weakref.WeakSet()
+
+_GATE_GAUGES: Final[dict[str, tuple[Callable[[UpstreamGate], int], str]]] = {
+    "in_use": (lambda g: g.in_use, "Upstream streams holding a concurrency slot"),
+    "waiting": (lambda g: g.waiting, "Calls waiting for a concurrency slot"),
+    "breaker_open": (lambda g: int(g.is_open), "1 while the upstream's circuit breaker refuses calls"),
+}
+_GATE_COUNTERS: Final[dict[str, tuple[Callable[[UpstreamGate], int], str]]] = {
+    "breaker_opened": (lambda g: g.opened, "Times the circuit breaker opened"),
+    "breaker_rejections": (lambda g: g.rejected, "Calls refused at once because the breaker was open"),
+    "breaker_failures": (lambda g: g.failures, "Upstream failures counted by the breaker"),
+    "queue_timeouts": (lambda g: g.queue_timeouts, "Calls that found no slot within max_wait_s"),
+}
+
+
+def _per_upstream(read: Callable[[UpstreamGate], int],
+                  combine: Callable[[Iterable[int]], int]) -> Callable[[], list[tuple[dict[str, str], int]]]:
+    def collect() -> list[tuple[dict[str, str], int]]:
+        values: dict[str, list[int]] = {}
+        for router in list(_routers):
+            for gate in list(router.gates.values()):
+                values.setdefault(gate.name, []).append(read(gate))
+        return [({"upstream": name}, combine(v)) for name, v in sorted(values.items())]
+
+    return collect
+
+
+def _install_metrics() -> None:
+    """Gate gauges and counters, read when `/metrics` is scraped (registering again is a no-op)."""
+    for name, (read, description) in _GATE_GAUGES.items():
+        combine = max if name == "breaker_open" else sum
+        telemetry.observe(f"tidewire_upstream_{name}", _per_upstream(read, combine), description=description)
+    for name, (read, description) in _GATE_COUNTERS.items():
+        telemetry.observe(f"tidewire_upstream_{name}", _per_upstream(read, sum), kind="counter",
+                          description=description)

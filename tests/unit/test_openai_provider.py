@@ -308,7 +308,7 @@ async def test_gate_caps_concurrency_and_measures_queue_time() -> None:
     await asyncio.gather(*(one() for _ in range(6)))
     assert peak == 2
     assert len(waits) == 6 and max(waits) >= 0.08  # the last pair queued behind two rounds
-    assert gate.wait_histogram.count == 6
+    assert gate.queue_waits == 6
     assert gate.in_use == 0 and gate.waiting == 0
 
 
@@ -368,6 +368,10 @@ async def test_router_sends_each_route_to_its_upstream_through_its_gate(server: 
             return oai
         raise ValueError(f"unknown provider {name!r}")
 
+    from shared import promtext, telemetry
+
+    waits_before = promtext.parse(telemetry.render_prometheus()).value(
+        "tidewire_upstream_queue_wait_seconds_count", upstream="openai")
     router = UpstreamRouter(sim, factory=factory, settings_for=lambda n: GateSettings(max_concurrency=4))
     assert router.name == "simulated"
     assert text_of(await collect(router, request())) == sim.full_answer(request())  # type: ignore[arg-type]
@@ -386,7 +390,8 @@ async def test_router_sends_each_route_to_its_upstream_through_its_gate(server: 
     assert info.value.retryable is False
     assert (router.started, router.finished, router.orphaned) == (3, 3, 0)
     assert set(router.gates) == {"simulated", "openai"}
-    lines = "\n".join(router.metrics_lines())
-    assert 'tidewire_upstream_queue_wait_seconds_count{upstream="openai"} 1' in lines
+    page = promtext.parse(telemetry.render_prometheus())
+    assert page.value("tidewire_upstream_queue_wait_seconds_count", upstream="openai") - waits_before == 1
+    assert page.value("tidewire_upstream_breaker_open", default=-1, upstream="openai") == 0
     assert json.loads(json.dumps(router.snapshot()))["openai"]["state"] == "closed"
     await oai.close()
