@@ -31,6 +31,7 @@ from proto import client
 from shared import tokens
 from tests.integration.conftest import SECRET, make_token, stack_env
 from tests.integration.wsclient import WsTestClient
+from tests.waits import eventually, within
 from tidewire.stack import Stack, free_port
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -77,7 +78,7 @@ def _url(stack: Stack, name: str = "gateway") -> str:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         yield s
 
 
@@ -100,7 +101,7 @@ async def _ws_outcome(http: aiohttp.ClientSession, base: str, token: str, hello:
             await ws.send_str(json.dumps({"type": "hello", **(hello or {})}))
         except (ConnectionError, RuntimeError):
             pass  # already closed by the server: the close code tells why
-        msg = await ws.receive(timeout=10)
+        msg = await within(ws.receive(), timeout=10, what=f"the first answer (frame or close) to hello {hello or {}}")
         if msg.type == aiohttp.WSMsgType.TEXT:
             return client.server_frame_decoder.decode(msg.data)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING), msg
@@ -109,7 +110,7 @@ async def _ws_outcome(http: aiohttp.ClientSession, base: str, token: str, hello:
 
 
 async def _error(c: WsTestClient, timeout: float = 10) -> client.Error:
-    f = await c.until(lambda f: isinstance(f, client.Error), timeout)
+    f = await c.until(lambda f: isinstance(f, client.Error), timeout, "an error frame")
     assert isinstance(f, client.Error)
     return f
 
@@ -117,7 +118,7 @@ async def _error(c: WsTestClient, timeout: float = 10) -> client.Error:
 async def _pong_follows(c: WsTestClient) -> None:
     """The connection is still usable: a ping is answered."""
     await c.send({"type": "ping"})
-    await c.until(lambda f: isinstance(f, client.Pong), 10)
+    await c.until(lambda f: isinstance(f, client.Pong), 10, "the pong to a ping (is the connection still usable?)")
 
 
 # ---- authentication ----------------------------------------------------------------------------
@@ -193,9 +194,10 @@ async def test_token_expiring_on_an_open_socket_closes_it_with_4401(edge) -> Non
     async with WsTestClient(edge.url, make_token(_subject("short"), ttl_s=3)) as c:
         await c.connect()
         t0 = time.monotonic()
-        async with asyncio.timeout(15):
-            while await c.recv(timeout=15) is not None:
-                pass
+        deadline = t0 + 15
+        while await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
+                           what="the close (4401) when the 3 s token expires") is not None:
+            pass
         assert c.close_code == 4401
         assert time.monotonic() - t0 < 6
 
@@ -311,7 +313,8 @@ async def test_frame_flood_is_answered_rate_limited_and_recovers(edge) -> None:
         n = 60
         for _ in range(n):
             await c.ws.send_str('{"type":"ping"}')
-        answers = [await c.recv(timeout=10) for _ in range(n)]
+        answers = [await c.recv(timeout=10, what=f"the answer (pong or rate_limited) to ping {i + 1} of {n}")
+                   for i in range(n)]
         pongs = sum(isinstance(f, client.Pong) for f in answers)
         limited = [f for f in answers if isinstance(f, client.Error) and f.code == "rate_limited"]
         assert pongs + len(limited) == n and pongs >= 25 and limited
@@ -330,9 +333,10 @@ async def test_oversized_frames_get_too_large_and_giant_ones_a_1009_close(edge) 
         assert (await _error(c)).code == "too_large"
         await _pong_follows(c)
         await c.ws.send_str("y" * (MAX_FRAME * 4 + 1))  # over aiohttp's max_msg_size: the connection fails
-        async with asyncio.timeout(10):
-            while await c.recv() is not None:
-                pass
+        deadline = time.monotonic() + 10
+        while await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
+                           what="the 1009 close after a frame over 4 * max_frame_bytes") is not None:
+            pass
         assert c.close_code == 1009
 
 
@@ -366,7 +370,7 @@ async def test_connections_per_subject_span_gateways_refuse_with_4429_and_recove
         await b.connect(sid)
         async with http.get(f"{g1}/v1/sessions/{sid}/events", headers=_auth(token)) as sse:
             assert sse.status == 200
-            await sse.content.readuntil(b"\n\n")
+            await within(sse.content.readuntil(b"\n\n"), timeout=10, what="the first SSE record (ready)")
             assert await _ws_outcome(http, g2, token) == 4429
             assert await _ws_outcome(http, g1, token) == 4429
             async with http.get(f"{g2}/v1/sessions/{sid}/events", headers=_auth(token)) as r:
@@ -374,11 +378,9 @@ async def test_connections_per_subject_span_gateways_refuse_with_4429_and_recove
             async with http.get(f"{g1}/v1/sessions/{sid}/poll?wait_s=0", headers=_auth(token)) as r:
                 assert r.status == 429
         await b.drop()
-        async with asyncio.timeout(5):
-            while True:
-                if isinstance(await _ws_outcome(http, g2, token, {"session_id": sid}), client.Ready):
-                    break
-                await asyncio.sleep(0.1)
+        await eventually(lambda: _ws_outcome(http, g2, token, {"session_id": sid}), timeout=5, interval=0.1,
+                         ok=lambda o: isinstance(o, client.Ready),
+                         what="a new connection accepted (ready) after one of the subject's connections closed")
 
 
 async def test_limit_scripts_are_atomic_and_clocked_by_redis(infra) -> None:
@@ -417,11 +419,9 @@ async def test_slots_of_a_dead_gateway_lapse_after_the_lease(edge, http) -> None
         assert await _ws_outcome(http, g1, token) == 4429
         edge.by_name("gateway-2").kill()
         t0 = time.monotonic()
-        async with asyncio.timeout(LEASE_S * 3):
-            while True:
-                if await _ws_outcome(http, g1, token, {"session_id": sid}) != 4429:
-                    break
-                await asyncio.sleep(0.2)
+        await eventually(lambda: _ws_outcome(http, g1, token, {"session_id": sid}), timeout=LEASE_S * 3, interval=0.2,
+                         ok=lambda o: o != 4429,
+                         what=f"the killed gateway's connection slots to lapse (lease {LEASE_S} s) and 4429 to stop")
         assert time.monotonic() - t0 >= LEASE_S * 0.5
     finally:
         for c in clients:
@@ -480,20 +480,21 @@ async def test_shedding_on_queue_depth_recovers_when_orchestrators_catch_up(infr
             shed = None
             for i in range(12):
                 cmid = await c.send_message(f"/sim tokens=3\nqueue {i}")
-                f = await c.until(lambda f: isinstance(f, client.Ack | client.Error), 10)
+                f = await c.until(lambda f: isinstance(f, client.Ack | client.Error), 10, f"the ack or error of send {i}")
                 if isinstance(f, client.Error):
                     shed = f
                     break
                 await asyncio.sleep(0.25)
             assert shed is not None and shed.code == "degraded" and "turn queue" in shed.message
             s.add_orchestrator("orchestrator-shed")
-            async with asyncio.timeout(60):
-                while True:
-                    await asyncio.sleep(0.3)
-                    await c.send_message("/sim tokens=3\nafter", cmid)
-                    f = await c.until(lambda f: isinstance(f, client.Ack | client.Error), 10)
-                    if isinstance(f, client.Ack):
-                        break
+
+            async def resend() -> client.ServerFrame:
+                await c.send_message("/sim tokens=3\nafter", cmid)
+                return await c.until(lambda f: isinstance(f, client.Ack | client.Error), 10,
+                                     f"the ack or error of a resend of {cmid}")
+
+            await eventually(resend, timeout=60, interval=0.3, ok=lambda f: isinstance(f, client.Ack),
+                             what="the shed send to be accepted once an orchestrator drains the turn queue")
     finally:
         s.stop()
 
@@ -527,22 +528,21 @@ async def test_gateway_serves_https_and_wss_itself(infra, spawn, tmp_path: Path)
                            "TIDEWIRE_TLS_CERT": str(cert), "TIDEWIRE_TLS_KEY": str(key)}, name="gateway-tls")
     ctx = ssl.create_default_context(cafile=str(cert))
     base = f"https://127.0.0.1:{port}"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as https:
-        async with asyncio.timeout(60):
-            while True:
-                assert gw.alive, gw.log_text()[-2000:]
-                try:
-                    async with https.get(f"{base}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as https:
+        async def readyz() -> int:
+            assert gw.alive, gw.log_text()[-2000:]
+            async with https.get(f"{base}/readyz") as r:
+                return r.status
+
+        await eventually(readyz, timeout=60, interval=0.2, ok=lambda status: status == 200,
+                         retry_on=(aiohttp.ClientError,), what=f"the TLS gateway's {base}/readyz to answer 200")
         token = make_token(_subject("tls"))
         sid = await _new_session(https, base, token)
         async with https.ws_connect(f"wss://127.0.0.1:{port}/v1/ws?access_token={token}") as ws:
             await ws.send_json({"type": "hello", "session_id": sid})
-            ready = client.server_frame_decoder.decode((await ws.receive(timeout=10)).data)
+            msg = await within(ws.receive(), timeout=10, what="ready over wss")
+            ready = client.server_frame_decoder.decode(msg.data)
             assert isinstance(ready, client.Ready) and ready.session_id == sid
     async with aiohttp.ClientSession() as plain:
         with pytest.raises(aiohttp.ClientError):
