@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import limits, media, openapi, poll, sessions, sse, ws
+from gateway import facades, limits, media, openapi, poll, sessions, sse, ws
 from gateway.deps import Deps
 from gateway.hub import SessionHub
 from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS, SSE_STREAMS
@@ -100,6 +100,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         web.get("/openapi.json", openapi.openapi_handler),
         web.get("/", index),
     ])
+    facades.register(app)
     if STATIC.is_dir():
         app.router.add_static("/static/", STATIC)
     return app
