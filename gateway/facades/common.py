@@ -1,0 +1,370 @@
+"""What the protocol facades share: the caller, a turn started through the ordinary send path, the
+turn's events read replay-then-live, the small records a facade keeps, and SSE output.
+
+A facade never has a path of its own into the stores: a turn is started by `commands.send_message`
+(persist before ack, deduplicated by `client_msg_id`), stopped by `commands.stop_turn`, and read
+through the gateway's `Replayer` with the `SessionHub` as the wake-up — like the long-poll transport,
+every event a facade translates comes from the stores, in seq order, one stored event per seq
+(never a delta merged by a connection's outbound buffer), so a translation that is a pure function
+of the turn's events gives the same output on every delivery and across a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gateway import commands
+from gateway.auth import Principal, authenticate, check_origin
+from gateway.deps import Deps
+from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS
+from gateway.limits import EDGE, check_session_id
+from proto import client
+from proto.client import Event
+from shared.config import from_env
+from shared.errors import BadFrame, Degraded, NotFound, TidewireError, TooLarge
+from shared.subjects import rkey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FacadeSettings:
+    """`TIDEWIRE_FACADE_*`: what the OpenAI-compatible and AI SDK endpoints offer and how long they wait."""
+
+    # `GET /v1/models`: the model routes this deployment offers. "tidewire" is the deployment's default
+    # route (no session flag); any other listed name is set as the session's `model` flag
+    # (docs/providers.md). An unlisted model name in a request is answered by the default route.
+    models: tuple[str, ...] = ("tidewire", "simulated")
+    wait_s: float = 600.0  # a non-streaming call, or a stream, waits at most this long for the turn's end
+    reread_s: float = 2.0  # a waiting reader re-reads the store this often even without a live wake-up
+    record_ttl_s: float = 7 * 86_400.0  # response records and idempotency keys
+
+
+def facade_settings() -> FacadeSettings:
+    return from_env(FacadeSettings, prefix="TIDEWIRE_FACADE_")
+
+
+SETTINGS = web.AppKey("facade_settings", FacadeSettings)
+
+# ---- the caller ------------------------------------------------------------------------------------
+
+
+def caller(request: web.Request) -> Principal:
+    """Same token verification and Origin check as every other HTTP route (gateway.auth)."""
+    settings = request.app[DEPS].settings
+    principal = authenticate(request, settings)
+    check_origin(request, settings)
+    return principal
+
+
+async def owned_session(deps: Deps, sid: str, subject: str) -> str:
+    """The session, if it exists and belongs to the caller: 404 / 403 otherwise (never data)."""
+    check_session_id(sid)
+    await commands.authorize(deps, sid, subject)
+    return sid
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON, at most `max_frame_bytes` of it (413 beyond, 400 when it is not JSON)."""
+    limit = request.app[DEPS].settings.max_frame_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body larger than {limit} bytes")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise TooLarge(f"body larger than {limit} bytes") from e
+    if len(body) > limit:
+        raise TooLarge(f"body larger than {limit} bytes")
+    try:
+        value = msgspec.json.decode(body) if body.strip() else {}
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BadFrame(f"invalid JSON body: {str(e)[:200]}") from e
+    if not isinstance(value, dict):
+        raise BadFrame("the body must be a JSON object")
+    return value
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None or key == "":
+        return None
+    if len(key) > 100:
+        raise BadFrame("Idempotency-Key must be at most 100 characters")
+    return key
+
+
+# ---- turns -----------------------------------------------------------------------------------------
+
+
+async def send_turn(request: web.Request, subject: str, sid: str, client_msg_id: str, text: str) -> client.Ack:
+    """One facade call = one turn, through the ordinary send path and the same edge checks as
+    `POST /v1/sessions/{sid}/messages`: shedding (`degraded`) and the subject's message rate."""
+    deps = request.app[DEPS]
+    await request.app[EDGE].admit_send(subject, None, client_msg_id, text)
+    return await commands.send_message(deps, subject, sid, client.SendRequest(client_msg_id=client_msg_id, text=text))
+
+
+async def new_session(request: web.Request, subject: str, model: str | None = None) -> str:
+    deps = request.app[DEPS]
+    sid = await commands.create_session(deps, subject)
+    await apply_model(request, sid, model)
+    return sid
+
+
+async def apply_model(request: web.Request, sid: str, model: str | None) -> None:
+    """A listed model other than the default route becomes the session's `model` flag."""
+    settings = request.app[SETTINGS]
+    if model is None or model == settings.models[0] or model not in settings.models:
+        return
+    deps = request.app[DEPS]
+    flags = await commands.session_flags(deps, sid)
+    if flags.get("model") != model:
+        await deps.eventlog.set_session_flags(sid, {"model": model})
+        deps.flag_cache.pop(sid, None)
+        await deps.checkpoints.redis.delete(rkey(sid, "state"))
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256("\0".join(parts).encode()).digest()
+    return base64.urlsafe_b64encode(h).decode().rstrip("=")[:32]
+
+
+def _idem_key(subject: str, scope: str, key: str) -> str:
+    return f"tw:facade:idem:{_digest(subject, scope, key)}"
+
+
+async def session_for_key(request: web.Request, subject: str, scope: str, key: str,
+                          model: str | None = None) -> str:
+    """The session an Idempotency-Key first created (so a retried call starts no second turn), or a
+    new one recorded under the key. Two racing first calls may leave one empty session behind."""
+    deps = request.app[DEPS]
+    redis = deps.checkpoints.redis
+    k = _idem_key(subject, scope, key)
+    try:
+        known = await redis.get(k)
+    except Exception as e:
+        raise Degraded("idempotency store unavailable", retry_after_ms=1000) from e
+    if known is not None:
+        return str(known.decode())
+    sid = await new_session(request, subject, model)
+    ttl_ms = int(request.app[SETTINGS].record_ttl_s * 1000)
+    if not await redis.set(k, sid, nx=True, px=ttl_ms):
+        won = await redis.get(k)
+        if won is not None:
+            return str(won.decode())
+    return sid
+
+
+# ---- records: what a facade remembers about a turn it started --------------------------------------
+
+
+class TurnRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Kept in Redis beside the session's keys (`tw:{sid}:facade:<turn_id>`, record_ttl_s); when it
+    is gone the turn is still readable, with defaults and the input from the event log."""
+
+    session_id: str
+    turn_id: str
+    user_seq: int
+    created_at: int
+    text: str
+    model: str = "tidewire"
+    instructions: str | None = None
+    metadata: dict[str, str] | None = None
+    background: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    conversation: bool = False  # the caller named the session as a conversation
+
+
+_record_decoder = msgspec.json.Decoder(TurnRecord)
+
+
+def _record_key(sid: str, turn_id: str) -> str:
+    return rkey(sid, f"facade:{turn_id}")
+
+
+async def save_record(request: web.Request, record: TurnRecord, *, replace: bool = False) -> TurnRecord:
+    """Stores the record unless one is there (a duplicate send keeps the first call's record)."""
+    deps = request.app[DEPS]
+    ttl_ms = int(request.app[SETTINGS].record_ttl_s * 1000)
+    key = _record_key(record.session_id, record.turn_id)
+    try:
+        if await deps.checkpoints.redis.set(key, msgspec.json.encode(record), nx=not replace, px=ttl_ms):
+            return record
+        raw = await deps.checkpoints.redis.get(key)
+    except Exception as e:  # noqa: BLE001 - the turn is durable; the record only adds metadata
+        log.warning("facade record not stored: %s", e)
+        return record
+    return _record_decoder.decode(raw) if raw is not None else record
+
+
+async def load_record(request: web.Request, sid: str, turn_id: str) -> TurnRecord:
+    """The record of a turn of the (already authorized) session; 404 when the session has no such turn."""
+    deps = request.app[DEPS]
+    raw = None
+    with contextlib.suppress(Exception):
+        raw = await deps.checkpoints.redis.get(_record_key(sid, turn_id))
+    if raw is not None:
+        return _record_decoder.decode(raw)
+    user = next((m for m in await deps.eventlog.history(sid) if m.role == "user" and m.turn_id == turn_id), None)
+    if user is None:
+        raise NotFound("no such response")
+    row = await deps.eventlog.get_session(sid)
+    return TurnRecord(session_id=sid, turn_id=turn_id, user_seq=user.seq, text=user.text,
+                      created_at=int(row.created_at) if row else 0)
+
+
+async def active_turn(request: web.Request, sid: str) -> str | None:
+    """The turn the session is answering (or about to answer) now, if any."""
+    pending = await request.app[DEPS].checkpoints.pending(sid)
+    return pending[0] if pending else None
+
+
+# ---- the turn's events, replay then live ----------------------------------------------------------
+
+STORE_RETRY_FIRST_S = 0.25
+STORE_RETRY_MAX_S = 2.0
+
+
+class _Wake:
+    __slots__ = ("arrived",)
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+
+    def on_live(self, events: list[Event]) -> None:
+        self.arrived.set()
+
+
+class TurnNotEnded(TidewireError):
+    """A reader waited `wait_s` and the turn still had not ended."""
+
+    code = "degraded"
+    http_status = 504
+
+
+async def turn_events(request: web.Request, sid: str, turn_id: str, user_seq: int, *,
+                      live: bool = True) -> AsyncIterator[Event]:
+    """The turn's events after its user message, in seq order, each exactly once, ending with its
+    `turn_end`. Subscribes first, then reads pages from the stores; with nothing new it waits for a
+    live wake-up (or `reread_s`), clearing the flag before each read so no arrival is missed.
+    `live=False` returns what is stored now. A store outage is retried with backoff until `wait_s`."""
+    replayer, hub = request.app[REPLAYER], request.app[HUB]
+    settings = request.app[SETTINGS]
+    wake = _Wake()
+    deadline = time.monotonic() + settings.wait_s
+    if live:
+        await hub.join(sid, wake)
+    try:
+        last = user_seq
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            wake.arrived.clear()
+            try:
+                raws = await replayer.page(sid, last)
+            except Exception as e:  # noqa: BLE001 - a store is down: keep the caller, read again
+                if time.monotonic() + delay > deadline:
+                    raise Degraded("event store unavailable", retry_after_ms=1000) from e
+                log.warning("facade read of session %s failed (%s); retrying in %g s", sid, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                continue
+            delay = STORE_RETRY_FIRST_S
+            if raws:
+                for raw in raws:
+                    ev = client.event_decoder.decode(raw)
+                    if ev.seq <= last:
+                        continue
+                    last = ev.seq
+                    if ev.turn_id != turn_id or isinstance(ev, client.Message):
+                        continue
+                    yield ev
+                    if isinstance(ev, client.TurnEnd):
+                        return
+                continue
+            if not live:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TurnNotEnded(f"turn {turn_id} did not end within {settings.wait_s:g} s")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(settings.reread_s, remaining)):
+                    await wake.arrived.wait()
+    finally:
+        if live:
+            await hub.leave(sid, wake)
+
+
+async def stored_events(request: web.Request, sid: str, turn_id: str, user_seq: int) -> list[Event]:
+    return [ev async for ev in turn_events(request, sid, turn_id, user_seq, live=False)]
+
+
+# ---- SSE output ------------------------------------------------------------------------------------
+
+
+async def stream_sse(request: web.Request, headers: dict[str, str],
+                     produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
+                     subject: str) -> web.StreamResponse:
+    """Writes what `produce` gives to an SSE response, with a comment line as heartbeat, holding one
+    of the subject's connection slots. A stream that `produce` finished ends cleanly; any other end
+    (drain, timeout, store outage, a write that failed) closes the connection without a clean end,
+    so a client can tell a complete answer from a broken stream and resume."""
+    deps = request.app[DEPS]
+    edge = request.app[EDGE]
+    async with edge.subjects.connection(subject):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no", **headers})
+        await resp.prepare(request)
+        this = asyncio.current_task()
+        if this is not None:
+            request.app[SSE_STREAMS].add(this)  # a drain cancels the stream
+        deps.counters.sse_streams += 1
+        lock = asyncio.Lock()
+        last_write = time.monotonic()
+        clean = False
+
+        async def write(chunk: bytes) -> None:
+            nonlocal last_write
+            async with lock, asyncio.timeout(10):
+                await resp.write(chunk)
+            last_write = time.monotonic()
+
+        async def heartbeat() -> None:
+            every = deps.settings.sse_heartbeat_s
+            while True:
+                await asyncio.sleep(every / 3)
+                if time.monotonic() - last_write >= every * 0.66:
+                    await write(b": hb\n\n")
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                beat = tg.create_task(heartbeat())
+                await produce(write)
+                beat.cancel()
+            clean = True
+        except* TidewireError as eg:
+            log.warning("facade stream of %s ended early: %s", request.path, eg.exceptions[0])
+        except* (ConnectionError, TimeoutError, RuntimeError, asyncio.CancelledError):
+            pass
+        finally:
+            deps.counters.sse_streams -= 1
+            if clean:
+                with contextlib.suppress(Exception):
+                    await resp.write_eof()
+            elif request.transport is not None:
+                request.transport.close()
+        return resp
+
+
+json_encode = msgspec.json.Encoder().encode

@@ -1,0 +1,184 @@
+"""The OpenAI-compatible facades (Responses, Chat Completions, models) driven by the real `openai`
+client against the live stack: a response is a turn, resumed exactly, stopped, continued and
+deduplicated like any other turn."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.integration.conftest import make_token
+
+LONG = "/sim tokens=200 rate=100 ttft_ms=0\n"
+
+
+def _client(stack: Any, subject: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=make_token(subject), max_retries=0, timeout=60)
+
+
+def _sid(response_id: str) -> str:
+    return response_id.removeprefix("resp_").split(".", 1)[0]
+
+
+async def _history(stack: Any, subject: str, sid: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{stack.url}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {make_token(subject)}"}) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def _answer(stack: Any, subject: str, sid: str, turn_id: str) -> str:
+    """The stored answer of a turn, once the turn is durable (bounded wait)."""
+    async with asyncio.timeout(20):
+        while True:
+            msgs = (await _history(stack, subject, sid))["messages"]
+            done = [m for m in msgs if m["role"] == "assistant" and m["turn_id"] == turn_id]
+            if done:
+                return str(done[0]["text"])
+            await asyncio.sleep(0.1)
+
+
+async def _collect(stream: Any, events: list[Any], *, until_deltas: int | None = None) -> None:
+    async with asyncio.timeout(60):  # awaiting the response's events
+        async for ev in stream:
+            events.append(ev)
+            if until_deltas is not None and sum(e.type == "response.output_text.delta" for e in events) >= until_deltas:
+                return
+            if ev.type in ("response.completed", "response.failed", "response.incomplete"):
+                return
+
+
+def _text(events: list[Any]) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def _dump(ev: Any) -> dict[str, Any]:
+    return ev.model_dump(mode="json")
+
+
+async def test_responses_stream_drop_then_retrieve_starting_after_gives_exact_text(stack) -> None:
+    oa = _client(stack, "oa-resume")
+    stream = await oa.responses.create(model="tidewire", input=LONG + "resume me", stream=True, background=True)
+    first: list[Any] = []
+    await _collect(stream, first, until_deltas=25)
+    await stream.close()  # the client drops mid-answer
+    assert [e.sequence_number for e in first] == list(range(len(first)))
+    assert first[0].type == "response.created"
+    rid = first[0].response.id
+    n = first[-1].sequence_number
+
+    rest: list[Any] = []
+    await _collect(await oa.responses.retrieve(rid, stream=True, starting_after=n), rest)
+    assert rest[0].sequence_number == n + 1
+    assert [e.sequence_number for e in rest] == list(range(n + 1, n + 1 + len(rest)))
+    assert rest[-1].type == "response.completed"
+    final = rest[-1].response
+    text = _text(first) + _text(rest)
+    assert text == final.output_text
+    assert text == await _answer(stack, "oa-resume", _sid(rid), rid.split(".", 1)[1])
+    assert len(text) > 500
+
+    # the whole stream again, from its first event: the same events, numbered the same
+    again: list[Any] = []
+    await _collect(await oa.responses.retrieve(rid, stream=True), again)
+    assert [_dump(e) for e in again] == [_dump(e) for e in first + rest]
+    got = await oa.responses.retrieve(rid)
+    assert got.status == "completed" and got.output_text == text
+    items = await oa.responses.input_items.list(rid)
+    assert items.data[0].content[0].text == LONG + "resume me"
+
+
+async def test_responses_cancel_mid_answer_keeps_partial_text_and_ends_open_stream(stack) -> None:
+    oa = _client(stack, "oa-cancel")
+    created = await oa.responses.create(model="tidewire", input="/sim tokens=2000 rate=50\nstop me", background=True)
+    assert created.status == "in_progress"
+    watching = await oa.responses.retrieve(created.id, stream=True)
+    seen: list[Any] = []
+    await _collect(watching, seen, until_deltas=10)
+    cancelled = await oa.responses.cancel(created.id)
+    assert cancelled.status == "cancelled"
+    rest: list[Any] = []
+    await _collect(watching, rest)
+    assert rest[-1].type == "response.incomplete" and rest[-1].response.status == "cancelled"
+    partial = _text(seen) + _text(rest)
+    assert partial and partial == cancelled.output_text
+    assert partial == await _answer(stack, "oa-cancel", _sid(created.id), created.id.split(".", 1)[1])
+    again = await oa.responses.cancel(created.id)  # idempotent
+    assert again.status == "cancelled" and again.output_text == partial
+
+
+async def test_previous_response_id_continues_the_session(stack) -> None:
+    oa = _client(stack, "oa-chain")
+    r1 = await oa.responses.create(model="tidewire", input="/sim tokens=10 rate=0\nfirst")
+    assert r1.status == "completed" and r1.output_text
+    r2 = await oa.responses.create(model="tidewire", input=[{"role": "user", "content": "/sim tokens=10 rate=0\nsecond"}],
+                                   previous_response_id=r1.id)
+    assert r2.status == "completed" and r2.previous_response_id == r1.id
+    assert _sid(r1.id) == _sid(r2.id)
+    r3 = await oa.responses.create(model="tidewire", input="/sim tokens=5 rate=0\nthird",
+                                   conversation=_sid(r1.id))
+    assert _sid(r3.id) == _sid(r1.id)
+    msgs = (await _history(stack, "oa-chain", _sid(r1.id)))["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
+    fresh = await oa.responses.create(model="tidewire", input="/sim tokens=5 rate=0\nelsewhere")
+    assert _sid(fresh.id) != _sid(r1.id)
+
+
+async def test_same_idempotency_key_twice_gives_one_turn(stack) -> None:
+    oa = _client(stack, "oa-idem")
+    hdr = {"Idempotency-Key": "key-123"}
+    a = await oa.responses.create(model="tidewire", input="/sim tokens=30 rate=0\nonce", extra_headers=hdr)
+    b = await oa.responses.create(model="tidewire", input="/sim tokens=30 rate=0\nonce", extra_headers=hdr)
+    assert a.id == b.id and a.output_text == b.output_text
+    msgs = (await _history(stack, "oa-idem", _sid(a.id)))["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
+
+
+async def test_another_subjects_response_is_refused_and_errors_have_openai_shape(stack) -> None:
+    mine = await _client(stack, "oa-owner").responses.create(model="tidewire", input="/sim tokens=5 rate=0\nmine")
+    thief = _client(stack, "oa-thief")
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        await thief.responses.retrieve(mine.id)
+    assert denied.value.status_code == 403 and denied.value.body["type"] == "permission_error"
+    with pytest.raises(openai.PermissionDeniedError):
+        await thief.responses.cancel(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        await thief.responses.retrieve("resp_nosuchsession.t_nothing")
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="not-a-token", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError) as bad:
+        await thief.responses.create(model="tidewire", input=[])
+    assert bad.value.body["type"] == "invalid_request_error"
+
+
+async def test_chat_completions_stream_and_non_stream(stack) -> None:
+    oa = _client(stack, "oa-chat")
+    raw = await oa.chat.completions.with_raw_response.create(
+        model="tidewire", messages=[{"role": "user", "content": "/sim tokens=40 rate=0\nno stream"}])
+    sid = raw.headers["x-tidewire-session"]
+    done = raw.parse()
+    assert done.choices[0].finish_reason == "stop" and done.choices[0].message.content
+    turn_id = done.id.removeprefix("chatcmpl-")
+    assert done.choices[0].message.content == await _answer(stack, "oa-chat", sid, turn_id)
+
+    stream = await oa.chat.completions.create(
+        model="tidewire", stream=True, extra_headers={"X-Tidewire-Session": sid},
+        messages=[{"role": "user", "content": "/sim tokens=150 rate=200\nstream please"}])
+    parts: list[str] = []
+    finish = None
+    async with asyncio.timeout(60):  # awaiting the chunks up to [DONE]
+        async for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+    assert finish == "stop"
+    turn_id = chunk.id.removeprefix("chatcmpl-")
+    assert "".join(parts) == await _answer(stack, "oa-chat", sid, turn_id)
+    msgs = (await _history(stack, "oa-chat", sid))["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 2  # the same session, two turns
+    models = await oa.models.list()
+    assert "tidewire" in [m.id for m in models.data]
