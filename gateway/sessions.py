@@ -16,8 +16,9 @@ from aiohttp import web
 
 from gateway import commands
 from gateway.auth import Principal, authenticate, check_origin
+from gateway.history import session_history
 from gateway.http_errors import http_error, json_response
-from gateway.keys import DEPS, REPLAYER
+from gateway.keys import DEPS
 from gateway.limits import EDGE, check_session_id, check_text
 from gateway.openapi import (
     FlagsResponse,
@@ -112,11 +113,9 @@ async def get_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     try:
         _, sid = await _owner(request)
-        messages = await deps.eventlog.history(sid)
-        last_seq = await request.app[REPLAYER].last_seq(sid)
+        return json_response(await session_history(deps, sid))
     except TidewireError as e:
         return http_error(e)
-    return json_response(client.SessionHistory(session_id=sid, last_seq=last_seq, messages=messages))
 
 
 async def post_message(request: web.Request) -> web.Response:

@@ -33,6 +33,7 @@ PAGE = 256
 STORE_RETRY_FIRST_S = 0.25  # a replay read that failed (store down) is retried with backoff up to
 STORE_RETRY_MAX_S = 2.0  # this pause, and the connection stays open meanwhile
 HELD_LIMIT = 2048
+AHEAD_LIMIT = 256
 REPLAY_CHUNK = 16
 
 
@@ -82,7 +83,8 @@ class Replayer:
                 raws = [r for r in raws if seq_of(r) < first]
             if raws or first is None:
                 return raws
-        return [raw for _, raw in await cp.read_log(session_id, after, limit)]
+        raws, _held = await cp.read_visible(session_id, after, limit)
+        return raws
 
     async def last_seq(self, session_id: str) -> int:
         v = await self._deps.checkpoints.last_seq(session_id)
@@ -102,6 +104,7 @@ class Feed:
         self._replaying = True
         self._held: list[Event] = []
         self._overflow = False
+        self._ahead: dict[int, Event] = {}  # live events past a gap, kept until the gap is filled
         self.wake = asyncio.Event()
         self.drained = asyncio.Event()
         self._resync = asyncio.Event()
@@ -130,15 +133,35 @@ class Feed:
             return
         self._accept(events)
 
-    def _accept(self, events: list[Event]) -> None:
+    def _accept(self, events: list[Event], *, resync_on_gap: bool = True) -> None:
+        """Delivers what follows the last seq sent. An event past a gap waits (bounded) while the gap
+        is read from the store: e.g. a user message that arrives while the turn_end before it is
+        still held for its Postgres commit, and comes live once committed."""
+        gap = False
         for ev in events:
             if ev.seq <= self.last_seq:
                 continue
             if ev.seq != self.last_seq + 1:
+                if len(self._ahead) < AHEAD_LIMIT:
+                    self._ahead[ev.seq] = ev
+                gap = True
+                continue
+            self._deliver(ev)
+        if self._ahead:
+            for seq in [s for s in self._ahead if s <= self.last_seq]:
+                del self._ahead[seq]
+            if gap and resync_on_gap:
                 self._resync.set()
+
+    def _deliver(self, ev: Event) -> None:
+        self.last_seq = ev.seq
+        self.push(ev)
+        while self._ahead:
+            nxt = self._ahead.pop(self.last_seq + 1, None)
+            if nxt is None:
                 return
-            self.last_seq = ev.seq
-            self.push(ev)
+            self.last_seq = nxt.seq
+            self.push(nxt)
 
     # ---- the pump: replay, then live ----------------------------------------------------------
     async def run(self) -> None:
@@ -182,7 +205,8 @@ class Feed:
             if overflow:
                 continue
             self._replaying = False
-            self._accept(held)
+            # the store had nothing more to show: a gap left here is held back, and fills live
+            self._accept([*held, *(self._ahead.pop(k) for k in sorted(self._ahead))], resync_on_gap=False)
             return
 
     async def _wait_drained(self) -> None:

@@ -63,10 +63,12 @@ class CheckpointWriter:
         self._idle.clear()
         self._kick.set()
 
-    async def write_now(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True) -> int:
-        """Appends (and publishes, unless told not to) right away; returns the first seq."""
+    async def write_now(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True,
+                        hold: bool = False) -> int:
+        """Appends (and publishes, unless told not to) right away; returns the first seq. `hold`
+        keeps readers from the batch until the turn is finished (CheckpointStore.append)."""
         await self.flush()
-        return await self._append(raws, start_turn, publish=publish)
+        return await self._append(raws, start_turn, publish=publish, hold=hold)
 
     def contiguous_from(self, start_seq: int) -> bool:
         """True when this writer wrote every event from `start_seq` on, with nobody else's in between,
@@ -104,13 +106,14 @@ class CheckpointWriter:
             self._idle.set()
             raise
 
-    async def _append(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True) -> int:
+    async def _append(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True,
+                      hold: bool = False) -> int:
         t0 = time.perf_counter()
         try:
-            first = await self._store.append(self._lease, raws, start_turn=start_turn)
+            first = await self._store.append(self._lease, raws, start_turn=start_turn, hold=hold)
         except SeedNeeded:
             await self._store.seed(self._lease.session_id, await self._eventlog.last_seq(self._lease.session_id))
-            first = await self._store.append(self._lease, raws, start_turn=start_turn)
+            first = await self._store.append(self._lease, raws, start_turn=start_turn, hold=hold)
         _append_seconds.record(time.perf_counter() - t0)
         _append_events.add(len(raws))
         self.appends += 1

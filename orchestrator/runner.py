@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -159,27 +161,32 @@ class SessionRunner:
             svc.metrics["takeovers"] += 1
             span.set_attribute("takeover", True)
         writer = CheckpointWriter(cp, svc.eventlog, svc.bus, self.lease)
-        unpublished = False
         if progress.ended is None:
             if not progress.started:
                 progress.start_seq = await writer.write_now([progress.turn_start()], start_turn=turn_id)
                 svc.observe_first_event(req)
             status, why = await self._generate(req, progress, writer, snap)
-            await writer.write_now([progress.end(status)], publish=False)  # published once durable in Postgres
-            unpublished = True
+            # Checkpointed first, so that a crash before the commit still ends the turn exactly once
+            # (the taker-over finds it and commits it); held from readers until the commit is done.
+            await writer.write_now([progress.end(status)], publish=False, hold=True)
             if why:
                 log.info("turn %s ended %s: %s", turn_id, status, why)
+        marker = svc.settings.fault_kill_before_commit
+        if marker and marker in req.text and snap.starts == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: die between the turn_end checkpoint and the commit
         raws = writer.written if state is None and writer.contiguous_from(progress.start_seq) else \
             [raw for _, raw in await self._log_from(progress.start_seq)]
         user_seq = await cp.user_seq(self.sid, req.client_msg_id)
-        ended = next(ev for ev in (client.event_decoder.decode(r) for r in reversed(raws))
-                     if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
+        ended_raw, ended = next((r, ev) for r, ev in ((r, client.event_decoder.decode(r)) for r in reversed(raws))
+                                if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
         with telemetry.tracer.start_as_current_span("eventlog.append_turn"):
             await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended,
                                            self.lease.epoch, flags=svc.flags_in_force(req))
-        if unpublished:
-            await writer.publish(writer.written[-1:])
+        # Durable now: released to readers by finish_turn, then shown live, so whoever is woken by the
+        # live turn_end and re-reads the store finds it. A crash between the two: the takeover scan
+        # re-publishes the log's tail (OrchestratorService._takeover_loop).
         await cp.finish_turn(self.lease, turn_id, ended.status)
+        await writer.publish([ended_raw])
         svc.record_analytics(req, ended, raws)
         svc.metrics["turns_" + ended.status] += 1
         span.set_attribute("status", ended.status)

@@ -249,6 +249,10 @@ class OrchestratorService:
                     if await cp.lease_holder(sid) is not None:
                         continue
                     if not await cp.pending(sid):
+                        # its owner died after finishing a turn, maybe before showing turn_end live
+                        tail = await cp.last_event(sid)
+                        if tail is not None:
+                            await self.bus.publish_events(sid, [tail])
                         await cp.forget_active(sid)
                         continue
                     lease = await cp.acquire(sid, self.id, self.settings.lease_ttl_ms)

@@ -41,6 +41,9 @@ class OrchestratorSettings:
     # fault injection for tests only: a turn whose text contains this marker raises inside the
     # turn loop (an orchestrator bug, not a model error), to exercise retries and dead-lettering
     fault_poison_marker: str = ""
+    # fault injection for tests only: the first start of a turn whose text contains this marker
+    # SIGKILLs its orchestrator between checkpointing turn_end and committing the turn to Postgres
+    fault_kill_before_commit: str = ""
 
 
 def load() -> OrchestratorSettings:

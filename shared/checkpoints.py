@@ -59,33 +59,53 @@ for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 return out
 """
 
-# KEYS: seq log lease tstate ; ARGV: token ttl_ms start_turn_id n ev1..evn
+# KEYS: seq log lease tstate hold ; ARGV: token ttl_ms start_turn_id hold n ev1..evn
+# hold = '1': readers stop before this batch until finish_turn (the turn_end, not yet in Postgres)
 _APPEND_EVENTS = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {-3} end
 local cur = redis.call('GET', KEYS[1])
 if not cur then return {-1} end
 local first = tonumber(cur) + 1
 local seq = tonumber(cur)
-local n = tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 for i = 1, n do
   seq = seq + 1
-  local ev = string.gsub(ARGV[4 + i], '"seq":0,', '"seq":' .. seq .. ',', 1)
+  local ev = string.gsub(ARGV[5 + i], '"seq":0,', '"seq":' .. seq .. ',', 1)
   redis.call('XADD', KEYS[2], seq .. '-0', 'e', ev)
 end
 redis.call('SET', KEYS[1], seq)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], ARGV[3], 'running:' .. first) end
+if ARGV[4] == '1' then redis.call('SET', KEYS[5], first, 'PX', ARGV[2]) end
 for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 redis.call('PEXPIRE', KEYS[4], ARGV[2])
 return {1, first}
 """
 
-# KEYS: lease pending tstate ; ARGV: token turn_id status ttl_ms
+# KEYS: lease pending tstate hold ; ARGV: token turn_id status ttl_ms
 _FINISH_TURN = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -3 end
 redis.call('LREM', KEYS[2], 1, ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[2], 'done:' .. ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
+redis.call('DEL', KEYS[4])
 return 1
+"""
+
+# KEYS: log hold ; ARGV: after count  -> {held seq or -1, id1, ev1, id2, ev2, ...}
+# What a client may be shown: the log, up to (not including) a held turn_end.
+_READ_VISIBLE = """
+local held = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local max = '+'
+if held >= 0 then
+  if held <= tonumber(ARGV[1]) + 1 then return {held} end
+  max = (held - 1) .. '-0'
+end
+local out = {held}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], (tonumber(ARGV[1]) + 1) .. '-0', max, 'COUNT', ARGV[2])) do
+  table.insert(out, e[1])
+  table.insert(out, e[2][2])
+end
+return out
 """
 
 # KEYS: lease epoch ; ARGV: owner ttl_ms  -- never re-granted while held, not even to the same owner:
@@ -152,6 +172,7 @@ class CheckpointStore:
         self._append_user = client.register_script(_APPEND_USER)
         self._append_events = client.register_script(_APPEND_EVENTS)
         self._finish_turn = client.register_script(_FINISH_TURN)
+        self._read_visible = client.register_script(_READ_VISIBLE)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -184,8 +205,18 @@ class CheckpointStore:
         await self.redis.set(rkey(session_id, "seq"), last_seq, nx=True, px=self.ttl_ms)
 
     async def last_seq(self, session_id: str) -> int | None:
-        v = await self.redis.get(rkey(session_id, "seq"))
-        return None if v is None else int(v)
+        """The last seq a client may have seen: the counter, or just before a held turn_end."""
+        seq, held = await self.redis.mget(rkey(session_id, "seq"), rkey(session_id, "hold"))
+        if seq is None:
+            return None
+        return int(held) - 1 if held is not None else int(seq)
+
+    async def last_event(self, session_id: str) -> bytes | None:
+        """The log's newest visible event (re-published when a dead owner's session is found idle)."""
+        if await self.held_seq(session_id) is not None:
+            return None
+        entries = await self.redis.xrevrange(rkey(session_id, "log"), max="+", min="-", count=1)
+        return bytes(entries[0][1][b"e"]) if entries else None
 
     # ---- user messages -----------------------------------------------------------------------
     async def append_user(self, session_id: str, client_msg_id: str, turn_id: str, event: bytes,
@@ -216,11 +247,15 @@ class CheckpointStore:
         return True
 
     # ---- assistant events (fenced) ----------------------------------------------------------
-    async def append(self, lease: Lease, events: Sequence[bytes], *, start_turn: str = "") -> int:
-        """Appends events atomically under the lease; returns the first seq allocated."""
+    async def append(self, lease: Lease, events: Sequence[bytes], *, start_turn: str = "", hold: bool = False) -> int:
+        """Appends events atomically under the lease; returns the first seq allocated. With `hold`,
+        readers (`read_visible`) see nothing from this batch on until `finish_turn`: a turn_end is
+        checkpointed before its Postgres commit (so a crash in between still ends the turn once, by
+        takeover) but must not be shown before the history has it."""
         sid = lease.session_id
-        keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate")]
-        r = await self._append_events(keys=keys, args=[lease.token, self.ttl_ms, start_turn, len(events), *events])
+        keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate", "hold")]
+        r = await self._append_events(keys=keys, args=[lease.token, self.ttl_ms, start_turn, "1" if hold else "",
+                                                       len(events), *events])
         code = int(r[0])
         if code == -3:
             self.stale_rejections += 1
@@ -231,7 +266,7 @@ class CheckpointStore:
 
     async def finish_turn(self, lease: Lease, turn_id: str, status: str) -> None:
         sid = lease.session_id
-        keys = [rkey(sid, "lease"), rkey(sid, "pending"), rkey(sid, "tstate")]
+        keys = [rkey(sid, "lease"), rkey(sid, "pending"), rkey(sid, "tstate"), rkey(sid, "hold")]
         if int(await self._finish_turn(keys=keys, args=[lease.token, turn_id, status, self.ttl_ms])) == -3:
             self.stale_rejections += 1
             raise StaleEpoch(lease.token)
@@ -240,6 +275,17 @@ class CheckpointStore:
     async def read_log(self, session_id: str, after: int, count: int = 500) -> list[tuple[int, bytes]]:
         entries = await self.redis.xrange(rkey(session_id, "log"), min=f"{after + 1}-0", max="+", count=count)
         return [(int(eid.split(b"-")[0]), fields[b"e"]) for eid, fields in entries]
+
+    async def read_visible(self, session_id: str, after: int, count: int = 500) -> tuple[list[bytes], int | None]:
+        """Events after `after` that a client may see, and the held seq (a turn_end awaiting its
+        Postgres commit) if the read stopped there; one round trip."""
+        r = await self._read_visible(keys=[rkey(session_id, "log"), rkey(session_id, "hold")], args=[after, count])
+        held = int(r[0])
+        return [bytes(raw) for raw in r[2::2]], (held if held >= 0 else None)
+
+    async def held_seq(self, session_id: str) -> int | None:
+        v = await self.redis.get(rkey(session_id, "hold"))
+        return None if v is None else int(v)
 
     async def first_logged_seq(self, session_id: str) -> int | None:
         entries = await self.redis.xrange(rkey(session_id, "log"), min="-", max="+", count=1)

@@ -55,5 +55,6 @@ ACTIVE_LEASES = "tw:active"  # zset: session_id -> lease deadline (ms); scanned 
 
 def rkey(session_id: str, name: str) -> str:
     """`seq` counter, `log` stream, `cmid` dedupe hash, `pending` turn list, `turns` requests,
-    `tstate` turn states, `attempts`, `cancelled`, `lease`, `epoch`, `state`, `watch`."""
+    `tstate` turn states, `attempts`, `cancelled`, `lease`, `epoch`, `state`, `watch`, `hold` (the seq
+    of a turn_end checkpointed but not yet committed to Postgres: readers stop before it)."""
     return f"tw:{{{session_id}}}:{name}"
