@@ -11,11 +11,15 @@ Three layers, cheapest first, so a misbehaving client costs the gateway little:
   gateway renews, so the slots of a gateway that died free themselves. When Redis is slow or down
   the check is skipped (fail open): the send path then answers `degraded` on its own.
 - Load shedding (`LoadShedder`): a background task samples the turn queue's depth (JetStream
-  consumer pending) and the dependencies at most every `shed_sample_ms`; a send checks the last
+  consumer pending), the dependencies and the model upstreams' circuit breakers (as the
+  orchestrators publish them in Redis) at most every `shed_sample_ms`; a send checks the last
   sample only (no I/O), so a refusal (`degraded`, `retry_after_ms`) is immediate, never a wait.
+  Breakers shed only when *every* upstream an orchestrator lists has its breaker open: the gateway
+  does not know which route a session's next turn takes, so one healthy route keeps sends coming.
 
-`edge_context` owns the background tasks (an aiohttp cleanup context); handlers reach the limits
-through `request.app[EDGE]`. The settings and what happens when each limit is exceeded are
+`edge_context` owns the background tasks (an aiohttp cleanup context) and serves the counters of
+every refusal (`EdgeCounters`) on `/metrics` as `tidewire_gateway_<field>`, present from start-up
+at 0; handlers reach the limits through `request.app[EDGE]`. The settings and what happens when each limit is exceeded are
 tabulated in docs/security.md.
 """
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import re
@@ -39,6 +45,7 @@ from gateway.deps import Deps
 from gateway.http_errors import http_error
 from gateway.keys import DEPS
 from gateway.settings import GatewaySettings
+from shared import telemetry
 from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited, from_dependency
 
 log = logging.getLogger(__name__)
@@ -140,13 +147,26 @@ class Slot:
     slot_id: str
 
 
+def _doc(text: str) -> Any:
+    return field(default=0, metadata={"doc": text})
+
+
 @dataclass
 class EdgeCounters:
-    rate_limited_frames: int = 0
-    rate_limited_messages: int = 0
-    connections_refused: int = 0
-    shed_sends: int = 0
-    limit_checks_skipped: int = 0
+    """Plain ints bumped where a limit refuses; served as counters `tidewire_gateway_<field>`."""
+
+    rate_limited_frames: int = _doc("Frames answered rate_limited by the per-connection frame bucket")
+    rate_limited_messages: int = _doc("Sends answered rate_limited (per connection or per subject)")
+    connections_refused: int = _doc("Connections refused: the subject has too many open")
+    shed_sends: int = _doc("Sends answered degraded by load shedding (queue full, dependency or every upstream down)")
+    limit_checks_skipped: int = _doc("Per-subject limit checks skipped because Redis was slow or down (fail open)")
+
+
+def install_metrics(counters: EdgeCounters) -> None:
+    """Serves `counters` on `/metrics`; read only at scrape time (an app built again replaces them)."""
+    for f in dataclasses.fields(counters):
+        telemetry.observe(f"tidewire_gateway_{f.name}", functools.partial(getattr, counters, f.name),
+                          kind="counter", description=f.metadata["doc"])
 
 
 class SubjectLimits:
@@ -233,11 +253,39 @@ class SubjectLimits:
 # ---- load shedding -----------------------------------------------------------------------------
 
 
+# The orchestrators' breaker records (orchestrator/upstream.py: `breaker_key`, `BREAKERS_SEEN`; the
+# gateway does not import the orchestrator, so the names are repeated here, and
+# tests/integration/test_metrics_documented.py proves the two sides meet).
+BREAKER_KEY_PREFIX = "tw:breaker:"
+BREAKERS_SEEN = "tw:breakers"
+
+
+async def every_upstream_open(redis: Any) -> int | None:
+    """Milliseconds until the first breaker half-opens, when every upstream that an orchestrator
+    listed recently has its breaker open; None when one is closed, half-open or none is listed.
+
+    Two round trips: the listed upstreams ("seen until" scores in the orchestrators' clock, kept
+    10 s ahead, so a few seconds of skew are harmless), then the TTL of each one's open-breaker key.
+    """
+    now_ms = int(time.time() * 1000)
+    names = await redis.zrangebyscore(BREAKERS_SEEN, now_ms, "+inf")
+    if not names:
+        return None
+    async with redis.pipeline(transaction=False) as p:
+        for name in names:
+            p.pttl(BREAKER_KEY_PREFIX + (name.decode() if isinstance(name, bytes) else str(name)))
+        ttls = [int(t) for t in await p.execute()]
+    if any(t <= 0 for t in ttls):  # -2: no key (closed or half-open)
+        return None
+    return min(ttls)
+
+
 @dataclass
 class LoadSample:
     pending: int | None = None
     down: tuple[str, ...] = ()
     at: float = 0.0
+    upstreams_open_ms: int | None = None  # set while every model upstream's breaker is open
 
 
 @dataclass
@@ -248,6 +296,8 @@ class LoadShedder:
     counters: EdgeCounters
     sample: LoadSample = field(default_factory=LoadSample)
     failures: dict[str, int] = field(default_factory=dict)
+    # `every_upstream_open` bound to a Redis client; None = breakers are not consulted
+    breakers: Callable[[], Awaitable[int | None]] | None = None
     FAILURES_TO_DOWN = 2
     PG_EVERY = 4  # Postgres is probed every 4th sample (~1 s)
 
@@ -259,6 +309,10 @@ class LoadShedder:
             reason = f"{', '.join(self.sample.down)} unavailable"
         elif not self.deps.bus.connected:
             reason = "nats unavailable"
+        elif self.sample.upstreams_open_ms is not None:
+            self.counters.shed_sends += 1
+            raise Degraded("shedding load: every model upstream is unavailable (circuit open); nothing was accepted",
+                           retry_after_ms=max(1, self.sample.upstreams_open_ms))
         elif threshold >= 0 and (threshold == 0 or (self.sample.pending or 0) >= threshold):
             reason = "the turn queue is full"
         if reason is not None:
@@ -281,15 +335,30 @@ class LoadShedder:
             ("nats", deps.bus.turn_queue_pending), ("redis", deps.checkpoints.ping)]
         if n % self.PG_EVERY == 0:
             probes.append(("postgres", deps.eventlog.ping))
-        results = await asyncio.gather(*(self._probe(name, p) for name, p in probes))
+        results, open_ms = await asyncio.gather(asyncio.gather(*(self._probe(name, p) for name, p in probes)),
+                                                self._breakers())
         pending = results[0] if isinstance(results[0], int) else self.sample.pending
         down = tuple(name for name, count in sorted(self.failures.items()) if count >= self.FAILURES_TO_DOWN)
         if not deps.bus.connected and "nats" not in down:
             down = ("nats", *down)
         if down != self.sample.down:
             log.warning("load shedding: dependencies down: %s", ", ".join(down) or "none")
-        self.sample = LoadSample(pending=pending, down=down, at=time.monotonic())
+        if (open_ms is None) != (self.sample.upstreams_open_ms is None):
+            log.warning("load shedding: every model upstream's circuit is %s", "open" if open_ms is not None else "no longer open")
+        self.sample = LoadSample(pending=pending, down=down, at=time.monotonic(), upstreams_open_ms=open_ms)
         return self.sample
+
+    async def _breakers(self) -> int | None:
+        """Fails open: when the breakers cannot be read, they do not shed (a down Redis is caught
+        by its own probe)."""
+        if self.breakers is None:
+            return None
+        try:
+            async with asyncio.timeout(min(1.0, self.deps.settings.redis_timeout_s)):
+                return await self.breakers()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.debug("breaker states not read: %r", e)
+            return None
 
     async def run_forever(self) -> None:
         interval = max(0.05, self.deps.settings.shed_sample_ms / 1000)
@@ -351,8 +420,10 @@ async def edge_context(app: web.Application) -> AsyncIterator[None]:
     deps = app[DEPS]
     auth.verifier(deps.settings)  # a bad JWKS file fails the start, not the first request
     counters = EdgeCounters()
-    edge = Edge(SubjectLimits(deps.checkpoints.redis, deps.settings, deps.gateway_id, counters),
-                LoadShedder(deps, counters), counters)
+    install_metrics(counters)
+    redis = deps.checkpoints.redis
+    edge = Edge(SubjectLimits(redis, deps.settings, deps.gateway_id, counters),
+                LoadShedder(deps, counters, breakers=functools.partial(every_upstream_open, redis)), counters)
     await edge.shedder.sample_once()
     app[EDGE] = edge
     tasks = [asyncio.create_task(edge.shedder.run_forever(), name="load-sampler"),

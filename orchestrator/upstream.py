@@ -16,7 +16,7 @@ down wastes every turn's first-token timeout. So each upstream gets an `Upstream
   429, broken connections; a request the model rejects (a poison turn) does not.
 - `publish_state(redis)` mirrors an open breaker to the Redis key `tw:breaker:<upstream>` (with a
   TTL, so a dead orchestrator leaves nothing stuck), and the router's publish loop lists every
-  upstream it has a gate for in `tw:breaker:upstreams` (a sorted set scored by a "seen until"
+  upstream it has a gate for in `tw:breakers` (a sorted set scored by a "seen until"
   time). The gateway's load shedder (`gateway/limits.py`) reads both: when every upstream seen
   has its breaker open, new sends are answered `degraded` instead of queueing doomed turns.
 
@@ -78,7 +78,7 @@ _queue_wait = telemetry.meter("tidewire.upstream").create_histogram(
 
 # The Redis names the gateway reads too (gateway/limits.py keeps the same literals; both are
 # candidates for shared/subjects.py): an open breaker's key, and the upstreams orchestrators have.
-BREAKERS_SEEN: Final = "tw:breaker:upstreams"
+BREAKERS_SEEN: Final = "tw:breakers"
 SEEN_FOR_MS: Final = 10_000  # an upstream no orchestrator re-lists for this long is forgotten
 
 
