@@ -1,0 +1,93 @@
+"""`python -m tidewire.cluster_shim <service>`: runs `python -m <service>` with the three connection
+changes the clustered topology needs and the services do not make yet. A stand-in, to be deleted once
+the changes proposed in docs/cluster.md ("What the services still need") are in place:
+
+* `TIDEWIRE_NATS_URL` may be a comma-separated server list: it reaches nats-py as a list, so a client
+  can make its *first* connection to any live node (after that, nats-py also learns the cluster's
+  other servers from the INFO gossip);
+* every JetStream stream the process declares, including the KeyValue and Object Store buckets,
+  gets `TIDEWIRE_NATS_REPLICAS` replicas (`shared/bus.py` hard-codes `num_replicas=1` for TW_TURNS,
+  and its `ensure_streams` would otherwise scale a 3-replica stream back down to 1 at every start);
+* `TIDEWIRE_REDIS_URL` may be a `redis+sentinel://` URL: `CheckpointStore.connect` builds its two
+  pools with `shared.redis_connect.client` (same sizes and timeouts as today).
+
+Nothing else is changed; the service module runs exactly as `python -m <service>` would run it.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from typing import Any
+
+
+def _split_servers(url: Any) -> Any:
+    if isinstance(url, str) and "," in url:
+        return [u.strip() for u in url.split(",") if u.strip()]
+    return url
+
+
+def install() -> None:
+    """Applies the three changes (idempotent)."""
+    from nats.js.client import JetStreamContext
+
+    from shared import checkpoints, redis_connect
+    from shared.bus import Bus
+
+    if getattr(Bus, "_cluster_shim", False):
+        return
+    replicas = int(os.environ.get("TIDEWIRE_NATS_REPLICAS", "1") or "1")
+
+    connect = Bus.connect.__func__  # type: ignore[attr-defined]
+
+    async def bus_connect(cls: type[Bus], url: str, **kwargs: Any) -> Bus:
+        return await connect(cls, _split_servers(url), **kwargs)  # type: ignore[no-any-return]
+
+    Bus.connect = classmethod(bus_connect)  # type: ignore[method-assign,assignment]
+    Bus._cluster_shim = True  # type: ignore[attr-defined]
+
+    if replicas > 1:
+        add_stream, update_stream = JetStreamContext.add_stream, JetStreamContext.update_stream
+
+        def with_replicas(config: Any, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            if config is not None:
+                config = config.evolve(num_replicas=replicas) if (config.num_replicas or 1) < replicas else config
+            elif params:
+                params = {**params, "num_replicas": max(replicas, int(params.get("num_replicas") or 1))}
+            return config, params
+
+        async def add(self: JetStreamContext, config: Any = None, **params: Any) -> Any:
+            config, params = with_replicas(config, params)
+            return await add_stream(self, config, **params)
+
+        async def update(self: JetStreamContext, config: Any = None, **params: Any) -> Any:
+            config, params = with_replicas(config, params)
+            return await update_stream(self, config, **params)
+
+        JetStreamContext.add_stream = add  # type: ignore[method-assign]
+        JetStreamContext.update_stream = update  # type: ignore[method-assign]
+
+    store_cls = checkpoints.CheckpointStore
+
+    def store_connect(cls: type[checkpoints.CheckpointStore], url: str, *, timeout_s: float = 3.0,
+                      ttl_s: float = 86_400, max_connections: int = 64) -> checkpoints.CheckpointStore:
+        def pool(n: int) -> Any:
+            return redis_connect.client(url, max_connections=n, timeout_s=timeout_s, health_check_interval=10)
+
+        return cls(pool(max_connections), ttl_s=ttl_s, lease_client=pool(2))
+
+    store_cls.connect = classmethod(store_connect)  # type: ignore[method-assign,assignment]
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m tidewire.cluster_shim <module> [args...]")
+    module = sys.argv[1]
+    sys.argv = [module, *sys.argv[2:]]
+    install()
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
