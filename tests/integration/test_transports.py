@@ -14,6 +14,7 @@ import regex
 from proto import client
 from tests.integration.conftest import make_token, stack_env
 from tests.integration.wsclient import WsTestClient
+from tests.waits import frames_tail, within
 from tidewire import invariants
 from tidewire.client import TidewireClient
 from tidewire.stack import Stack
@@ -34,17 +35,22 @@ async def _sse_events(url: str, token: str, sid: str, after: int | None, until_t
     async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/sessions/{sid}/events{q}",
                                                            headers=headers) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
-        async with asyncio.timeout(60):
-            while True:
-                record = (await resp.content.readuntil(b"\n\n")).decode()
-                fields = dict(line.split(": ", 1) for line in record.strip().splitlines() if not line.startswith(":"))
-                if "data" not in fields or fields.get("event") == "ready":
-                    continue
-                ev = client.event_decoder.decode(fields["data"])
-                assert fields["id"] == str(ev.seq) and fields["event"] == type(ev).__struct_config__.tag
-                events.append(ev)
-                if until_turn_end and isinstance(ev, client.TurnEnd):
-                    return events
+        try:
+            async with asyncio.timeout(60):
+                while True:
+                    record = (await resp.content.readuntil(b"\n\n")).decode()
+                    fields = dict(line.split(": ", 1) for line in record.strip().splitlines()
+                                  if not line.startswith(":"))
+                    if "data" not in fields or fields.get("event") == "ready":
+                        continue
+                    ev = client.event_decoder.decode(fields["data"])
+                    assert fields["id"] == str(ev.seq) and fields["event"] == type(ev).__struct_config__.tag
+                    events.append(ev)
+                    if until_turn_end and isinstance(ev, client.TurnEnd):
+                        return events
+        except TimeoutError:
+            raise AssertionError(f"SSE of {sid} (after={after}, Last-Event-ID={header}): no turn_end within 60 s; "
+                                 f"{len(events)} events, last: {frames_tail(events)}") from None
 
 
 async def test_sse_replays_then_goes_live_and_honours_last_event_id(stack) -> None:
@@ -76,11 +82,15 @@ async def test_long_poll_returns_at_once_then_waits_for_the_next_event(stack) ->
         await asyncio.sleep(0.3)
         await http.post(f"{stack.url}/v1/sessions/{sid}/messages", headers=hdr,
                         json={"client_msg_id": "p1", "text": "/sim tokens=40\npoll me"})
-        first = await (await waiting).json()
+        resp = await within(waiting, timeout=10, what="the waiting long poll (wait_s=20) to return once a message was sent")
+        first = await resp.json()
         assert first["events"] and time.monotonic() - t0 < 10
         events = [client.event_decoder.decode(json.dumps(e)) for e in first["events"]]
+        deadline = time.monotonic() + 60
         while not any(isinstance(e, client.TurnEnd) for e in events):
-            r = await http.get(f"{stack.url}/v1/sessions/{sid}/poll?after={events[-1].seq}&wait_s=20", headers=hdr)
+            assert time.monotonic() < deadline, f"long poll: no turn_end within 60 s; last: {frames_tail(events)}"
+            r = await within(http.get(f"{stack.url}/v1/sessions/{sid}/poll?after={events[-1].seq}&wait_s=20",
+                                      headers=hdr), timeout=30, what=f"a long poll after={events[-1].seq} to return")
             events += [client.event_decoder.decode(json.dumps(e)) for e in (await r.json())["events"]]
         r = await http.get(f"{stack.url}/v1/sessions/{sid}/poll?after=999999&wait_s=1", headers=hdr)
         assert (await r.json())["reset"] is True
@@ -126,7 +136,14 @@ async def test_slow_reader_memory_is_bounded_and_its_text_exact(infra, tmp_path)
         async with WsTestClient(s.url, token) as c:
             ready = await c.connect()
             ack = await c.ack_for(await c.send_message("/sim tokens=2000 rate=0\nflood me"))
-            await asyncio.sleep(3)  # read nothing while 2,000 tokens are produced
+            # Read nothing while 2,000 tokens are produced. Not calling recv() is not enough: aiohttp
+            # reads the socket in the background whatever the test does, so the gateway saw a fast
+            # reader and rightly sent every delta. Stop reading the socket itself.
+            assert c.ws is not None and c.ws._conn is not None and c.ws._conn.transport is not None
+            transport = c.ws._conn.transport
+            transport.pause_reading()
+            await asyncio.sleep(3)
+            transport.resume_reading()
             end = await c.until_turn_end(ack.turn_id, timeout=60)
         deltas = [e for e in c.events if isinstance(e, client.Delta)]
         assert len(deltas) < 500  # merged instead of queued
@@ -145,9 +162,14 @@ async def test_heartbeat_timeout_closes_4408(infra, tmp_path) -> None:
             ws = await http.ws_connect(s.url.replace("http", "ws") + f"/v1/ws?access_token={make_token()}",
                                        autoping=False)  # a half-open peer: never answers pings
             await ws.send_str(json.dumps({"type": "hello"}))
-            async with asyncio.timeout(10):
-                while (await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                    pass
+            seen: list[str] = []
+            try:
+                async with asyncio.timeout(10):
+                    while (msg := await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                        seen.append(msg.type.name if msg.type != aiohttp.WSMsgType.TEXT else msg.data[:60])
+            except TimeoutError:
+                raise AssertionError("a peer that never answers pings was not closed within 10 s "
+                                     f"(heartbeat 0.5 s + timeout 0.5 s); received: {seen[-8:]}") from None
             assert ws.close_code == 4408
     finally:
         s.stop()
@@ -158,7 +180,7 @@ async def test_a_slow_tool_says_so_at_once_and_blocks_no_other_session(stack) ->
         await a.connect()
         await b.connect()
         ack_a = await a.ack_for(await a.send_message("/sim tool=slow_lookup args={\"query\": \"tides\"}\nlook it up slowly"))
-        call = await a.until(lambda f: isinstance(f, client.ToolCall))
+        call = await a.until(lambda f: isinstance(f, client.ToolCall), what="the tool_call of slow_lookup")
         t_call = time.monotonic()
         ack_b = await b.ack_for(await b.send_message("/sim tokens=60 rate=100\nmeanwhile"))
         end_b = await b.until_turn_end(ack_b.turn_id)
@@ -188,7 +210,10 @@ async def test_python_client_reconnects_resumes_and_resends(stack) -> None:
         await asyncio.sleep(0.5)
         port = int(gw2.env["port"])
         await asyncio.to_thread(stack.add_gateway, "gateway-py", port)
-        end = await c.wait_turn(ack.turn_id, timeout=60)
+        end = await within(c.wait_turn(ack.turn_id, timeout=90), timeout=60,
+                           what=f"the turn_end of {ack.turn_id} after the client's gateway was killed and restarted",
+                           seen=lambda: {"states": states[-8:], "reconnects": c.reconnects,
+                                         "chars so far": len(c.turn_text(ack.turn_id))})
         assert c.turn_text(ack.turn_id) == end.text and end.status == "completed"
         assert c.reconnects >= 1 and "reconnecting" in states
         history = await c.history()
