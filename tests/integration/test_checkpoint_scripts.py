@@ -363,3 +363,53 @@ async def test_a_missing_counter_asks_for_a_seed_and_seed_then_works(store: Chec
     assert (r.seq, r.duplicate) == (42, False)
     assert await store.append(lease, [_event("delta", "d")]) == 43
     assert [seq for seq, _ in await store.read_log(sid, 0)] == [42, 43]
+
+
+# ---- a turn_end held until its Postgres commit -------------------------------------------------
+
+
+async def test_a_held_batch_is_invisible_to_readers_until_finish_turn(store: CheckpointStore) -> None:
+    sid = _sid()
+    await store.seed(sid, 0)
+    lease = await store.acquire(sid, "orch-a/1", LEASE_MS)
+    assert lease is not None
+    shown = [_event("turn_start", "s"), _event("delta", "d")]
+    assert await store.append(lease, shown, start_turn="t1") == 1
+    assert await store.append(lease, [_event("turn_end", "e")], hold=True) == 3
+
+    visible, held = await store.read_visible(sid, 0)
+    assert [json.loads(raw)["mark"] for raw in visible] == ["s", "d"] and held == 3
+    assert await store.read_visible(sid, 2) == ([], 3)
+    assert await store.last_seq(sid) == 2  # what a client may have seen, not what is allocated
+    assert await store.held_seq(sid) == 3
+    assert await store.last_event(sid) is None
+
+    await store.finish_turn(lease, "t1", "completed")
+    visible, held = await store.read_visible(sid, 0)
+    assert [json.loads(raw)["mark"] for raw in visible] == ["s", "d", "e"] and held is None
+    assert [json.loads(raw)["seq"] for raw in visible] == [1, 2, 3]
+    assert await store.last_seq(sid) == 3
+    tail = await store.last_event(sid)
+    assert tail is not None and json.loads(tail)["mark"] == "e"
+
+
+async def test_a_stale_owner_cannot_release_a_held_turn_end(store: CheckpointStore) -> None:
+    sid = _sid()
+    await store.seed(sid, 0)
+    await _user(store, sid, "m1", "t1")
+    old = await store.acquire(sid, "orch-a/1", SHORT_LEASE_MS)
+    assert old is not None
+    await store.append(old, [_event("turn_start", "s"), _event("turn_end", "e")], start_turn="t1", hold=True)
+    await asyncio.sleep(SHORT_LEASE_MS * 2 / 1000)  # the owner paused before its commit
+    new = await store.acquire(sid, "orch-b/1", LEASE_MS)
+    assert new is not None
+
+    with pytest.raises(StaleEpoch):
+        await store.finish_turn(old, "t1", "completed")
+    assert await store.held_seq(sid) == 2
+    assert await store.read_visible(sid, 1) == ([], 2)
+    assert await store.pending(sid) == ["t1"]
+
+    await store.finish_turn(new, "t1", "completed")  # the taker commits and releases it
+    assert await store.held_seq(sid) is None
+    assert len((await store.read_visible(sid, 0))[0]) == 3
