@@ -255,6 +255,7 @@ def observe_stage(stage: str, seconds: float) -> None:
 
 ObservedValue = float | int | Iterable[tuple[Mapping[str, str], float | int]]
 _observed: dict[str, Callable[[], ObservedValue]] = {}
+_failing: set[str] = set()
 
 
 def observe(name: str, fn: Callable[[], ObservedValue], *, kind: str = "gauge", description: str = "",
@@ -272,9 +273,15 @@ def observe(name: str, fn: Callable[[], ObservedValue], *, kind: str = "gauge", 
     def callback(_: CallbackOptions) -> Iterable[Observation]:
         try:
             value = _observed[name]()
-        except Exception as e:  # noqa: BLE001 - one broken source must not break /metrics
-            log.debug("metric %s not observed: %s", name, e)
+        except Exception:  # noqa: BLE001 - one broken source must not break /metrics
+            # a warning (with the traceback) when a metric starts failing, not at every scrape
+            if name not in _failing:
+                _failing.add(name)
+                log.warning("metric %s is not served while its source fails", name, exc_info=True)
             return []
+        if name in _failing:
+            _failing.discard(name)
+            log.info("metric %s is served again", name)
         if isinstance(value, int | float):
             return [Observation(value)]
         return [Observation(v, dict(a)) for a, v in value]

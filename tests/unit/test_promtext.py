@@ -1,4 +1,5 @@
-"""shared.promtext: the exposition parser and histogram_quantile with Prometheus's semantics."""
+"""shared.promtext: the exposition parser and histogram_quantile with Prometheus's semantics, read
+back from what shared.telemetry renders."""
 
 from __future__ import annotations
 
@@ -196,3 +197,23 @@ def test_reads_what_telemetry_renders() -> None:
     assert h.buckets == ((0.1, 1.0), (1.0, 3.0), (math.inf, 4.0)) and h.count == 4 and h.sum == pytest.approx(6.05)
     assert "tidewire_test_promtext_seconds" in page.families()
     assert h.quantile(0.5) == pytest.approx(0.1 + 0.9 * 1 / 2)
+
+
+def test_a_failing_metric_source_is_left_out_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """One broken callback must not break the page, nor be silent, nor log at every scrape."""
+    broken = True
+
+    def source() -> int:
+        if broken:
+            raise RuntimeError("source down")
+        return 7
+
+    telemetry.observe("tidewire_test_promtext_flaky", source)
+    with caplog.at_level("INFO", logger="shared.telemetry"):
+        pages = [parse(telemetry.render_prometheus()) for _ in range(3)]
+        assert all("tidewire_test_promtext_flaky" not in p.families() for p in pages)
+        broken = False
+        assert parse(telemetry.render_prometheus()).value("tidewire_test_promtext_flaky") == 7
+    messages = [r.getMessage() for r in caplog.records if "tidewire_test_promtext_flaky" in r.getMessage()]
+    assert messages == ["metric tidewire_test_promtext_flaky is not served while its source fails",
+                        "metric tidewire_test_promtext_flaky is served again"]
