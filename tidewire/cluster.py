@@ -364,7 +364,11 @@ class Cluster:
 
     def __init__(self, state_dir: Path, *, gateways: int = 3, orchestrators: int = 3, tool_workers: int = 2,
                  service_env: dict[str, str] | None = None, jwt_secret: str | None = None,
-                 heal: bool = True, restart_delay_s: float = 0.5) -> None:
+                 heal: bool = True, restart_delay_s: float = 0.5,
+                 only: Sequence[str] | None = None) -> None:
+        """`only`: a subset of ("nats", "redis", "postgres") to start just those servers (no services,
+        no HAProxy), for tests of one part."""
+        self.parts = tuple(only) if only else ("nats", "redis", "postgres", "services")
         self.state_dir = Path(state_dir).absolute()
         self.log_dir = self.state_dir / "logs"
         self.n_gateways, self.n_orchestrators, self.n_tool_workers = gateways, orchestrators, tool_workers
@@ -419,14 +423,19 @@ class Cluster:
         t0 = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        haproxy = haproxy_binary()
+        full = "services" in self.parts
+        haproxy = haproxy_binary() if full else ""
         try:
-            self._start_nats()
-            self._start_redis()
-            self._start_postgres()
-            self._start_services()
-            self._start_haproxy(haproxy)
-            self._wait_streams_replicated()
+            if "nats" in self.parts:
+                self._start_nats()
+            if "redis" in self.parts:
+                self._start_redis()
+            if "postgres" in self.parts:
+                self._start_postgres()
+            if full:
+                self._start_services()
+                self._start_haproxy(haproxy)
+                self._wait_streams_replicated()
         except BaseException:
             self.stop()
             raise
@@ -847,8 +856,8 @@ class Cluster:
         while not self._stop.wait(PG_PROBE_S):
             try:
                 # Postgres: promote on primary death (process gone, or PG_PROBE_FAILURES failed probes)
-                primary = self.procs[self.pg_primary]
-                if primary.wanted:
+                primary = self.procs.get(self.pg_primary)
+                if primary is not None and primary.wanted:
                     ok = primary.alive() and _tcp(primary.port)
                     pg_failures = 0 if ok else pg_failures + 1
                     if not primary.alive() or pg_failures >= PG_PROBE_FAILURES:
