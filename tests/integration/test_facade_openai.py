@@ -36,7 +36,8 @@ async def _answer(stack: Any, subject: str, sid: str, turn_id: str) -> str:
     async with asyncio.timeout(20):
         while True:
             msgs = (await _history(stack, subject, sid))["messages"]
-            done = [m for m in msgs if m["role"] == "assistant" and m["turn_id"] == turn_id]
+            done = [m for m in msgs if m["role"] == "assistant" and m["turn_id"] == turn_id
+                    and m["status"] != "in_progress"]
             if done:
                 return str(done[0]["text"])
             await asyncio.sleep(0.1)
