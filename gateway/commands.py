@@ -81,22 +81,32 @@ FLAG_CACHE_TTL_S = 1.0
 FLAG_CACHE_MAX = 10_000
 
 
-async def session_flags(deps: Deps, session_id: str) -> dict[str, object]:
-    """Per-session flags, cached for a second per process: a flip applies to the next turns."""
+async def session_flags(deps: Deps, session_id: str, subject: str | None = None) -> dict[str, object]:
+    """The flags in force for a send: the session row's own flags (cached a second per process: a
+    flip applies to the next sends), layered with the deployment, tenant (= subject) and operator
+    session scopes exactly as the orchestrator layers them (shared.flags). Without `subject`, the
+    session row's flags alone."""
     now = time.monotonic()
     hit = deps.flag_cache.get(session_id)
     if hit is not None and hit[0] > now:
-        return hit[1]
+        own = hit[1]
+    else:
+        try:
+            row = await deps.eventlog.get_session(session_id)
+        except Exception as e:
+            deps.counters.degraded += 1
+            raise Degraded("session store unavailable", retry_after_ms=1000) from e
+        own = dict(row.flags) if row else {}
+        if len(deps.flag_cache) >= FLAG_CACHE_MAX:
+            deps.flag_cache.clear()
+        deps.flag_cache[session_id] = (now + FLAG_CACHE_TTL_S, own)
+    if subject is None:
+        return own
     try:
-        row = await deps.eventlog.get_session(session_id)
+        return await deps.flags.resolve(session_id, subject, own)
     except Exception as e:
         deps.counters.degraded += 1
-        raise Degraded("session store unavailable", retry_after_ms=1000) from e
-    flags: dict[str, object] = dict(row.flags) if row else {}
-    if len(deps.flag_cache) >= FLAG_CACHE_MAX:
-        deps.flag_cache.clear()
-    deps.flag_cache[session_id] = (now + FLAG_CACHE_TTL_S, flags)
-    return flags
+        raise Degraded("flag store unavailable", retry_after_ms=1000) from e
 
 
 async def create_session(deps: Deps, subject: str, title: str | None = None) -> str:
@@ -165,7 +175,7 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
             raise BadFrame("attachments are not enabled on this gateway")
         await media.check_attachments(deps.media, subject, req.attachments)
     if policy is None:
-        policy = (await session_flags(deps, session_id)).get("double_text_policy")  # type: ignore[assignment]
+        policy = (await session_flags(deps, session_id, subject)).get("double_text_policy")  # type: ignore[assignment]
     policy = policy or deps.settings.double_text_policy  # type: ignore[assignment]
     turn_id = new_id("t_")
     raw = client.json_encoder.encode(client.Message(seq=0, turn_id=turn_id, client_msg_id=req.client_msg_id,

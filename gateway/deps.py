@@ -10,6 +10,7 @@ from gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
+from shared.flags import FlagResolver
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Counters:
     cancel_requests: int = 0
 
 
+FLAG_TTL_S = 2.0  # as in the orchestrator: a flag flip applies to sends a couple of seconds later
+
+
 @dataclass
 class Deps:
     settings: GatewaySettings
@@ -41,4 +45,8 @@ class Deps:
     turn_traces: TurnTraces = field(default_factory=TurnTraces)
     draining: bool = False
     flag_cache: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)
+    flags: FlagResolver = field(init=False)  # deployment / tenant / operator scopes (shared.flags)
     media: Any = None  # gateway.media.MediaStore: uploads referenced by `send.attachments`
+
+    def __post_init__(self) -> None:
+        self.flags = FlagResolver(self.eventlog, ttl_s=FLAG_TTL_S)

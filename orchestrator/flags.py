@@ -27,18 +27,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
-import collections
 import json
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any
 
 from orchestrator.providers.base import ToolSpec
+from shared.flags import (
+    DEPLOYMENT_SCOPE,
+    DOUBLE_TEXT_POLICIES,
+    KNOWN_FLAGS,
+    KNOWN_PROVIDERS,
+    FlagResolver,
+    session_scope,
+    tenant_scope,
+)
 
 __all__ = [
     "DEPLOYMENT_SCOPE",
@@ -57,21 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DEPLOYMENT_SCOPE: Final = "deployment"
-KNOWN_PROVIDERS: Final = ("simulated", "openai")
-KNOWN_FLAGS: Final = ("model", "system_prompt_version", "tool_set", "tool_schema_version",
-                      "disconnect_policy", "double_text_policy")
-DOUBLE_TEXT_POLICIES: Final = ("queue", "interrupt", "reject")
-
-
-def tenant_scope(tenant: str) -> str:
-    return f"tenant:{tenant}"
-
-
-def session_scope(session_id: str) -> str:
-    return f"session:{session_id}"
-
 
 # --------------------------------------------------------------------------- routes
 
@@ -162,85 +153,6 @@ def system_prompt_for(version: Any, default: str, prompts: Mapping[str, str]) ->
         log.warning("unknown system_prompt_version %r: using the default prompt", version)
         return default
     return prompt
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-class FlagSource(Protocol):
-    """What the resolver needs of the event log."""
-
-    async def flags_for(self, scopes: Sequence[str]) -> dict[str, Any]: ...
-
-
-class FlagResolver:
-    """Merged flags of a turn, each scope cached for `ttl_s`; concurrent misses of one scope share
-    one query. When Postgres cannot be read, a stale cached value is served (and logged); with
-    nothing cached the error propagates (the turn fails and is retried)."""
-
-    def __init__(self, source: FlagSource, *, ttl_s: float = 2.0, max_entries: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._source = source
-        self._ttl = ttl_s
-        self._max = max_entries
-        self._clock = clock
-        self._cache: collections.OrderedDict[str, tuple[float, dict[str, Any]]] = collections.OrderedDict()
-        self._inflight: dict[str, asyncio.Task[dict[str, Any]]] = {}
-        self.queries = 0
-        self.stale_served = 0
-
-    async def resolve(self, session_id: str, tenant: str | None,
-                      session_flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """deployment < tenant:<tenant> < the session row's flags < session:<id>; None = unset."""
-        scopes = [DEPLOYMENT_SCOPE, *([tenant_scope(tenant)] if tenant else []), session_scope(session_id)]
-        *lower, operator_session = await asyncio.gather(*(self._scope(s) for s in scopes))
-        merged: dict[str, Any] = {}
-        for layer in (*lower, dict(session_flags or {}), operator_session):
-            for name, value in layer.items():
-                if value is not None:
-                    merged[name] = value
-        return merged
-
-    def invalidate(self, scope: str | None = None) -> None:
-        if scope is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(scope, None)
-
-    async def _scope(self, scope: str) -> dict[str, Any]:
-        """One query per scope at a time, shared by every caller that misses the cache. The query is a
-        task of the resolver's own, not of its first caller: a caller cancelled mid-query (its runner
-        lost the lease) must not leave a future that nobody will ever resolve, which once wedged every
-        later turn of the process (PERF-LEDGER §5)."""
-        hit = self._cache.get(scope)
-        if hit is not None and hit[0] > self._clock():
-            return hit[1]
-        query = self._inflight.get(scope)
-        if query is None:
-            self.queries += 1
-            query = asyncio.get_running_loop().create_task(self._source.flags_for([scope]), name=f"flags-{scope}")
-            self._inflight[scope] = query
-            query.add_done_callback(functools.partial(self._settle, scope))
-        try:
-            return await asyncio.shield(query)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if hit is None:
-                raise
-            self.stale_served += 1
-            log.warning("flags of %s unavailable (%s): serving the cached value", scope, exc)
-            return hit[1]
-
-    def _settle(self, scope: str, query: asyncio.Task[dict[str, Any]]) -> None:
-        if self._inflight.get(scope) is query:
-            del self._inflight[scope]
-        if query.cancelled() or query.exception() is not None:  # retrieved: waiters re-raise it
-            return
-        self._cache[scope] = (self._clock() + self._ttl, query.result())
-        self._cache.move_to_end(scope)
-        while len(self._cache) > self._max:
-            self._cache.popitem(last=False)
 
 
 # --------------------------------------------------------------------------- operator CLI
