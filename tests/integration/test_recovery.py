@@ -13,6 +13,7 @@ import pytest
 from proto import client
 from tests.integration.conftest import lease_owner, make_token, scrape
 from tests.integration.wsclient import WsTestClient
+from tests.waits import eventually, frames_tail, wait_process, within
 from tidewire import invariants
 
 SLOW = "/sim tokens=300 rate=60\n"
@@ -26,10 +27,15 @@ async def _pg(infra, sql: str, *args):
         await conn.close()
 
 
-async def _deltas(c: WsTestClient, n: int) -> None:
-    async with asyncio.timeout(30):
-        while sum(isinstance(e, client.Delta) for e in c.events) < n:
-            assert await c.recv() is not None
+async def _deltas(c: WsTestClient, n: int, timeout: float = 30) -> None:
+    """Reads until n deltas have arrived, or a turn_end (deltas may be merged for a reader that
+    falls behind, so a turn may end with fewer: the caller's own assertions then say what is wrong)."""
+    deadline = time.monotonic() + timeout
+    while (got := sum(isinstance(e, client.Delta) for e in c.events)) < n:
+        if any(isinstance(e, client.TurnEnd) for e in c.events):
+            return
+        f = await c.recv(timeout=max(deadline - time.monotonic(), 0.01), what=f"delta {got + 1} of {n}")
+        assert f is not None, f"closed ({c.close_code}) after {got} of {n} deltas; last: {frames_tail(c.frames)}"
 
 
 def _orchestrators(stack):
@@ -80,12 +86,9 @@ async def _set_flags(stack, token: str, sid: str, **flags: str) -> None:
 
 
 async def _wait_turn_row(infra, turn_id: str, timeout: float = 30):
-    async with asyncio.timeout(timeout):
-        while True:
-            row = await _pg(infra, "SELECT status, text FROM turns WHERE turn_id=$1", turn_id)
-            if row is not None:
-                return row
-            await asyncio.sleep(0.1)
+    return await eventually(lambda: _pg(infra, "SELECT status, text FROM turns WHERE turn_id=$1", turn_id),
+                            timeout=timeout, interval=0.1, ok=lambda row: row is not None,
+                            what=f"the turns row of {turn_id} in Postgres")
 
 
 async def test_disconnect_policy_continue_finishes_the_answer(stack, infra) -> None:
@@ -149,7 +152,7 @@ async def test_double_texting_reject_answers_conflict(stack) -> None:
         a = await c.ack_for(await c.send_message(SLOW + "first"))
         await _deltas(c, 2)
         await c.send_message("second")
-        err = await c.until(lambda f: isinstance(f, client.Error))
+        err = await c.until(lambda f: isinstance(f, client.Error), what="the conflict error of a second send")
         assert err.code == "conflict"
         await c.send({"type": "stop"})
         await c.until_turn_end(a.turn_id)
@@ -166,7 +169,7 @@ async def test_orchestrator_sigkill_mid_stream_is_taken_over_seamlessly(stack, i
         n_before = len(c.events)
         victim.kill()
         t_kill = time.monotonic()
-        await c.recv()
+        assert await c.recv(what=f"the first frame after {owner} was SIGKILLed (the takeover)") is not None
         pause = time.monotonic() - t_kill
         end = await c.until_turn_end(ack.turn_id)
         assert len(c.events) > n_before
@@ -193,8 +196,10 @@ async def test_stale_owner_woken_after_takeover_injects_nothing(stack, infra) ->
         finally:
             victim.proc.send_signal(18)  # SIGCONT
         end = await c.until_turn_end(ack.turn_id)
-        await asyncio.sleep(1.0)
-        m = scrape(victim.env["port"])
+        m = await eventually(lambda: asyncio.to_thread(scrape, victim.env["port"]), timeout=10, interval=0.2,
+                             ok=lambda m: m.get("tidewire_orchestrator_stale_rejections", 0)
+                             + m.get("tidewire_orchestrator_lease_lost", 0) > 0,
+                             what=f"the woken stale owner {owner} to count a stale rejection or a lost lease")
     assert end.status == "completed"
     invariants.check_seqs(c.events)
     assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
@@ -234,17 +239,15 @@ async def test_store_restart_mid_stream_keeps_text_exact(stack, infra, server) -
         await asyncio.sleep(0.5)
         infra.restart(server)
     await asyncio.sleep(1.0)
-    async with asyncio.timeout(60):
-        events = []
-        while True:
-            async with WsTestClient(stack.url, token) as c2:
-                try:
-                    await c2.connect(ready.session_id, last_seen_seq=0)
-                    end = await c2.until_turn_end(ack.turn_id, timeout=20)
-                    events = c2.events
-                    break
-                except (ConnectionError, TimeoutError, AssertionError, aiohttp.ClientError):
-                    await asyncio.sleep(1)
+
+    async def replay() -> tuple[client.TurnEnd, list[client.Event]]:
+        async with WsTestClient(stack.url, token) as c2:
+            await c2.connect(ready.session_id, last_seen_seq=0)
+            return await c2.until_turn_end(ack.turn_id, timeout=20), c2.events
+
+    end, events = await eventually(replay, timeout=60, interval=1,
+                                   retry_on=(ConnectionError, TimeoutError, AssertionError, aiohttp.ClientError),
+                                   what=f"a full replay up to the turn_end of {ack.turn_id} after {server} restarted")
     assert end.status in ("completed", "failed")
     invariants.check_seqs(events, merged=True)
     assert invariants.check_turns(events)[ack.turn_id].text == end.text
@@ -265,11 +268,13 @@ async def test_gateway_sigterm_closes_sockets_with_1012_and_exits_within_grace(i
             gw = s.by_name("gateway")
             t0 = time.monotonic()
             gw.proc.terminate()
-            async with asyncio.timeout(10):
-                while await c.recv() is not None:
-                    pass
+            deadline = time.monotonic() + 10
+            while await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
+                               what="the 1012 close of a SIGTERMed gateway") is not None:
+                pass
             assert c.close_code == 1012
-            await asyncio.to_thread(gw.proc.wait, 10)
+            await asyncio.to_thread(wait_process, gw.proc, timeout=10, log=gw.log_path,
+                                    what="the SIGTERMed gateway to exit (drain 5 s)")
             assert time.monotonic() - t0 < 6
             other = s.add_gateway("gateway-2")
             url2 = f"http://127.0.0.1:{other.env['port']}"
@@ -292,7 +297,8 @@ async def test_sends_get_degraded_not_a_hang_while_postgres_is_down(stack, infra
         try:
             t0 = time.monotonic()
             await c.send_message("/sim tokens=5\nwhile the database is down")
-            f = await c.until(lambda f: isinstance(f, (client.Ack, client.Error)), 30)
+            f = await c.until(lambda f: isinstance(f, (client.Ack, client.Error)), 30,
+                              "the ack or (degraded) error of a send while Postgres is down")
             assert isinstance(f, client.Error) and f.code == "degraded" and f.retry_after_ms
             assert time.monotonic() - t0 < 15
         finally:
@@ -316,11 +322,13 @@ async def test_gateway_sigterm_ends_sse_streams_promptly(infra, tmp_path) -> Non
             sid = (await r.json())["session_id"]
             resp = await http.get(f"{s.url}/v1/sessions/{sid}/events?access_token={token}")
             assert resp.status == 200
-            assert b"event: ready" in await resp.content.readuntil(b"\n\n")
+            assert b"event: ready" in await within(resp.content.readuntil(b"\n\n"), timeout=10,
+                                                   what="the first SSE record (ready)")
             gw = s.by_name("gateway")
             t0 = time.monotonic()
             gw.proc.terminate()
-            await asyncio.to_thread(gw.proc.wait, 10)
+            await asyncio.to_thread(wait_process, gw.proc, timeout=10, log=gw.log_path,
+                                    what="the SIGTERMed gateway to exit with an SSE stream open (drain 5 s)")
             assert time.monotonic() - t0 < 4
             assert gw.proc.returncode == 0
             assert "Error handling request" not in gw.log_path.read_text()
