@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto import client
+from tests.waits import eventually, within
 from tidewire.client import TidewireClient, TidewireError, TurnAssembler, backoff_delay
 
 # ---- backoff ------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ async def test_send_resolves_on_its_ack_and_resends_after_reconnect_with_the_sam
     assert [f.client_msg_id for f in sock.sends()] == ["m1", "m1"]
     assert c.resends == 1 and c.unacked == 1
     c._handle_frame(client.Ack(client_msg_id="m1", seq=1, turn_id="t1", duplicate=True))
-    ack = await asyncio.wait_for(sending, 1)
+    ack = await within(sending, timeout=1, what="send() returning on the duplicate ack of the resent m1")
     assert ack.turn_id == "t1" and c.unacked == 0
 
 
@@ -208,7 +209,7 @@ async def test_send_while_offline_is_written_when_ready() -> None:
     await c._flush_unacked()
     assert [f.client_msg_id for f in sock.sends()] == ["m1"] and c.resends == 0
     c._handle_frame(client.Ack(client_msg_id="m1", seq=1, turn_id="t1", duplicate=False))
-    assert (await sending).seq == 1
+    assert (await within(sending, timeout=1, what="send() returning on the ack of m1 written once ready")).seq == 1
 
 
 async def test_an_error_without_ref_belongs_to_the_oldest_unanswered_request() -> None:
@@ -220,9 +221,9 @@ async def test_an_error_without_ref_belongs_to_the_oldest_unanswered_request() -
     c._handle_frame(client.Error(code="too_large", message="text too long"))
     c._handle_frame(client.Ack(client_msg_id="m2", seq=1, turn_id="t1", duplicate=False))
     with pytest.raises(TidewireError) as refused:
-        await first
+        await within(first, timeout=1, what="m1's send() raising the ref-less error")
     assert refused.value.code == "too_large"
-    assert (await second).client_msg_id == "m2"
+    assert (await within(second, timeout=1, what="m2's send() returning on its ack")).client_msg_id == "m2"
 
 
 async def test_an_error_with_ref_names_its_message() -> None:
@@ -232,9 +233,9 @@ async def test_an_error_with_ref_names_its_message() -> None:
     await settle()
     c._handle_frame(client.Error(code="bad_frame", message="no", ref="m2"))
     with pytest.raises(TidewireError):
-        await second
+        await within(second, timeout=1, what="m2's send() raising the error that names it")
     c._handle_frame(client.Ack(client_msg_id="m1", seq=1, turn_id="t1", duplicate=False))
-    assert (await first).seq == 1
+    assert (await within(first, timeout=1, what="m1's send() returning on its ack")).seq == 1
 
 
 async def test_degraded_waits_retry_after_then_resends_the_same_id() -> None:
@@ -244,10 +245,11 @@ async def test_degraded_waits_retry_after_then_resends_the_same_id() -> None:
     c._handle_frame(client.Error(code="degraded", message="shedding load", retry_after_ms=20))
     await settle()
     assert len(sock.sends()) == 1  # not before retry_after_ms
-    await asyncio.sleep(0.05)
+    await eventually(lambda: [f.client_msg_id for f in sock.sends()], timeout=2, interval=0.01,
+                     ok=lambda ids: len(ids) >= 2, what="the resend of m1 once retry_after_ms (20 ms) passed")
     assert [f.client_msg_id for f in sock.sends()] == ["m1", "m1"] and c.resends == 1
     c._handle_frame(client.Ack(client_msg_id="m1", seq=1, turn_id="t1", duplicate=False))
-    assert (await sending).turn_id == "t1"
+    assert (await within(sending, timeout=1, what="send() returning on the ack after a resend")).turn_id == "t1"
 
 
 async def test_retryable_errors_give_up_after_a_bounded_number_of_resends() -> None:
@@ -260,7 +262,7 @@ async def test_retryable_errors_give_up_after_a_bounded_number_of_resends() -> N
         c._handle_frame(client.Error(code="rate_limited", message="slow down", retry_after_ms=1))
         await asyncio.sleep(0.01)
     with pytest.raises(TidewireError) as refused:
-        await sending
+        await within(sending, timeout=2, what="send() giving up after its bounded resends")
     assert refused.value.code == "rate_limited" and refused.value.retry_after_ms == 1
     assert len(sock.sends()) == 6  # the first write and five resends
 
@@ -291,7 +293,7 @@ async def test_stop_is_accepted_when_the_following_pong_arrives() -> None:
     await settle()
     assert [type(f) for f in sock.frames] == [client.Stop, client.Ping]
     c._handle_frame(client.Pong())
-    await asyncio.wait_for(stopping, 1)
+    await within(stopping, timeout=1, what="stop() returning on the pong that follows its stop")
 
 
 async def test_stop_refused_raises() -> None:
@@ -301,7 +303,7 @@ async def test_stop_refused_raises() -> None:
     c._handle_frame(client.Error(code="not_found", message="no such turn"))
     c._handle_frame(client.Pong())
     with pytest.raises(TidewireError) as refused:
-        await stopping
+        await within(stopping, timeout=1, what="stop() raising the error answered before the pong")
     assert refused.value.code == "not_found"
 
 
@@ -316,7 +318,7 @@ async def test_ask_returns_the_turn_end_of_the_acked_turn() -> None:
     c._handle_frame(delta(3, 0, "hello 👋"))
     c._handle_frame(client.TurnEnd(seq=4, turn_id="t1", status="completed", text="hello 👋"))
     c._handle_frame(client.Ack(client_msg_id=cmid, seq=1, turn_id="t1", duplicate=False))
-    end = await asyncio.wait_for(asking, 1)
+    end = await within(asking, timeout=1, what="ask() returning the turn_end that came before the ack")
     assert end.text == c.turn_text("t1") == "hello 👋"
     assert c.current_turn is None
 

@@ -23,6 +23,7 @@ from gateway.limits import (
 )
 from gateway.settings import GatewaySettings
 from shared.errors import BadFrame, Degraded, NotFound, RateLimited
+from tests.waits import eventually
 
 
 def test_bucket_allows_a_burst_then_paces_and_recovers() -> None:
@@ -165,10 +166,15 @@ async def test_postgres_is_probed_less_often() -> None:
 
 async def test_sampler_runs_in_the_background_at_its_interval() -> None:
     shedder, deps = _shedder(shed_sample_ms=50)
+    t0 = time.monotonic()
     task = asyncio.create_task(shedder.run_forever())
-    await asyncio.sleep(0.32)
-    task.cancel()
-    assert 4 <= deps.bus.calls <= 9
+    try:
+        await eventually(lambda: deps.bus.calls, timeout=5, interval=0.01, ok=lambda n: n >= 4,
+                         what="four samples of the background sampler (every 50 ms)")
+    finally:
+        task.cancel()
+    elapsed = time.monotonic() - t0
+    assert deps.bus.calls <= elapsed / 0.05 + 2, f"{deps.bus.calls} samples in {elapsed:.2f} s: faster than every 50 ms"
 
 
 class NullSubjects(SubjectLimits):

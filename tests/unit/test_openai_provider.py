@@ -34,6 +34,7 @@ from orchestrator.providers.openai import (  # noqa: E402
 )
 from proto.state import ChatMessage  # noqa: E402
 from tests.fixtures.openai_streams.replay_server import ReplayServer, recorded_text  # noqa: E402
+from tests.waits import within  # noqa: E402
 
 CALC = ToolSpec(name="calculator", description="arithmetic",
                 parameters={"type": "object", "properties": {"expression": {"type": "string"}}})
@@ -135,8 +136,7 @@ async def test_cancel_closes_the_http_stream_and_the_server_sees_it(server: Repl
                         five.set()
 
     task = asyncio.create_task(consume())
-    async with asyncio.timeout(10):
-        await five.wait()
+    await within(five.wait(), timeout=10, what="five text deltas of the endless 'long' stream", seen=lambda: got)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -25,6 +25,7 @@ from orchestrator.providers import (
 from orchestrator.providers.simulated import call_id_for, parse_directives, plan_step
 from orchestrator.segmenter import GraphemeBuffer
 from proto.state import ChatMessage
+from tests.waits import within
 
 FAST = SimulatedSettings(rate=0, tokens=30)
 
@@ -186,7 +187,7 @@ async def test_cancelling_the_consumer_mid_stream_is_recorded_as_an_abort() -> N
                 got_first.set()
 
     task = asyncio.create_task(consume())
-    await got_first.wait()
+    await within(got_first.wait(), timeout=5, what="the first text delta of a stalling simulated stream")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
