@@ -12,7 +12,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings, load
-from shared import logs
+from shared import logs, runtime
 
 
 def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
@@ -31,7 +31,7 @@ def main() -> None:
     logs.setup("gateway", settings.log_level, message_text=settings.log_message_text)
     web.run_app(create_app(settings), host=settings.host, port=settings.http_port,
                 shutdown_timeout=settings.drain_seconds, print=None, access_log=None,
-                handle_signals=True, ssl_context=tls_context(settings))
+                handle_signals=True, ssl_context=tls_context(settings), loop=runtime.new_loop())
 
 
 if __name__ == "__main__":

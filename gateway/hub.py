@@ -8,7 +8,9 @@ decoded once and handed to every connection's feed in memory. The hub also publi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -41,7 +43,8 @@ class SessionHub:
     def __init__(self, bus: Bus, checkpoints: CheckpointStore, gateway_id: str) -> None:
         self._bus = bus
         self._cp = checkpoints
-        self._gateway_id = gateway_id
+        # per process: a restarted gateway with the same name must not inherit its predecessor's watches
+        self.instance = f"{gateway_id}/{secrets.token_hex(4)}"
         self._entries: dict[str, _Entry] = {}
 
     def watched_sessions(self) -> dict[str, int]:
@@ -98,13 +101,20 @@ class SessionHub:
 
     async def _presence(self, session_id: str, count: int) -> None:
         try:
-            await self._cp.set_watchers(session_id, self._gateway_id, count, PRESENCE_TTL_MS)
+            await self._cp.set_watchers(session_id, self.instance, count)
         except Exception as e:  # noqa: BLE001 - presence is advisory; never fail a connection on it
-            log.debug("presence update failed: %s", e)
+            log.warning("presence update of session %s failed: %s", session_id, e)
 
     async def refresh_presence(self) -> None:
-        """Runs for the life of the process: keeps this gateway's presence entries alive."""
-        while True:
-            await asyncio.sleep(PRESENCE_TTL_MS / 3000)
-            for sid, n in list(self.watched_sessions().items()):
-                await self._presence(sid, n)
+        """Runs for the life of the process: one liveness write per tick, however many sessions are
+        watched here (a dead gateway's watches lapse with its key)."""
+        try:
+            while True:
+                try:
+                    await self._cp.gateway_alive(self.instance, PRESENCE_TTL_MS)
+                except Exception as e:  # noqa: BLE001 - advisory; retried next tick
+                    log.warning("gateway liveness not refreshed: %s", e)
+                await asyncio.sleep(PRESENCE_TTL_MS / 3000)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._cp.gateway_gone(self.instance))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from orchestrator.service import OrchestratorService
 from orchestrator.settings import load
-from shared import logs
+from shared import logs, runtime
 
 
 def main() -> None:
     settings = load()
     logs.setup("orchestrator", settings.log_level)
-    asyncio.run(OrchestratorService(settings).run())
+    runtime.run(OrchestratorService(settings).run())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 
 from shared.errors import Conflict, SeedNeeded, StaleEpoch
-from shared.subjects import ACTIVE_LEASES, rkey
+from shared.subjects import ACTIVE_LEASES, gateway_key, rkey
 
 DoubleTextPolicy = Literal["queue", "interrupt", "reject"]
 
@@ -381,14 +381,34 @@ class CheckpointStore:
         await self.redis.zrem(ACTIVE_LEASES, session_id)
 
     # ---- presence (disconnect policy) ---------------------------------------------------------
-    async def set_watchers(self, session_id: str, gateway_id: str, count: int, ttl_ms: int) -> None:
+    # A gateway process keeps one liveness key alive (one write per tick, whatever it watches) and
+    # writes a session's watch set only when its first connection to it joins or its last leaves:
+    # idle sessions cost nothing (the per-session refresh was 75 % of idle CPU, PERF-LEDGER §2b).
+    async def gateway_alive(self, instance: str, ttl_ms: int) -> None:
+        await self.redis.set(gateway_key(instance), 1, px=ttl_ms)
+
+    async def gateway_gone(self, instance: str) -> None:
+        await self.redis.delete(gateway_key(instance))
+
+    async def set_watchers(self, session_id: str, instance: str, count: int) -> None:
         key = rkey(session_id, "watch")
         if count > 0:
-            await self.redis.zadd(key, {gateway_id: int(time.time() * 1000) + ttl_ms})
-            await self.redis.pexpire(key, ttl_ms * 4)
+            async with self.redis.pipeline(transaction=False) as p:
+                p.sadd(key, instance)
+                p.pexpire(key, self.ttl_ms)
+                await p.execute()
         else:
-            await self.redis.zrem(key, gateway_id)
+            await self.redis.srem(key, instance)
 
     async def watched(self, session_id: str) -> bool:
-        now = int(time.time() * 1000)
-        return bool(await self.redis.zcount(rkey(session_id, "watch"), now, "+inf"))
+        """True while a live gateway has a connection on the session; members whose gateway died
+        (its liveness key expired) are dropped on the way."""
+        key = rkey(session_id, "watch")
+        members = [m.decode() for m in await self.redis.smembers(key)]
+        if not members:
+            return False
+        alive = await self.redis.mget([gateway_key(m) for m in members])
+        dead = [m for m, a in zip(members, alive, strict=True) if a is None]
+        if dead:
+            await self.redis.srem(key, *dead)
+        return len(dead) < len(members)

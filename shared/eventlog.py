@@ -101,6 +101,12 @@ def event_type(ev: client.Event) -> str:
     return tag
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without the default reset query (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+    ALL: 38 % of Postgres round trips per turn, PERF-LEDGER §1b). This code never sets session
+    state, LISTENs or holds session-level locks; asyncpg still rolls back a transaction left open."""
+
+
 class EventLog:
     """Postgres adapter. Business code receives this, never the pool."""
 
@@ -115,12 +121,12 @@ class EventLog:
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10,
                       timeout_s: float = 5.0, migrate: bool = True) -> EventLog:
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=timeout_s,
-                                         command_timeout=timeout_s)
+                                         command_timeout=timeout_s, reset=_keep_session)
         assert pool is not None
         if migrate:
             await apply_migrations(pool)
         probe_pool = await asyncpg.create_pool(dsn, min_size=0, max_size=1, timeout=timeout_s,
-                                               command_timeout=timeout_s)
+                                               command_timeout=timeout_s, reset=_keep_session)
         return cls(pool, statement_timeout_s=timeout_s, probe_pool=probe_pool)
 
     async def close(self) -> None:

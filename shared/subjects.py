@@ -53,6 +53,11 @@ def tool_result_subject(turn_id: str) -> str:
 ACTIVE_LEASES = "tw:active"  # zset: session_id -> lease deadline (ms); scanned for takeover
 
 
+def gateway_key(instance: str) -> str:
+    """A gateway process's liveness key: its session watch-set memberships count while it exists."""
+    return f"tw:gw:{instance}"
+
+
 def rkey(session_id: str, name: str) -> str:
     """`seq` counter, `log` stream, `cmid` dedupe hash, `pending` turn list, `turns` requests,
     `tstate` turn states, `attempts`, `cancelled`, `lease`, `epoch`, `state`, `watch`, `hold` (the seq

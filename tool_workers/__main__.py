@@ -14,6 +14,7 @@ import signal
 from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from shared import runtime
 from shared.bus import Bus
 from shared.config import from_env
 from tool_workers.registry import default_registry
@@ -55,7 +56,7 @@ def main() -> None:
     settings = from_env(ToolWorkerSettings)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
-    asyncio.run(run(settings))
+    runtime.run(run(settings))
 
 
 if __name__ == "__main__":
