@@ -140,8 +140,7 @@ class ResponsesMapper:
         if isinstance(ev, client.Delta):
             return self._text(ev.text)
         if isinstance(ev, client.Status):
-            return self._close_text() + [self._ev("tidewire.status", item_id=None, text=ev.text,
-                                                  turn_id=ev.turn_id)]
+            return [self._ev("tidewire.status", text=ev.text, turn_id=ev.turn_id)]
         if isinstance(ev, client.ToolCall):
             return self._tool_call(ev)
         if isinstance(ev, client.ToolResult):

@@ -4,7 +4,6 @@ deduplicated like any other turn."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -12,6 +11,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import make_token
+from tests.waits import eventually, within
 
 LONG = "/sim tokens=200 rate=100 ttft_ms=0\n"
 
@@ -32,25 +32,32 @@ async def _history(stack: Any, subject: str, sid: str) -> dict[str, Any]:
 
 
 async def _answer(stack: Any, subject: str, sid: str, turn_id: str) -> str:
-    """The stored answer of a turn, once the turn is durable (bounded wait)."""
-    async with asyncio.timeout(20):
-        while True:
-            msgs = (await _history(stack, subject, sid))["messages"]
-            done = [m for m in msgs if m["role"] == "assistant" and m["turn_id"] == turn_id
-                    and m["status"] != "in_progress"]
-            if done:
-                return str(done[0]["text"])
-            await asyncio.sleep(0.1)
+    """The stored answer of a turn, once the turn has ended (bounded wait)."""
+
+    async def ended() -> str | None:
+        msgs = (await _history(stack, subject, sid))["messages"]
+        done = [m for m in msgs if m["role"] == "assistant" and m["turn_id"] == turn_id
+                and m["status"] != "in_progress"]
+        return str(done[0]["text"]) if done else None
+
+    text = await eventually(ended, timeout=20, interval=0.1, what=f"the stored answer of turn {turn_id}")
+    assert text is not None
+    return text
 
 
 async def _collect(stream: Any, events: list[Any], *, until_deltas: int | None = None) -> None:
-    async with asyncio.timeout(60):  # awaiting the response's events
+    """Appends the stream's events until `until_deltas` text deltas were seen, or the terminal event."""
+
+    async def read() -> None:
         async for ev in stream:
             events.append(ev)
             if until_deltas is not None and sum(e.type == "response.output_text.delta" for e in events) >= until_deltas:
                 return
             if ev.type in ("response.completed", "response.failed", "response.incomplete"):
                 return
+
+    what = f"{until_deltas} text deltas" if until_deltas else "the response's terminal event"
+    await within(read(), timeout=60, what=what, seen=lambda: [(e.sequence_number, e.type) for e in events[-5:]])
 
 
 def _text(events: list[Any]) -> str:
@@ -171,11 +178,18 @@ async def test_chat_completions_stream_and_non_stream(stack) -> None:
         messages=[{"role": "user", "content": "/sim tokens=150 rate=200\nstream please"}])
     parts: list[str] = []
     finish = None
-    async with asyncio.timeout(60):  # awaiting the chunks up to [DONE]
+
+    async def read() -> Any:
+        nonlocal finish
+        last = None
         async for chunk in stream:
+            last = chunk
             if chunk.choices:
                 parts.append(chunk.choices[0].delta.content or "")
                 finish = chunk.choices[0].finish_reason or finish
+        return last
+
+    chunk = await within(read(), timeout=60, what="the chat completion chunks up to [DONE]")
     assert finish == "stop"
     turn_id = chunk.id.removeprefix("chatcmpl-")
     assert "".join(parts) == await _answer(stack, "oa-chat", sid, turn_id)
@@ -183,3 +197,22 @@ async def test_chat_completions_stream_and_non_stream(stack) -> None:
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 2  # the same session, two turns
     models = await oa.models.list()
     assert "tidewire" in [m.id for m in models.data]
+
+
+async def test_tool_activity_is_an_mcp_call_item_and_status_lines_pass_through_the_stream_helper(stack) -> None:
+    oa = _client(stack, "oa-tools")
+    kinds: list[str] = []
+
+    async def run() -> Any:
+        async with oa.responses.stream(model="tidewire", input="what time is it") as stream:
+            async for ev in stream:
+                kinds.append(ev.type)
+            return await stream.get_final_response()
+
+    final = await within(run(), timeout=60, what="the helper stream of a tool-using response",
+                         seen=lambda: kinds[-5:])
+    calls = [item for item in final.output if item.type == "mcp_call"]
+    assert calls and calls[0].name == "clock" and calls[0].status == "completed" and calls[0].output
+    assert "tidewire.status" in kinds and "response.mcp_call.completed" in kinds
+    assert final.status == "completed" and final.output_text
+    assert final.output_text == (await oa.responses.retrieve(final.id)).output_text
