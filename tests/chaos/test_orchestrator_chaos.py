@@ -13,6 +13,7 @@ import pytest
 
 from proto import client
 from tests.integration.conftest import make_token, stack_env
+from tests.waits import within
 from tidewire.drill import DrillClient, check
 from tidewire.stack import Stack
 
@@ -48,8 +49,10 @@ async def test_orchestrators_and_a_gateway_sigkilled_mid_stream_lose_nothing(inf
                 gateway_killed = True
                 await asyncio.sleep(0.5)
                 await asyncio.to_thread(stack.add_gateway, "gateway", stack.http_port)
-        await asyncio.wait_for(work, 60)
-        async with aiohttp.ClientSession() as http:
+        await within(work, timeout=60, what=f"all {SESSIONS} drill clients finishing their {TURNS} turns",
+                     seen=lambda: {"acked turns": sum(len(c.acks) for c in clients),
+                                   "of": SESSIONS * TURNS, "reconnects": sum(c.reconnects for c in clients)})
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             for c in clients:
                 await check(c, http)  # acked => durable; exact text == history; seqs gap-free
     finally:

@@ -24,6 +24,7 @@ from proto import bus as busproto
 from shared import subjects
 from shared.bus import Bus
 from shared.infra import Infrastructure
+from tests.waits import within
 from tool_workers.registry import default_registry
 from tool_workers.settings import ToolWorkerSettings
 from tool_workers.tools.send_email import SIDE_EFFECT_FILE
@@ -212,7 +213,10 @@ async def test_invalid_args_give_a_validation_message(dispatcher: ToolDispatcher
                            args={"query": "q", "bogus": 1}, deadline_ms=2**53,
                            reply_subject=subjects.tool_result_subject(turn))
     await bus.js.publish(subjects.tool_subject("slow"), busproto.bus_encoder.encode(job))
-    reply = msgspec.msgpack.decode((await inbox.next_msg(timeout=10)).data, type=busproto.ToolResultMsg)
+    msg = await within(inbox.next_msg(timeout=None), timeout=10,
+                       what="the worker's reply to a job with an unknown argument (it should refuse it)",
+                       seen=lambda: worker.log_text()[-1500:])
+    reply = msgspec.msgpack.decode(msg.data, type=busproto.ToolResultMsg)
     await inbox.unsubscribe()
     assert not reply.ok
     assert reply.text == "invalid arguments for slow_lookup: Object contains unknown field `bogus`"
@@ -281,7 +285,8 @@ async def test_health_endpoint_reports_a_ready_worker(start_worker: Any) -> None
         port = s.getsockname()[1]
     worker = start_worker(TIDEWIRE_HEALTH_PORT=str(port))
     await worker.wait_for_log_async(READY)
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+            http.get(f"http://127.0.0.1:{port}/healthz") as resp:
         assert resp.status == 200
         body = await resp.json()
     assert body["ok"] is True and set(body["pools"]) == {"fast", "slow"}
