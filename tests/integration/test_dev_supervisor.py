@@ -6,11 +6,15 @@ bound leaving no process behind."""
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -23,6 +27,7 @@ import pytest
 from proto import client
 from tests.integration.wsclient import WsTestClient
 from tidewire import invariants
+from tidewire.stack import RestartPolicy, Stack, Supervisor
 
 T = TypeVar("T")
 
@@ -151,6 +156,12 @@ async def _heal_under_fire(dev: DevProcess) -> None:
     assert len(set(info["gateways"])) == 2, info["gateways"]
     assert len(info["metrics"]) == 5, info["metrics"]  # 2 gateways + 2 orchestrators + 1 tool worker
     assert all(s["restarts"] == 0 for s in status["services"].values()), status
+    supervisor = psutil.Process(dev.proc.pid)
+    cpu_before, t0 = sum(supervisor.cpu_times()[:2]), time.monotonic()
+    await asyncio.sleep(3)
+    idle_cpu = sum(supervisor.cpu_times()[:2]) - cpu_before
+    print(f"supervisor CPU while idle: {idle_cpu:.2f} s in {time.monotonic() - t0:.1f} s")
+    assert idle_cpu < 0.3, f"the supervision loop burns CPU: {idle_cpu:.2f} s in 3 s"
 
     async with WsTestClient(info["url"], info["token"]) as c:
         await c.connect()
@@ -206,3 +217,95 @@ async def _heal_under_fire(dev: DevProcess) -> None:
         capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0, shown.stderr
     assert "orchestrator-1" in shown.stdout and "SIGKILL" in shown.stdout, shown.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# The supervisor's policy and the ordered stop, on stand-in processes (no servers needed)
+# --------------------------------------------------------------------------------------------------
+
+STAND_IN = """
+import os, signal, sys, time
+from pathlib import Path
+record = Path(os.environ["STAND_IN_RECORD"])
+def on_term(*_):
+    with record.open("a") as f:
+        f.write(f"{os.environ['STAND_IN_NAME']} {time.monotonic()}\\n")
+    time.sleep(float(os.environ.get("STAND_IN_DRAIN_S", "0")))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+with record.open("a") as f:
+    f.write(f"{os.environ['STAND_IN_NAME']} ready\\n")
+time.sleep(float(os.environ.get("STAND_IN_LIFE_S", "3600")))
+sys.exit(int(os.environ.get("STAND_IN_EXIT", "0")))
+"""
+
+
+def _stand_in_stack(tmp_path: Path, services: dict[str, tuple[str | None, dict[str, str]]]) -> Stack:
+    """A Stack whose services run `python -m stand_in` (on PYTHONPATH=tmp_path), relabelled as
+    `module` when one is given (the stop order goes by it; a restart would run the real module)."""
+    (tmp_path / "stand_in.py").write_text(STAND_IN)
+    record = tmp_path / "record.txt"
+    stack = Stack(infra_env={"PYTHONPATH": str(tmp_path), "STAND_IN_RECORD": str(record)}, log_dir=tmp_path)
+    for name, (module, env) in services.items():
+        svc = stack.service(name, "stand_in", {"STAND_IN_NAME": name, **env})
+        if module is not None:
+            svc.module = module
+    deadline = time.monotonic() + 30
+    while sum(line.endswith(" ready") for line in _lines(record)) < len(services):
+        assert time.monotonic() < deadline, f"stand-ins not started: {_lines(record)}"
+        time.sleep(0.05)
+    return stack
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_supervisor_backoff_doubles_to_its_cap_and_resets_after_a_long_run(tmp_path: Path) -> None:
+    stack = _stand_in_stack(tmp_path, {
+        "crasher": (None, {"STAND_IN_LIFE_S": "0", "STAND_IN_EXIT": "3"}),
+        "long-runner": (None, {"STAND_IN_LIFE_S": "1.2", "STAND_IN_EXIT": "1"}),
+        "steady": (None, {}),
+    })
+    out = io.StringIO()
+    policy = RestartPolicy(initial_s=0.1, cap_s=0.4, reset_after_s=1.0)
+    supervisor = Supervisor(stack, policy=policy, status_path=tmp_path / "status.json", poll_s=0.02, out=out)
+    stop = threading.Event()
+    timer = threading.Timer(4.0, stop.set)
+    timer.start()
+    try:
+        supervisor.run(stop)  # in this (main) thread: the stand-ins' parent-death signal is tied to it
+        status = json.loads((tmp_path / "status.json").read_text())
+    finally:
+        timer.cancel()
+        supervisor.stop()
+    text = out.getvalue()
+
+    def delays(name: str) -> list[str]:
+        return re.findall(rf"^{name} \(pid \d+\) exited: .* in ([\d.]+) s", text, re.M)
+
+    assert delays("crasher")[:5] == ["0.1", "0.2", "0.4", "0.4", "0.4"], text
+    assert "crasher (pid" in text and "exit code 3" in text
+    assert set(delays("long-runner")) == {"0.1"} and len(delays("long-runner")) >= 2, text
+    services = status["services"]
+    assert services["crasher"]["restarts"] >= 5 and services["crasher"]["last_exit"] == "exit code 3", services
+    assert services["steady"]["restarts"] == 0 and services["steady"]["state"] == "running", services
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "stopped"
+    assert all(not svc.alive() for svc in stack.services)
+
+
+def test_ordered_stop_terminates_gateways_then_orchestrators_then_tool_workers(tmp_path: Path) -> None:
+    drain = {"STAND_IN_DRAIN_S": "0.3"}
+    stack = _stand_in_stack(tmp_path, {
+        "tool-worker-1": ("tool_workers", drain), "orchestrator-1": ("orchestrator", drain),
+        "gateway": ("gateway", drain), "orchestrator-2": ("orchestrator", drain), "gateway-2": ("gateway", drain),
+    })
+    stack.stop(ordered=True)
+    assert all(not svc.alive() for svc in stack.services)
+    term = {name: float(t) for name, t in (line.split() for line in _lines(tmp_path / "record.txt"))
+            if t != "ready"}
+    assert set(term) == {s.name for s in stack.services}, term
+    tiers = [["gateway", "gateway-2"], ["orchestrator-1", "orchestrator-2"], ["tool-worker-1"]]
+    for earlier, later in itertools.pairwise(tiers):
+        # the next tier is signalled only once the previous one has exited (after its 0.3 s drain)
+        assert max(term[n] for n in earlier) + 0.25 < min(term[n] for n in later), term
