@@ -4,10 +4,16 @@ tidewire error (shared/errors.py). `degraded` and `rate_limited` carry `retry-af
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from gateway.facades.common import json_encode
-from shared.errors import TidewireError
+from shared.errors import Internal, TidewireError, from_dependency
+
+log = logging.getLogger(__name__)
 
 # tidewire error code -> OpenAI error type
 _TYPES = {
@@ -39,3 +45,29 @@ def openai_error(e: TidewireError) -> web.Response:
     status = 503 if e.code == "degraded" and e.http_status != 504 else e.http_status
     return web.Response(status=status, body=json_encode(error_body(e)), content_type="application/json",
                         headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def in_openai_shape(handler: Handler) -> Handler:
+    """Whatever escapes a facade handler is still answered in OpenAI's shape: a dependency failure
+    as `degraded` (503, retry-after-ms), anything else as `internal`, never a stack trace."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except TidewireError as e:
+            return openai_error(e)
+        except Exception as e:
+            degraded = from_dependency(e)
+            if degraded is None:
+                log.exception("internal error on %s %s", request.method, request.path)
+                return openai_error(Internal("internal error; nothing was accepted"))
+            log.warning("dependency failure on %s %s: %r", request.method, request.path, e)
+            return openai_error(degraded)
+
+    return wrapped
