@@ -945,6 +945,47 @@ def _tcp(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+async def measure_wait_cost(port: int, n: int = 2000, timeout_ms: int = 100) -> dict[str, Any]:
+    """p50/p99 (ms) of a SET alone, a SET then `WAIT 1 timeout_ms` (two round trips) and the two
+    pipelined in one round trip (how a checkpoint append would do it), on one connection to the primary
+    (both nodes `appendfsync always`). Sequential: one write in flight, as one session's appends are."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis(host="127.0.0.1", port=port)
+    out: dict[str, Any] = {"n": n, "wait_timeout_ms": timeout_ms}
+    try:
+        async def once(kind: str, i: int) -> None:
+            if kind == "set":
+                await r.set(f"w:{i}", i)
+            elif kind == "set_then_wait":
+                await r.set(f"w:{i}", i)
+                if await r.execute_command("WAIT", 1, timeout_ms) < 1:
+                    out["wait_timeouts"] = out.get("wait_timeouts", 0) + 1
+            else:
+                async with r.pipeline(transaction=False) as p:
+                    p.set(f"w:{i}", i)
+                    p.execute_command("WAIT", 1, timeout_ms)
+                    _, acked = await p.execute()
+                if acked < 1:
+                    out["wait_timeouts"] = out.get("wait_timeouts", 0) + 1
+
+        for kind in ("set", "set_then_wait", "set_wait_pipelined"):
+            for i in range(min(200, n)):  # warm-up
+                await once(kind, i)
+            samples = []
+            for i in range(n):
+                t = time.perf_counter()
+                await once(kind, i)
+                samples.append((time.perf_counter() - t) * 1000)
+            samples.sort()
+            out[kind] = {"p50_ms": round(samples[len(samples) // 2], 3),
+                         "p99_ms": round(samples[int(len(samples) * 0.99)], 3),
+                         "max_ms": round(samples[-1], 3)}
+    finally:
+        await r.aclose()
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
@@ -959,12 +1000,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--gateways", type=int, default=3)
     up.add_argument("--orchestrators", type=int, default=3)
     up.add_argument("--tool-workers", type=int, default=2)
+    wait = sub.add_parser("wait-cost", help="measure SET vs SET+WAIT 1 on a primary+replica (loopback)")
+    wait.add_argument("--n", type=int, default=2000)
+    wait.add_argument("--timeout-ms", type=int, default=100)
     status = sub.add_parser("status", help="print cluster.json of a running cluster")
     status.add_argument("--state-dir", type=Path, default=REPO_ROOT / ".tidewire" / "cluster")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if args.command == "status":
         print((args.state_dir / "cluster.json").read_text())
+        return 0
+    if args.command == "wait-cost":
+        import asyncio
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="tidewire-wait-") as tmp, \
+                Cluster(Path(tmp), only=("redis",)) as redis_only:
+            port = redis_only.procs[redis_only.redis_primary() or ""].port
+            print(json.dumps(asyncio.run(measure_wait_cost(port, args.n, args.timeout_ms)), indent=2))
         return 0
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
