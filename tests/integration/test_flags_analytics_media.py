@@ -46,6 +46,7 @@ from shared.infra import Infrastructure
 from tests.fixtures.openai_streams.replay_server import ReplayServer, recorded_text
 from tests.integration.conftest import SECRET, make_token, stack_env
 from tests.integration.wsclient import WsTestClient
+from tests.waits import eventually, run_process
 from tidewire import invariants
 from tidewire.stack import Stack
 
@@ -132,8 +133,8 @@ async def test_concurrent_turns_share_one_query_per_scope(eventlog: EventLog) ->
 
 def _flags_cli(infra: Infrastructure, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **infra.endpoints.as_env()}
-    return subprocess.run([sys.executable, "-m", "orchestrator.flags", *args], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return run_process([sys.executable, "-m", "orchestrator.flags", *args], env=env, cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=60, what=f"orchestrator.flags {' '.join(args)}")
 
 
 async def test_operator_cli_sets_gets_and_refuses_bad_values(infra: Infrastructure, eventlog: EventLog) -> None:
@@ -213,11 +214,9 @@ async def test_analytics_rows_arrive_after_turns_while_a_slow_writer_never_delay
         # every turn is over, its deltas paced as asked (~10 ms), before the slow writer wrote anything
         assert await _count_rows(infra.endpoints.postgres_dsn, turn_ids) == 0
         assert max(gaps) < delay / 6, f"a delta waited {max(gaps):.3f} s"
-        async with asyncio.timeout(30):
-            while True:
-                if await _count_rows(infra.endpoints.postgres_dsn, turn_ids) == len(turn_ids):
-                    break
-                await asyncio.sleep(0.2)
+        await eventually(lambda: _count_rows(infra.endpoints.postgres_dsn, turn_ids), timeout=30, interval=0.2,
+                         ok=lambda n: n == len(turn_ids),
+                         what=f"all {len(turn_ids)} turn_analytics rows written by the slow ({delay:g} s) writer")
         conn = await asyncpg.connect(infra.endpoints.postgres_dsn)
         try:
             row = await conn.fetchrow("SELECT * FROM turn_analytics WHERE turn_id = $1", turn_ids[0])
@@ -275,11 +274,9 @@ async def test_writer_acks_only_after_the_commit_so_a_failed_write_is_redelivere
                                            duration_ms=5.0, completion_chars=3))
     run = asyncio.create_task(writer.run())
     try:
-        async with asyncio.timeout(20):
-            while True:
-                if any(r[0] == turn_id for r in sink.rows):
-                    break
-                await asyncio.sleep(0.05)
+        await eventually(lambda: {"rows": [r[0] for r in sink.rows], "failed_batches": writer.failed_batches,
+                                  "sink_calls": sink.calls}, timeout=20, ok=lambda seen: turn_id in seen["rows"],
+                         what=f"the analytics row of {turn_id} redelivered after a failed write")
         assert writer.failed_batches >= 1 and sink.calls >= 2
     finally:
         for t in (run, pub_task):
@@ -457,9 +454,10 @@ async def test_stop_closes_the_upstream_connection(openai_stack: Stack, upstream
     async with WsTestClient(openai_stack.url, make_token()) as c:
         await c.connect()
         ack = await c.ack_for(await c.send_message("scenario=long go on and on"))
-        async with asyncio.timeout(30):
-            while sum(isinstance(e, client.Delta) for e in c.events) < 5:
-                assert await c.recv() is not None
+        deadline = time.monotonic() + 30
+        while (got := sum(isinstance(e, client.Delta) for e in c.events)) < 5:
+            assert await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
+                                what=f"delta {got + 1} of 5 of the endless 'long' scenario") is not None
         await c.send({"type": "stop", "turn_id": ack.turn_id})
         end = await c.until_turn_end(ack.turn_id)
     assert end.status == "cancelled" and end.text.startswith("word1 word2 ")
