@@ -32,6 +32,7 @@ from gateway.facades.common import (
 from gateway.facades.errors import error_body, openai_error
 from gateway.facades.responses import _content_text
 from gateway.keys import DEPS
+from gateway.limits import EDGE
 from proto import client
 from shared.errors import BadFrame, Internal, TidewireError
 
@@ -115,9 +116,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return openai_error(e)
     try:
         end: client.TurnEnd | None = None
-        async for ev in turn_events(request, sid, ack.turn_id, ack.seq):
-            if isinstance(ev, client.TurnEnd):
-                end = ev
+        async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
+            async for ev in turn_events(request, sid, ack.turn_id, ack.seq):
+                if isinstance(ev, client.TurnEnd):
+                    end = ev
     except TidewireError as e:
         return openai_error(e)
     assert end is not None

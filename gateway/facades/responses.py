@@ -50,6 +50,7 @@ from gateway.facades.common import (
 )
 from gateway.facades.errors import openai_error
 from gateway.keys import DEPS
+from gateway.limits import EDGE
 from proto import client
 from shared.errors import BadFrame, NotFound, TidewireError
 
@@ -365,8 +366,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     try:
         mapper = ResponsesMapper(record)
         mapper.start()
-        async for ev in turn_events(request, sid, record.turn_id, record.user_seq):
-            mapper.feed(ev)
+        async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
+            async for ev in turn_events(request, sid, record.turn_id, record.user_seq):
+                mapper.feed(ev)
     except TidewireError as e:
         return openai_error(e)
     return web.json_response(mapper.response(), headers=headers, dumps=_dumps)

@@ -195,6 +195,10 @@ async def test_chat_completions_stream_and_non_stream(stack) -> None:
     assert "".join(parts) == await _answer(stack, "oa-chat", sid, turn_id)
     msgs = (await _history(stack, "oa-chat", sid))["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 2  # the same session, two turns
+    with pytest.raises(openai.PermissionDeniedError):
+        await _client(stack, "oa-chat-thief").chat.completions.create(
+            model="tidewire", extra_headers={"X-Tidewire-Session": sid},
+            messages=[{"role": "user", "content": "let me in"}])
     models = await oa.models.list()
     assert "tidewire" in [m.id for m in models.data]
 
