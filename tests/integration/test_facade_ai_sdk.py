@@ -94,6 +94,31 @@ async def _active(http: aiohttp.ClientSession, url: str, hdr: dict[str, str], si
     return len(messages) >= 3 and (len(messages) == 3 or messages[3]["status"] == "in_progress")
 
 
+async def test_ai_sdk_stop_is_the_sessions_stop_and_a_session_id_is_a_chat_id(stack) -> None:
+    token = make_token("ai-stop")
+    hdr = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(f"{stack.url}/v1/sessions", headers=hdr)
+        own = (await r.json())["session_id"]
+        posting = asyncio.create_task(_post(http, stack.url, token, own, "s1", "/sim tokens=3000 rate=50\nstop me"))
+        await eventually(lambda: posting.done() or _active_turn(http, stack.url, hdr, own), timeout=20,
+                         what="the turn to produce text")
+        r = await http.post(f"{stack.url}/v1/sessions/{own}/stop", headers=hdr)
+        assert r.status == 202 and (await r.json())["stopped"] is True
+        sid, chunks = await within(posting, timeout=30, what="the stream to end after the stop")
+    assert sid == own  # the caller's own session id is used as the chat id
+    end = next(c for c in chunks if isinstance(c, dict) and c["type"] == "data-turn-end")
+    assert end["data"]["status"] == "cancelled"
+    assert chunks[-2] == {"type": "finish", "finishReason": "other"} and chunks[-1] == "[DONE]"
+    assert 0 < len(_text(chunks)) < 3000
+
+
+async def _active_turn(http: aiohttp.ClientSession, url: str, hdr: dict[str, str], sid: str) -> bool:
+    r = await http.get(f"{url}/v1/sessions/{sid}", headers=hdr)
+    messages = (await r.json())["messages"]
+    return len(messages) == 2 and len(messages[1]["text"]) > 50
+
+
 def test_ai_package_chat_send_and_resume_after_gateway_kill(stack) -> None:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js (node and npm) is not installed: the AI SDK client test needs it")
