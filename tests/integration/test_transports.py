@@ -109,7 +109,11 @@ async def test_merging_delivery_modes_lose_no_text(stack, mode) -> None:
     assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
     assert len(deltas) < 150  # merged: far fewer frames than tokens
     if mode == "phrases":
-        assert all(regex.search(r"[.,;:!?。，！？\n][\"')\]]*\s*$", d.text) for d in deltas[:-1])
+        # Merged up to clause boundaries; but the gateway also releases a phrase held 0.4 s or grown to
+        # 160 chars (gateway/delivery.py), which a stall on a loaded machine triggers: most, not all.
+        mid_clause = [d.text for d in deltas[:-1] if not regex.search(r"[.,;:!?。，！？\n][\"')\]]*\s*$", d.text)]
+        assert len(mid_clause) <= max(1, len(deltas) // 5), \
+            f"{len(mid_clause)} of {len(deltas)} phrase deltas end mid-clause: {mid_clause[:5]}"
 
 
 async def test_unicode_split_by_the_upstream_never_splits_a_grapheme(stack) -> None:
@@ -180,7 +184,10 @@ async def test_a_slow_tool_says_so_at_once_and_blocks_no_other_session(stack) ->
         await a.connect()
         await b.connect()
         ack_a = await a.ack_for(await a.send_message("/sim tool=slow_lookup args={\"query\": \"tides\"}\nlook it up slowly"))
-        call = await a.until(lambda f: isinstance(f, client.ToolCall), what="the tool_call of slow_lookup")
+        # the protocol does not order an ack against events: the tool_call may already be in
+        call = next((e for e in a.events if isinstance(e, client.ToolCall)), None) or \
+            await a.until(lambda f: isinstance(f, client.ToolCall), what="the tool_call of slow_lookup")
+        assert isinstance(call, client.ToolCall)
         t_call = time.monotonic()
         ack_b = await b.ack_for(await b.send_message("/sim tokens=60 rate=100\nmeanwhile"))
         end_b = await b.until_turn_end(ack_b.turn_id)
