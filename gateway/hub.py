@@ -91,8 +91,8 @@ class SessionHub:
                 return
             try:
                 events = _events_decoder.decode(msg.data)
-            except msgspec.ValidationError:
-                log.error("undecodable live payload on session %s", session_id)
+            except msgspec.DecodeError as e:  # malformed JSON as well as a wrong shape
+                log.error("undecodable live payload on session %s: %s", session_id, e)
                 return
             for listener in list(entry.listeners):
                 listener.on_live(events)

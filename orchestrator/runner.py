@@ -91,7 +91,7 @@ class SessionRunner:
             # A bug or a store failure in this turn: keep the lease until it lapses, so the turn is
             # retried (here or elsewhere) after a pause; its failures are counted and a turn that
             # keeps failing is dead-lettered. Never let it take the process down.
-            log.error("session %s: a turn failed: %r", self.sid, e)
+            log.error("session %s: a turn failed: %r", self.sid, e, exc_info=e)
             self.svc.metrics["turn_errors"] += 1
         finally:
             watch.cancel()

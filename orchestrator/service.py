@@ -46,6 +46,7 @@ from shared.bus import TURN_ACK_WAIT_S, Bus, fetch_batch
 from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
 from shared.sessionstate import SessionStore
+from shared.supervise import report_failure, supervised
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class OrchestratorService:
                     await msg.in_progress()
                     last_progress_ack = time.monotonic()
             except Exception as e:  # noqa: BLE001 - a store is down: keep the message, retry
-                log.warning("turn %s: %s", req.turn_id, e)
+                report_failure(f"turn message {req.turn_id}", e, log)
                 await asyncio.sleep(0.5)
 
     def _start_runner(self, lease: Any) -> tuple[SessionRunner, asyncio.Task[None]]:
@@ -232,41 +233,42 @@ class OrchestratorService:
             runner.done_turns.set()
             if not t.cancelled() and t.exception() is not None:
                 self.metrics["runner_errors"] += 1
-                log.error("session runner %s failed: %r", lease.session_id, t.exception())
+                log.error("session runner %s failed", lease.session_id, exc_info=t.exception())
 
         task.add_done_callback(done)
         return entry
 
     # ---- takeover ----------------------------------------------------------------------------
     async def _takeover_loop(self) -> None:
+        await supervised("takeover", self._takeover_scan, every_s=self.settings.takeover_scan_ms / 1000, logger=log)
+
+    async def _takeover_scan(self) -> None:
+        """Sessions whose owner stopped renewing its lease: take them over (a failure here would
+        silently disable crash recovery, hence the supervised loop around it)."""
         cp = self.checkpoints
-        while True:
-            await asyncio.sleep(self.settings.takeover_scan_ms / 1000)
-            try:
-                for sid in await cp.expired_leases():
-                    if sid in self.runners or len(self.runners) >= self.settings.max_sessions:
-                        continue
-                    if await cp.lease_holder(sid) is not None:
-                        continue
-                    if not await cp.pending(sid):
-                        # its owner died after finishing a turn, maybe before showing turn_end live
-                        tail = await cp.last_event(sid)
-                        if tail is not None:
-                            await self.bus.publish_events(sid, [tail])
-                        await cp.forget_active(sid)
-                        continue
-                    lease = await cp.acquire(sid, self.id, self.settings.lease_ttl_ms)
-                    if lease is not None and sid not in self.runners:
-                        log.info("taking over session %s (epoch %d)", sid, lease.epoch)
-                        self._start_runner(lease)
-            except Exception as e:  # noqa: BLE001 - Redis blip: scan again next tick
-                log.debug("takeover scan failed: %s", e)
+        for sid in await cp.expired_leases():
+            if sid in self.runners or len(self.runners) >= self.settings.max_sessions:
+                continue
+            if await cp.lease_holder(sid) is not None:
+                continue
+            if not await cp.pending(sid):
+                # its owner died after finishing a turn, maybe before showing turn_end live
+                tail = await cp.last_event(sid)
+                if tail is not None:
+                    await self.bus.publish_events(sid, [tail])
+                await cp.forget_active(sid)
+                continue
+            lease = await cp.acquire(sid, self.id, self.settings.lease_ttl_ms)
+            if lease is not None and sid not in self.runners:
+                log.info("taking over session %s (epoch %d)", sid, lease.epoch)
+                self._start_runner(lease)
 
     # ---- cancel ------------------------------------------------------------------------------
     async def _on_cancel(self, msg: Msg) -> None:
         try:
             cancel = busproto.bus_decoder.decode(msg.data)
-        except Exception:  # noqa: BLE001
+        except msgspec.DecodeError as e:
+            report_failure("cancel message decode", e, log)
             return
         if isinstance(cancel, busproto.CancelTurn):
             self.metrics["cancel_requests"] += 1
@@ -399,13 +401,11 @@ class OrchestratorService:
     # ---- metrics -----------------------------------------------------------------------------
     async def _sample_queue(self) -> None:
         """Turn-queue depth and dead letters, once a second: a scrape never waits on NATS."""
-        while True:
-            try:
-                self.queue_depth = await self.bus.turn_queue_depth()
-                self.dead_letters = await self.bus.dead_lettered()
-            except Exception as e:  # noqa: BLE001 - NATS blip: keep the last sample
-                log.debug("queue sample failed: %s", e)
-            await asyncio.sleep(QUEUE_SAMPLE_S)
+        await supervised("queue-sampler", self._sample_queue_once, every_s=QUEUE_SAMPLE_S, logger=log)
+
+    async def _sample_queue_once(self) -> None:
+        self.queue_depth = await self.bus.turn_queue_depth()
+        self.dead_letters = await self.bus.dead_lettered()
 
     def _install_metrics(self) -> None:
         def counter(key: str) -> Callable[[], int]:
