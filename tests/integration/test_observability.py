@@ -23,6 +23,7 @@ from shared import logs, telemetry
 from shared.infra import Infrastructure
 from tests.integration.conftest import make_token, scrape, stack_env
 from tests.integration.wsclient import WsTestClient
+from tests.waits import eventually, frames_tail
 from tidewire import top
 from tidewire.stack import Stack, free_port, wait_http
 
@@ -140,10 +141,15 @@ def _moved(before: dict[str, float], after: dict[str, float], name: str) -> floa
     return after[name] - before.get(name, 0.0)
 
 
-async def _deltas(c: WsTestClient, turn_id: str, n: int) -> None:
-    async with asyncio.timeout(30):
-        while sum(isinstance(e, client.Delta) and e.turn_id == turn_id for e in c.events) < n:
-            assert await c.recv() is not None
+async def _deltas(c: WsTestClient, turn_id: str, n: int, timeout: float = 30) -> None:
+    """Reads until n deltas of `turn_id` arrived, or its turn_end (a reader that falls behind gets
+    deltas merged, so fewer may come: the caller's assertions then say what is wrong)."""
+    deadline = time.monotonic() + timeout
+    while (got := sum(isinstance(e, client.Delta) and e.turn_id == turn_id for e in c.events)) < n:
+        if any(isinstance(e, client.TurnEnd) and e.turn_id == turn_id for e in c.events):
+            return
+        f = await c.recv(timeout=max(deadline - time.monotonic(), 0.01), what=f"delta {got + 1} of {n} of {turn_id}")
+        assert f is not None, f"closed ({c.close_code}) after {got} of {n} deltas; last: {frames_tail(c.frames)}"
 
 
 async def test_metrics_move_on_gateway_orchestrator_and_tool_worker(traced, infra) -> None:
@@ -178,7 +184,7 @@ async def test_metrics_move_on_gateway_orchestrator_and_tool_worker(traced, infr
     await slow_tool
     infra.kill("postgres")  # a store outage is answered `degraded`
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             r = await http.get(f"{stack.url}/v1/sessions/{ready.session_id}",
                                headers={"Authorization": f"Bearer {token}"})
             assert r.status == 503, await r.text()
@@ -186,8 +192,13 @@ async def test_metrics_move_on_gateway_orchestrator_and_tool_worker(traced, infr
         infra.restart("postgres")
     for port in (gw, orch):
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz", 60.0)
-    await asyncio.sleep(1.5)  # the queue gauge is sampled once a second
-    g1, o1, t1 = scrape(gw), scrape(orch), scrape(tw)
+    gauges = ("tidewire_turn_queue_pending", "tidewire_turn_queue_waiting", "tidewire_turn_queue_ack_pending",
+              "tidewire_dead_letter_messages")
+    # the queue gauges are sampled once a second: poll for them rather than sleep
+    o1 = await eventually(lambda: asyncio.to_thread(scrape, orch), timeout=10, interval=0.5,
+                          ok=lambda m: all(g in m for g in gauges),
+                          what=f"the orchestrator's queue gauges {gauges} to be exposed")
+    g1, t1 = scrape(gw), scrape(tw)
 
     # gateway
     assert _moved(g0, g1, "tidewire_ttft_seconds_count") >= 3
