@@ -357,6 +357,8 @@ async def stream_sse(request: web.Request, headers: dict[str, str],
             log.warning("facade stream of %s ended early: %s", request.path, eg.exceptions[0])
         except* (ConnectionError, TimeoutError, RuntimeError, asyncio.CancelledError):
             pass
+        except* Exception:
+            log.exception("facade stream of %s failed", request.path)
         finally:
             deps.counters.sse_streams -= 1
             if clean:
