@@ -78,13 +78,17 @@ class ServiceProcess:
 
     def _await_state(self, *, stopped: bool, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.alive and time.monotonic() < deadline:
+        status = "unknown"
+        while self.alive:
             try:
                 status = psutil.Process(self.pid).status()
             except psutil.NoSuchProcess:
                 return
             if (status == psutil.STATUS_STOPPED) == stopped or status == psutil.STATUS_ZOMBIE:
                 return
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{self.name} (pid {self.pid}) not {'stopped' if stopped else 'running again'} "
+                                     f"{timeout:g} s after SIG{'STOP' if stopped else 'CONT'}; status: {status}")
             time.sleep(0.005)
 
     def log_text(self) -> str:
