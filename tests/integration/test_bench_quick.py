@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.waits import run_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,9 +30,10 @@ def _finite_positive(value: Any, what: str) -> None:
 def test_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "results"
     docs_before = (REPO / "docs" / "benchmarks.md").read_bytes() if (REPO / "docs" / "benchmarks.md").exists() else None
-    proc = subprocess.run(
+    proc = run_process(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=170,
+        what="bench.run --quick",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = list(out.glob("*.json"))

@@ -8,6 +8,7 @@ import asyncpg
 
 from tests.integration.conftest import make_token
 from tests.integration.wsclient import WsTestClient
+from tests.waits import eventually_sync, run_process, wait_process
 from tidewire import invariants
 
 
@@ -77,13 +78,12 @@ async def test_two_orchestrators_share_the_work(stack) -> None:
 
 
 def test_tidewire_chat_streams_an_answer_from_piped_input(stack, infra) -> None:
-    import subprocess
     import sys
 
     token = make_token("chatter")
-    out = subprocess.run([sys.executable, "-m", "tidewire.cli", "chat", "--url", stack.url, "--token", token],
-                         input="/sim tokens=25\nhello from the terminal\n", capture_output=True, text=True,
-                         timeout=60)
+    out = run_process([sys.executable, "-m", "tidewire.cli", "chat", "--url", stack.url, "--token", token],
+                      input="/sim tokens=25\nhello from the terminal\n", capture_output=True, text=True,
+                      timeout=60, what="tidewire chat answering one piped message and exiting at EOF")
     assert out.returncode == 0, out.stderr
     answer = out.stdout.strip()
     assert answer
@@ -105,20 +105,22 @@ def test_stopping_tidewire_dev_leaves_no_process_behind(tmp_path) -> None:
     import signal
     import subprocess
     import sys
-    import time
 
     import psutil
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "tidewire.cli", "dev", "--state-dir", str(tmp_path / "tw")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    log = tmp_path / "dev.log"  # a file, not a pipe nobody reads while waiting (a full pipe blocks the child)
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tidewire.cli", "dev", "--state-dir", str(tmp_path / "tw")],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 90
         dev_json = tmp_path / "tw" / "dev.json"
-        while not dev_json.exists():
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "tidewire dev did not come up"
-            time.sleep(0.2)
+
+        def up() -> bool:
+            assert proc.poll() is None, f"tidewire dev exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            return dev_json.exists()
+
+        eventually_sync(up, timeout=90, interval=0.2, what=f"tidewire dev writing {dev_json} (log: {log})")
         info = json.loads(dev_json.read_text())
         assert info["url"].startswith("http://") and info["token"]
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -127,10 +129,20 @@ def test_stopping_tidewire_dev_leaves_no_process_behind(tmp_path) -> None:
             assert expected in names
         assert sum("-m orchestrator" in " ".join(c.cmdline()) for c in children) == 2
         proc.send_signal(signal.SIGINT)
-        proc.wait(40)
+        wait_process(proc, timeout=40, what="tidewire dev exiting after Ctrl-C", log=log)
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.5)
-    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"left behind: {[c.cmdline() for c in alive]}"
+
+    def left_behind() -> list[str]:
+        alive = []
+        for c in children:
+            try:
+                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(" ".join(c.cmdline()))
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    eventually_sync(left_behind, timeout=10, interval=0.1, ok=lambda alive: not alive,
+                    what="every process tidewire dev started to be gone after it exited")
