@@ -27,28 +27,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import nats.errors
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js.api import PubAck
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from orchestrator.providers.base import ToolSpec
 from proto import bus as busproto
+from proto.tools import CallRecord
 from shared import subjects
-from shared.bus import Bus
-from tool_workers.registry import CALLS_BUCKET, CallRecord, Tool, ToolArgsError, ToolRegistry, call_key
+from shared.bus import Bus, BusSubscription
+from shared.call_ledger import CallLedger
+from shared.tool_catalogue import ToolArgsError, ToolCatalogue, ToolDef, call_key
+from shared.toolbus import ToolBus
 
 __all__ = ["ToolDispatchSettings", "ToolDispatcher", "ToolOutcome"]
 
 log = logging.getLogger(__name__)
-
-_result_decoder = msgspec.msgpack.Decoder(busproto.ToolResultMsg)
-_record_decoder = msgspec.msgpack.Decoder(CallRecord)
-_encoder = msgspec.msgpack.Encoder()
-
 
 class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """What the turn loop reports as `tool_result {ok, text}` and gives back to the model."""
@@ -67,35 +58,24 @@ class ToolDispatchSettings:
     max_in_flight: int = 10_000
 
 
-def tool_publish_retry() -> AsyncRetrying:
-    """Retries a ToolJob publish. Safe: `Nats-Msg-Id` makes JetStream keep only one copy."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type((nats.errors.TimeoutError, nats.errors.NoRespondersError)),
-        stop=stop_after_attempt(3),
-        wait=wait_random_exponential(multiplier=0.1, max=1.0),
-        reraise=True,
-    )
-
-
 class ToolDispatcher:
     """Runs tool calls on tool workers. Many `call`s may run concurrently (one TaskGroup per step)."""
 
-    def __init__(self, bus: Bus, *, registry: ToolRegistry, settings: ToolDispatchSettings | None = None) -> None:
+    def __init__(self, bus: Bus, *, registry: ToolCatalogue[Any], settings: ToolDispatchSettings | None = None) -> None:
         self._bus = bus
+        self._tools = ToolBus(bus)
         self._registry = registry
         self._settings = settings or ToolDispatchSettings()
         self._specs = [ToolSpec(name=t.name, description=t.description, parameters=t.parameters())
                        for t in registry]
         self._waiters: dict[str, asyncio.Future[ToolOutcome]] = {}
-        self._sub: Subscription | None = None
-        self._ledger: KeyValue | None = None
+        self._sub: BusSubscription | None = None
+        self._ledger: CallLedger | None = None
 
     async def start(self) -> None:
         """Subscribes to tool results; call once before `call`."""
         if self._sub is None:
-            self._sub = await self._bus.nc.subscribe(subjects.tool_result_subject(">"), cb=self._on_result,
-                                                     pending_msgs_limit=65_536,
-                                                     pending_bytes_limit=64 * 1024 * 1024)
+            self._sub = await self._tools.subscribe_results(self._on_result)
 
     async def close(self) -> None:
         """Unsubscribes; calls still waiting end at once with ok=False."""
@@ -138,11 +118,12 @@ class ToolDispatcher:
         try:
             async with asyncio.timeout(tool.max_seconds + self._settings.extra_grace_seconds):
                 try:
-                    ack = await self._publish(tool, job, key)
+                    duplicate = await self._tools.publish_job(tool.pool, job, key=key,
+                                                              timeout_s=self._settings.publish_timeout_seconds)
                 except Exception as exc:  # noqa: BLE001 - reported to the model, not raised
                     log.warning("call %s: job not published: %r", call_id, exc)
                     return ToolOutcome(ok=False, text=f"{name} could not be started: the tool queue is unavailable")
-                if ack.duplicate:
+                if duplicate:
                     stored = await self._stored_outcome(key)
                     if stored is not None:
                         return stored
@@ -157,58 +138,41 @@ class ToolDispatcher:
         finally:
             self._waiters.pop(key, None)
 
-    async def _publish(self, tool: Tool[Any], job: busproto.ToolJob, key: str) -> PubAck:
-        payload = busproto.bus_encoder.encode(job)
-        ack: PubAck = await tool_publish_retry()(
-            self._bus.js.publish, subjects.tool_subject(tool.pool), payload,
-            timeout=self._settings.publish_timeout_seconds, headers={"Nats-Msg-Id": key},
-        )
-        return ack
-
-    async def _on_result(self, msg: Msg) -> None:
-        try:
-            res = _result_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            log.warning("undecodable tool result on %s dropped", msg.subject)
-            return
+    async def _on_result(self, res: busproto.ToolResultMsg) -> None:
         fut = self._waiters.get(call_key(res.turn_id, res.call_id))
         if fut is None or fut.done():
             log.debug("result of call %s has no waiter (late, cancelled or another process's)", res.call_id)
             return
         fut.set_result(ToolOutcome(ok=res.ok, text=res.text, timed_out=res.timed_out))
 
-    async def _abandon(self, tool: Tool[Any], turn_id: str, call_id: str, key: str, text: str, *,
+    async def _abandon(self, tool: ToolDef[Any], turn_id: str, call_id: str, key: str, text: str, *,
                        timed_out: bool) -> None:
         """Tells workers to stop the call; if none started it yet, makes sure none ever will."""
-        with contextlib.suppress(Exception):
-            await self._bus.nc.publish(subjects.TOOL_CANCEL_SUBJECT,
-                                       busproto.bus_encoder.encode(busproto.ToolCancel(call_id=call_id, turn_id=turn_id)))
+        with contextlib.suppress(Exception):  # core NATS publish: buffered, fails only when closed
+            await self._tools.publish_cancel(busproto.ToolCancel(call_id=call_id, turn_id=turn_id))
         ledger = await self._open_ledger()
         if ledger is None:
             return
         record = CallRecord(state="done", name=tool.name, ok=False, text=text, timed_out=timed_out)
-        with contextlib.suppress(Exception):  # exists (started or done): the cancel is enough
-            await asyncio.wait_for(ledger.create(key, _encoder.encode(record)), self._settings.publish_timeout_seconds)
+        with contextlib.suppress(Exception):  # a NATS failure here leaves only the cancel to stop it
+            await asyncio.wait_for(ledger.forestall(key, record), self._settings.publish_timeout_seconds)
 
     async def _stored_outcome(self, key: str) -> ToolOutcome | None:
         ledger = await self._open_ledger()
         if ledger is None:
             return None
         try:
-            entry = await ledger.get(key)
-        except KeyNotFoundError:
-            return None
+            record = await ledger.get(key)
         except Exception as exc:  # noqa: BLE001 - fall back to waiting for the run in flight
             log.warning("call ledger unreadable: %r", exc)
             return None
-        record = _record_decoder.decode(entry.value) if entry.value else None
         if record is None or record.state != "done":
             return None
         return ToolOutcome(ok=record.ok, text=record.text, timed_out=record.timed_out)
 
-    async def _open_ledger(self) -> KeyValue | None:
+    async def _open_ledger(self) -> CallLedger | None:
         """The workers create the bucket; until one has, there is nothing to read or guard."""
         if self._ledger is None:
-            with contextlib.suppress(Exception):  # BucketNotFoundError, or NATS trouble
-                self._ledger = await self._bus.js.key_value(CALLS_BUCKET)
+            with contextlib.suppress(Exception):  # NATS trouble: tried again on the next call
+                self._ledger = await CallLedger.existing(self._bus)
         return self._ledger

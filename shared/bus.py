@@ -10,6 +10,11 @@ replay source for anyone who missed them.
 Tracing: every JetStream publish made while a span is current carries the W3C `traceparent` in its
 headers (`TracingJetStream`), and so do cancel requests; live event fan-out carries nothing (the
 token hot path stays a bare publish).
+
+This module (with `shared.toolbus`, `shared.call_ledger` and `shared.media_store`, which use it) is the
+only door to nats-py: every stream, consumer, KeyValue bucket and object store is declared by a config
+function below, beside `stream_configs()`, and named in `shared.subjects`. Code outside `shared/` gets
+messages typed as `BusMessage` and never reaches the connection (`tests/unit/test_layering.py`).
 """
 
 from __future__ import annotations
@@ -17,16 +22,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeAlias
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -41,6 +51,14 @@ log = logging.getLogger(__name__)
 TURN_ACK_WAIT_S = 10.0
 TURN_MAX_DELIVER = 20
 DUPLICATE_WINDOW_S = 30 * 60
+ANALYTICS_ACK_WAIT_S = 30.0
+ANALYTICS_MAX_DELIVER = 20
+
+# What code outside shared/ may name: a delivered message (`.data`, `.headers`, `.metadata`, `ack()`,
+# `nak()`, `in_progress()`, `term()`), a core subscription and a pull subscription (`unsubscribe()`).
+BusMessage: TypeAlias = Msg
+BusSubscription: TypeAlias = Subscription
+PullSubscription: TypeAlias = JetStreamContext.PullSubscription
 
 
 def encode_events(raws: list[bytes]) -> bytes:
@@ -48,7 +66,7 @@ def encode_events(raws: list[bytes]) -> bytes:
     return b"[" + b",".join(raws) + b"]"
 
 
-async def fetch_batch(sub: Any, batch: int, timeout_s: float, *, what: str) -> list[Msg]:
+async def fetch_batch(sub: Any, batch: int, timeout_s: float, *, what: str) -> list[BusMessage]:
     """Up to `batch` messages of a pull subscription; [] when none came within the timeout, or when
     the broker hiccuped (logged, after a short pause so a dead broker is not spun on)."""
     try:
@@ -86,6 +104,32 @@ def turn_consumer_config() -> ConsumerConfig:
                           filter_subject=subjects.TURNS_SUBJECTS)
 
 
+def tool_consumer_config(pool: str, *, ack_wait_s: float, max_deliver: int) -> ConsumerConfig:
+    """One durable pull consumer per tool pool on `TW_TOOLS`. A short `ack_wait` (the worker sends
+    `in_progress` while a tool runs) hands a SIGKILLed worker's job to another within seconds."""
+    return ConsumerConfig(durable_name=subjects.tool_consumer(pool), filter_subject=subjects.tool_subject(pool),
+                          deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
+                          max_deliver=max_deliver, max_ack_pending=4096)
+
+
+def analytics_consumer_config() -> ConsumerConfig:
+    return ConsumerConfig(durable_name=subjects.ANALYTICS_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+                          ack_wait=ANALYTICS_ACK_WAIT_S, max_deliver=ANALYTICS_MAX_DELIVER,
+                          max_ack_pending=8192, filter_subject=subjects.ANALYTICS_SUBJECT)
+
+
+def call_ledger_config(ttl_s: float) -> KeyValueConfig:
+    """The tool-call ledger (`shared.call_ledger`): one value per call key, kept `ttl_s`."""
+    return KeyValueConfig(bucket=subjects.CALLS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
+                          max_value_size=256 * 1024)
+
+
+def media_store_config(*, ttl_s: float, max_bytes: int) -> ObjectStoreConfig:
+    """The media object store (`shared.media_store`); `ttl_s` 0 keeps media forever."""
+    return ObjectStoreConfig(description="tidewire media, by reference", storage=StorageType.FILE,
+                             ttl=ttl_s or None, max_bytes=max_bytes)
+
+
 class TracingJetStream(JetStreamContext):
     """A JetStream context whose publishes carry the current trace context in their headers, so a
     consumer (orchestrator, tool worker) continues the publisher's trace."""
@@ -101,12 +145,21 @@ class TracingJetStream(JetStreamContext):
 
 
 class Bus:
-    """Owns one NATS connection. Business code calls these methods, never nats-py directly."""
+    """Owns one NATS connection. Business code calls these methods, never nats-py directly.
+
+    `async with await Bus.connect(...) as bus:` closes the connection however the block ends."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, timeout_s: float) -> None:
         self.nc = nc
         self.js = js
         self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
 
     @classmethod
     async def connect(cls, url: str, *, name: str, timeout_s: float = 3.0,
@@ -132,7 +185,7 @@ class Bus:
 
     async def close(self) -> None:
         """Flushes what was published, then closes (consumers were already stopped by the owner)."""
-        if not self.nc.is_closed:
+        if self.nc is not None and not self.nc.is_closed:
             try:
                 await self.nc.flush(timeout=max(1, int(self.timeout_s)))
             except Exception:  # noqa: BLE001 - closing anyway
@@ -141,7 +194,7 @@ class Bus:
 
     @property
     def connected(self) -> bool:
-        return bool(self.nc.is_connected)
+        return self.nc is not None and bool(self.nc.is_connected)
 
     async def ensure_streams(self) -> None:
         for cfg in stream_configs():
@@ -150,6 +203,18 @@ class Bus:
             except BadRequestError:
                 await self.js.update_stream(cfg)
         await self.js.add_consumer(subjects.TURNS_STREAM, turn_consumer_config())
+
+    async def declare_consumer(self, stream: str, config: ConsumerConfig) -> None:
+        """Creates or updates a durable consumer; a change the server cannot apply in place is logged
+        and the existing consumer kept (binding to it still works)."""
+        try:
+            await self.js.add_consumer(stream, config)
+        except BadRequestError as exc:
+            log.warning("consumer %s on %s not (re)declared: %s", config.durable_name, stream, exc)
+
+    async def pull_subscription(self, stream: str, durable: str) -> PullSubscription:
+        """Binds to a declared durable pull consumer; read it with `fetch_batch`."""
+        return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
 
     # ---- turns -------------------------------------------------------------------------------
     async def publish_turn(self, req: busproto.TurnRequest, headers: dict[str, str] | None = None) -> None:
@@ -192,3 +257,33 @@ class Bus:
     async def publish_cancel(self, msg: busproto.CancelTurn) -> None:
         await self.nc.publish(subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg),
                               headers=telemetry.inject() or None)
+
+    async def subscribe_turn_cancels(self, cb: Callable[[BusMessage], Awaitable[None]]) -> BusSubscription:
+        """Every `CancelTurn` published by any gateway (core NATS: a cancel for a turn this process
+        does not run is simply ignored by the callback)."""
+        return await self.nc.subscribe(subjects.CANCEL_SUBJECT, cb=cb)
+
+    # ---- analytics ---------------------------------------------------------------------------
+    async def publish_analytics(self, record: busproto.TurnAnalytics, *, timeout_s: float) -> None:
+        """Awaits the JetStream ack; deduplicated by turn id, so a retried publish is a no-op."""
+        await self.js.publish(subjects.ANALYTICS_SUBJECT, busproto.bus_encoder.encode(record), timeout=timeout_s,
+                              headers={"Nats-Msg-Id": "analytics-" + record.turn_id})
+
+    async def analytics_subscription(self) -> PullSubscription:
+        """The analytics writers' durable pull consumer, declared (idempotently) then bound."""
+        try:
+            await self.declare_consumer(subjects.ANALYTICS_STREAM, analytics_consumer_config())
+        except Exception as exc:  # noqa: BLE001 - e.g. a reconnect in progress: bind to what exists
+            log.warning("analytics consumer not (re)declared: %s", exc)
+        return await self.pull_subscription(subjects.ANALYTICS_STREAM, subjects.ANALYTICS_CONSUMER)
+
+
+def as_bus(target: Bus | Any, *, timeout_s: float = 3.0) -> Bus:
+    """TRANSITIONAL. A caller that still hands over the bare JetStream context (`bus.js`) gets a Bus
+    view over it, on which only the JetStream methods work (no core NATS, `close()` is a no-op).
+    Callers left: `orchestrator/service.py` (`AnalyticsPublisher(self.bus.js)`), `gateway/app.py`
+    (`MediaStore.open(bus.js, ...)`) and tests/integration/test_flags_analytics_media.py. Delete this
+    once they pass the Bus itself."""
+    if isinstance(target, Bus):
+        return target
+    return Bus(None, target, timeout_s=timeout_s)  # type: ignore[arg-type]

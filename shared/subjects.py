@@ -18,7 +18,8 @@ TOOLS_SUBJECTS = "tw.tools.>"
 ANALYTICS_STREAM = "TW_ANALYTICS"
 ANALYTICS_SUBJECT = "tw.analytics.turns"
 ANALYTICS_CONSUMER = "analytics-writer"
-MEDIA_BUCKET = "tw_media"
+MEDIA_BUCKET = "tw_media"  # object store: uploaded media, by reference
+CALLS_BUCKET = "tw_tool_calls"  # KeyValue: the tool-call ledger ("started" / "done" per call key)
 
 # ---- core NATS (live, not persisted: the checkpoint store is the replay source) --------------
 CANCEL_SUBJECT = "tw.cancel"

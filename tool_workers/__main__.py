@@ -1,7 +1,7 @@
 """`python -m tool_workers`: one tool worker process (settings from `TIDEWIRE_*`, see settings.py).
 
 SIGTERM or SIGINT stops it in order: no new jobs, running tools get a grace period, then the
-NATS connection is drained.
+NATS connection is flushed and closed.
 """
 
 from __future__ import annotations
@@ -38,18 +38,18 @@ async def run(settings: ToolWorkerSettings) -> None:
     bus: Bus = await nats_connect_retry()(
         Bus.connect, settings.nats_url, name=f"tool-worker-{os.getpid()}", timeout_s=settings.nats_timeout_seconds
     )
-    runner: web.AppRunner | None = None
-    try:
-        worker = ToolWorker(bus, default_registry(settings), settings)
-        if settings.health_port:
-            runner = web.AppRunner(create_health_app(worker, bus), access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "0.0.0.0", settings.health_port).start()
-        await worker.serve(stop)
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        await bus.close()
+    async with bus:
+        runner: web.AppRunner | None = None
+        try:
+            worker = ToolWorker(bus, default_registry(settings), settings)
+            if settings.health_port:
+                runner = web.AppRunner(create_health_app(worker, bus), access_log=None)
+                await runner.setup()
+                await web.TCPSite(runner, "0.0.0.0", settings.health_port).start()
+            await worker.serve(stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
 
 
 def main() -> None:

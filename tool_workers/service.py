@@ -9,8 +9,8 @@ so a busy worker never sits on jobs an idle one could run.
 Crash and retry semantics (docs/tools.md):
 - Idempotent tools are simply run again on redelivery; transient errors inside a run are retried
   by the named tenacity policy `transient_tool_retry`.
-- Non-idempotent tools are run at most once: "started" is written to the call ledger (KV bucket
-  `tw_tool_calls`) BEFORE the run; a redelivered call found "started" but not "done" is answered
+- Non-idempotent tools are run at most once: "started" is written to the call ledger
+  (`shared.call_ledger`, KV bucket `tw_tool_calls`) BEFORE the run; a redelivered call found "started" but not "done" is answered
   "<name> was interrupted and was not retried because it is not idempotent".
 - A call found "done" in the ledger is answered with the stored result, not run again.
 - The worker enforces each tool's time limit itself, and a `ToolCancel` on `tw.toolcancel`
@@ -37,20 +37,16 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from proto import bus as busproto
-from shared import subjects, telemetry
-from shared.bus import Bus, fetch_batch
+from proto.tools import CallRecord
+from shared import telemetry
+from shared.bus import Bus, BusMessage, PullSubscription, fetch_batch
+from shared.call_ledger import CallLedger
+from shared.toolbus import ToolBus
 from tool_workers.registry import (
-    CALLS_BUCKET,
-    CallRecord,
     Tool,
     ToolArgsError,
     ToolContext,
@@ -64,9 +60,6 @@ from tool_workers.settings import ToolWorkerSettings
 log = logging.getLogger("tool_workers")
 
 _job_decoder = msgspec.msgpack.Decoder(busproto.ToolJob)
-_cancel_decoder = msgspec.msgpack.Decoder(busproto.ToolCancel)
-_record_decoder = msgspec.msgpack.Decoder(CallRecord)
-_encoder = msgspec.msgpack.Encoder()
 
 _meter = telemetry.meter("tidewire.tool_worker")
 _run_seconds = _meter.create_histogram(
@@ -90,59 +83,8 @@ def transient_tool_retry() -> AsyncRetrying:
     )
 
 
-def tool_consumer_config(pool: str, settings: ToolWorkerSettings) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=subjects.tool_consumer(pool),
-        filter_subject=subjects.tool_subject(pool),
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait_seconds,
-        max_deliver=settings.max_deliver,
-        max_ack_pending=4096,
-    )
-
-
 def interrupted_text(name: str) -> str:
     return f"{name} was interrupted and was not retried because it is not idempotent"
-
-
-class CallLedger:
-    """The `tw_tool_calls` KeyValue bucket: what was started and what finished, per call key."""
-
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
-
-    @classmethod
-    async def open(cls, js: JetStreamContext, *, ttl_s: float) -> CallLedger:
-        """Creates the bucket if it does not exist yet (two workers racing is fine)."""
-        try:
-            return cls(await js.key_value(CALLS_BUCKET))
-        except BucketNotFoundError:
-            pass
-        config = KeyValueConfig(bucket=CALLS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
-                                max_value_size=256 * 1024)
-        try:
-            return cls(await js.create_key_value(config))
-        except BadRequestError:
-            return cls(await js.key_value(CALLS_BUCKET))
-
-    async def get(self, key: str) -> CallRecord | None:
-        try:
-            entry = await self._kv.get(key)
-        except KeyNotFoundError:
-            return None
-        return _record_decoder.decode(entry.value) if entry.value else None
-
-    async def mark_started(self, key: str, *, name: str, attempt: int) -> bool:
-        """False if the call already has a record: someone started it before."""
-        try:
-            await self._kv.create(key, _encoder.encode(CallRecord(state="started", name=name, attempt=attempt)))
-        except KeyWrongLastSequenceError:
-            return False
-        return True
-
-    async def mark_done(self, key: str, record: CallRecord) -> None:
-        await self._kv.put(key, _encoder.encode(record))
 
 
 @dataclass(frozen=True)
@@ -165,6 +107,7 @@ class ToolWorker:
 
     def __init__(self, bus: Bus, registry: ToolRegistry, settings: ToolWorkerSettings) -> None:
         self._bus = bus
+        self._tools = ToolBus(bus)
         self._registry = registry
         self._settings = settings
         wanted = settings.pools or tuple(registry.pools())
@@ -188,15 +131,14 @@ class ToolWorker:
         telemetry.setup("tool-worker", f"tool-worker-{os.getpid()}")
         telemetry.observe("tidewire_tool_worker_running", lambda: self.running_calls,
                           description="Tool calls running on this worker")
-        js = self._bus.js
         await self._bus.ensure_streams()
-        self._ledger = await CallLedger.open(js, ttl_s=self._settings.call_ledger_ttl_seconds)
-        subs: dict[str, JetStreamContext.PullSubscription] = {}
+        self._ledger = await CallLedger.open(self._bus, ttl_s=self._settings.call_ledger_ttl_seconds)
+        subs: dict[str, PullSubscription] = {}
         for pool in self.pools:
-            await self._declare_consumer(pool)
-            subs[pool] = await js.pull_subscribe_bind(durable=subjects.tool_consumer(pool),
-                                                      stream=subjects.TOOLS_STREAM)
-        cancel_sub = await self._bus.nc.subscribe(subjects.TOOL_CANCEL_SUBJECT, cb=self._on_cancel)
+            await self._tools.declare_pool(pool, ack_wait_s=self._settings.ack_wait_seconds,
+                                           max_deliver=self._settings.max_deliver)
+            subs[pool] = await self._tools.pool_subscription(pool)
+        cancel_sub = await self._tools.subscribe_cancels(self._on_cancel)
         try:
             async with asyncio.TaskGroup() as tg:
                 for pool, sub in subs.items():
@@ -219,20 +161,13 @@ class ToolWorker:
             telemetry.flush()
             log.info("tool worker stopped")
 
-    async def _declare_consumer(self, pool: str) -> None:
-        config = tool_consumer_config(pool, self._settings)
-        try:
-            await self._bus.js.add_consumer(subjects.TOOLS_STREAM, config)
-        except BadRequestError as exc:  # a change the server cannot apply in place: keep the old one
-            log.warning("tool consumer %s not (re)declared: %s", config.durable_name, exc)
-
     # ---- fetching ----------------------------------------------------------------------------
-    async def _fetch_loop(self, tg: asyncio.TaskGroup, pool: str, sub: JetStreamContext.PullSubscription) -> None:
+    async def _fetch_loop(self, tg: asyncio.TaskGroup, pool: str, sub: PullSubscription) -> None:
         """Fetches one job whenever a slot is free, until SIGTERM."""
         slots = self._slots[pool]
         while not self._stopping.is_set():
             await slots.acquire()
-            msgs: list[Msg] = []
+            msgs: list[BusMessage] = []
             if not self._stopping.is_set():
                 msgs = await fetch_batch(sub, 1, FETCH_WAIT_S, what=f"pool {pool}")
             if not msgs:
@@ -260,14 +195,14 @@ class ToolWorker:
                     entry.task.cancel()
 
     # ---- one job -----------------------------------------------------------------------------
-    async def _handle(self, msg: Msg, slots: asyncio.Semaphore) -> None:
+    async def _handle(self, msg: BusMessage, slots: asyncio.Semaphore) -> None:
         """Never raises: a job's failure is an ok=false result, not a dead worker. Frees its slot."""
         try:
             await self._handle_job(msg)
         finally:
             slots.release()
 
-    async def _handle_job(self, msg: Msg) -> None:
+    async def _handle_job(self, msg: BusMessage) -> None:
         try:
             job = _job_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
@@ -292,7 +227,7 @@ class ToolWorker:
             if result.timed_out:
                 _timeouts.add(1, {"tool": tool_label})
             if job.reply_subject:
-                await self._bus.nc.publish(job.reply_subject, busproto.bus_encoder.encode(result))
+                await self._tools.publish_result(job.reply_subject, result)
             await msg.ack()
         except Exception:  # noqa: BLE001
             log.exception("call %s: unexpected failure; leaving it to redelivery", job.call_id)
@@ -305,7 +240,7 @@ class ToolWorker:
             heartbeat.cancel()
             await asyncio.wait([heartbeat])
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    async def _keep_alive(self, msg: BusMessage) -> None:
         while True:
             await asyncio.sleep(self._settings.in_progress_interval_seconds)
             with contextlib.suppress(Exception):
@@ -429,11 +364,7 @@ class ToolWorker:
             log.warning("call %s: result not stored in the ledger: %r", res.call_id, exc)
 
     # ---- cancellation ------------------------------------------------------------------------
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = _cancel_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            return
+    async def _on_cancel(self, cancel: busproto.ToolCancel) -> None:
         if cancel.turn_id:
             keys = [call_key(cancel.turn_id, cancel.call_id)]
         else:  # an older sender: match by call id alone

@@ -13,13 +13,12 @@ import ast
 import math
 import operator
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
-import msgspec
-
+from proto.tools import MAX_EXPRESSION_CHARS, CalculatorArgs
+from shared import tool_catalogue
 from tool_workers.registry import Tool, ToolContext, ToolError
 
-MAX_EXPRESSION_CHARS = 500
 MAX_EXPONENT = 10_000
 MAX_INT_BITS = 8_192  # ~2,466 decimal digits
 
@@ -115,17 +114,6 @@ def format_number(value: Number) -> str:
     return str(value)
 
 
-class CalculatorArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    expression: Annotated[
-        str,
-        msgspec.Meta(
-            min_length=1,
-            max_length=MAX_EXPRESSION_CHARS,
-            description="Arithmetic expression, e.g. (2 + 3) * 4 / 7 or 2 ** 10.",
-        ),
-    ]
-
-
 async def run(args: CalculatorArgs, ctx: ToolContext) -> str:
     try:
         return format_number(evaluate(args.expression))
@@ -133,12 +121,4 @@ async def run(args: CalculatorArgs, ctx: ToolContext) -> str:
         raise ToolError(f"calculator: {exc}") from None
 
 
-TOOL = Tool(
-    name="calculator",
-    description="Evaluates arithmetic exactly: numbers, + - * / // % ** and parentheses.",
-    args=CalculatorArgs,
-    run=run,
-    max_seconds=2.0,
-    idempotent=True,
-    pool="fast",
-)
+TOOL = Tool.implementing(tool_catalogue.CALCULATOR, run)

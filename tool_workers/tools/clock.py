@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import msgspec
-
+from proto.tools import ClockArgs
+from shared import tool_catalogue
 from tool_workers.registry import Tool, ToolContext, ToolError
-
-
-class ClockArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    timezone: Annotated[
-        str, msgspec.Meta(max_length=64, description="IANA time zone, e.g. Europe/Paris. Default UTC.")
-    ] = "UTC"
 
 
 async def run(args: ClockArgs, ctx: ToolContext) -> str:
@@ -26,12 +19,4 @@ async def run(args: ClockArgs, ctx: ToolContext) -> str:
     return f"{now:%A %Y-%m-%d %H:%M:%S} {args.timezone} (UTC{now:%z})"
 
 
-TOOL = Tool(
-    name="clock",
-    description="Current date and time. Use for any question about the time or date now.",
-    args=ClockArgs,
-    run=run,
-    max_seconds=2.0,
-    idempotent=True,
-    pool="fast",
-)
+TOOL = Tool.implementing(tool_catalogue.CLOCK, run)

@@ -8,18 +8,13 @@ that retries happen and are bounded.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Annotated
 
-import msgspec
-
+from proto.tools import FlakyArgs
+from shared import tool_catalogue
 from tool_workers.registry import Tool, ToolContext, TransientToolError
 
 _attempts: OrderedDict[str, int] = OrderedDict()  # call_id -> runs so far, in this process
 _MAX_TRACKED = 1024
-
-
-class FlakyArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    failures: Annotated[int, msgspec.Meta(ge=0, le=10, description="Transient failures before success.")] = 2
 
 
 async def run(args: FlakyArgs, ctx: ToolContext) -> str:
@@ -32,13 +27,4 @@ async def run(args: FlakyArgs, ctx: ToolContext) -> str:
     return f"flaky succeeded on run {runs} after {args.failures} transient failures"
 
 
-TOOL = Tool(
-    name="flaky",
-    description="TEST TOOL: fails transiently a few times, then succeeds.",
-    args=FlakyArgs,
-    run=run,
-    max_seconds=10.0,
-    idempotent=True,
-    pool="fast",
-    test_only=True,
-)
+TOOL = Tool.implementing(tool_catalogue.FLAKY, run)

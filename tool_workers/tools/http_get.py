@@ -9,19 +9,15 @@ time limit.
 
 from __future__ import annotations
 
-from typing import Annotated
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
-import msgspec
 
+from proto.tools import HttpGetArgs
+from shared import tool_catalogue
 from tool_workers.registry import Tool, ToolContext, ToolError
 
 MAX_REDIRECTS = 3
-
-
-class HttpGetArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048, description="http(s) URL to fetch.")]
 
 
 def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
@@ -87,12 +83,4 @@ async def run(args: HttpGetArgs, ctx: ToolContext) -> str:
         raise ToolError(f"http_get: request failed ({type(exc).__name__})") from None
 
 
-TOOL = Tool(
-    name="http_get",
-    description="Fetches a web page (text) from an allowed host.",
-    args=HttpGetArgs,
-    run=run,
-    max_seconds=15.0,
-    idempotent=True,
-    pool="net",
-)
+TOOL = Tool.implementing(tool_catalogue.HTTP_GET, run)

@@ -14,20 +14,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated
 
-import msgspec
-
+from proto.tools import SendEmailArgs
+from shared import tool_catalogue
 from tool_workers.registry import Tool, ToolContext
 
 SIDE_EFFECT_FILE = "send_email.jsonl"
-
-
-class SendEmailArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    to: Annotated[str, msgspec.Meta(min_length=3, max_length=254, description="Recipient address.")]
-    subject: Annotated[str, msgspec.Meta(max_length=200)]
-    body: Annotated[str, msgspec.Meta(max_length=10_000)] = ""
-    delay_seconds: Annotated[float, msgspec.Meta(ge=0, le=30, description="Simulated delivery time.")] = 0.0
 
 
 def _record(directory: str, line: dict[str, object]) -> None:
@@ -47,13 +39,4 @@ async def run(args: SendEmailArgs, ctx: ToolContext) -> str:
     return f"email to {args.to} sent"
 
 
-TOOL = Tool(
-    name="send_email",
-    description="TEST TOOL: sends an email (simulated; not idempotent).",
-    args=SendEmailArgs,
-    run=run,
-    max_seconds=10.0,
-    idempotent=False,
-    pool="slow",
-    test_only=True,
-)
+TOOL = Tool.implementing(tool_catalogue.SEND_EMAIL, run)

@@ -9,19 +9,10 @@ import asyncio
 import json
 import os
 import time
-from typing import Annotated
 
-import msgspec
-
+from proto.tools import SlowLookupArgs
+from shared import tool_catalogue
 from tool_workers.registry import Tool, ToolContext
-
-
-class SlowLookupArgs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    query: Annotated[str, msgspec.Meta(min_length=1, max_length=500, description="What to look up.")]
-    seconds: (
-        Annotated[float, msgspec.Meta(ge=0, le=120, description="Simulated latency; default set by the worker.")]
-        | None
-    ) = None
 
 
 async def run(args: SlowLookupArgs, ctx: ToolContext) -> str:
@@ -40,12 +31,4 @@ async def run(args: SlowLookupArgs, ctx: ToolContext) -> str:
     )
 
 
-TOOL = Tool(
-    name="slow_lookup",
-    description="Looks something up in a slow knowledge base (takes a few seconds).",
-    args=SlowLookupArgs,
-    run=run,
-    max_seconds=8.0,
-    idempotent=True,
-    pool="slow",
-)
+TOOL = Tool.implementing(tool_catalogue.SLOW_LOOKUP, run)
