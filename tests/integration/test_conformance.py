@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import pytest
 from gateway.settings import GatewaySettings
 from proto import client
 from tests.integration.conftest import make_token, stack_env
+from tests.waits import run_process, within
 from tidewire.stack import Stack
 
 kosoku = pytest.importorskip("kosoku", reason="kosoku (the Autobahn runner) is not installed")
@@ -97,7 +97,8 @@ async def test_autobahn_cases_pass_against_the_websocket_endpoint(gateway) -> No
     url = gateway.url.replace("http", "ws", 1) + f"/v1/ws?access_token={make_token('autobahn')}"
     t0 = time.monotonic()
     try:
-        results = await kosoku.run_fuzzingclient(url, None, EXCLUDED, concurrency=4)
+        results = await within(kosoku.run_fuzzingclient(url, None, EXCLUDED, concurrency=4), timeout=170,
+                               what="the Autobahn fuzzing client (kosoku) finishing every selected case")
     except kosoku.FailureError as failure:
         results = failure.results
     elapsed = time.monotonic() - t0
@@ -161,7 +162,7 @@ checks = {{ positive_data_acceptance = {{ expected-statuses = ["2xx", "401", "40
 """)
     report = tmp_path / "report.json"
     t0 = time.monotonic()
-    proc = subprocess.run(
+    proc = run_process(
         # SSE and WebSocket are streams, not request/response: covered by test_edge and test_fuzz
         [exe, "--config-file", str(config), "run", f"{gateway.url}/openapi.json",
          "--exclude-operation-id", "streamEvents", "--exclude-operation-id", "websocket",
@@ -169,7 +170,8 @@ checks = {{ positive_data_acceptance = {{ expected-statuses = ["2xx", "401", "40
          "--max-time", "60", "--seed", "1", "--report", "json", "--report-json-path", str(report),
          "--no-color"],
         capture_output=True, text=True, timeout=200, env={**os.environ, "NO_COLOR": "1"},
-        cwd=tmp_path)  # its cache folder (.schemathesis/) lands there, not in the repository
+        cwd=tmp_path,  # its cache folder (.schemathesis/) lands there, not in the repository
+        what="schemathesis (--max-time 60) finishing its run")
     elapsed = time.monotonic() - t0
     print(f"schemathesis: exit {proc.returncode} in {elapsed:.1f} s\n{proc.stdout[-3000:]}")
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
