@@ -6,6 +6,7 @@ rather than as a bare timeout (or as a hang that only pytest-timeout ends).
   value passes `ok` (truthiness by default) and returns that value.
 - `eventually_sync(...)` is its twin for synchronous tests.
 - `within(awaitable, timeout=, what=)` is `asyncio.wait_for` with a message.
+- `run_process(args, timeout=, what=)` is `subprocess.run` with a message and the output tails.
 - `wait_process(popen, timeout=, what=)` is `Popen.wait` with a message (and the output tail when
   it is a file the test can read).
 """
@@ -129,3 +130,19 @@ def frames_tail(frames: Sequence[object], n: int = 8) -> str:
     """The last `n` frames as `Type#seq` (the seq when the frame has one), for failure messages."""
     return ", ".join(f"{type(f).__name__}{'#' + str(f.seq) if hasattr(f, 'seq') else ''}"
                      for f in frames[-n:]) or "nothing"
+
+
+def run_process(args: Sequence[str], *, timeout: float, what: str, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """`subprocess.run(args, timeout=timeout, **kwargs)`, failing past the timeout with a message
+    naming `what` and the tail of whatever output was captured (the child is killed by `run`)."""
+    try:
+        return subprocess.run(args, timeout=timeout, **kwargs)  # the caller checks returncode
+    except subprocess.TimeoutExpired as exc:
+        def tail(out: bytes | str | None) -> str:
+            if out is None:
+                return "(not captured)"
+            text = out.decode(errors="replace") if isinstance(out, bytes) else out
+            return text[-3000:] or "(empty)"
+
+        raise AssertionError(f"{what}: {args[0]} ... still running after {timeout:g} s (killed); "
+                             f"stdout ends with:\n{tail(exc.stdout)}\nstderr ends with:\n{tail(exc.stderr)}") from None
