@@ -71,7 +71,7 @@ async def test_ui_message_stream_format_repost_and_resume(stack) -> None:
         assert r.status == 204
         # an active turn: replayed from its start, then live, to the same text
         posting = asyncio.create_task(_post(http, stack.url, token, "chat-raw-1", "u2",
-                                            "/sim tokens=300 rate=100\nlonger"))
+                                            "/sim tokens=600 rate=100\nlonger"))
         await eventually(lambda: posting.done() or _active(http, stack.url, hdr, sid), timeout=20,
                          what="the second turn to be active")
         assert not posting.done(), posting.result()

@@ -144,6 +144,18 @@ async def test_same_idempotency_key_twice_gives_one_turn(stack) -> None:
     assert a.id == b.id and a.output_text == b.output_text
     msgs = (await _history(stack, "oa-idem", _sid(a.id)))["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant"]
+    # streamed, twice with one key: one turn, and the second call streams the same events
+    hdr = {"Idempotency-Key": "key-456"}
+    first: list[Any] = []
+    second: list[Any] = []
+    await _collect(await oa.responses.create(model="tidewire", input=LONG + "stream once", stream=True,
+                                             extra_headers=hdr), first)
+    await _collect(await oa.responses.create(model="tidewire", input=LONG + "stream once", stream=True,
+                                             extra_headers=hdr), second)
+    assert [_dump(e) for e in first] == [_dump(e) for e in second]
+    sid = _sid(first[0].response.id)
+    msgs = (await _history(stack, "oa-idem", sid))["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
 
 
 async def test_another_subjects_response_is_refused_and_errors_have_openai_shape(stack) -> None:
