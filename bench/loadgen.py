@@ -725,12 +725,19 @@ async def scen_storm(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+async def scen_openloop(ctx: Ctx) -> dict[str, Any]:
+    from bench.scenarios.openloop import scen_openloop as run
+
+    return await run(ctx)
+
+
 SCENARIOS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "ttft": scen_ttft,
     "idle": scen_idle,
     "throughput": scen_throughput,
     "crash": scen_crash,
     "storm": scen_storm,
+    "openloop": scen_openloop,  # bench/scenarios/openloop.py
 }
 
 
@@ -754,6 +761,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--standalone", action="store_true", help="no coordinator: every request answers {}")
     args = ap.parse_args(argv)
     raise_nofile_limit()
+    if args.scenario == "openloop":  # uvloop when installed
+        from bench.scenarios.openloop import run_loop
+
+        sys.exit(run_loop(amain(args)))
     sys.exit(asyncio.run(amain(args)))
 
 

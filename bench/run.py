@@ -38,13 +38,14 @@ from typing import Any
 import psutil
 
 from bench.loadgen import raise_nofile_limit, summarize
+from bench.scenarios import openloop
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SECRET = "bench-secret-0123456789abcdef0123456789"
-SCENARIO_ORDER = ("ttft", "idle", "throughput", "crash", "storm")
+SCENARIO_ORDER = ("ttft", "idle", "throughput", "crash", "storm", "openloop")
 SRC_PACKAGES = ("proto", "shared", "gateway", "orchestrator", "tool_workers", "tidewire", "bench")
 
 TARGETS = {
@@ -71,6 +72,7 @@ FULL: dict[str, Any] = {
     "throughput": {"sessions": 50, "tokens": 400, "rounds": 3},
     "crash": {"trials": 30, "tokens": 150, "rate": 50, "kill_after": 20},
     "storm_n": 2000,
+    "openloop": dict(openloop.FULL_CFG),  # see bench/scenarios/openloop.py
 }
 QUICK: dict[str, Any] = {
     "ttft_levels": [(1, 30), (20, 3)],
@@ -82,6 +84,7 @@ QUICK: dict[str, Any] = {
     "throughput": {"sessions": 20, "tokens": 200, "rounds": 2},
     "crash": {"trials": 3, "tokens": 100, "rate": 50, "kill_after": 20},
     "storm_n": 50,
+    "openloop": dict(openloop.QUICK_CFG),
 }
 
 
@@ -1092,6 +1095,8 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
             ax.set_title(f"Reconnect storm ({s['storm']['n']:,} clients)")
             ax.legend(fontsize=7)
             save(fig, "storm")
+    with contextlib.suppress(Exception):
+        written += openloop.plot(s.get("openloop"), out_dir, stem)
     return written
 
 
@@ -1101,7 +1106,8 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
 async def run_all(bench: Bench, only: list[str]) -> dict[str, Any]:
     scenarios: dict[str, Any] = {}
     fns = {"ttft": bench.scen_ttft, "idle": bench.scen_idle, "throughput": bench.scen_throughput,
-           "crash": bench.scen_crash, "storm": bench.scen_storm}
+           "crash": bench.scen_crash, "storm": bench.scen_storm,
+           "openloop": lambda: openloop.run_scenario(bench)}
     for name in only:
         t0 = time.monotonic()
         cpu0 = psutil.cpu_times()
@@ -1228,6 +1234,10 @@ def main(argv: list[str] | None = None) -> int:
         rel = lambda p: os.path.relpath(p, docs.parent)  # noqa: E731
         update_docs(docs, render_table(results, rel(json_path), [rel(p) for p in plots]))
         log(f"updated {docs}")
+    # the open-loop section of the docs: by any full-size run that included it (default output), or --docs
+    ol_docs = Path(args.docs).resolve() if args.docs else (DOCS if not (args.quick or args.out) else None)
+    openloop.write_outputs(results, out_dir, stem, quick=args.quick, plots=plots,
+                           docs=None if args.no_docs or "openloop" not in only else ol_docs)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps({"results": str(json_path), "summary": results["summary"]}, indent=1, ensure_ascii=False))
