@@ -3,7 +3,8 @@
 Why by reference: a WebSocket frame or a turn request stays small (images never ride the event
 stream, the checkpoint store or the event log), an upload can be retried on its own, and the
 bytes live in one place with one retention policy: the NATS JetStream object store bucket
-`subjects.MEDIA_BUCKET` (file storage, a TTL from `TIDEWIRE_MEDIA_TTL_S`).
+`subjects.MEDIA_BUCKET` (file storage, a TTL from `TIDEWIRE_MEDIA_TTL_S`), reached through the
+`shared.media_store` adapter.
 
 - `POST /v1/media` (bearer auth; body = the raw bytes; `Content-Type` from the allowlist: PNG,
   JPEG, GIF, WebP, PDF, plain text, Markdown, CSV) → `201 {"media_id", "content_type", "size"}`.
@@ -20,7 +21,6 @@ The owner (the token's subject) and the content type are kept in the object's de
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
@@ -30,17 +30,15 @@ from typing import Any, Final
 
 import msgspec
 from aiohttp import web
-from nats.errors import Error as NatsError
-from nats.js.api import ObjectMeta, ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, ObjectNotFoundError
 
 from gateway.auth import authenticate, check_origin
 from gateway.http_errors import http_error, json_response
 from gateway.settings import GatewaySettings
 from proto.client import Attachment
-from shared import subjects
+from shared.bus import Bus, as_bus
 from shared.config import from_env
 from shared.errors import BadFrame, Degraded, Forbidden, NotFound, TidewireError, TooLarge
+from shared.media_store import MediaObjects, MediaUnavailable
 
 __all__ = [
     "ALLOWED_TYPES",
@@ -63,7 +61,6 @@ _SIGNATURES: Final[dict[str, tuple[bytes, ...]]] = {
 }
 _MEDIA_ID: Final = re.compile(r"m_[A-Za-z0-9_-]{16,64}")
 _READ_CHUNK: Final = 64 * 1024
-_UNAVAILABLE: Final = (TimeoutError, OSError, NatsError)  # after the not-found cases are handled
 
 
 @dataclass(frozen=True)
@@ -96,52 +93,45 @@ class _Stored:
 class MediaStore:
     """The bucket plus what the handlers need to authenticate (owned by the gateway app)."""
 
-    def __init__(self, objects: Any, auth: GatewaySettings, settings: MediaSettings | None = None) -> None:
+    def __init__(self, objects: MediaObjects, auth: GatewaySettings, settings: MediaSettings | None = None) -> None:
         self._objects = objects
         self.auth = auth
         self.settings = MediaSettings.from_env() if settings is None else settings
 
     @classmethod
-    async def open(cls, js: Any, auth: GatewaySettings, settings: MediaSettings | None = None) -> MediaStore:
-        """Bind to the bucket, creating it on first use (idempotent across gateways)."""
+    async def open(cls, bus: Bus | Any, auth: GatewaySettings, settings: MediaSettings | None = None) -> MediaStore:
+        """Bind to the bucket, creating it on first use (idempotent across gateways). `bus` may still
+        be the bare JetStream context (`gateway/app.py` passes `bus.js`): see `shared.bus.as_bus`."""
         settings = MediaSettings.from_env() if settings is None else settings
-        try:
-            objects = await js.object_store(subjects.MEDIA_BUCKET)
-        except BucketNotFoundError:
-            config = ObjectStoreConfig(description="tidewire media, by reference", storage=StorageType.FILE,
-                                       ttl=settings.ttl_s or None, max_bytes=settings.bucket_max_bytes)
-            objects = await js.create_object_store(subjects.MEDIA_BUCKET, config=config)
+        objects = await MediaObjects.open(as_bus(bus), ttl_s=settings.ttl_s, max_bytes=settings.bucket_max_bytes,
+                                          timeout_s=settings.timeout_s)
         return cls(objects, auth, settings)
 
     async def put(self, owner: str, content_type: str, data: bytes) -> MediaInfo:
         media_id = "m_" + secrets.token_urlsafe(18)
-        meta = ObjectMeta(name=media_id, description=json.dumps({"owner": owner, "content_type": content_type}))
-        async with asyncio.timeout(self.settings.timeout_s):
-            await self._objects.put(media_id, data, meta=meta)
+        await self._objects.put(media_id, data,
+                                description=json.dumps({"owner": owner, "content_type": content_type}))
         return MediaInfo(media_id=media_id, content_type=content_type, size=len(data))
 
     async def stat(self, media_id: str) -> _Stored | None:
         if not _MEDIA_ID.fullmatch(media_id):
             return None
-        try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                info = await self._objects.get_info(media_id)
-        except ObjectNotFoundError:
+        info = await self._objects.info(media_id)
+        if info is None:
             return None
         meta = json.loads(info.description or "{}")
         return _Stored(owner=str(meta.get("owner", "")), content_type=str(meta.get("content_type", "")),
-                       size=int(info.size or 0))
+                       size=info.size)
 
-    async def read(self, media_id: str) -> bytes:
-        async with asyncio.timeout(self.settings.timeout_s):
-            result = await self._objects.get(media_id)
-        return bytes(result.data or b"")
+    async def read(self, media_id: str) -> bytes | None:
+        """The bytes; None when the media is gone (expired since it was looked up)."""
+        return await self._objects.read(media_id)
 
     async def owned(self, media_id: str, subject: str) -> _Stored:
         """The media's record if `subject` owns it; NotFound / Forbidden otherwise."""
         try:
             stored = await self.stat(media_id)
-        except _UNAVAILABLE as e:
+        except MediaUnavailable as e:
             raise Degraded("media store unavailable", retry_after_ms=1000) from e
         if stored is None:
             raise NotFound("no such media")
@@ -204,7 +194,7 @@ async def upload(request: web.Request) -> web.Response:
         _check_content(content_type, (request.charset or "").lower() or None, data)
         try:
             info = await store.put(principal.subject, content_type, data)
-        except _UNAVAILABLE as e:
+        except MediaUnavailable as e:
             raise Degraded("media store unavailable", retry_after_ms=1000) from e
     except TidewireError as e:
         return http_error(e)
@@ -220,10 +210,10 @@ async def download(request: web.Request) -> web.Response:
         stored = await store.owned(request.match_info["media_id"], principal.subject)
         try:
             data = await store.read(request.match_info["media_id"])
-        except ObjectNotFoundError as e:
-            raise NotFound("no such media") from e
-        except _UNAVAILABLE as e:
+        except MediaUnavailable as e:
             raise Degraded("media store unavailable", retry_after_ms=1000) from e
+        if data is None:
+            raise NotFound("no such media")
     except TidewireError as e:
         return http_error(e)
     return web.Response(body=data, content_type=stored.content_type,

@@ -3,7 +3,7 @@
 A turn must not wait for, or fail because of, bookkeeping. So the orchestrator only `offer`s a
 `proto.bus.TurnAnalytics` record to an `AnalyticsPublisher`: a bounded in-memory queue (full: the
 record is dropped and counted, the turn goes on) drained by a background task that publishes to
-JetStream (`subjects.ANALYTICS_SUBJECT`, deduplicated by turn id) with a timeout and a short named
+JetStream (`Bus.publish_analytics`, deduplicated by turn id) with a timeout and a short named
 retry policy. An `AnalyticsWriter` (a durable pull consumer on `ANALYTICS_STREAM`, run by
 `python -m orchestrator.analytics` or as a task of any process) writes batches to Postgres
 (`turn_analytics`) and acks only after the commit, so a crash between the two redelivers and the
@@ -22,15 +22,13 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
-from nats.js.api import AckPolicy, ConsumerConfig
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential_jitter
 
 from proto import bus as busproto
 from proto import client
-from shared import subjects
-from shared.bus import fetch_batch
+from shared.bus import Bus, BusMessage, as_bus, fetch_batch
 from shared.config import from_env
 
 __all__ = [
@@ -38,17 +36,12 @@ __all__ = [
     "AnalyticsPublisher",
     "AnalyticsSettings",
     "AnalyticsWriter",
-    "analytics_consumer_config",
     "main",
     "tool_calls_in",
     "turn_analytics",
 ]
 
 log = logging.getLogger(__name__)
-
-ANALYTICS_ACK_WAIT_S: Final = 30.0
-ANALYTICS_MAX_DELIVER: Final = 20
-
 
 def analytics_publish_retry() -> AsyncRetrying:
     """Three tries within about a second: rides out a NATS reconnect, gives up on an outage."""
@@ -71,11 +64,6 @@ class AnalyticsSettings:
     @classmethod
     def from_env(cls) -> AnalyticsSettings:
         return from_env(cls, prefix="TIDEWIRE_ANALYTICS_")
-
-
-class _JetStream(Protocol):
-    async def publish(self, subject: str, payload: bytes, timeout: float | None = None,
-                      stream: str | None = None, headers: dict[str, str] | None = None) -> Any: ...
 
 
 class _AnalyticsSink(Protocol):
@@ -105,9 +93,9 @@ def tool_calls_in(raws: Sequence[bytes]) -> int:
 class AnalyticsPublisher:
     """Bounded queue + background publisher. `offer` never blocks and never raises."""
 
-    def __init__(self, js: _JetStream, settings: AnalyticsSettings | None = None) -> None:
+    def __init__(self, bus: Bus, settings: AnalyticsSettings | None = None) -> None:
         self.settings = AnalyticsSettings() if settings is None else settings
-        self._js = js
+        self._bus = as_bus(bus)  # transitional: orchestrator/service.py still passes `bus.js` (shared.bus.as_bus)
         self._queue: asyncio.Queue[busproto.TurnAnalytics] = asyncio.Queue(self.settings.queue_max)
         self.offered = 0
         self.published = 0
@@ -150,13 +138,10 @@ class AnalyticsPublisher:
         return True
 
     async def _publish(self, record: busproto.TurnAnalytics) -> None:
-        payload = busproto.bus_encoder.encode(record)
         try:
             async for attempt in analytics_publish_retry():
                 with attempt:
-                    await self._js.publish(subjects.ANALYTICS_SUBJECT, payload,
-                                           timeout=self.settings.publish_timeout_s,
-                                           headers={"Nats-Msg-Id": "analytics-" + record.turn_id})
+                    await self._bus.publish_analytics(record, timeout_s=self.settings.publish_timeout_s)
         except Exception as exc:  # noqa: BLE001 - best effort by design: counted, logged, dropped
             self.failed += 1
             log.warning("analytics of turn %s not published: %r", record.turn_id, exc)
@@ -164,43 +149,29 @@ class AnalyticsPublisher:
         self.published += 1
 
 
-def analytics_consumer_config() -> ConsumerConfig:
-    return ConsumerConfig(durable_name=subjects.ANALYTICS_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-                          ack_wait=ANALYTICS_ACK_WAIT_S, max_deliver=ANALYTICS_MAX_DELIVER,
-                          max_ack_pending=8192, filter_subject=subjects.ANALYTICS_SUBJECT)
-
-
 class AnalyticsWriter:
     """Durable pull consumer → Postgres in batches; ack after commit, nak (with delay) on failure."""
 
-    def __init__(self, js: Any, sink: _AnalyticsSink, settings: AnalyticsSettings | None = None) -> None:
+    def __init__(self, bus: Bus, sink: _AnalyticsSink, settings: AnalyticsSettings | None = None) -> None:
         self.settings = AnalyticsSettings() if settings is None else settings
-        self._js = js
+        self._bus = bus
         self._sink = sink
         self.written = 0
         self.batches = 0
         self.failed_batches = 0
         self.rejected = 0
 
-    async def ensure_consumer(self) -> None:
-        try:
-            await self._js.add_consumer(subjects.ANALYTICS_STREAM, analytics_consumer_config())
-        except Exception as exc:  # noqa: BLE001 - exists with another config: bind to it anyway
-            log.warning("analytics consumer not (re)declared: %s", exc)
-
     async def run(self) -> None:
-        await self.ensure_consumer()
-        sub = await self._js.pull_subscribe_bind(durable=subjects.ANALYTICS_CONSUMER,
-                                                 stream=subjects.ANALYTICS_STREAM)
+        sub = await self._bus.analytics_subscription()
         while True:
             msgs = await fetch_batch(sub, self.settings.batch, self.settings.fetch_timeout_s, what="analytics")
             if not msgs:
                 continue
             await self.write_batch(msgs)
 
-    async def write_batch(self, msgs: Sequence[Any]) -> None:
+    async def write_batch(self, msgs: Sequence[BusMessage]) -> None:
         rows: list[tuple[Any, ...]] = []
-        keep: list[Any] = []
+        keep: list[BusMessage] = []
         for msg in msgs:
             try:
                 rec = busproto.bus_decoder.decode(msg.data)
@@ -236,28 +207,27 @@ class AnalyticsWriter:
 
 async def _serve() -> None:
     from orchestrator.settings import load
-    from shared.bus import Bus
     from shared.eventlog import EventLog
 
     s = load()
     settings = AnalyticsSettings.from_env()
-    eventlog = await EventLog.connect(s.postgres_dsn, timeout_s=s.postgres_timeout_s, max_size=2)
-    bus = await Bus.connect(s.nats_url, name="analytics-writer", timeout_s=s.nats_timeout_s)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    eventlog = await EventLog.connect(s.postgres_dsn, timeout_s=s.postgres_timeout_s, max_size=2)
     try:
-        await bus.ensure_streams()
-        writer = AnalyticsWriter(bus.js, eventlog, settings)
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(writer.run(), name="analytics-writer")
-            log.info("analytics writer ready (batch %d, write delay %g s)", settings.batch, settings.write_delay_s)
-            await stopping.wait()
-            task.cancel()
-        log.info("analytics writer stopped after %d rows", writer.written)
+        async with await Bus.connect(s.nats_url, name="analytics-writer", timeout_s=s.nats_timeout_s) as bus:
+            await bus.ensure_streams()
+            writer = AnalyticsWriter(bus, eventlog, settings)
+            async with asyncio.TaskGroup() as tg:
+                task = tg.create_task(writer.run(), name="analytics-writer")
+                log.info("analytics writer ready (batch %d, write delay %g s)", settings.batch,
+                         settings.write_delay_s)
+                await stopping.wait()
+                task.cancel()
+            log.info("analytics writer stopped after %d rows", writer.written)
     finally:
-        await bus.close()
         await eventlog.close()
 
 

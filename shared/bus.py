@@ -281,9 +281,8 @@ class Bus:
 def as_bus(target: Bus | Any, *, timeout_s: float = 3.0) -> Bus:
     """TRANSITIONAL. A caller that still hands over the bare JetStream context (`bus.js`) gets a Bus
     view over it, on which only the JetStream methods work (no core NATS, `close()` is a no-op).
-    Callers left: `orchestrator/service.py` (`AnalyticsPublisher(self.bus.js)`), `gateway/app.py`
-    (`MediaStore.open(bus.js, ...)`) and tests/integration/test_flags_analytics_media.py. Delete this
-    once they pass the Bus itself."""
+    Callers left: `orchestrator/service.py` (`AnalyticsPublisher(self.bus.js)`) and `gateway/app.py`
+    (`MediaStore.open(bus.js, ...)`). Delete this once they pass the Bus itself."""
     if isinstance(target, Bus):
         return target
     return Bus(None, target, timeout_s=timeout_s)  # type: ignore[arg-type]

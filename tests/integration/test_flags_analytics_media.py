@@ -190,7 +190,7 @@ async def test_analytics_rows_arrive_after_turns_while_a_slow_writer_never_delay
     delay = 3.0
     writer = spawn("orchestrator.analytics", {"TIDEWIRE_ANALYTICS_WRITE_DELAY_S": str(delay)}, name="analytics")
     await writer.wait_for_log_async("analytics writer ready", timeout=30)
-    publisher = AnalyticsPublisher(bus.js)
+    publisher = AnalyticsPublisher(bus)
     pub_task = asyncio.create_task(publisher.run())
     provider = SimulatedProvider(SimulatedSettings())
     turn_ids = [f"t-an-{uid()}" for _ in range(6)]
@@ -232,14 +232,14 @@ async def test_analytics_rows_arrive_after_turns_while_a_slow_writer_never_delay
 
 
 async def test_publisher_drops_and_counts_instead_of_blocking_when_jetstream_stalls() -> None:
-    class StalledJetStream:
-        calls = 0
+    class StalledBus(Bus):
+        def __init__(self) -> None:  # no connection: only the analytics publish is used
+            pass
 
-        async def publish(self, *args: Any, **kwargs: Any) -> None:
-            StalledJetStream.calls += 1
+        async def publish_analytics(self, *args: Any, **kwargs: Any) -> None:
             await asyncio.sleep(3600)
 
-    publisher = AnalyticsPublisher(StalledJetStream(), AnalyticsSettings(queue_max=5, publish_concurrency=2))
+    publisher = AnalyticsPublisher(StalledBus(), AnalyticsSettings(queue_max=5, publish_concurrency=2))
     task = asyncio.create_task(publisher.run())
     await asyncio.sleep(0)
     t0 = time.perf_counter()
@@ -267,8 +267,8 @@ async def test_writer_acks_only_after_the_commit_so_a_failed_write_is_redelivere
 
     sink = FlakySink()
     turn_id = f"t-redeliver-{uid()}"
-    writer = AnalyticsWriter(bus.js, sink, AnalyticsSettings(batch=64, fetch_timeout_s=0.2))
-    publisher = AnalyticsPublisher(bus.js)
+    writer = AnalyticsWriter(bus, sink, AnalyticsSettings(batch=64, fetch_timeout_s=0.2))
+    publisher = AnalyticsPublisher(bus)
     pub_task = asyncio.create_task(publisher.run())
     publisher.offer(busproto.TurnAnalytics(session_id="s", turn_id=turn_id, status="failed", ttft_ms=None,
                                            duration_ms=5.0, completion_chars=3))
@@ -293,7 +293,7 @@ AUTH = GatewaySettings(jwt_secret=SECRET)
 
 @pytest.fixture
 async def media_app(bus: Bus) -> AsyncIterator[tuple[str, media.MediaStore]]:
-    store = await media.MediaStore.open(bus.js, AUTH, media.MediaSettings(max_bytes=1024 * 1024))
+    store = await media.MediaStore.open(bus, AUTH, media.MediaSettings(max_bytes=1024 * 1024))
     app = web.Application()
     app[media.MEDIA] = store
     app.add_routes([web.post("/v1/media", media.upload), web.get("/v1/media/{media_id}", media.download)])
