@@ -509,12 +509,22 @@ async def canary(ctx: Any, http: aiohttp.ClientSession, base_url: str, timeout_s
     return out
 
 
+def _loopback_only(url: str) -> None:
+    """This load generator offers hundreds of messages a second: it only ever targets this machine."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"the open-loop load generator only targets 127.0.0.1, not {host!r}")
+
+
 async def scen_openloop(ctx: Any) -> dict[str, Any]:
     """The load-generator side: one system (`system`: floor or tidewire), every level in order."""
     from bench.loadgen import log, new_http
 
     p = ctx.p
     system, base = p["system"], p["base_url"]
+    _loopback_only(base)
     n, seed, drain = int(p["sessions"]), int(p.get("seed", 18)), float(p["drain_s"])
     specs = p["levels"]
     out: dict[str, Any] = {"system": system, "sessions": n, "loop": os.environ.get("BENCH_LOADGEN_LOOP", "asyncio"),
@@ -551,6 +561,7 @@ async def scen_openloop(ctx: Any) -> dict[str, Any]:
                 await pool.close_all()
                 reply = await ctx.coord.call("fresh_stack", timeout=300)
                 base = reply.get("base_url", base)
+                _loopback_only(base)
                 out["restarts"] += 1
                 res["stack_restarted_after"] = True
                 pool = Pool(ctx, http, base, random.Random(seed + i))
