@@ -773,6 +773,20 @@ class Cluster:
                 out[values["svname"]] = {"status": values["status"], "scur": values["scur"]}
         return out
 
+    def busiest_gateway(self) -> str:
+        """The gateway HAProxy has the most connections on (the one whose loss hurts most)."""
+        servers = self.haproxy_servers()
+        return max(self.nodes("gateway"), key=lambda p: int(servers.get(p.name, {}).get("scur") or 0)).name
+
+    def busiest_nats(self) -> str:
+        """The NATS node with the most client connections (gateways, orchestrators, workers)."""
+        def conns(p: Proc) -> int:
+            try:
+                return int(_http_json(f"http://127.0.0.1:{p.extra['monitor']}/varz").get("connections") or 0)
+            except Exception:  # noqa: BLE001 - a node that does not answer has nobody
+                return -1
+        return max(self.nodes("nats"), key=conns).name
+
     # ---- faults ------------------------------------------------------------------------------
 
     def _record(self, kind: str, target: str, **detail: Any) -> FaultRecord:

@@ -43,15 +43,25 @@ from tidewire.cluster import Cluster, FaultRecord
 from tidewire.drill import DrillClient, check
 
 SESSIONS = 24
-TURNS = 4
-# ~10 s per answer at 40 tokens/s: every fault lands while most sessions are mid-answer
+TURNS = 5
+# ~10 s per answer at 40 tokens/s: every fault lands while most sessions are mid-answer, and the
+# drill (4 s + 6 faults × 8 s) ends before the answers do
 TEXT = "/sim tokens=400 rate=40\ncluster drill turn {turn}"
-FAULT_EVERY_S = 6.0
+FAULT_EVERY_S = 8.0
 PAUSE_WINDOW_S = 12.0
+MAX_PAUSE_S = 15.0  # a client stalled longer than this is a liveness failure (and is reported)
+GAP_LEAD_S = 0.5  # a pause starts at the last event before the fault: at 40 tokens/s, well within this
 PROBE_TEXT = "/sim tokens=4 rate=1000\nprobe {turn}"
 FAULTS = ["gateway", "gateway-drain", "orchestrator", "nats", "redis-primary", "postgres-primary"]
 if os.environ.get("TIDEWIRE_CHAOS_NO_REDIS_FAILOVER") == "1":
     FAULTS.remove("redis-primary")
+# The gateway does not re-read the stores when its NATS connection comes back: a live event published
+# while it was reconnecting is lost for its clients, and if it was the last of a turn (turn_end) they
+# stall until they reconnect themselves. Until the gateway resyncs on reconnect, a stall after the NATS
+# fault is an expected failure; set this to 1 once it does.
+NATS_RESYNC_FIXED = os.environ.get("TIDEWIRE_CHAOS_NATS_RESYNC_FIXED") == "1"
+NATS_STALL_REASON = ("gateway does not resync its sessions from the stores after a NATS reconnect: a live "
+                     "event lost while reconnecting (a turn_end) stalls the session until the client reconnects")
 
 
 class TimedEvents(list):  # type: ignore[type-arg]
@@ -81,23 +91,33 @@ class TimedClient(DrillClient):
 def pause_report(rec: FaultRecord, until: float, clients: list[TimedClient],
                  probes: list[tuple[float, float, TimedClient]]) -> dict[str, Any]:
     """For each client streaming when the fault hit (an event in the second before it): the longest
-    gap between two events that ended after the fault and before the next fault (`until`); and the
-    longest send→turn_end of the probe turns running in that interval."""
+    gap between two of its events that started from just before the fault to just before the next one
+    (`until`), so a pause is counted for the fault that caused it; and the longest send→turn_end of the
+    probe turns that ran in that interval."""
     pauses = []
     errors: dict[str, int] = {}
+    stalls = []
     for c in clients:
         times = c.events.times  # type: ignore[attr-defined]
         if not any(rec.at - 1.0 <= t < rec.at for t in times):
             continue
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > rec.at and a < until]
+        gaps = [(b - a, a, i) for i, (a, b) in enumerate(zip(times, times[1:], strict=False))
+                if rec.at - GAP_LEAD_S <= a < until - GAP_LEAD_S and b > rec.at]
         if gaps:
-            pauses.append(max(gaps))
+            gap, start, i = max(gaps)
+            pauses.append(gap)
+            if gap > MAX_PAUSE_S:  # evidence: which session, which events, what ended the stall
+                ended_by = next((e for t, e in c.errors if t >= start), None)
+                stalls.append({"session": c.session_id, "after_fault_s": round(start - rec.at, 3),
+                               "stall_s": round(gap, 3), "last_event": type(c.events[i]).__name__,
+                               "last_seq": c.events[i].seq, "next_event": type(c.events[i + 1]).__name__,
+                               "ended_by": ended_by})
         for t, e in c.errors:
             if rec.at <= t < until:
                 key = e.split(":", 1)[0] if "send refused" not in e else e
                 errors[key] = errors.get(key, 0) + 1
     pauses.sort()
-    probe_turns = [end - start for start, end, _ in probes if end > rec.at and start < until]
+    probe_turns = [end - start for start, end, _ in probes if end > rec.at and start < until - GAP_LEAD_S]
     for start, _end, p in probes:
         for t, e in p.errors:
             if rec.at <= t < until and start <= t:
@@ -107,7 +127,7 @@ def pause_report(rec: FaultRecord, until: float, clients: list[TimedClient],
             "pause_p50_ms": round(statistics.median(pauses) * 1000) if pauses else None,
             "pause_max_ms": round(pauses[-1] * 1000) if pauses else None,
             "probe_turn_max_ms": round(max(probe_turns) * 1000) if probe_turns else None,
-            "client_errors": errors}
+            "client_errors": errors, "stalls": stalls}
 
 
 async def probe_loop(url: str, stop: asyncio.Event, out: list[tuple[float, float, TimedClient]]) -> None:
@@ -141,24 +161,24 @@ def cluster() -> Iterator[Cluster]:
 async def run_drill(cluster: Cluster, faults: list[str]) -> tuple[list[TimedClient], list[dict[str, Any]]]:
     clients = [TimedClient(cluster.url, make_token(f"cluster-{i}"), turns=TURNS, text=TEXT, events=TimedEvents())
                for i in range(SESSIONS)]
-    rng = random.Random(16)
     work = asyncio.gather(*(c.run() for c in clients))
     probes: list[tuple[float, float, TimedClient]] = []
     stop_probes = asyncio.Event()
     prober = asyncio.create_task(probe_loop(cluster.url, stop_probes, probes))
     records: list[FaultRecord] = []
+    rng = random.Random(16)
     await asyncio.sleep(4.0)
     for kind in faults:
         if work.done():
             break
         if kind == "gateway":
-            rec = await asyncio.to_thread(cluster.kill_gateway, rng.choice(cluster.nodes("gateway")).name)
+            rec = await asyncio.to_thread(cluster.kill_gateway, cluster.busiest_gateway())
         elif kind == "gateway-drain":
-            rec = await asyncio.to_thread(cluster.drain_gateway, rng.choice(cluster.nodes("gateway")).name)
+            rec = await asyncio.to_thread(cluster.drain_gateway, cluster.busiest_gateway())
         elif kind == "orchestrator":
             rec = await asyncio.to_thread(cluster.kill_orchestrator, rng.choice(cluster.nodes("orchestrator")).name)
         elif kind == "nats":
-            rec = await asyncio.to_thread(cluster.kill_nats, rng.choice(cluster.nodes("nats")).name)
+            rec = await asyncio.to_thread(cluster.kill_nats, await asyncio.to_thread(cluster.busiest_nats))
         elif kind == "redis-primary":
             rec = await asyncio.to_thread(cluster.kill_redis_primary)
         elif kind == "postgres-primary":
@@ -183,20 +203,81 @@ async def run_drill(cluster: Cluster, faults: list[str]) -> tuple[list[TimedClie
     return clients + [p for _, _, p in probes], reports
 
 
-async def check_invariants(cluster: Cluster, clients: list[TimedClient]) -> list[str]:
+async def dump_session(cluster: Cluster, c: TimedClient, why: str) -> None:
+    """Evidence for a failed session: what the client received (seq, type, arrival time), its errors,
+    and what Redis and Postgres hold, into <state>/failed-<sid>.json."""
+    from shared import redis_connect
+
+    t0 = cluster.faults[0].at if cluster.faults else 0.0
+    received = [(e.seq, type(e).__name__, round(t - t0, 3), getattr(e, "turn_id", None))
+                for e, t in zip(c.events, c.events.times, strict=False)]  # type: ignore[attr-defined]
+    r = redis_connect.client(cluster.redis_url, timeout_s=2)
+    try:
+        log = [(k.decode(), v[b"e"][:80].decode(errors="replace"))
+               for k, v in await r.xrange(f"tw:{{{c.session_id}}}:log")]
+        seq = await r.get(f"tw:{{{c.session_id}}}:seq")
+    finally:
+        await r.aclose()
+    conn = await asyncpg.connect(cluster.postgres_dsn)
+    try:
+        rows = [(x["seq"], x["first_seq"], x["type"]) for x in await conn.fetch(
+            "SELECT seq, first_seq, type FROM events WHERE session_id=$1 ORDER BY seq", c.session_id)]
+    finally:
+        await conn.close()
+    (cluster.state_dir / f"failed-{c.session_id}.json").write_text(json.dumps({
+        "why": why, "received": received, "errors": [(round(t - t0, 3), e) for t, e in c.errors],
+        "faults": [(f.kind, f.target, round(f.at - t0, 3)) for f in cluster.faults],
+        "redis_seq": seq.decode() if seq else None, "redis_log": log, "postgres_events": rows}, indent=1))
+
+
+async def _check_without_seqs(c: TimedClient, http: aiohttp.ClientSession) -> None:
+    """tidewire.drill.check without its strict seq check (the caller checked seqs, merging allowed)."""
+    if len(c.acks) != c.turns:
+        raise invariants.InvariantError(f"{len(c.acks)} of {c.turns} messages acknowledged")
+    turns = invariants.check_turns(c.events)
+    async with http.get(f"{c.url}/v1/sessions/{c.session_id}",
+                        headers={"Authorization": f"Bearer {c.token}"}) as r:
+        body = await r.json()
+    by_turn = {(m["role"], m["turn_id"]): m for m in body["messages"]}
+    for ack in c.acks:
+        user = by_turn.get(("user", ack.turn_id))
+        if user is None or user["seq"] != ack.seq:
+            raise invariants.InvariantError(f"acknowledged message {ack.client_msg_id} is not durable at {ack.seq}")
+        view, stored = turns[ack.turn_id], by_turn.get(("assistant", ack.turn_id))
+        if not view.ends or view.ends[0].status != "completed":
+            raise invariants.InvariantError(f"turn {ack.turn_id} did not complete")
+        if stored is None or stored["text"] != view.text:
+            raise invariants.InvariantError(f"turn {ack.turn_id}: client text differs from the durable history")
+
+
+async def check_invariants(cluster: Cluster, clients: list[TimedClient],
+                           merged: list[str] | None = None) -> list[str]:
     """Every guarantee, per session, against the durable history (through HAProxy and in Postgres
-    directly); the failures as text (empty: all held)."""
+    directly); the failures as text (empty: all held). Seq jumps that are merged deltas (a client
+    that fell behind) go to `merged`."""
+    merged = [] if merged is None else merged
     failures = []
     async with aiohttp.ClientSession() as http:
         for c in clients:
             try:
-                await check(c, http)  # acked => durable at its seq; client text == history; seq gap-free
+                try:
+                    await check(c, http)  # acked => durable at its seq; client text == history; seq gap-free
+                except invariants.InvariantError as e:
+                    # PROTOCOL.md: a client that falls behind (32 frames waiting) gets contiguous deltas
+                    # merged, the merged one carrying its last member's seq. Such a jump lands on a delta
+                    # and the text still covers every offset (check_turns); anything else is a failure.
+                    if "seq gap" not in str(e) or "(Delta)" not in str(e):
+                        raise
+                    invariants.check_seqs(c.events, merged=True)
+                    merged.append(f"{c.session_id}: {e}")
+                    await _check_without_seqs(c, http)
                 for ack in c.acks:  # exactly one turn_end per turn, and its text is the client's
                     view = invariants.check_turns(c.events)[ack.turn_id]
                     if len(view.ends) != 1 or view.ends[0].text != view.text:
                         raise invariants.InvariantError(f"turn {ack.turn_id}: {len(view.ends)} turn_end")
             except (invariants.InvariantError, KeyError) as e:
                 failures.append(f"{c.session_id}: {e}")
+                await dump_session(cluster, c, str(e))
     conn = await asyncpg.connect(cluster.postgres_dsn)
     try:
         for c in clients:
@@ -222,7 +303,10 @@ async def check_invariants(cluster: Cluster, clients: list[TimedClient]) -> list
 async def test_cluster_loses_nothing_when_a_gateway_orchestrator_nats_node_redis_and_postgres_primaries_die(
         cluster: Cluster) -> None:
     clients, reports = await run_drill(cluster, FAULTS)
-    failures = await check_invariants(cluster, clients)
+    merged: list[str] = []
+    failures = await check_invariants(cluster, clients, merged)
+    if merged:
+        print(f"{len(merged)} session(s) got merged deltas (client behind): {merged[:3]}")
     assert not failures, "\n".join(failures[:20])
     assert [r["fault"] for r in reports] == FAULTS and all(r["heal_s"] is not None for r in reports)
     assert all(r["streaming_clients"] > 0 for r in reports), "a fault hit no streaming client"
@@ -230,3 +314,9 @@ async def test_cluster_loses_nothing_when_a_gateway_orchestrator_nats_node_redis
     assert cluster.pg_primary == "pg-b" and cluster.stream_replicas()["TW_TURNS"]["replicas"] == 3
     if "redis-primary" in FAULTS:
         assert cluster.redis_primary() == "redis-b"
+    stalled = {r["fault"]: r["stalls"] for r in reports if r["stalls"]}
+    nats_stalls = stalled.pop("nats", None)
+    assert not stalled, f"clients stalled > {MAX_PAUSE_S} s: {stalled}"
+    if nats_stalls and not NATS_RESYNC_FIXED:
+        pytest.xfail(f"{NATS_STALL_REASON}; evidence: {nats_stalls}")
+    assert not nats_stalls, f"clients stalled > {MAX_PAUSE_S} s after the NATS fault: {nats_stalls}"
