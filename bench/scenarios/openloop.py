@@ -262,6 +262,13 @@ class Conn:
         for now, f in self.early.pop(turn_id, ()):
             self.on_frame(now, f)
 
+    def abort(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                self.ws._response.close()
+        if self.reader is not None:
+            self.reader.cancel()
+
     async def close(self) -> None:
         if self.ws is not None and not self.ws.closed:
             try:
@@ -310,11 +317,17 @@ class Pool:
         return {"opened": len(self.conns), "open_s": round(time.monotonic() - t0, 3),
                 "open_errors": sum(errors.values()), "open_error_kinds": dict(errors.most_common(3))}
 
-    async def close_all(self) -> None:
+    async def close_all(self, abort: bool = False) -> None:
+        """Close every session (`abort`: drop the TCP connections at once, for a stack that may no
+        longer answer a close handshake)."""
         from bench.loadgen import gather_limited
 
         self.closing = True
-        await gather_limited([lambda c=c: c.close() for c in self.conns], 200)
+        if abort:
+            for c in self.conns:
+                c.abort()
+        else:
+            await gather_limited([lambda c=c: c.close() for c in self.conns], 200)
         for t in list(self.send_tasks):
             t.cancel()
 
@@ -558,7 +571,7 @@ async def scen_openloop(ctx: Any) -> dict[str, Any]:
             if (not res["canary"]["ok"] and system == "tidewire" and p.get("restart_on_canary_failure", True)
                     and i < len(specs) - 1):
                 log("openloop: the canary failed, asking for a fresh stack")
-                await pool.close_all()
+                await pool.close_all(abort=True)
                 reply = await ctx.coord.call("fresh_stack", timeout=300)
                 base = reply.get("base_url", base)
                 _loopback_only(base)
@@ -568,7 +581,7 @@ async def scen_openloop(ctx: Any) -> dict[str, Any]:
                 res["reopen"] = await pool.open(n, int(p.get("open_concurrency", 100)))
             out["levels"].append(res)
         out["lost_close_codes"] = dict(pool.lost_codes)
-        await pool.close_all()
+        await pool.close_all(abort=bool(out["levels"]) and not out["levels"][-1]["canary"]["ok"])
     return out
 
 
