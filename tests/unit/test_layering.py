@@ -1,0 +1,116 @@
+"""Layering: the drivers (nats-py, redis-py, asyncpg) are reached only through the adapters in shared/.
+
+An import analysis of every module of the services and of the packages they use (`gateway/`,
+`orchestrator/`, `tool_workers/`, `tidewire/`, `proto/`), by `ast`, so imports inside functions and
+under `TYPE_CHECKING` count too. A module fails when it
+
+- imports `nats`, `redis` or `asyncpg` (any submodule);
+- reaches through an adapter to its driver object: an attribute named `nc`, `js`, `redis` or
+  `lease_redis` on anything, or `_pool` on anything but `self`/`cls`;
+- is part of the orchestrator and imports `tool_workers` (one service never imports another: the
+  tool catalogue both sides read is `shared.tool_catalogue`).
+
+`tests/` are free to poke at the drivers: they check the adapters from outside.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCANNED = ("gateway", "orchestrator", "tool_workers", "tidewire", "proto")
+DRIVERS = frozenset({"nats", "redis", "asyncpg"})
+DRIVER_ATTRS = frozenset({"nc", "js", "redis", "lease_redis"})
+PRIVATE_ATTRS = frozenset({"_pool"})  # fine on self/cls (an adapter's own field), not through one
+
+# Dev-only modules: they start and probe servers for `tidewire dev` / the cluster topology and are
+# never imported by a service at run time, so they may talk to the drivers directly.
+DEV_ONLY = frozenset({
+    "tidewire/cluster.py",  # starts the clustered topology (NATS nodes, Redis Sentinels, Postgres standby)
+    "tidewire/cluster_shim.py",  # patches connection set-up for that topology until the services do it
+})
+
+# Sites left after issue 17 part 2 (NATS side), in files that were not part of that change. Keyed by
+# (module, what) so moving lines does not matter; `test_no_new_bypass` fails on anything not listed.
+KNOWN_REMAINING = frozenset({
+    ("gateway/app.py", ".js"),  # MediaStore.open(bus.js, ...) -> MediaStore.open(bus, ...)
+    ("gateway/hub.py", "import nats"),  # Msg -> shared.bus.BusMessage
+    ("gateway/limits.py", ".redis"),  # SubjectLimits' Lua on the checkpoint client -> shared/quotas.py
+    ("gateway/sessions.py", ".redis"),  # delete of the orchestrator's state cache -> SessionStore.invalidate
+    ("gateway/facades/common.py", ".redis"),  # facade records on the checkpoint client -> an adapter
+    ("orchestrator/service.py", "import nats"),  # Msg -> shared.bus.BusMessage
+    ("orchestrator/service.py", ".js"),  # AnalyticsPublisher(self.bus.js) -> AnalyticsPublisher(self.bus)
+    ("orchestrator/service.py", ".nc"),  # bus.nc.subscribe(CANCEL_SUBJECT) -> bus.subscribe_turn_cancels
+    ("orchestrator/service.py", ".redis"),  # SessionStore and the breaker mirror on checkpoints.redis
+    ("orchestrator/service.py", "import tool_workers"),  # default_registry -> shared.tool_catalogue
+})
+
+
+def _modules() -> Iterator[tuple[str, ast.Module]]:
+    for top in SCANNED:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel not in DEV_ONLY:
+                yield rel, ast.parse(path.read_text(encoding="utf-8"), filename=rel)
+
+
+def _imported(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return [node.module]
+    return []
+
+
+def violations() -> list[tuple[str, int, str]]:
+    """(module, line, what) for every site that bypasses the adapters."""
+    found: list[tuple[str, int, str]] = []
+    for rel, tree in _modules():
+        for node in ast.walk(tree):
+            for name in _imported(node):
+                top = name.split(".", 1)[0]
+                if top in DRIVERS:
+                    found.append((rel, node.lineno, f"import {top}"))
+                elif top == "tool_workers" and rel.startswith("orchestrator/"):
+                    found.append((rel, node.lineno, "import tool_workers"))
+            if isinstance(node, ast.Attribute):
+                if node.attr in DRIVER_ATTRS:
+                    found.append((rel, node.lineno, f".{node.attr}"))
+                elif node.attr in PRIVATE_ATTRS and not (
+                        isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    found.append((rel, node.lineno, f".{node.attr}"))
+    return sorted(found)
+
+
+def _listing(sites: list[tuple[str, int, str]]) -> str:
+    return "\n".join(f"  {rel}:{line}: {what}" for rel, line, what in sites)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "sites outside the NATS change remain: orchestrator/service.py (nats Msg import, bus.js, bus.nc, "
+    "checkpoints.redis, tool_workers import), gateway/hub.py (nats Msg import), gateway/app.py (bus.js), "
+    "the Redis client through CheckpointStore.redis in gateway/limits.py, gateway/sessions.py and "
+    "gateway/facades/common.py; see KNOWN_REMAINING"))
+def test_drivers_are_reached_only_through_shared_adapters() -> None:
+    sites = violations()
+    assert not sites, "modules outside shared/ that reach a driver:\n" + _listing(sites)
+
+
+def test_no_new_bypass_beyond_the_known_sites() -> None:
+    """A ratchet while the xfail above stands: no module may start bypassing the adapters."""
+    new = [s for s in violations() if (s[0], s[2]) not in KNOWN_REMAINING]
+    assert not new, "new driver access outside shared/ (use or extend an adapter in shared/):\n" + _listing(new)
+
+
+def test_the_scan_sees_imports_inside_functions_and_attribute_access() -> None:
+    tree = ast.parse("def f(bus):\n    import nats.js.api\n    return bus.js, bus.store._pool, self._pool\n")
+    kinds = sorted({what for node in ast.walk(tree) for what in
+                    ([f"import {n.split('.')[0]}" for n in _imported(node)]
+                     + ([f".{node.attr}"] if isinstance(node, ast.Attribute)
+                        and node.attr in DRIVER_ATTRS | PRIVATE_ATTRS
+                        and not (isinstance(node.value, ast.Name) and node.value.id == "self") else []))})
+    assert kinds == ["._pool", ".js", "import nats"]
