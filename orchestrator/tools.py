@@ -1,8 +1,10 @@
 """Tool dispatch for the turn loop: tool calls go to tool workers, never run in the orchestrator.
 
-`ToolDispatcher.call` validates the arguments against the shared registry, publishes a `ToolJob`
-to JetStream (`tw.tools.<pool>`, `Nats-Msg-Id` = the call key, so a retried publish is a no-op)
-and waits for the worker's `ToolResultMsg` on core NATS. Guarantees:
+`ToolDispatcher.call` validates the arguments against the tool catalogue (`shared.tool_catalogue`,
+the contract the workers implement), publishes a `ToolJob` to JetStream (`tw.tools.<pool>`,
+`Nats-Msg-Id` = the call key, so a retried publish is a no-op) and waits for the worker's
+`ToolResultMsg` on core NATS, all through `shared.toolbus.ToolBus`; the call ledger is
+`shared.call_ledger.CallLedger`, the same adapter the workers use. Guarantees:
 
 - `call` always returns a `ToolOutcome` within the tool's `max_seconds` plus a small grace;
   past the limit it is `ok=False, timed_out=True, text="<name> timed out after N s"`, never
@@ -40,6 +42,7 @@ from shared.toolbus import ToolBus
 __all__ = ["ToolDispatchSettings", "ToolDispatcher", "ToolOutcome"]
 
 log = logging.getLogger(__name__)
+
 
 class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """What the turn loop reports as `tool_result {ok, text}` and gives back to the model."""

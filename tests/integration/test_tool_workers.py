@@ -26,6 +26,7 @@ from shared.bus import Bus
 from shared.infra import Infrastructure
 from tests.waits import within
 from tool_workers.registry import default_registry
+from tool_workers.service import FETCH_WAIT_S
 from tool_workers.settings import ToolWorkerSettings
 from tool_workers.tools.send_email import SIDE_EFFECT_FILE
 
@@ -253,12 +254,18 @@ async def test_sigterm_lets_a_running_tool_finish(dispatcher: ToolDispatcher, st
 async def test_sigterm_hands_a_tool_that_outlives_the_grace_period_to_another_worker(
         dispatcher: ToolDispatcher, start_worker: Any) -> None:
     leaving = start_worker("tool-worker-leaving", TIDEWIRE_SHUTDOWN_GRACE_SECONDS="0.3")
+    staying = start_worker("tool-worker-staying")
     await leaving.wait_for_log_async(READY)
+    await staying.wait_for_log_async(READY)
+    # The worker that takes over is started before the call (a start-up slower than the 2 s tool on a
+    # loaded machine would let the call finish before SIGTERM), but frozen past its last pull request's
+    # expiry, so the call can only land on `leaving`.
+    staying.stop()
+    await asyncio.sleep(FETCH_WAIT_S + 0.5)
     call = asyncio.create_task(dispatcher.call("s1", new_turn(), "handoff", "slow_lookup",
                                                {"query": "q", "seconds": 2}))
     await started_on([leaving], "handoff")
-    staying = start_worker("tool-worker-staying")
-    await staying.wait_for_log_async(READY)
+    staying.cont()
     assert await asyncio.to_thread(leaving.terminate, 15.0) == 0
     assert "call handoff interrupted by shutdown: handed back" in leaving.log_text()
     outcome = await call
