@@ -21,9 +21,12 @@ from aiohttp import web
 
 from orchestrator.tools import ToolDispatcher, ToolDispatchSettings, ToolOutcome
 from proto import bus as busproto
+from proto.tools import CallRecord
 from shared import subjects
 from shared.bus import Bus
+from shared.call_ledger import CallLedger
 from shared.infra import Infrastructure
+from shared.tool_catalogue import call_key
 from tests.waits import within
 from tool_workers.registry import default_registry
 from tool_workers.service import FETCH_WAIT_S
@@ -221,6 +224,28 @@ async def test_invalid_args_give_a_validation_message(dispatcher: ToolDispatcher
     await inbox.unsubscribe()
     assert not reply.ok
     assert reply.text == "invalid arguments for slow_lookup: Object contains unknown field `bogus`"
+
+
+async def test_call_ledger_starts_a_call_once_and_a_forestalled_call_never(bus: Bus) -> None:
+    """The one ledger both sides use (shared/call_ledger.py), against the real KV bucket: the first
+    `mark_started` wins, a forestalled ("done" before any start) call can never be started, and
+    `get` returns what was stored."""
+    ledger = await CallLedger.open(bus, ttl_s=600)
+    assert await CallLedger.existing(bus) is not None
+    started, forestalled = call_key(new_turn(), "c1"), call_key(new_turn(), "c2")
+    assert await ledger.get(started) is None
+    assert await ledger.mark_started(started, name="send_email", attempt=1)
+    assert not await ledger.mark_started(started, name="send_email", attempt=2)
+    assert not await ledger.forestall(started, CallRecord(state="done", name="send_email", text="cancelled"))
+    assert await ledger.get(started) == CallRecord(state="started", name="send_email", attempt=1)
+    done = CallRecord(state="done", name="send_email", ok=True, text="sent", attempt=1)
+    await ledger.mark_done(started, done)
+    assert await ledger.get(started) == done
+
+    cancelled = CallRecord(state="done", name="send_email", text="send_email was cancelled")
+    assert await ledger.forestall(forestalled, cancelled)
+    assert not await ledger.mark_started(forestalled, name="send_email", attempt=1)
+    assert await ledger.get(forestalled) == cancelled
 
 
 async def test_calculator_rejects_code_and_huge_exponents(dispatcher: ToolDispatcher, start_worker: Any) -> None:
