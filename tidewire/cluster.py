@@ -886,8 +886,10 @@ class Cluster:
                         self._note(f"redis: Sentinels promoted {master}")
                         redis_old_master = rec.target
                 for p in list(self.procs.values()):
-                    if p.kind == "postgres" or not p.wanted or p.alive() or self._stop.is_set() or not self.heal:
+                    if not p.wanted or p.alive() or self._stop.is_set() or not self.heal:
                         continue
+                    if p.kind == "postgres" and p.name == self.pg_primary:
+                        continue  # a dead primary is promoted away from, never restarted as primary
                     if p.kind == "redis" and (master is None or master == p.name):
                         continue  # wait for the Sentinels' election before it comes back as a replica
                     if time.monotonic() - (p.started_at or 0) < self.restart_delay_s:
@@ -904,6 +906,8 @@ class Cluster:
             "nats": lambda: _http_ok(f"http://127.0.0.1:{p.extra['monitor']}/healthz"),
             "redis": lambda: _redis_in_sync(p.port),
             "sentinel": lambda: _redis_ping(p.port),
+            "postgres": lambda: self.psql(self.pg_primary, "select state from pg_stat_replication where "
+                                          f"application_name = '{p.name}'") == "streaming",
             "haproxy": lambda: _tcp(p.port),
         }
         probe = probes.get(p.kind, lambda: _http_ok(f"http://127.0.0.1:{p.port}/readyz"))

@@ -119,3 +119,43 @@ async def _in_sync(port: int) -> bool:
         return False
     finally:
         await c.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_failover_forgets_an_acknowledged_write_the_replica_missed_and_wait_1_tells(redis_ha: Cluster) -> None:
+    """The hazard of asynchronous replication, made deterministic: the replica is cut off (stopped,
+    its link closed by the primary), a write is acknowledged by the primary alone, the primary dies,
+    the replica is promoted, and the write is gone. For the checkpoint store that is a seq a client
+    may have seen being re-issued with other content. `WAIT 1 <ms>` after the write answers 0: an
+    append that waited for it before publishing would never have shown the event to anyone."""
+    import os
+    import signal
+
+    r = redis_connect.client(redis_ha.redis_url, max_connections=4, timeout_s=1.0)
+    old = redis_ha.redis_primary()
+    replica = next(p for p in redis_ha.nodes("redis") if p.name != old)
+    try:
+        await r.set("rc:lost", "before")
+        assert await r.execute_command("WAIT", 1, 1000) == 1
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            await r.execute_command("CLIENT", "KILL", "TYPE", "replica")
+            assert await r.set("rc:lost", "acknowledged by the primary alone")
+            assert await r.execute_command("WAIT", 1, 200) == 0, "WAIT should see no replica acknowledging"
+            fault = redis_ha.kill_redis_primary()
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        redis_ha.wait_healed(fault, timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                value = await r.get("rc:lost")
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert redis_ha.redis_primary() == replica.name
+        assert value == b"before", "the promoted replica has the write it never received?"
+    finally:
+        await r.aclose()
