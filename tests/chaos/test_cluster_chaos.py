@@ -298,6 +298,47 @@ async def check_invariants(cluster: Cluster, clients: list[TimedClient],
     return failures
 
 
+async def check_sse_and_poll_through_haproxy(cluster: Cluster) -> dict[str, float]:
+    """SSE and long-poll pass through HAProxy unbuffered: the deltas of a ~1.5 s answer arrive spread
+    over its duration (not in one burst at the end), their text is turn_end's, and a poll returns it."""
+    token = make_token("cluster-sse")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{cluster.url}/v1/sessions", headers=auth) as r:
+            sid = (await r.json())["session_id"]
+        deltas: list[tuple[float, str]] = []
+        end_text: list[str] = []
+
+        async def read_sse() -> None:
+            async with http.get(f"{cluster.url}/v1/sessions/{sid}/events?after=0", headers=auth,
+                                timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                assert resp.status == 200
+                kind = ""
+                async for raw in resp.content:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: ") and kind == "delta":
+                        deltas.append((time.monotonic(), json.loads(line[6:])["text"]))
+                    elif line.startswith("data: ") and kind == "turn_end":
+                        end_text.append(json.loads(line[6:])["text"])
+                        return
+
+        reader = asyncio.create_task(read_sse())
+        await asyncio.sleep(0.5)
+        async with http.post(f"{cluster.url}/v1/sessions/{sid}/messages", headers=auth,
+                             json={"client_msg_id": "sse-1", "text": "/sim tokens=60 rate=40\nsse"}) as r:
+            assert r.status == 200, await r.text()
+        await asyncio.wait_for(reader, 60)
+        async with http.get(f"{cluster.url}/v1/sessions/{sid}/poll?after=0&wait_s=1", headers=auth) as r:
+            polled = await r.json()
+    spread = deltas[-1][0] - deltas[0][0]
+    assert end_text and "".join(t for _, t in deltas) == end_text[0]
+    assert spread > 0.8, f"SSE deltas arrived within {spread:.2f} s: buffered by the proxy?"
+    assert any(e.get("type") == "turn_end" for e in polled["events"])
+    return {"sse_deltas": len(deltas), "sse_spread_s": round(spread, 2)}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 async def test_cluster_loses_nothing_when_a_gateway_orchestrator_nats_node_redis_and_postgres_primaries_die(
@@ -308,6 +349,7 @@ async def test_cluster_loses_nothing_when_a_gateway_orchestrator_nats_node_redis
     if merged:
         print(f"{len(merged)} session(s) got merged deltas (client behind): {merged[:3]}")
     assert not failures, "\n".join(failures[:20])
+    print("SSE and long-poll through HAProxy:", await check_sse_and_poll_through_haproxy(cluster))
     assert [r["fault"] for r in reports] == FAULTS and all(r["heal_s"] is not None for r in reports)
     assert all(r["streaming_clients"] > 0 for r in reports), "a fault hit no streaming client"
     assert sum(c.reconnects for c in clients) > 0, "the faults never reached a client"
