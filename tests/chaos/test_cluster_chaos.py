@@ -20,6 +20,7 @@ lagging replica. `TIDEWIRE_CHAOS_NO_REDIS_FAILOVER=1` leaves the Redis fault out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -39,7 +40,7 @@ import pytest
 from proto import client
 from tests.integration.conftest import GENEROUS_LIMITS, SECRET, make_token
 from tidewire import invariants
-from tidewire.cluster import Cluster, FaultRecord
+from tidewire.cluster import Cluster, FaultRecord, _http_json
 from tidewire.drill import DrillClient, check
 
 SESSIONS = 24
@@ -362,3 +363,107 @@ async def test_cluster_loses_nothing_when_a_gateway_orchestrator_nats_node_redis
     if nats_stalls and not NATS_RESYNC_FIXED:
         pytest.xfail(f"{NATS_STALL_REASON}; evidence: {nats_stalls}")
     assert not nats_stalls, f"clients stalled > {MAX_PAUSE_S} s after the NATS fault: {nats_stalls}"
+
+
+async def _watch(url: str, token: str, session_id: str | None, events: list[client.Event],
+                 ready: asyncio.Future[str] | None = None, send: str | None = None) -> None:
+    """One WebSocket watching a session (replay from seq 1, then live) until it is cancelled."""
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(url.replace("http", "ws", 1) + f"/v1/ws?access_token={token}") as ws:
+        await ws.send_str(json.dumps({"type": "hello", "session_id": session_id, "last_seen_seq": None}))
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                return
+            frame = client.server_frame_decoder.decode(msg.data)
+            if isinstance(frame, client.Ready):
+                if ready is not None and not ready.done():
+                    ready.set_result(frame.session_id)
+                if send is not None:
+                    await ws.send_str(json.dumps({"type": "send", "client_msg_id": "stall-1", "text": send}))
+                    send = None
+            elif isinstance(frame, client.EVENT_TYPES):
+                events.append(frame)  # type: ignore[arg-type]
+
+
+def _nats_node_of(cluster: Cluster, connection_name: str) -> str | None:
+    """The NATS node a process's main connection (named after the process) is on."""
+    for p in cluster.nodes("nats"):
+        if p.alive():
+            with contextlib.suppress(Exception):
+                connz = _http_json(f"http://127.0.0.1:{p.extra['monitor']}/connz?limit=1024")
+                if any(c.get("name") == connection_name for c in connz.get("connections") or []):
+                    return p.name
+    return None
+
+
+def _ended(events: list[client.Event]) -> bool:
+    return any(isinstance(e, client.TurnEnd) for e in events)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.xfail(not NATS_RESYNC_FIXED, strict=True, reason=NATS_STALL_REASON)
+async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was_unreachable(
+        cluster: Cluster) -> None:
+    """Deterministic version of the drill's NATS stall. One session is watched through each of the
+    three gateways; mid-turn, the NATS node of a gateway that is not on the turn's orchestrator's node
+    is frozen (SIGSTOP) until the turn has ended (the other gateways deliver turn_end: the control),
+    then killed: that gateway reconnects to another node at once. Its client must get turn_end from
+    the stores within 10 s; today it never does (nothing re-reads them after the reconnect)."""
+    import os
+    import signal
+
+    from shared import redis_connect
+
+    token = make_token("stall")
+    gateways = cluster.nodes("gateway")
+    views: dict[str, list[client.Event]] = {g.name: [] for g in gateways}
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    first = gateways[0]
+    tasks = [asyncio.create_task(_watch(f"http://127.0.0.1:{first.port}", token, None, views[first.name], ready,
+                                        send="/sim tokens=160 rate=40\nstall"))]
+    sid = await asyncio.wait_for(ready, 30)
+    tasks += [asyncio.create_task(_watch(f"http://127.0.0.1:{g.port}", token, sid, views[g.name]))
+              for g in gateways[1:]]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(sum(isinstance(e, client.Delta) for e in v) >= 3 for v in views.values()):
+            assert time.monotonic() < deadline, "the turn did not stream to every gateway"
+            await asyncio.sleep(0.05)
+        r = redis_connect.client(cluster.redis_url, timeout_s=2)
+        try:
+            lease = (await r.get(f"tw:{{{sid}}}:lease") or b"").decode()
+        finally:
+            await r.aclose()
+        owner = lease.rsplit(":", 1)[0]  # the orchestrator's id, "<name>/<hex>", also its NATS name
+        owner_node = await asyncio.to_thread(_nats_node_of, cluster, owner)
+        gw_nodes = {g.name: await asyncio.to_thread(_nats_node_of, cluster, g.name) for g in gateways}
+        victims = [g for g, n in gw_nodes.items() if n is not None and n != owner_node]
+        if not owner_node or not victims:
+            pytest.skip(f"every gateway shares the NATS node of the turn's orchestrator: {gw_nodes}, {owner_node}")
+        node = gw_nodes[victims[0]]
+        assert node is not None
+        stalled = [g for g, n in gw_nodes.items() if n == node]
+        controls = [g for g in views if g not in stalled]
+        nats_proc = cluster.procs[node]
+        os.kill(nats_proc.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while not all(_ended(views[g]) for g in controls):
+                assert time.monotonic() < deadline, "the turn did not end through the other gateways"
+                await asyncio.sleep(0.05)
+            assert not any(_ended(views[g]) for g in stalled)
+        finally:
+            await asyncio.to_thread(cluster.kill, node)  # SIGKILL works on a stopped process
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(_ended(views[g]) for g in stalled):
+                break
+            await asyncio.sleep(0.1)
+        missing = [g for g in stalled if not _ended(views[g])]
+        assert not missing, (f"{missing} (on {node}) never delivered turn_end after reconnecting; last seq "
+                             f"{[views[g][-1].seq for g in missing]} vs {views[controls[0]][-1].seq} on {controls[0]}")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
