@@ -11,6 +11,11 @@ the changes proposed in docs/cluster.md ("What the services still need") are in 
 * `TIDEWIRE_REDIS_URL` may be a `redis+sentinel://` URL: `CheckpointStore.connect` builds its two
   pools with `shared.redis_connect.client` (same sizes and timeouts as today).
 
+With `TIDEWIRE_CLUSTER_SHIM_RESYNC=1` (off by default: it is a trial of a proposed gateway change,
+not a stand-in for one that is agreed) a gateway also re-reads the stores for every watched session
+when its NATS connection comes back (docs/cluster.md, change 3), so the fix can be tried against
+the deterministic stall test before it is made in gateway/.
+
 Nothing else is changed; the service module runs exactly as `python -m <service>` would run it.
 """
 
@@ -78,6 +83,53 @@ def install() -> None:
         return cls(pool(max_connections), ttl_s=ttl_s, lease_client=pool(2))
 
     store_cls.connect = classmethod(store_connect)  # type: ignore[method-assign,assignment]
+
+    if os.environ.get("TIDEWIRE_CLUSTER_SHIM_RESYNC") == "1":
+        _install_resync_on_reconnect()
+
+
+def _install_resync_on_reconnect() -> None:
+    """The proposed change 3: on NATS reconnect every listener of every SessionHub of this process
+    re-reads the stores from the last seq it sent (a Feed sets its resync event; listeners without
+    `resync`, the long-poll's, re-read at their next wake-up anyway)."""
+    from gateway import hub as hub_module
+    from gateway import stream
+    from shared.bus import Bus
+
+    hubs: list[Any] = []
+    hub_init = hub_module.SessionHub.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        hub_init(self, *args, **kwargs)
+        hubs.append(self)
+
+    def resync_all(self: Any) -> None:
+        for entry in list(self._entries.values()):
+            for listener in list(entry.listeners):
+                resync = getattr(listener, "resync", None)
+                if resync is not None:
+                    resync()
+
+    hub_module.SessionHub.__init__ = init  # type: ignore[method-assign]
+    hub_module.SessionHub.resync_all = resync_all  # type: ignore[attr-defined]
+    stream.Feed.resync = lambda self: self._resync.set()  # type: ignore[attr-defined]
+
+    connect = Bus.connect.__func__  # type: ignore[attr-defined]
+
+    async def bus_connect(cls: type[Bus], url: str, **kwargs: Any) -> Bus:
+        outer = kwargs.get("on_state")
+
+        def on_state(up: bool) -> None:
+            if outer is not None:
+                outer(up)
+            if up:
+                for h in hubs:
+                    h.resync_all()
+
+        kwargs["on_state"] = on_state
+        return await connect(cls, url, **kwargs)  # type: ignore[no-any-return]
+
+    Bus.connect = classmethod(bus_connect)  # type: ignore[method-assign,assignment]
 
 
 def main() -> None:
