@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -242,6 +243,10 @@ def _wait(what: str, probe: Callable[[], bool], timeout: float = READY_TIMEOUT,
         time.sleep(0.1)
 
 
+def _fixed(argv: list[str]) -> Callable[[], list[str]]:
+    return lambda: list(argv)
+
+
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -274,7 +279,7 @@ def _redis_ping(port: int) -> bool:
 
 
 def _redis_in_sync(port: int) -> bool:
-    return _redis_call(port, lambda r: r.info("replication").get("master_link_status")) == "up"
+    return bool(_redis_call(port, lambda r: r.info("replication").get("master_link_status")) == "up")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,12 +485,12 @@ class Cluster:
             conf = folder / "nats.conf"
             conf.write_text(_render("nats.conf.tmpl", name=name, client_port=client, monitor_port=monitor,
                                     route_port=route, routes=routes, store_dir=json.dumps(str(folder))))
-            p = Proc(name, "nats", lambda c=conf: [binary, "-c", str(c)], self.log_dir / f"{name}.log",
+            p = Proc(name, "nats", _fixed([binary, "-c", str(conf)]), self.log_dir / f"{name}.log",
                      port=client, extra={"monitor": monitor, "route": route})
             self.procs[name] = p
             p.start()
         for p in self.nodes("nats"):
-            _wait(p.name, lambda p=p: _http_ok(f"http://127.0.0.1:{p.extra['monitor']}/healthz"), proc=p)
+            _wait(p.name, functools.partial(_http_ok, f"http://127.0.0.1:{p.extra['monitor']}/healthz"), proc=p)
         _wait("NATS meta leader", lambda: bool(self.nats_meta_leader()))
 
     def nats_meta_leader(self) -> str | None:
@@ -534,7 +539,7 @@ class Cluster:
             folder.mkdir(exist_ok=True)
             conf = folder / "redis.conf"
             conf.write_text(_render("redis.conf.tmpl", port=port, dir=json.dumps(str(folder))))
-            proc = Proc(name, "redis", lambda c=conf, n=name: [binary, str(c), *self._redis_role_args(n)],
+            proc = Proc(name, "redis", functools.partial(self._redis_argv, binary, conf, name),
                         self.log_dir / f"{name}.log", port=port)
             self.procs[name] = proc
         self._redis_master_hint = "redis-a"
@@ -551,7 +556,7 @@ class Cluster:
             conf.write_text(_render("sentinel.conf.tmpl", port=port, dir=json.dumps(str(folder)),
                                     master=MASTER_NAME, master_port=p1, down_after_ms=SENTINEL_DOWN_AFTER_MS,
                                     failover_timeout_ms=SENTINEL_FAILOVER_TIMEOUT_MS))
-            proc = Proc(name, "sentinel", lambda c=conf: [binary, str(c), "--sentinel"],
+            proc = Proc(name, "sentinel", _fixed([binary, str(conf), "--sentinel"]),
                         self.log_dir / f"{name}.log", port=port)
             self.procs[name] = proc
             proc.start()
@@ -563,6 +568,9 @@ class Cluster:
                     return False
             return True
         _wait("3 Sentinels that see each other and the replica", sentinels_agree)
+
+    def _redis_argv(self, binary: str, conf: Path, name: str) -> list[str]:
+        return [binary, str(conf), *self._redis_role_args(name)]
 
     def _redis_role_args(self, name: str) -> list[str]:
         """A node starts as the primary only the very first time; afterwards as a replica of whatever
@@ -644,7 +652,7 @@ class Cluster:
         for name, port in (("pg-a", pa), ("pg-b", pb)):
             folder = self.state_dir / name
             folder.mkdir(exist_ok=True)
-            self.procs[name] = Proc(name, "postgres", lambda n=name: self._pg_argv(n), self.log_dir / f"{name}.log",
+            self.procs[name] = Proc(name, "postgres", functools.partial(self._pg_argv, name), self.log_dir / f"{name}.log",
                                     port=port, extra={"data": folder / "data"}, user=self._pg_user,
                                     stop_signal=signal.SIGINT)
         a = self.procs["pg-a"]
@@ -708,7 +716,7 @@ class Cluster:
 
     def _service(self, name: str, kind: str, module: str, env: dict[str, str], port: int = 0) -> Proc:
         full = {**os.environ, "PYTHONUNBUFFERED": "1", **self.service_environment(), **self.service_env, **env}
-        p = Proc(name, kind, lambda m=module: [sys.executable, "-m", "tidewire.cluster_shim", m],
+        p = Proc(name, kind, _fixed([sys.executable, "-m", "tidewire.cluster_shim", module]),
                  self.log_dir / f"{name}.log", env=full, port=port)
         self.procs[name] = p
         p.start()

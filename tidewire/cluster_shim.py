@@ -49,7 +49,7 @@ def install() -> None:
     async def bus_connect(cls: type[Bus], url: str, **kwargs: Any) -> Bus:
         return await connect(cls, _split_servers(url), **kwargs)  # type: ignore[no-any-return]
 
-    Bus.connect = classmethod(bus_connect)  # type: ignore[method-assign,assignment]
+    Bus.connect = classmethod(bus_connect)  # type: ignore[method-assign,assignment,arg-type]
     Bus._cluster_shim = True  # type: ignore[attr-defined]
 
     if replicas > 1:
@@ -70,8 +70,8 @@ def install() -> None:
             config, params = with_replicas(config, params)
             return await update_stream(self, config, **params)
 
-        JetStreamContext.add_stream = add  # type: ignore[method-assign]
-        JetStreamContext.update_stream = update  # type: ignore[method-assign]
+        JetStreamContext.add_stream = add  # type: ignore[method-assign,assignment]
+        JetStreamContext.update_stream = update  # type: ignore[method-assign,assignment]
 
     store_cls = checkpoints.CheckpointStore
 
@@ -129,7 +129,7 @@ def _install_resync_on_reconnect() -> None:
         kwargs["on_state"] = on_state
         return await connect(cls, url, **kwargs)  # type: ignore[no-any-return]
 
-    Bus.connect = classmethod(bus_connect)  # type: ignore[method-assign,assignment]
+    Bus.connect = classmethod(bus_connect)  # type: ignore[method-assign,assignment,arg-type]
 
 
 def main() -> None:

@@ -402,14 +402,16 @@ def _ended(events: list[client.Event]) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(not NATS_RESYNC_FIXED, strict=True, reason=NATS_STALL_REASON)
+# not strict: 5 runs of 6 stalled; in one the stalled gateways delivered turn_end 3 s after the
+# reconnect (cause not identified; no resync path exists in the gateway)
+@pytest.mark.xfail(not NATS_RESYNC_FIXED, strict=False, reason=NATS_STALL_REASON)
 async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was_unreachable(
         cluster: Cluster) -> None:
     """Deterministic version of the drill's NATS stall. One session is watched through each of the
     three gateways; mid-turn, the NATS node of a gateway that is not on the turn's orchestrator's node
     is frozen (SIGSTOP) until the turn has ended (the other gateways deliver turn_end: the control),
     then killed: that gateway reconnects to another node at once. Its client must get turn_end from
-    the stores within 10 s; today it never does (nothing re-reads them after the reconnect)."""
+    the stores within 10 s; today it does not (nothing re-reads them after the reconnect)."""
     import os
     import signal
 
@@ -461,6 +463,8 @@ async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was
                 break
             await asyncio.sleep(0.1)
         missing = [g for g in stalled if not _ended(views[g])]
+        print(f"\nowner {owner} on {owner_node}; gateways {gw_nodes}; froze {node}; stalled {stalled}; "
+              f"after the kill: {[(g, views[g][-1].seq) for g in views]}")
         assert not missing, (f"{missing} (on {node}) never delivered turn_end after reconnecting; last seq "
                              f"{[views[g][-1].seq for g in missing]} vs {views[controls[0]][-1].seq} on {controls[0]}")
     finally:
