@@ -131,7 +131,9 @@ def run(turns: int, think_s: float) -> dict[str, Any]:
     infra = EmbeddedInfra(work / "infra")
     endpoints = infra.start()
     secret = "ledger-secret-0123456789abcdef0123456789"
-    stack = Stack(infra_env={**endpoints.as_env(), "TIDEWIRE_JWT_SECRET": secret}, log_dir=work / "logs",
+    generous = {"TIDEWIRE_MSG_RATE_PER_S": "1000", "TIDEWIRE_MSG_BURST": "1000", "TIDEWIRE_SUBJECT_MSG_RATE_PER_S": "1000",
+                "TIDEWIRE_SUBJECT_MSG_BURST": "1000"}  # one session sends fast: the rate limits are not measured here
+    stack = Stack(infra_env={**endpoints.as_env(), **generous, "TIDEWIRE_JWT_SECRET": secret}, log_dir=work / "logs",
                   orchestrators=2, tool_workers=0)
     try:
         stack.start()

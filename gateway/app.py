@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway import facades, limits, media, openapi, poll, sessions, sse, ws
 from gateway.deps import Deps
 from gateway.hub import SessionHub
-from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS, SSE_STREAMS
+from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS, SSE_STREAMS, StreamStop
 from gateway.metrics import install as install_metrics
 from gateway.metrics import metrics
 from gateway.settings import GatewaySettings
@@ -48,7 +48,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
         bus = await Bus.connect(settings.nats_url, name=gateway_id, timeout_s=settings.nats_timeout_s)
         await bus.ensure_streams()
         deps = Deps(settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id)
-        deps.media = app[media.MEDIA] = await media.MediaStore.open(bus.js, settings)
+        deps.media = app[media.MEDIA] = await media.MediaStore.open(bus, settings)
         hub = SessionHub(bus, checkpoints, gateway_id)
         app[DEPS] = deps
         install_metrics(deps)
@@ -69,14 +69,16 @@ def create_app(settings: GatewaySettings) -> web.Application:
         if DEPS not in app:
             return
         app[DEPS].draining = True
-        for sock in list(app[SOCKETS]):
+        sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+        for sock in list(sockets):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sock.close(code=ws.CLOSE_RESTARTING, message=b"server restarting"), 2)
-        streams = list(app[SSE_STREAMS])
-        for task in streams:
-            task.cancel()
+        stoppers: weakref.WeakSet[StreamStop] = app[SSE_STREAMS]
+        streams = list(stoppers)
+        for stream in streams:
+            stream.stop.set()
         if streams:
-            await asyncio.wait(streams, timeout=2)
+            await asyncio.wait([asyncio.ensure_future(s.done.wait()) for s in streams], timeout=2)
 
     app.cleanup_ctx.append(resources)
     app.cleanup_ctx.append(limits.edge_context)

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
-from nats.aio.msg import Msg
 
 from proto.client import Event
-from shared.bus import Bus
+from shared.bus import Bus, BusMessage
 from shared.checkpoints import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -79,13 +78,13 @@ class SessionHub:
             self._entries.pop(session_id, None)
             if entry.sub is not None:
                 try:
-                    await entry.sub.unsubscribe()
+                    await self._bus.unsubscribe(entry.sub)
                 except Exception:  # noqa: BLE001 - connection may be gone; the server forgets it anyway
                     pass
             await self._presence(session_id, 0)
 
-    def _callback(self, session_id: str) -> Callable[[Msg], Any]:
-        async def cb(msg: Msg) -> None:
+    def _callback(self, session_id: str) -> Callable[[BusMessage], Any]:
+        async def cb(msg: BusMessage) -> None:
             entry = self._entries.get(session_id)
             if entry is None:
                 return

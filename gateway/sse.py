@@ -17,7 +17,7 @@ from gateway import commands
 from gateway.auth import authenticate, check_origin
 from gateway.delivery import OutboundBuffer
 from gateway.http_errors import http_error
-from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS
+from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS, StreamStop
 from gateway.limits import EDGE, check_session_id
 from gateway.stream import Feed, run_sender
 from proto import client
@@ -76,9 +76,8 @@ async def _stream(request: web.Request, sid: str, after: int | None, mode: str, 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    this = asyncio.current_task()
-    if this is not None:
-        request.app[SSE_STREAMS].add(this)  # a drain cancels the stream; `finally` ends it cleanly
+    stopper = StreamStop()
+    request.app[SSE_STREAMS].add(stopper)  # a drain sets stopper.stop; the stream then ends cleanly
     deps.counters.sse_streams += 1
     if after:
         deps.counters.resumes += 1
@@ -104,7 +103,7 @@ async def _stream(request: web.Request, sid: str, after: int | None, mode: str, 
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(feed.run()), tg.create_task(run_sender(feed, write)),
-                     tg.create_task(heartbeat())]
+                     tg.create_task(heartbeat()), tg.create_task(stopper.stop.wait())]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in tasks:
                 t.cancel()
@@ -112,6 +111,9 @@ async def _stream(request: web.Request, sid: str, after: int | None, mode: str, 
         pass
     finally:
         deps.counters.sse_streams -= 1
+        if stopper.stop.is_set():
+            resp.force_close()  # draining: no keep-alive wait for a next request
         with contextlib.suppress(Exception):
             await resp.write_eof()
+        stopper.done.set()
     return resp

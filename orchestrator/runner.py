@@ -56,9 +56,10 @@ class TurnCancelled(Exception):
 
 
 class SessionRunner:
-    def __init__(self, svc: OrchestratorService, lease: Lease) -> None:
+    def __init__(self, svc: OrchestratorService, lease: Lease, first: TurnSnapshot | None = None) -> None:
         self.svc = svc
         self.lease = lease
+        self._first = first  # the queue's head, read with the lease (CheckpointStore.claim)
         self.sid = lease.session_id
         self.current: str | None = None
         self._cancel = asyncio.Event()
@@ -102,18 +103,22 @@ class SessionRunner:
             self.svc.leases.drop(self.lease)
 
     async def _drain(self) -> None:
+        """Plays the queue's turns in order; each turn's finish step returns the next one or gives
+        the session up, in the same round trip."""
         cp = self.svc.checkpoints
+        snap, self._first = self._first, None
         while True:
-            pending = await cp.pending(self.sid)
-            if not pending:
-                if await cp.release(self.lease):
+            if snap is None:
+                snap = await cp.finish_and_next(self.lease)
+                if snap is None:
                     return
-                continue
-            turn_id = pending[0]
+            turn_id = snap.turn_id
             self.current = turn_id
             self._cancel.clear()
             try:
-                await self._run_turn(turn_id)
+                snap = await self._run_turn(snap)
+                if snap is None:
+                    return
             except (LeaseLost, StaleEpoch, asyncio.CancelledError):
                 raise
             except Exception:
@@ -126,13 +131,13 @@ class SessionRunner:
                 self.done_turns = asyncio.Event()
 
     # ---- one turn ----------------------------------------------------------------------------
-    async def _run_turn(self, turn_id: str) -> None:
+    async def _run_turn(self, snap: TurnSnapshot) -> TurnSnapshot | None:
+        """Plays one turn; returns the next queued turn (None: the session was given up)."""
         svc, cp = self.svc, self.svc.checkpoints
-        snap = await cp.begin_turn(self.sid, turn_id)
+        turn_id = snap.turn_id
         raw_req, state = snap.request, snap.state
         if raw_req is None or (state is not None and state[0] == "done"):
-            await cp.finish_turn(self.lease, turn_id, state[1] if state else "failed")
-            return
+            return await cp.finish_and_next(self.lease, turn_id, state[1] if state else "failed")
         req = busproto.bus_decoder.decode(raw_req)
         assert isinstance(req, busproto.TurnRequest)
         parent = telemetry.extract(req.trace_context)
@@ -147,11 +152,12 @@ class SessionRunner:
                 "orchestrator.turn", context=parent, kind=telemetry.SpanKind.CONSUMER,
                 attributes={"session_id": self.sid, "turn_id": turn_id, "orchestrator": svc.id,
                             "lease_epoch": self.lease.epoch}) as span:
-            status = await self._play_turn(req, turn_id, snap, span)
+            status, nxt = await self._play_turn(req, turn_id, snap, span)
         svc.observe_turn(time.perf_counter() - picked, status)
+        return nxt
 
     async def _play_turn(self, req: busproto.TurnRequest, turn_id: str, snap: TurnSnapshot,
-                         span: Any) -> str:
+                         span: Any) -> tuple[str, TurnSnapshot | None]:
         svc, cp = self.svc, self.svc.checkpoints
         state = snap.state
         span.set_attribute("attempt", snap.starts)
@@ -176,7 +182,7 @@ class SessionRunner:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die between the turn_end checkpoint and the commit
         raws = writer.written if state is None and writer.contiguous_from(progress.start_seq) else \
             [raw for _, raw in await self._log_from(progress.start_seq)]
-        user_seq = await cp.user_seq(self.sid, req.client_msg_id)
+        user_seq = snap.user_seq if snap.user_seq is not None else await cp.user_seq(self.sid, req.client_msg_id)
         ended_raw, ended = next((r, ev) for r, ev in ((r, client.event_decoder.decode(r)) for r in reversed(raws))
                                 if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
         with telemetry.tracer.start_as_current_span("eventlog.append_turn"):
@@ -185,13 +191,12 @@ class SessionRunner:
         # Durable now: released to readers by finish_turn, then shown live, so whoever is woken by the
         # live turn_end and re-reads the store finds it. A crash between the two: the takeover scan
         # re-publishes the log's tail (OrchestratorService._takeover_loop).
-        await cp.finish_turn(self.lease, turn_id, ended.status)
+        nxt = await cp.finish_and_next(self.lease, turn_id, ended.status, svc.state_after(req, ended))
         await writer.publish([ended_raw])
         svc.record_analytics(req, ended, raws)
         svc.metrics["turns_" + ended.status] += 1
         span.set_attribute("status", ended.status)
-        await svc.remember_turn(req, ended)
-        return ended.status
+        return ended.status, nxt
 
     async def _log_from(self, start_seq: int) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
@@ -221,7 +226,8 @@ class SessionRunner:
         if snap.cancelled:
             return "cancelled", "cancelled before it started"
         writer_task = asyncio.create_task(writer.run(), name=f"writer-{progress.turn_id}")
-        gen = asyncio.create_task(self._steps(req, progress, writer), name=f"steps-{progress.turn_id}")
+        gen = asyncio.create_task(self._steps(req, progress, writer, snap.session_state),
+                                  name=f"steps-{progress.turn_id}")
         watchers = [asyncio.create_task(self._cancel.wait()), asyncio.create_task(self._disconnect_watch())]
         owned = [gen, *watchers]
         try:
@@ -275,12 +281,13 @@ class SessionRunner:
                 self._cancel.set()
                 return
 
-    async def _steps(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter) -> None:
+    async def _steps(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
+                     stored_state: bytes | None) -> None:
         svc = self.svc
         marker = svc.settings.fault_poison_marker
         if marker and marker in req.text:
             raise RuntimeError("injected poison turn")
-        messages = await svc.context_for(req)
+        messages = await svc.context_for(req, stored_state)
         tools = svc.tool_specs(req)
         for _ in range(svc.settings.max_tool_steps + 1):
             pending_calls = progress.unfinished_calls()

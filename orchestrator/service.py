@@ -28,7 +28,6 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from nats.aio.msg import Msg
 
 from orchestrator.analytics import AnalyticsPublisher, tool_calls_in, turn_analytics
 from orchestrator.flags import FlagResolver, load_system_prompts, parse_route, select_tools, system_prompt_for
@@ -41,9 +40,9 @@ from orchestrator.upstream import UpstreamRouter
 from proto import bus as busproto
 from proto import client
 from proto.state import ChatMessage, SessionState
-from shared import subjects, telemetry
-from shared.bus import TURN_ACK_WAIT_S, Bus, fetch_batch
-from shared.checkpoints import CheckpointStore
+from shared import telemetry
+from shared.bus import TURN_ACK_WAIT_S, Bus, BusMessage, fetch_batch
+from shared.checkpoints import CheckpointStore, Lease, TurnSnapshot
 from shared.eventlog import EventLog
 from shared.sessionstate import SessionStore
 from shared.supervise import report_failure, supervised
@@ -110,11 +109,11 @@ class OrchestratorService:
                                      window=s.window_messages)
         self.flags = FlagResolver(self.eventlog, ttl_s=2.0)
         self.leases = LeaseKeeper(self.checkpoints, ttl_ms=s.lease_ttl_ms, renew_ms=s.lease_renew_ms)
-        self.analytics = AnalyticsPublisher(self.bus.js)
+        self.analytics = AnalyticsPublisher(self.bus)
         try:
             await self.bus.ensure_streams()
             await self._start_tools()
-            cancel_sub = await self.bus.nc.subscribe(subjects.CANCEL_SUBJECT, cb=self._on_cancel)
+            cancel_sub = await self.bus.subscribe_turn_cancels(self._on_cancel)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopping.set)
@@ -136,7 +135,7 @@ class OrchestratorService:
                 keeper.cancel()  # renewed until the last runner is done
                 await self.analytics.flush(2.0)
                 analytics.cancel()
-                await cancel_sub.unsubscribe()
+                await self.bus.unsubscribe(cancel_sub)
                 if health is not None:
                     await health.cleanup()
         finally:
@@ -157,13 +156,10 @@ class OrchestratorService:
                 t.cancel()  # the lease then expires and another orchestrator takes the turn over
 
     async def _start_tools(self) -> None:
-        try:
-            from orchestrator.tools import ToolDispatcher, ToolDispatchSettings  # noqa: PLC0415
-            from tool_workers.registry import default_registry  # noqa: PLC0415
-        except ImportError:
-            log.warning("tool dispatcher unavailable: tools are disabled")
-            return
-        self.tools = ToolDispatcher(self.bus, registry=default_registry(), settings=ToolDispatchSettings())
+        from orchestrator.tools import ToolDispatcher, ToolDispatchSettings
+        from shared.tool_catalogue import default_catalogue
+
+        self.tools = ToolDispatcher(self.bus, registry=default_catalogue(), settings=ToolDispatchSettings())
         await self.tools.start()
 
     # ---- new turns from JetStream ------------------------------------------------------------
@@ -181,7 +177,7 @@ class OrchestratorService:
                 parked.add(t)
                 t.add_done_callback(parked.discard)
 
-    async def _handle_turn_msg(self, msg: Msg) -> None:
+    async def _handle_turn_msg(self, msg: BusMessage) -> None:
         """Keeps the message until its turn is done (by us or by whoever owns the session)."""
         try:
             req = decode_request(msg.data)
@@ -193,7 +189,15 @@ class OrchestratorService:
         checked_requeue = False
         while not self._stopping.is_set():
             try:
-                state = await cp.turn_state(req.session_id, req.turn_id)
+                runner = self.runners.get(req.session_id)
+                if runner is None and len(self.runners) < self.settings.max_sessions:
+                    # one round trip: this turn's state and, if the session is free, its lease and first turn
+                    claim = await cp.claim(req.session_id, self.id, self.settings.lease_ttl_ms, req.turn_id)
+                    state = claim.msg_turn_state
+                    if claim.lease is not None:
+                        runner = self._start_runner(claim.lease, claim.first)
+                else:
+                    state = await cp.turn_state(req.session_id, req.turn_id)
                 if state is not None and state[0] == "done":
                     await msg.ack()
                     return
@@ -203,13 +207,8 @@ class OrchestratorService:
                     if await self.eventlog.turn_status(req.turn_id) is not None:
                         await msg.ack()
                         return
-                    await cp.ensure_queued(req.session_id, req.turn_id, msg.data)
-                runner = self.runners.get(req.session_id)
-                if runner is None and len(self.runners) < self.settings.max_sessions:
-                    lease = await cp.acquire(req.session_id, self.id, self.settings.lease_ttl_ms)
-                    if lease is not None:
-                        runner = self._start_runner(lease)
-                    runner = self.runners.get(req.session_id)
+                    if await cp.ensure_queued(req.session_id, req.turn_id, msg.data):
+                        continue
                 waiter = runner[0].done_turns if runner else asyncio.Event()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.25 if runner is None else 2.0):
@@ -221,8 +220,8 @@ class OrchestratorService:
                 report_failure(f"turn message {req.turn_id}", e, log)
                 await asyncio.sleep(0.5)
 
-    def _start_runner(self, lease: Any) -> tuple[SessionRunner, asyncio.Task[None]]:
-        runner = SessionRunner(self, lease)
+    def _start_runner(self, lease: Lease, first: TurnSnapshot | None = None) -> tuple[SessionRunner, asyncio.Task[None]]:
+        runner = SessionRunner(self, lease, first)
         task = self._tg.create_task(runner.run(), name=f"session-{lease.session_id}")
         entry = (runner, task)
         self.runners[lease.session_id] = entry
@@ -249,22 +248,21 @@ class OrchestratorService:
         for sid in await cp.expired_leases():
             if sid in self.runners or len(self.runners) >= self.settings.max_sessions:
                 continue
-            if await cp.lease_holder(sid) is not None:
+            claim = await cp.claim(sid, self.id, self.settings.lease_ttl_ms)
+            if claim.held:
                 continue
-            if not await cp.pending(sid):
+            if claim.lease is None:
                 # its owner died after finishing a turn, maybe before showing turn_end live
                 tail = await cp.last_event(sid)
                 if tail is not None:
                     await self.bus.publish_events(sid, [tail])
                 await cp.forget_active(sid)
                 continue
-            lease = await cp.acquire(sid, self.id, self.settings.lease_ttl_ms)
-            if lease is not None and sid not in self.runners:
-                log.info("taking over session %s (epoch %d)", sid, lease.epoch)
-                self._start_runner(lease)
+            log.info("taking over session %s (epoch %d)", sid, claim.lease.epoch)
+            self._start_runner(claim.lease, claim.first)
 
     # ---- cancel ------------------------------------------------------------------------------
-    async def _on_cancel(self, msg: Msg) -> None:
+    async def _on_cancel(self, msg: BusMessage) -> None:
         try:
             cancel = busproto.bus_decoder.decode(msg.data)
         except msgspec.DecodeError as e:
@@ -281,12 +279,13 @@ class OrchestratorService:
                 entry[0].request_cancel(cancel.turn_id, cancel.reason)
 
     # ---- what runners ask of the service -------------------------------------------------------
-    async def context_for(self, req: busproto.TurnRequest) -> list[ChatMessage]:
-        """Session fetch, context pack and retrieval: three timed stages before the model is asked."""
+    async def context_for(self, req: busproto.TurnRequest, stored_state: bytes | None) -> list[ChatMessage]:
+        """Session fetch, context pack and retrieval: three timed stages before the model is asked.
+        `stored_state` came with the turn's claim (None: nothing stored, rebuild from the log)."""
         tracer = telemetry.tracer
         t0 = time.perf_counter()
         with tracer.start_as_current_span("session.fetch"):
-            state = await self.sessions.load(req.session_id, req.subject)
+            state = await self.sessions.load(req.session_id, req.subject, stored=stored_state)
             flags = await self.flags.resolve(req.session_id, req.subject, state.flags)
         t1 = time.perf_counter()
         telemetry.observe_stage("session_fetch", t1 - t0)
@@ -316,16 +315,15 @@ class OrchestratorService:
         self._states[req.session_id] = state
         return messages
 
-    async def remember_turn(self, req: busproto.TurnRequest, ended: client.TurnEnd) -> None:
+    def state_after(self, req: busproto.TurnRequest, ended: client.TurnEnd) -> bytes | None:
+        """The session state with this turn's answer, stored by the turn's finish step (None: this
+        process never loaded it, e.g. a takeover after the model was done; rebuilt when needed)."""
         state = self._states.pop(req.session_id, None)
         if state is None:
-            return
+            return None
         state.window.append(ChatMessage(role="assistant", text=ended.text, turn_id=req.turn_id, seq=ended.seq))
         state.last_turn_id = req.turn_id
-        try:
-            await self.sessions.save(state)
-        except Exception as e:  # noqa: BLE001 - a cache: rebuilt from Postgres when missing
-            log.debug("session state not saved: %s", e)
+        return self.sessions.encode(state)
 
     def disconnect_policy(self, session_id: str) -> str:
         return str(self._flags.get(session_id, {}).get("disconnect_policy", self.settings.disconnect_policy))

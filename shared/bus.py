@@ -45,6 +45,7 @@ from nats.js.errors import BadRequestError
 
 from proto import bus as busproto
 from shared import subjects, telemetry
+from shared.cancellation import keep_cancel
 
 log = logging.getLogger(__name__)
 
@@ -247,21 +248,24 @@ class Bus:
 
     # ---- live events -------------------------------------------------------------------------
     async def publish_events(self, session_id: str, raws: list[bytes]) -> None:
-        await self.nc.publish(subjects.session_subject(session_id), encode_events(raws))
+        await keep_cancel(self.nc.publish(subjects.session_subject(session_id), encode_events(raws)))
 
     async def subscribe_session(self, session_id: str, cb: Callable[[Msg], Awaitable[None]]) -> Any:
-        return await self.nc.subscribe(subjects.session_subject(session_id), cb=cb,
-                                       pending_msgs_limit=65536, pending_bytes_limit=64 * 1024 * 1024)
+        return await keep_cancel(self.nc.subscribe(subjects.session_subject(session_id), cb=cb,
+                                                    pending_msgs_limit=65536, pending_bytes_limit=64 * 1024 * 1024))
+
+    async def unsubscribe(self, sub: BusSubscription) -> None:
+        await keep_cancel(sub.unsubscribe())
 
     # ---- cancellation ------------------------------------------------------------------------
     async def publish_cancel(self, msg: busproto.CancelTurn) -> None:
-        await self.nc.publish(subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg),
-                              headers=telemetry.inject() or None)
+        await keep_cancel(self.nc.publish(subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg),
+                                           headers=telemetry.inject() or None))
 
     async def subscribe_turn_cancels(self, cb: Callable[[BusMessage], Awaitable[None]]) -> BusSubscription:
         """Every `CancelTurn` published by any gateway (core NATS: a cancel for a turn this process
         does not run is simply ignored by the callback)."""
-        return await self.nc.subscribe(subjects.CANCEL_SUBJECT, cb=cb)
+        return await keep_cancel(self.nc.subscribe(subjects.CANCEL_SUBJECT, cb=cb))
 
     # ---- analytics ---------------------------------------------------------------------------
     async def publish_analytics(self, record: busproto.TurnAnalytics, *, timeout_s: float) -> None:

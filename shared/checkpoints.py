@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
+from shared.cancellation import keep_cancel
 from shared.errors import Conflict, SeedNeeded, StaleEpoch
 from shared.subjects import ACTIVE_LEASES, gateway_key, rkey
 
@@ -132,6 +133,67 @@ return 1
 """
 
 
+# ---- the turn path's round trips: one to claim a session and its first turn, one to finish a
+# turn and get the next (or give the session up). Both share this layout and the snapshot code.
+# KEYS: lease epoch pending turns tstate attempts cancelled state cmid active hold
+# ARGV: owner|token session_ttl_ms lease_ttl_ms session_id turn_id deadline_ms|status state_bytes
+_SNAPSHOT = """
+local function snapshot(head)
+  local req = redis.call('HGET', KEYS[4], head)
+  local starts = redis.call('HINCRBY', KEYS[6], head .. ':starts', 1)
+  redis.call('PEXPIRE', KEYS[6], ARGV[2])
+  local user_seq = false
+  if req then
+    local ok, r = pcall(cmsgpack.unpack, req)
+    if ok and type(r) == 'table' and r['client_msg_id'] then
+      user_seq = redis.call('HGET', KEYS[9], r['client_msg_id'])
+    end
+  end
+  return {head, req or false, redis.call('HGET', KEYS[5], head) or false, starts,
+          redis.call('HGET', KEYS[6], head .. ':failures') or false, redis.call('SISMEMBER', KEYS[7], head),
+          redis.call('GET', KEYS[8]) or false, user_seq or false}
+end
+"""
+
+# claim: -> {-1, msg_state} held by someone; {0, msg_state} nothing queued; {epoch, msg_state, snapshot...}
+_CLAIM = _SNAPSHOT + """
+local msg_state = false
+if ARGV[5] ~= '' then msg_state = redis.call('HGET', KEYS[5], ARGV[5]) or false end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, msg_state} end
+local head = redis.call('LINDEX', KEYS[3], 0)
+if not head then return {0, msg_state} end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. epoch, 'PX', ARGV[3])
+redis.call('ZADD', KEYS[10], ARGV[6], ARGV[4])
+local out = {epoch, msg_state}
+for _, v in ipairs(snapshot(head)) do table.insert(out, v) end
+return out
+"""
+
+# finish (turn_id given) and next: -> {-3} stale; {0} session given up; {1, snapshot...}
+_FINISH_NEXT = _SNAPSHOT + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-3} end
+if ARGV[5] ~= '' then
+  redis.call('LREM', KEYS[3], 1, ARGV[5])
+  redis.call('HSET', KEYS[5], ARGV[5], 'done:' .. ARGV[6])
+  redis.call('PEXPIRE', KEYS[5], ARGV[2])
+  redis.call('DEL', KEYS[11])
+  if ARGV[7] ~= '' then redis.call('SET', KEYS[8], ARGV[7], 'PX', ARGV[2]) end
+end
+local head = redis.call('LINDEX', KEYS[3], 0)
+if not head then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[10], ARGV[4])
+  return {0}
+end
+local out = {1}
+for _, v in ipairs(snapshot(head)) do table.insert(out, v) end
+return out
+"""
+
+_TURN_KEYS = ("lease", "epoch", "pending", "turns", "tstate", "attempts", "cancelled", "state", "cmid")
+
+
 @dataclass(frozen=True)
 class UserAppend:
     seq: int
@@ -147,6 +209,42 @@ class TurnSnapshot:
     starts: int
     failures: int
     cancelled: bool
+    turn_id: str = ""
+    session_state: bytes | None = None  # the session's stored state, read in the same round trip
+    user_seq: int | None = None  # the seq of the turn's user message
+
+
+@dataclass(frozen=True)
+class Claim:
+    lease: Lease | None  # None: someone holds the session (held), or nothing is queued
+    msg_turn_state: tuple[str, str] | None  # the state of the turn the caller asked about
+    first: TurnSnapshot | None  # with a lease: the head of the queue
+    held: bool = False
+
+
+def _state(v: object) -> tuple[str, str] | None:
+    if v is None:
+        return None
+    kind, _, rest = (v.decode() if isinstance(v, bytes) else str(v)).partition(":")
+    return kind, rest
+
+
+def _bytes(v: object) -> bytes | None:
+    if v is None:
+        return None
+    return v if isinstance(v, bytes) else str(v).encode()
+
+
+def _int(v: object) -> int:
+    return int(v) if isinstance(v, int | bytes | str) else 0
+
+
+def _snapshot(r: Sequence[object]) -> TurnSnapshot:
+    head, req, ts, starts, failures, cancelled, state, user_seq = r
+    cmid_entry = _bytes(user_seq)  # '<seq>:<turn_id>'
+    return TurnSnapshot(_bytes(req), _state(ts), _int(starts), _int(failures), bool(cancelled),
+                        turn_id=(_bytes(head) or b"").decode(), session_state=_bytes(state),
+                        user_seq=None if cmid_entry is None else int(cmid_entry.partition(b":")[0]))
 
 
 @dataclass(frozen=True)
@@ -158,6 +256,22 @@ class Lease:
     @property
     def token(self) -> str:
         return f"{self.owner}:{self.epoch}"
+
+
+class _Redis(aioredis.Redis):  # type: ignore[misc]
+    """redis-py's client with every command and pipeline keeping the caller's cancellation
+    (shared.cancellation); the adapters' only Redis client class."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        return await keep_cancel(super().execute_command(*args, **options))
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class _Pipeline(aioredis.client.Pipeline):  # type: ignore[misc]
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return await keep_cancel(super().execute(raise_on_error))
 
 
 class CheckpointStore:
@@ -173,6 +287,8 @@ class CheckpointStore:
         self._append_events = client.register_script(_APPEND_EVENTS)
         self._finish_turn = client.register_script(_FINISH_TURN)
         self._read_visible = client.register_script(_READ_VISIBLE)
+        self._claim = client.register_script(_CLAIM)
+        self._finish_next = client.register_script(_FINISH_NEXT)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -188,8 +304,8 @@ class CheckpointStore:
                 url, max_connections=n, timeout=timeout_s, socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s, health_check_interval=10)
 
-        return cls(aioredis.Redis(connection_pool=pool(max_connections)), ttl_s=ttl_s,
-                   lease_client=aioredis.Redis(connection_pool=pool(2)))
+        return cls(_Redis(connection_pool=pool(max_connections)), ttl_s=ttl_s,
+                   lease_client=_Redis(connection_pool=pool(2)))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -270,6 +386,36 @@ class CheckpointStore:
         if int(await self._finish_turn(keys=keys, args=[lease.token, turn_id, status, self.ttl_ms])) == -3:
             self.stale_rejections += 1
             raise StaleEpoch(lease.token)
+
+    # ---- the turn path ---------------------------------------------------------------------------
+    def _turn_keys(self, session_id: str) -> list[str]:
+        return [*(rkey(session_id, k) for k in _TURN_KEYS), ACTIVE_LEASES, rkey(session_id, "hold")]
+
+    async def claim(self, session_id: str, owner: str, lease_ttl_ms: int, turn_id: str = "") -> Claim:
+        """One round trip: the state of `turn_id`, and, when the session is free and has queued
+        turns, its lease (fencing epoch, takeover index) with a snapshot of the queue's head
+        (request, state, starts counted, failures, cancel flag, session state, user seq)."""
+        deadline = int(time.time() * 1000) + lease_ttl_ms
+        r = await self._claim(keys=self._turn_keys(session_id),
+                              args=[owner, self.ttl_ms, lease_ttl_ms, session_id, turn_id, deadline, ""])
+        code, msg_state = _int(r[0]), _state(r[1])
+        if code <= 0:
+            return Claim(None, msg_state, None, held=code < 0)
+        return Claim(Lease(session_id, owner, code), msg_state, _snapshot(r[2:]))
+
+    async def finish_and_next(self, lease: Lease, turn_id: str = "", status: str = "",
+                              session_state: bytes | None = None) -> TurnSnapshot | None:
+        """One round trip, fenced: marks `turn_id` done (releasing its held turn_end and storing the
+        session state), then returns the next queued turn, or gives the session up (None) when the
+        queue is empty. Without `turn_id`, only the second half."""
+        r = await self._finish_next(keys=self._turn_keys(lease.session_id),
+                                    args=[lease.token, self.ttl_ms, 0, lease.session_id, turn_id, status,
+                                          session_state or b""])
+        code = int(r[0])
+        if code == -3:
+            self.stale_rejections += 1
+            raise StaleEpoch(lease.token)
+        return None if code == 0 else _snapshot(r[1:])
 
     # ---- reading -----------------------------------------------------------------------------
     async def read_log(self, session_id: str, after: int, count: int = 500) -> list[tuple[int, bytes]]:

@@ -15,6 +15,7 @@ from shared.eventlog import EventLog
 from shared.subjects import rkey
 
 _decoder = msgspec.msgpack.Decoder(dict[str, Any])
+_READ = object()  # SessionStore.load: read the stored state from Redis
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -36,9 +37,11 @@ class SessionStore:
         self._window = window
         self.rebuilds = 0
 
-    async def load(self, session_id: str, subject: str) -> SessionState:
-        raw = await self._redis.get(rkey(session_id, "state"))
-        if raw is not None:
+    async def load(self, session_id: str, subject: str, *, stored: bytes | None | object = _READ) -> SessionState:
+        """The stored state (`stored`: already read, e.g. in the turn's claim; None: known absent),
+        or one rebuilt from the event log."""
+        raw = await self._redis.get(rkey(session_id, "state")) if stored is _READ else stored
+        if isinstance(raw, bytes):
             try:
                 return migrate(_decoder.decode(raw))
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError, KeyError):
@@ -56,6 +59,10 @@ class SessionStore:
         await self.save(state)
         return state
 
-    async def save(self, state: SessionState) -> None:
+    def encode(self, state: SessionState) -> bytes:
+        """What `save` stores (the window trimmed); the turn path stores it in its finish step."""
         state.window = state.window[-self._window:]
-        await self._redis.set(rkey(state.session_id, "state"), _encoder.encode(state), px=self._ttl_ms)
+        return _encoder.encode(state)
+
+    async def save(self, state: SessionState) -> None:
+        await self._redis.set(rkey(state.session_id, "state"), self.encode(state), px=self._ttl_ms)

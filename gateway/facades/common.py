@@ -27,7 +27,7 @@ from aiohttp import web
 from gateway import commands
 from gateway.auth import Principal, authenticate, check_origin
 from gateway.deps import Deps
-from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS
+from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS, StreamStop
 from gateway.limits import EDGE, check_session_id
 from proto import client
 from proto.client import Event
@@ -326,9 +326,8 @@ async def stream_sse(request: web.Request, headers: dict[str, str],
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", **headers})
         await resp.prepare(request)
-        this = asyncio.current_task()
-        if this is not None:
-            request.app[SSE_STREAMS].add(this)  # a drain cancels the stream
+        stopper = StreamStop()
+        request.app[SSE_STREAMS].add(stopper)  # a drain sets stopper.stop: the stream ends, not cleanly
         deps.counters.sse_streams += 1
         lock = asyncio.Lock()
         last_write = time.monotonic()
@@ -350,9 +349,17 @@ async def stream_sse(request: web.Request, headers: dict[str, str],
         try:
             async with asyncio.TaskGroup() as tg:
                 beat = tg.create_task(heartbeat())
-                await produce(write)
+                async def producer() -> None:
+                    await produce(write)
+
+                producing = tg.create_task(producer())
+                stopping = tg.create_task(stopper.stop.wait())
+                await asyncio.wait([producing, stopping], return_when=asyncio.FIRST_COMPLETED)
                 beat.cancel()
-            clean = True
+                stopping.cancel()
+                if not producing.done():  # draining: the client resumes elsewhere
+                    producing.cancel()
+            clean = producing.done() and not producing.cancelled()
         except* TidewireError as eg:
             log.warning("facade stream of %s ended early: %s", request.path, eg.exceptions[0])
         except* (ConnectionError, TimeoutError, RuntimeError, asyncio.CancelledError):
@@ -361,6 +368,7 @@ async def stream_sse(request: web.Request, headers: dict[str, str],
             log.exception("facade stream of %s failed", request.path)
         finally:
             deps.counters.sse_streams -= 1
+            stopper.done.set()
             if clean:
                 with contextlib.suppress(Exception):
                     await resp.write_eof()
