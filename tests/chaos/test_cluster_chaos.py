@@ -408,7 +408,7 @@ def _ended(events: list[client.Event]) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-# not strict: 6 runs of 7 stalled; in one the stalled gateways delivered turn_end 3 s after the
+# not strict: 7 runs of 8 stalled; in one the stalled gateways delivered turn_end 3 s after the
 # reconnect (cause not identified; no resync path exists in the gateway)
 @pytest.mark.xfail(not NATS_RESYNC_FIXED, strict=False, reason=NATS_STALL_REASON)
 async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was_unreachable(
