@@ -4,7 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup lint typecheck unit schema bench bench-quick chaos browser-deps clean
+.PHONY: run test setup lint typecheck unit schema bench bench-quick ledger chaos chaos-cluster cluster browser-deps node-deps system-deps clean
+
+# every runtime package is type-checked (strict, pyproject.toml)
+TYPED := proto shared gateway orchestrator tool_workers tidewire
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +20,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tidewire dev
 
-## The whole suite: lint, types, schema freshness, unit, integration, chaos, browser.
-test: $(STAMP) browser-deps
+## The whole suite: lint, format, types, schema freshness, unit, integration, chaos (incl. the
+## clustered topology), browser, and the real OpenAI / Vercel AI SDK clients.
+test: $(STAMP) browser-deps node-deps system-deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy proto shared
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(TYPED)
 	$(PY) -m pytest -q -x --durations=15 tests
 
 unit: $(STAMP)
@@ -28,10 +33,10 @@ unit: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check . || true
+	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy proto shared
+	$(VENV)/bin/mypy $(TYPED)
 
 schema: $(STAMP)
 	$(PY) -m proto.schema > proto/client.schema.json
@@ -41,6 +46,19 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
+
+## The per-turn ledger of one session (Redis commands, Postgres transactions, NATS messages, CPU per process)
+ledger: $(STAMP)
+	$(PY) -m bench.ledger --markdown
+
+## The production topology on one machine: HAProxy, 3 gateways, 3 orchestrators, 2 tool workers,
+## a 3-node NATS cluster (R3), Redis + replica + 3 Sentinels, Postgres + synchronous standby (docs/cluster.md)
+cluster: $(STAMP) system-deps
+	$(PY) -m tidewire.cluster up
+
+## The chaos drill over that topology (kills a gateway, an orchestrator, a NATS node, the Redis and Postgres primaries)
+chaos-cluster: $(STAMP) system-deps
+	$(PY) -m pytest -q tests/chaos/test_cluster_chaos.py
 
 ## The chaos drill: locally against processes, or with K8S_CONTEXT=<ctx> URL=<gateway> SECRET=<jwt secret>
 ## against a cluster (pods of each component deleted at random while a load client checks invariants).
@@ -55,6 +73,14 @@ endif
 browser-deps: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || ( (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1)) || echo "chromium not installed: browser tests will be skipped" )
 	@$(PY) -c 'import playwright' 2>/dev/null || $(PY) -m pip install -q playwright
+
+## The Vercel AI SDK test client (clients/node, versions locked); skipped with a note when npm is missing.
+node-deps:
+	@command -v npm >/dev/null 2>&1 && (cd clients/node && [ -d node_modules/ai ] || npm ci --no-audit --no-fund --loglevel=error) || echo "npm not found: the AI SDK client test will be skipped"
+
+## Debian's haproxy for the clustered topology (installed like chromium, when root and apt-get exist).
+system-deps:
+	@command -v haproxy >/dev/null 2>&1 || ( (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null 2>&1)) || echo "haproxy not installed: the cluster tests will say so" )
 
 clean:
 	rm -rf $(VENV) .tidewire .pytest_cache .mypy_cache .ruff_cache

@@ -73,8 +73,11 @@ async def _counters(redis_url: str, pg_dsn: str, nats_monitor: str | None) -> di
         await conn.close()
     nats: dict[str, Any] = {}
     if nats_monitor:
-        with urllib.request.urlopen(f"{nats_monitor}/varz", timeout=5) as resp:
-            nats = json.loads(resp.read())
+        def varz() -> dict[str, Any]:
+            with urllib.request.urlopen(f"{nats_monitor}/varz", timeout=5) as resp:
+                return dict(json.loads(resp.read()))
+
+        nats = await asyncio.to_thread(varz)
     return {"redis_cmds": {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()},
             "redis_total": int(info["total_commands_processed"]), "pg_xact": int(row["c"] or 0),
             "nats_in": int(nats.get("in_msgs", 0)), "nats_out": int(nats.get("out_msgs", 0))}

@@ -44,12 +44,22 @@ def create_app(settings: GatewaySettings) -> web.Application:
         eventlog = await EventLog.connect(settings.postgres_dsn, timeout_s=settings.postgres_timeout_s,
                                           max_size=20)
         checkpoints = CheckpointStore.connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
+                                              min_replicas=settings.redis_min_replicas,
                                               ttl_s=settings.session_ttl_s)
-        bus = await Bus.connect(settings.nats_url, name=gateway_id, timeout_s=settings.nats_timeout_s)
+        hubs: list[SessionHub] = []
+
+        def on_nats_state(up: bool) -> None:
+            if up:  # live events published while this process was away are lost: re-read the stores
+                for h in hubs:
+                    h.resync_all()
+
+        bus = await Bus.connect(settings.nats_url, name=gateway_id, timeout_s=settings.nats_timeout_s,
+                                replicas=settings.nats_replicas, on_state=on_nats_state)
         await bus.ensure_streams()
         deps = Deps(settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id)
         deps.media = app[media.MEDIA] = await media.MediaStore.open(bus, settings)
         hub = SessionHub(bus, checkpoints, gateway_id)
+        hubs.append(hub)
         app[DEPS] = deps
         install_metrics(deps)
         app[HUB] = hub

@@ -24,7 +24,7 @@ from gateway.deps import Deps
 from proto import bus as busproto
 from proto import client
 from shared import telemetry
-from shared.checkpoints import DoubleTextPolicy, with_seq
+from shared.checkpoints import DoubleTextPolicy, PolicyNeeded, with_seq
 from shared.errors import BadFrame, Degraded, Forbidden, NotFound, SeedNeeded, TidewireError, TooLarge
 from shared.eventlog import SessionRow
 
@@ -174,9 +174,10 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
         if deps.media is None:
             raise BadFrame("attachments are not enabled on this gateway")
         await media.check_attachments(deps.media, subject, req.attachments)
-    if policy is None:
-        policy = (await session_flags(deps, session_id, subject)).get("double_text_policy")  # type: ignore[assignment]
-    policy = policy or deps.settings.double_text_policy  # type: ignore[assignment]
+    async def resolved_policy() -> DoubleTextPolicy:
+        flags = await session_flags(deps, session_id, subject)
+        return flags.get("double_text_policy") or deps.settings.double_text_policy  # type: ignore[return-value]
+
     turn_id = new_id("t_")
     raw = client.json_encoder.encode(client.Message(seq=0, turn_id=turn_id, client_msg_id=req.client_msg_id,
                                                     role="user", text=req.text, attachments=req.attachments))
@@ -187,19 +188,24 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
     cp = deps.checkpoints
     checkpoint_span = telemetry.tracer.start_span("checkpoint.append_user")
     t0 = time.perf_counter()
+    encoded = busproto.bus_encoder.encode(request)
     try:
         async with asyncio.timeout(deps.settings.redis_timeout_s * 2):
             try:
-                appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw,
-                                                busproto.bus_encoder.encode(request), policy or "queue")
+                try:
+                    appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded,
+                                                    policy or "ask")
+                except PolicyNeeded:  # a turn is running: only now does the session's policy matter
+                    policy = await resolved_policy()
+                    appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded, policy)
             except SeedNeeded:
                 stored = await deps.eventlog.find_user_message(session_id, req.client_msg_id)
                 if stored is not None:
                     return client.Ack(client_msg_id=req.client_msg_id, seq=stored.seq, turn_id=stored.turn_id,
                                       duplicate=True)
                 await cp.seed(session_id, await deps.eventlog.last_seq(session_id))
-                appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw,
-                                                busproto.bus_encoder.encode(request), policy or "queue")
+                policy = policy or await resolved_policy()
+                appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded, policy)
     except TidewireError:
         raise
     except Exception as e:

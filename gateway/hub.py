@@ -28,6 +28,10 @@ PRESENCE_TTL_MS = 6000
 class Listener(Protocol):
     def on_live(self, events: list[Event]) -> None: ...
 
+    def resync(self) -> None:
+        """Live events may have been lost (the NATS connection was re-established): re-read the stores."""
+        ...
+
 
 class _Entry:
     __slots__ = ("listeners", "sub", "ready")
@@ -45,6 +49,11 @@ class SessionHub:
         # per process: a restarted gateway with the same name must not inherit its predecessor's watches
         self.instance = f"{gateway_id}/{secrets.token_hex(4)}"
         self._entries: dict[str, _Entry] = {}
+
+    def resync_all(self) -> None:
+        for entry in list(self._entries.values()):
+            for listener in list(entry.listeners):
+                listener.resync()
 
     def watched_sessions(self) -> dict[str, int]:
         return {sid: len(e.listeners) for sid, e in self._entries.items()}

@@ -29,6 +29,9 @@ class _Waiter:
     def on_live(self, events: list[Event]) -> None:
         self.arrived.set()
 
+    def resync(self) -> None:
+        self.arrived.set()
+
 
 async def poll_handler(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]

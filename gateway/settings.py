@@ -33,8 +33,13 @@ class GatewaySettings:
     tls_key: str = ""
     # timeouts (seconds) on each network hop
     redis_timeout_s: float = 2.0
+    # Redis replicas that must confirm (WAIT) each checkpoint write before it is shown: 0 with one
+    # Redis; 1 or more behind Sentinel, where replication is asynchronous (docs/cluster.md)
+    redis_min_replicas: int = 0
     postgres_timeout_s: float = 5.0
     nats_timeout_s: float = 3.0
+    # replicas of every JetStream stream, KV bucket and object store (3 on a 3-node NATS cluster)
+    nats_replicas: int = 1
     # limits
     max_frame_bytes: int = 64 * 1024
     max_text_chars: int = 32_000

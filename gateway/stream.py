@@ -133,6 +133,9 @@ class Feed:
             return
         self._accept(events)
 
+    def resync(self) -> None:
+        self._resync.set()
+
     def _accept(self, events: list[Event], *, resync_on_gap: bool = True) -> None:
         """Delivers what follows the last seq sent. An event past a gap waits (bounded) while the gap
         is read from the store: e.g. a user message that arrives while the turn_end before it is

@@ -145,6 +145,7 @@ class SessionRunner:
         if req.received_at_ns:
             wait_s = max(0.0, (picked_ns - req.received_at_ns) / 1e9)
             telemetry.observe_stage("queue_wait", wait_s)
+            svc.load.picked(wait_s)
             telemetry.record_span("orchestrator.pickup", req.received_at_ns, picked_ns, parent=parent,
                                   attributes={"queue_wait_s": wait_s, "orchestrator": svc.id},
                                   kind=telemetry.SpanKind.CONSUMER)

@@ -32,6 +32,7 @@ from aiohttp import web
 from orchestrator.analytics import AnalyticsPublisher, tool_calls_in, turn_analytics
 from orchestrator.flags import FlagResolver, load_system_prompts, parse_route, select_tools, system_prompt_for
 from orchestrator.leases import LeaseKeeper
+from orchestrator.load import LoadReporter
 from orchestrator.packer import pack
 from orchestrator.providers.base import Provider, ToolSpec
 from orchestrator.runner import SessionRunner, decode_request
@@ -103,11 +104,13 @@ class OrchestratorService:
         s = self.settings
         telemetry.setup("orchestrator", self.id)
         self.eventlog = await EventLog.connect(s.postgres_dsn, timeout_s=s.postgres_timeout_s, max_size=10)
-        self.checkpoints = CheckpointStore.connect(s.redis_url, timeout_s=s.redis_timeout_s, ttl_s=s.session_ttl_s)
-        self.bus = await Bus.connect(s.nats_url, name=self.id, timeout_s=s.nats_timeout_s)
+        self.checkpoints = CheckpointStore.connect(s.redis_url, timeout_s=s.redis_timeout_s, ttl_s=s.session_ttl_s,
+                                                   min_replicas=s.redis_min_replicas)
+        self.bus = await Bus.connect(s.nats_url, name=self.id, timeout_s=s.nats_timeout_s, replicas=s.nats_replicas)
         self.sessions = SessionStore(self.checkpoints.redis, self.eventlog, ttl_s=s.session_ttl_s,
                                      window=s.window_messages)
         self.flags = FlagResolver(self.eventlog, ttl_s=2.0)
+        self.load = LoadReporter(self.checkpoints, self.id)
         self.leases = LeaseKeeper(self.checkpoints, ttl_ms=s.lease_ttl_ms, renew_ms=s.lease_renew_ms)
         self.analytics = AnalyticsPublisher(self.bus)
         try:
@@ -121,6 +124,7 @@ class OrchestratorService:
                 self._tg = tg
                 keeper = tg.create_task(self.leases.run(), name="leases")
                 loops = [tg.create_task(self._fetch_loop(), name="fetch"),
+                         tg.create_task(self.load.run(), name="load-report"),
                          tg.create_task(self._takeover_loop(), name="takeover"),
                          tg.create_task(self._sample_queue(), name="queue-sampler"),
                          tg.create_task(self.upstreams.publish_loop(self.checkpoints.redis), name="breakers")]

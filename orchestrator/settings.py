@@ -17,8 +17,13 @@ class OrchestratorSettings:
     host: str = "127.0.0.1"
     # timeouts (seconds) on each network hop
     redis_timeout_s: float = 2.0
+    # Redis replicas that must confirm (WAIT) each checkpoint write before it is shown: 0 with one
+    # Redis; 1 or more behind Sentinel, where replication is asynchronous (docs/cluster.md)
+    redis_min_replicas: int = 0
     postgres_timeout_s: float = 5.0
     nats_timeout_s: float = 3.0
+    # replicas of every JetStream stream, KV bucket and object store (3 on a 3-node NATS cluster)
+    nats_replicas: int = 1
     # ownership: short leases renewed by the owner and watched by the others (fast takeover)
     lease_ttl_ms: int = 300
     lease_renew_ms: int = 80

@@ -80,22 +80,22 @@ async def fetch_batch(sub: Any, batch: int, timeout_s: float, *, what: str) -> l
         return []
 
 
-def stream_configs() -> list[StreamConfig]:
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     return [
         StreamConfig(name=subjects.TURNS_STREAM, subjects=[subjects.TURNS_SUBJECTS],
                      retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                      discard=DiscardPolicy.NEW, max_msgs=10_000_000, max_bytes=8 * 1024**3,
-                     max_msg_size=1024 * 1024, duplicate_window=DUPLICATE_WINDOW_S, num_replicas=1),
+                     max_msg_size=1024 * 1024, duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas),
         StreamConfig(name=subjects.DLQ_STREAM, subjects=[subjects.DLQ_SUBJECTS],
                      retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-                     discard=DiscardPolicy.OLD, max_age=14 * 86400, max_msg_size=1024 * 1024),
+                     discard=DiscardPolicy.OLD, max_age=14 * 86400, max_msg_size=1024 * 1024, num_replicas=replicas),
         StreamConfig(name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_SUBJECTS],
                      retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                      discard=DiscardPolicy.NEW, max_msgs=10_000_000, max_msg_size=1024 * 1024,
-                     duplicate_window=DUPLICATE_WINDOW_S),
+                     duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas),
         StreamConfig(name=subjects.ANALYTICS_STREAM, subjects=[subjects.ANALYTICS_SUBJECT],
                      retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                     discard=DiscardPolicy.OLD, max_msgs=10_000_000),
+                     discard=DiscardPolicy.OLD, max_msgs=10_000_000, num_replicas=replicas),
     ]
 
 
@@ -119,16 +119,16 @@ def analytics_consumer_config() -> ConsumerConfig:
                           max_ack_pending=8192, filter_subject=subjects.ANALYTICS_SUBJECT)
 
 
-def call_ledger_config(ttl_s: float) -> KeyValueConfig:
+def call_ledger_config(ttl_s: float, replicas: int = 1) -> KeyValueConfig:
     """The tool-call ledger (`shared.call_ledger`): one value per call key, kept `ttl_s`."""
     return KeyValueConfig(bucket=subjects.CALLS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
-                          max_value_size=256 * 1024)
+                          max_value_size=256 * 1024, replicas=replicas)
 
 
-def media_store_config(*, ttl_s: float, max_bytes: int) -> ObjectStoreConfig:
+def media_store_config(*, ttl_s: float, max_bytes: int, replicas: int = 1) -> ObjectStoreConfig:
     """The media object store (`shared.media_store`); `ttl_s` 0 keeps media forever."""
     return ObjectStoreConfig(description="tidewire media, by reference", storage=StorageType.FILE,
-                             ttl=ttl_s or None, max_bytes=max_bytes)
+                             ttl=ttl_s or None, max_bytes=max_bytes, replicas=replicas)
 
 
 class TracingJetStream(JetStreamContext):
@@ -150,10 +150,11 @@ class Bus:
 
     `async with await Bus.connect(...) as bus:` closes the connection however the block ends."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, *, timeout_s: float) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, *, timeout_s: float, replicas: int = 1) -> None:
         self.nc = nc
         self.js = js
         self.timeout_s = timeout_s
+        self.replicas = replicas
 
     async def __aenter__(self) -> Bus:
         return self
@@ -164,7 +165,9 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, *, name: str, timeout_s: float = 3.0,
-                      on_state: Callable[[bool], None] | None = None) -> Bus:
+                      on_state: Callable[[bool], None] | None = None, replicas: int = 1) -> Bus:
+        """`url` may list several servers, comma-separated (a cluster's nodes): the client connects to
+        one and fails over to the others. `replicas` is used when streams and buckets are declared."""
         async def disconnected() -> None:
             log.warning("nats disconnected")
             if on_state:
@@ -178,11 +181,12 @@ class Bus:
         async def error_cb(e: Exception) -> None:
             log.debug("nats error: %s", e)
 
-        nc = await nats.connect(url, name=name, connect_timeout=timeout_s, max_reconnect_attempts=-1,
+        servers = [u.strip() for u in url.split(",") if u.strip()]
+        nc = await nats.connect(servers, name=name, connect_timeout=timeout_s, max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.25, ping_interval=5, max_outstanding_pings=3,
                                 disconnected_cb=disconnected, reconnected_cb=reconnected,
                                 error_cb=error_cb, pending_size=64 * 1024 * 1024)
-        return cls(nc, TracingJetStream(nc, timeout=timeout_s), timeout_s=timeout_s)
+        return cls(nc, TracingJetStream(nc, timeout=timeout_s), timeout_s=timeout_s, replicas=replicas)
 
     async def close(self) -> None:
         """Flushes what was published, then closes (consumers were already stopped by the owner)."""
@@ -198,7 +202,7 @@ class Bus:
         return self.nc is not None and bool(self.nc.is_connected)
 
     async def ensure_streams(self) -> None:
-        for cfg in stream_configs():
+        for cfg in stream_configs(self.replicas):
             try:
                 await self.js.add_stream(cfg)
             except BadRequestError:

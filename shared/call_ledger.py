@@ -45,7 +45,7 @@ class CallLedger:
         except BucketNotFoundError:
             pass
         try:
-            return cls(await bus.js.create_key_value(call_ledger_config(ttl_s)))
+            return cls(await bus.js.create_key_value(call_ledger_config(ttl_s, bus.replicas)))
         except BadRequestError:
             return cls(await bus.js.key_value(subjects.CALLS_BUCKET))
 

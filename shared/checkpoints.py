@@ -19,12 +19,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+import redis.exceptions as redis_exceptions
 
-from shared.cancellation import keep_cancel
-from shared.errors import Conflict, SeedNeeded, StaleEpoch
-from shared.subjects import ACTIVE_LEASES, gateway_key, rkey
+from shared import redis_connect
+from shared.errors import Conflict, ReplicaLag, SeedNeeded, StaleEpoch
+from shared.subjects import ACTIVE_LEASES, LOAD_BOARD, gateway_key, rkey
 
 DoubleTextPolicy = Literal["queue", "interrupt", "reject"]
+# "ask": queue when no turn is running or queued; otherwise write nothing and raise PolicyNeeded,
+# so a send to an idle session never has to look its policy up (a Postgres read, PERF-LEDGER §1b)
+AppendPolicy = Literal["queue", "interrupt", "reject", "ask"]
+
+
+class PolicyNeeded(Exception):
+    """append_user with policy "ask" found a turn running: call again with the session's policy."""
 
 _SEQ_RE = b'"seq":0,'
 
@@ -42,6 +50,7 @@ local cur = redis.call('GET', KEYS[1])
 if not cur then return {-1} end
 local running = redis.call('LRANGE', KEYS[4], 0, -1)
 if ARGV[6] == 'reject' and #running > 0 then return {-2} end
+if ARGV[6] == 'ask' and #running > 0 then return {-4} end
 local seq = tonumber(cur) + 1
 local ev = string.gsub(ARGV[4], '"seq":0,', '"seq":' .. seq .. ',', 1)
 redis.call('XADD', KEYS[2], seq .. '-0', 'e', ev)
@@ -258,28 +267,18 @@ class Lease:
         return f"{self.owner}:{self.epoch}"
 
 
-class _Redis(aioredis.Redis):  # type: ignore[misc]
-    """redis-py's client with every command and pipeline keeping the caller's cancellation
-    (shared.cancellation); the adapters' only Redis client class."""
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        return await keep_cancel(super().execute_command(*args, **options))
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
-
-
-class _Pipeline(aioredis.client.Pipeline):  # type: ignore[misc]
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        return await keep_cancel(super().execute(raise_on_error))
-
-
 class CheckpointStore:
     """Redis adapter for everything hot about a session. Business code receives this, not a client."""
 
     def __init__(self, client: aioredis.Redis, *, ttl_s: float = 86_400,
-                 lease_client: aioredis.Redis | None = None) -> None:
+                 lease_client: aioredis.Redis | None = None, min_replicas: int = 0,
+                 replica_timeout_ms: int = 500) -> None:
         self.redis = client
+        # Redis replicates asynchronously: with min_replicas > 0 every write that a client may be
+        # shown (a seq, an event, a lease epoch, a finished turn) is confirmed by WAIT on the same
+        # connection before it counts, so a failover to a replica cannot re-issue a seq already seen
+        self.min_replicas = min_replicas
+        self.replica_timeout_ms = replica_timeout_ms
         # leases are renewed on connections of their own: never queued behind checkpoint writes
         self.lease_redis = lease_client or client
         self.ttl_ms = int(ttl_s * 1000)
@@ -296,16 +295,35 @@ class CheckpointStore:
 
     @classmethod
     def connect(cls, url: str, *, timeout_s: float = 3.0, ttl_s: float = 86_400,
-                max_connections: int = 64) -> CheckpointStore:
+                max_connections: int = 64, min_replicas: int = 0) -> CheckpointStore:
         """A bounded pool: a burst of requests waits (up to the timeout) for a connection instead of
         opening one per request; Redis executes commands one at a time anyway."""
-        def pool(n: int) -> aioredis.BlockingConnectionPool:
-            return aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=n, timeout=timeout_s, socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s, health_check_interval=10)
+        def client(n: int) -> aioredis.Redis:
+            return redis_connect.client(url, max_connections=n, timeout_s=timeout_s, health_check_interval=10)
 
-        return cls(_Redis(connection_pool=pool(max_connections)), ttl_s=ttl_s,
-                   lease_client=_Redis(connection_pool=pool(2)))
+        return cls(client(max_connections), ttl_s=ttl_s, lease_client=client(2), min_replicas=min_replicas,
+                   replica_timeout_ms=int(timeout_s * 1000 / 3))
+
+    async def _write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Runs a writing script; with `min_replicas`, in one pipeline with `WAIT` (same connection,
+        one round trip) and raising ReplicaLag when too few replicas confirmed it."""
+        if not self.min_replicas:
+            return await script(keys=keys, args=args)
+        for attempt in (1, 2):
+            try:
+                async with self.redis.pipeline(transaction=False) as p:
+                    p.evalsha(script.sha, len(keys), *keys, *args)
+                    p.execute_command("WAIT", self.min_replicas, self.replica_timeout_ms)
+                    reply, acked = await p.execute()
+                break
+            except redis_exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                await self.redis.script_load(script.script)  # a restarted or promoted server
+        if int(acked) < self.min_replicas:
+            raise ReplicaLag(f"{acked} of {self.min_replicas} replicas confirmed a write within "
+                             f"{self.replica_timeout_ms} ms")
+        return reply
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -336,14 +354,16 @@ class CheckpointStore:
 
     # ---- user messages -----------------------------------------------------------------------
     async def append_user(self, session_id: str, client_msg_id: str, turn_id: str, event: bytes,
-                          request: bytes, policy: DoubleTextPolicy = "queue") -> UserAppend:
+                          request: bytes, policy: AppendPolicy = "queue") -> UserAppend:
         keys = [rkey(session_id, k) for k in ("seq", "log", "cmid", "pending", "turns", "cancelled")]
-        r = await self._append_user(keys=keys, args=[client_msg_id, turn_id, self.ttl_ms, event, request, policy])
+        r = await self._write(self._append_user, keys, [client_msg_id, turn_id, self.ttl_ms, event, request, policy])
         code = int(r[0])
         if code == -1:
             raise SeedNeeded(session_id)
         if code == -2:
             raise Conflict("a turn is still running and this session rejects double texting")
+        if code == -4:
+            raise PolicyNeeded(session_id)
         if code == 0:
             seq_s, _, tid = (r[1].decode() if isinstance(r[1], bytes) else r[1]).partition(":")
             return UserAppend(int(seq_s), tid, True)
@@ -370,7 +390,7 @@ class CheckpointStore:
         takeover) but must not be shown before the history has it."""
         sid = lease.session_id
         keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate", "hold")]
-        r = await self._append_events(keys=keys, args=[lease.token, self.ttl_ms, start_turn, "1" if hold else "",
+        r = await self._write(self._append_events, keys, [lease.token, self.ttl_ms, start_turn, "1" if hold else "",
                                                        len(events), *events])
         code = int(r[0])
         if code == -3:
@@ -396,8 +416,8 @@ class CheckpointStore:
         turns, its lease (fencing epoch, takeover index) with a snapshot of the queue's head
         (request, state, starts counted, failures, cancel flag, session state, user seq)."""
         deadline = int(time.time() * 1000) + lease_ttl_ms
-        r = await self._claim(keys=self._turn_keys(session_id),
-                              args=[owner, self.ttl_ms, lease_ttl_ms, session_id, turn_id, deadline, ""])
+        r = await self._write(self._claim, self._turn_keys(session_id),
+                              [owner, self.ttl_ms, lease_ttl_ms, session_id, turn_id, deadline, ""])
         code, msg_state = _int(r[0]), _state(r[1])
         if code <= 0:
             return Claim(None, msg_state, None, held=code < 0)
@@ -408,8 +428,8 @@ class CheckpointStore:
         """One round trip, fenced: marks `turn_id` done (releasing its held turn_end and storing the
         session state), then returns the next queued turn, or gives the session up (None) when the
         queue is empty. Without `turn_id`, only the second half."""
-        r = await self._finish_next(keys=self._turn_keys(lease.session_id),
-                                    args=[lease.token, self.ttl_ms, 0, lease.session_id, turn_id, status,
+        r = await self._write(self._finish_next, self._turn_keys(lease.session_id),
+                                    [lease.token, self.ttl_ms, 0, lease.session_id, turn_id, status,
                                           session_state or b""])
         code = int(r[0])
         if code == -3:
@@ -525,6 +545,36 @@ class CheckpointStore:
 
     async def forget_active(self, session_id: str) -> None:
         await self.redis.zrem(ACTIVE_LEASES, session_id)
+
+    # ---- load board (admission) ------------------------------------------------------------------
+    async def report_load(self, instance: str, pickup_delay_ms: int, loop_lag_ms: int) -> None:
+        """An orchestrator's recent pickup delay (a turn's wait from the gateway's receipt to its
+        start) and event-loop lag, for the gateways' admission; one write per report."""
+        now = int(time.time() * 1000)
+        await self.redis.hset(LOAD_BOARD, instance, f"{pickup_delay_ms}:{loop_lag_ms}:{now}")
+
+    async def withdraw_load(self, instance: str) -> None:
+        await self.redis.hdel(LOAD_BOARD, instance)
+
+    async def read_load(self, fresh_ms: int) -> list[tuple[int, int]]:
+        """(pickup delay ms, loop lag ms) of every orchestrator that reported in the last `fresh_ms`;
+        entries older than ten times that are removed (their process is gone)."""
+        now = int(time.time() * 1000)
+        out: list[tuple[int, int]] = []
+        stale: list[bytes] = []
+        for field, value in (await self.redis.hgetall(LOAD_BOARD)).items():
+            try:
+                delay, lag, at = (int(x) for x in value.split(b":"))
+            except ValueError:
+                stale.append(field)
+                continue
+            if now - at <= fresh_ms:
+                out.append((delay, lag))
+            elif now - at > 10 * fresh_ms:
+                stale.append(field)
+        if stale:
+            await self.redis.hdel(LOAD_BOARD, *stale)
+        return out
 
     # ---- presence (disconnect policy) ---------------------------------------------------------
     # A gateway process keeps one liveness key alive (one write per tick, whatever it watches) and

@@ -70,6 +70,11 @@ class StaleEpoch(Exception):
     """A checkpoint write carried a fencing token that is no longer the session's lease."""
 
 
+class ReplicaLag(ConnectionError):
+    """Too few Redis replicas confirmed a write in time (CheckpointStore min_replicas): it may not
+    survive a failover, so it is not shown and not acknowledged; callers answer degraded or retry."""
+
+
 class SeedNeeded(Exception):
     """Redis has no seq counter for the session (new, or expired): seed it from the event log."""
 

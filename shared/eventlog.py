@@ -252,6 +252,10 @@ class EventLog:
         return [(int(r["seq"]), r["role"], r["text"], r["turn_id"]) for r in rows]
 
     # ---- flags and analytics -----------------------------------------------------------------
+    async def flag_scopes(self) -> list[str]:
+        rows = await self._pool.fetch("SELECT DISTINCT scope FROM feature_flags", timeout=self._timeout)
+        return [r["scope"] for r in rows]
+
     async def flags_for(self, scopes: Sequence[str]) -> dict[str, Any]:
         """Flags of the given scopes, later scopes overriding earlier ones."""
         rows = await self._pool.fetch("SELECT scope, name, value FROM feature_flags WHERE scope = ANY($1)",

@@ -26,6 +26,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
+from shared.cancellation import keep_cancel
+
 __all__ = ["SentinelTarget", "client", "connection_pool", "parse_sentinel_url", "is_sentinel_url"]
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -93,7 +95,23 @@ class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionP
     for one of `max_connections` connections instead of failing or opening more."""
 
 
-class SentinelRedis(aioredis.Redis):  # type: ignore[misc]
+class CancelSafeRedis(aioredis.Redis):  # type: ignore[misc]
+    """redis-py's client with every command and pipeline keeping the caller's cancellation
+    (shared.cancellation): the only Redis client class the adapters use."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        return await keep_cancel(super().execute_command(*args, **options))
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        return _CancelSafePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class _CancelSafePipeline(aioredis.client.Pipeline):  # type: ignore[misc]
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        return await keep_cancel(super().execute(raise_on_error))
+
+
+class SentinelRedis(CancelSafeRedis):
     """A client of the current primary that also closes its connections to the Sentinels."""
 
     sentinel: Sentinel | None = None
@@ -149,7 +167,7 @@ def client(url: str, *, max_connections: int = 64, timeout_s: float = 3.0,
     pool = pool_class.from_url(url, max_connections=max_connections, socket_timeout=timeout_s,
                                socket_connect_timeout=timeout_s,
                                health_check_interval=health_check_interval, **extra)
-    return aioredis.Redis.from_pool(pool)
+    return CancelSafeRedis.from_pool(pool)
 
 
 def connection_pool(url: str, *, max_connections: int = 64, timeout_s: float = 3.0,

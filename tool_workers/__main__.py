@@ -36,7 +36,8 @@ async def run(settings: ToolWorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     bus: Bus = await nats_connect_retry()(
-        Bus.connect, settings.nats_url, name=f"tool-worker-{os.getpid()}", timeout_s=settings.nats_timeout_seconds
+        Bus.connect, settings.nats_url, name=f"tool-worker-{os.getpid()}", timeout_s=settings.nats_timeout_seconds,
+        replicas=settings.nats_replicas
     )
     async with bus:
         runner: web.AppRunner | None = None

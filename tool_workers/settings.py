@@ -29,6 +29,8 @@ class ToolWorkerSettings:
     tool_side_effect_dir: str = ""  # where send_email records what it "sent"
     log_level: str = "INFO"
     nats_timeout_seconds: float = 3.0
+    # replicas of every JetStream stream, KV bucket and object store (3 on a 3-node NATS cluster)
+    nats_replicas: int = 1
     # JetStream redelivers a job this long after the last sign of life of its worker.
     ack_wait_seconds: float = 2.0
     in_progress_interval_seconds: float = 0.5

@@ -246,6 +246,9 @@ class _Wake:
     def on_live(self, events: list[Event]) -> None:
         self.arrived.set()
 
+    def resync(self) -> None:
+        self.arrived.set()
+
 
 class TurnNotEnded(TidewireError):
     """A reader waited `wait_s` and the turn still had not ended."""

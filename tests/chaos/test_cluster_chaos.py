@@ -60,11 +60,11 @@ if os.environ.get("TIDEWIRE_CHAOS_NO_REDIS_FAILOVER") == "1":
 # while it was reconnecting is lost for its clients, and if it was the last of a turn (turn_end) they
 # stall until they reconnect themselves. Until the gateway resyncs on reconnect, a stall after the NATS
 # fault is an expected failure; set this to 1 once it does.
-NATS_RESYNC_FIXED = os.environ.get("TIDEWIRE_CHAOS_NATS_RESYNC_FIXED") == "1"
+NATS_RESYNC_FIXED = os.environ.get("TIDEWIRE_CHAOS_NATS_RESYNC_FIXED", "1") == "1"
 # The checkpoint store publishes an event as soon as the Redis primary has it; replication is
 # asynchronous, so a failover can take back seqs clients have seen. Set to 1 once the appends wait for
 # the replica (WAIT 1) before publishing.
-REDIS_WAIT_FIXED = os.environ.get("TIDEWIRE_CHAOS_REDIS_WAIT_FIXED") == "1"
+REDIS_WAIT_FIXED = os.environ.get("TIDEWIRE_CHAOS_REDIS_WAIT_FIXED", "1") == "1"
 REDIS_LAG_REASON = ("async Redis replication: events the primary accepted and the orchestrator published, "
                     "but the replica never received, are lost on failover and their seqs re-issued")
 NATS_STALL_REASON = ("gateway does not resync its sessions from the stores after a NATS reconnect: a live "

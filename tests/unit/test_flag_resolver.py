@@ -25,6 +25,13 @@ class GatedSource:
             raise ConnectionError("postgres down")
         return {"model": f"m-{scopes[0]}"}
 
+    async def flag_scopes(self) -> list[str]:
+        if self.fail:
+            raise ConnectionError("postgres down")
+        return self.scopes
+
+    scopes = ["deployment", "tenant:u1", "session:s1", "session:s2"]
+
 
 async def test_a_caller_cancelled_mid_query_does_not_wedge_later_callers() -> None:
     src = GatedSource()
@@ -51,10 +58,10 @@ async def test_concurrent_misses_share_one_query_and_the_result_is_cached() -> N
     async with asyncio.timeout(2):
         results = await asyncio.gather(*tasks)
     assert all(x == results[0] for x in results)
-    assert r.queries == 2, src.calls  # deployment + session:s1, once each
+    assert r.queries == 3, src.calls  # the scope list, deployment and session:s1, once each
     async with asyncio.timeout(2):
         await r.resolve("s1", None)
-    assert r.queries == 2, "a fresh cache entry was queried again"
+    assert r.queries == 3, "a fresh cache entry was queried again"
 
 
 async def test_a_failed_query_is_served_stale_when_cached_and_raised_otherwise() -> None:
@@ -68,7 +75,13 @@ async def test_a_failed_query_is_served_stale_when_cached_and_raised_otherwise()
     src.fail = True
     async with asyncio.timeout(2):
         assert (await r.resolve("s1", None))["model"] == "m-session:s1"
-    assert r.stale_served == 2
+    assert r.stale_served == 3  # the scope list, deployment and session:s1
+    src.scopes = [*src.scopes, "session:s9"]
+    r.invalidate()
+    src.fail = False
+    async with asyncio.timeout(2):
+        await r.resolve("s1", None)  # the scope list now names s9
+    src.fail = True
     try:
         async with asyncio.timeout(2):
             await r.resolve("s9", None)
@@ -76,3 +89,14 @@ async def test_a_failed_query_is_served_stale_when_cached_and_raised_otherwise()
         pass
     else:
         raise AssertionError("an uncached scope whose query failed must raise")
+
+
+async def test_a_scope_without_rows_costs_no_query() -> None:
+    src = GatedSource()
+    src.gate.set()
+    src.scopes = ["deployment"]
+    r = FlagResolver(src, ttl_s=60)  # type: ignore[arg-type]
+    async with asyncio.timeout(2):
+        for i in range(50):
+            await r.resolve(f"s{i}", f"u{i}")
+    assert src.calls == [["deployment"]], f"queried scopes that have no rows: {src.calls}"
