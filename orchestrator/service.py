@@ -23,6 +23,7 @@ import logging
 import secrets
 import signal
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ from orchestrator.flags import FlagResolver, load_system_prompts, parse_route, s
 from orchestrator.leases import LeaseKeeper
 from orchestrator.load import LoadReporter
 from orchestrator.packer import pack
+from orchestrator.peers import PEER_SOCKETS, PeerWatch, close_peer_sockets, peer_endpoint
 from orchestrator.providers.base import Provider, ToolSpec
 from orchestrator.runner import SessionRunner, decode_request
 from orchestrator.settings import OrchestratorSettings
@@ -46,13 +48,13 @@ from shared.bus import TURN_ACK_WAIT_S, Bus, BusMessage, fetch_batch
 from shared.checkpoints import CheckpointStore, Lease, TurnSnapshot
 from shared.eventlog import EventLog
 from shared.sessionstate import SessionStore
-from shared.supervise import report_failure, supervised
+from shared.supervise import install_task_dump, report_failure, supervised
 
 log = logging.getLogger(__name__)
 
 QUEUE_SAMPLE_S = 1.0
 # Counted in OrchestratorService.metrics; always exposed (0 until they happen) so alerts can rely on them.
-COUNTERS = ("cancel_requests", "cancel_success", "lease_lost", "turn_errors", "runner_errors", "takeovers",
+COUNTERS = ("peer_deaths", "cancel_requests", "cancel_success", "lease_lost", "turn_errors", "runner_errors", "takeovers",
             "tool_calls", "tool_timeouts", "dead_lettered", "turns_started", "turns_completed",
             "turns_cancelled", "turns_failed", "turns_timed_out")
 UPSTREAM_COUNTERS = ("started", "finished", "aborted", "failed")
@@ -111,6 +113,9 @@ class OrchestratorService:
                                      window=s.window_messages)
         self.flags = FlagResolver(self.eventlog, ttl_s=2.0)
         self.load = LoadReporter(self.checkpoints, self.id)
+        advertise = s.advertise_url or (f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:"
+                                        f"{s.health_port}" if s.health_port else None)
+        self.peers = PeerWatch(self.checkpoints, self.id, advertise, self._peer_gone)
         self.leases = LeaseKeeper(self.checkpoints, ttl_ms=s.lease_ttl_ms, renew_ms=s.lease_renew_ms)
         self.analytics = AnalyticsPublisher(self.bus)
         try:
@@ -120,6 +125,7 @@ class OrchestratorService:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopping.set)
+            install_task_dump(loop)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 keeper = tg.create_task(self.leases.run(), name="leases")
@@ -130,18 +136,21 @@ class OrchestratorService:
                          tg.create_task(self.upstreams.publish_loop(self.checkpoints.redis), name="breakers")]
                 analytics = tg.create_task(self.analytics.run(), name="analytics")
                 health = await self._start_health()
+                loops.append(tg.create_task(self.peers.run(), name="peers"))  # peers may watch us now
                 log.info("orchestrator %s ready", self.id)
                 await self._stopping.wait()
                 log.info("orchestrator %s stopping", self.id)
                 for t in loops:
                     t.cancel()
-                await self._finish_runners()
-                keeper.cancel()  # renewed until the last runner is done
+                handed = await self._hand_over()
+                if health is not None:
+                    await health.cleanup()  # closes the peer links: the peers claim the sessions now
+                await self.peers.leave()
+                log.info("orchestrator %s handed %d sessions over", self.id, handed)
+                keeper.cancel()
                 await self.analytics.flush(2.0)
                 analytics.cancel()
                 await self.bus.unsubscribe(cancel_sub)
-                if health is not None:
-                    await health.cleanup()
         finally:
             if self.tools is not None:
                 with contextlib.suppress(Exception):
@@ -152,12 +161,16 @@ class OrchestratorService:
             await self.eventlog.close()
             telemetry.flush()
 
-    async def _finish_runners(self) -> None:
-        tasks = [t for _, t in self.runners.values()]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=self.settings.graceful_s)
-            for t in late:
-                t.cancel()  # the lease then expires and another orchestrator takes the turn over
+    async def _hand_over(self) -> int:
+        """A planned stop hands every session over at once instead of finishing its turns: the
+        runners stop (what they checkpointed is where the next owner continues), their leases are
+        deleted, and closing the peer links tells the other orchestrators to claim them. Without a
+        peer watching (no health port), the takeover scan finds the released sessions."""
+        entries = list(self.runners.values())
+        for _, task in entries:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in entries), return_exceptions=True)
+        return len(await self.checkpoints.break_leases_of(self.id))
 
     async def _start_tools(self) -> None:
         from orchestrator.tools import ToolDispatcher, ToolDispatchSettings
@@ -248,22 +261,35 @@ class OrchestratorService:
     async def _takeover_scan(self) -> None:
         """Sessions whose owner stopped renewing its lease: take them over (a failure here would
         silently disable crash recovery, hence the supervised loop around it)."""
+        for sid in await self.checkpoints.expired_leases():
+            await self._take_over(sid)
+
+    async def _take_over(self, sid: str) -> None:
         cp = self.checkpoints
-        for sid in await cp.expired_leases():
-            if sid in self.runners or len(self.runners) >= self.settings.max_sessions:
-                continue
-            claim = await cp.claim(sid, self.id, self.settings.lease_ttl_ms)
-            if claim.held:
-                continue
-            if claim.lease is None:
-                # its owner died after finishing a turn, maybe before showing turn_end live
-                tail = await cp.last_event(sid)
-                if tail is not None:
-                    await self.bus.publish_events(sid, [tail])
-                await cp.forget_active(sid)
-                continue
-            log.info("taking over session %s (epoch %d)", sid, claim.lease.epoch)
-            self._start_runner(claim.lease, claim.first)
+        if sid in self.runners or len(self.runners) >= self.settings.max_sessions:
+            return
+        claim = await cp.claim(sid, self.id, self.settings.lease_ttl_ms)
+        if claim.held:
+            return
+        if claim.lease is None:
+            # its owner died after finishing a turn, maybe before showing turn_end live
+            tail = await cp.last_event(sid)
+            if tail is not None:
+                await self.bus.publish_events(sid, [tail])
+            await cp.forget_active(sid)
+            return
+        log.info("taking over session %s (epoch %d)", sid, claim.lease.epoch)
+        self._start_runner(claim.lease, claim.first)
+
+    async def _peer_gone(self, instance: str) -> None:
+        """A peer's process is gone (its peer socket closed): its sessions are taken over now, not
+        when their leases lapse."""
+        self.metrics["peer_deaths"] += 1
+        sids = await self.checkpoints.break_leases_of(instance)
+        if sids:
+            log.info("peer %s is gone: taking over %d sessions", instance, len(sids))
+        for sid in sids:
+            await self._take_over(sid)
 
     # ---- cancel ------------------------------------------------------------------------------
     async def _on_cancel(self, msg: BusMessage) -> None:
@@ -476,7 +502,10 @@ class OrchestratorService:
             return web.Response(text=telemetry.render_prometheus(self._extra_metrics()),
                                 content_type=telemetry.PROMETHEUS_CONTENT_TYPE)
 
-        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
+        app[PEER_SOCKETS] = weakref.WeakSet()
+        app.on_shutdown.append(close_peer_sockets)
+        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics),
+                        web.get("/v1/peer", peer_endpoint)])
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.settings.host, self.settings.health_port).start()

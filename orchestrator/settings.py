@@ -14,6 +14,9 @@ class OrchestratorSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     orchestrator_id: str = ""
     health_port: int = 0
+    # where peers reach this process's health port to watch it (orchestrator/peers.py); default
+    # http://<host>:<health_port> (127.0.0.1 when bound to every address: set the pod IP in k8s)
+    advertise_url: str = ""
     host: str = "127.0.0.1"
     # timeouts (seconds) on each network hop
     redis_timeout_s: float = 2.0
@@ -42,7 +45,6 @@ class OrchestratorSettings:
     disconnect_policy: str = "continue"
     session_ttl_s: float = 86_400.0
     log_level: str = "INFO"
-    graceful_s: float = 10.0
     # fault injection for tests only: a turn whose text contains this marker raises inside the
     # turn loop (an orchestrator bug, not a model error), to exercise retries and dead-lettering
     fault_poison_marker: str = ""

@@ -23,7 +23,7 @@ import redis.exceptions as redis_exceptions
 
 from shared import redis_connect
 from shared.errors import Conflict, ReplicaLag, SeedNeeded, StaleEpoch
-from shared.subjects import ACTIVE_LEASES, LOAD_BOARD, gateway_key, rkey
+from shared.subjects import ACTIVE_LEASES, LOAD_BOARD, ORCHESTRATORS, gateway_key, rkey
 
 DoubleTextPolicy = Literal["queue", "interrupt", "reject"]
 # "ask": queue when no turn is running or queued; otherwise write nothing and raise PolicyNeeded,
@@ -130,6 +130,13 @@ return epoch
 # KEYS: lease ; ARGV: token ttl_ms
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]); return 1 end
+return 0
+"""
+
+# KEYS: lease ; ARGV: owner  -- deletes the lease only if that owner holds it (its process is gone)
+_BREAK = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. ':' then redis.call('DEL', KEYS[1]); return 1 end
 return 0
 """
 
@@ -291,6 +298,7 @@ class CheckpointStore:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._break = client.register_script(_BREAK)
         self.stale_rejections = 0
 
     @classmethod
@@ -545,6 +553,33 @@ class CheckpointStore:
 
     async def forget_active(self, session_id: str) -> None:
         await self.redis.zrem(ACTIVE_LEASES, session_id)
+
+    # ---- orchestrator registry and dead owners --------------------------------------------------
+    async def register_orchestrator(self, instance: str, url: str) -> None:
+        await self.redis.hset(ORCHESTRATORS, instance, url)
+
+    async def unregister_orchestrator(self, instance: str) -> None:
+        await self.redis.hdel(ORCHESTRATORS, instance)
+
+    async def orchestrators(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in (await self.redis.hgetall(ORCHESTRATORS)).items()}
+
+    async def break_leases_of(self, owner: str) -> list[str]:
+        """Deletes every lease `owner` (a process known to be gone) still holds; returns their
+        sessions, to be claimed at once. A lease held by anyone else is never touched."""
+        sids = [s.decode() for s in await self.redis.zrange(ACTIVE_LEASES, 0, -1)]
+        broken: list[str] = []
+        for i in range(0, len(sids), 500):
+            chunk = sids[i:i + 500]
+            async with self.redis.pipeline(transaction=False) as p:
+                for sid in chunk:
+                    p.get(rkey(sid, "lease"))
+                holders = await p.execute()
+            for sid, holder in zip(chunk, holders, strict=True):
+                if holder is not None and holder.decode().rpartition(":")[0] == owner and \
+                        int(await self._break(keys=[rkey(sid, "lease")], args=[owner])):
+                    broken.append(sid)
+        return broken
 
     # ---- load board (admission) ------------------------------------------------------------------
     async def report_load(self, instance: str, pickup_delay_ms: int, loop_lag_ms: int) -> None:

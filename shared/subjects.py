@@ -54,6 +54,8 @@ def tool_result_subject(turn_id: str) -> str:
 ACTIVE_LEASES = "tw:active"  # zset: session_id -> lease deadline (ms); scanned for takeover
 
 
+# hash: orchestrator instance -> the URL of its health port, where peers watch it (orchestrator/peers.py)
+ORCHESTRATORS = "tw:orchestrators"
 # hash: orchestrator instance -> "<pickup delay ms>:<loop lag ms>:<unix ms>", read by gateways' admission
 LOAD_BOARD = "tw:load"
 

@@ -91,3 +91,18 @@ def store_read_retry(attempts: int = 3) -> AsyncRetrying:
     return AsyncRetrying(retry=retry_if_exception_type((ConnectionError, OSError, TimeoutError)),
                          stop=stop_after_attempt(attempts), wait=wait_exponential_jitter(initial=0.05, max=1.0),
                          reraise=True)
+
+
+def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:
+    """SIGUSR1 logs every task of the process with its stack (at WARNING): what a process is
+    waiting on when it does not stop or does not progress."""
+    import io
+    import signal
+
+    def dump() -> None:
+        for task in asyncio.all_tasks(loop):
+            buf = io.StringIO()
+            task.print_stack(limit=12, file=buf)
+            log.warning("task %s: %s", task.get_name(), buf.getvalue())
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
