@@ -6,14 +6,16 @@ Three layers, cheapest first, so a misbehaving client costs the gateway little:
   `send`s. Over the rate a frame is answered with `error rate_limited` (+ `retry_after_ms`) and
   nothing else is done for it, so the work one connection can cause is bounded by its rate.
 - Per subject, across every gateway (`SubjectLimits`, Redis): a token bucket on messages and a cap on
-  concurrent connections (WebSocket, SSE, long-poll). Each check is one Lua script (atomic, clocked
-  by Redis `TIME`, so gateways with skewed clocks agree). Connection slots are leases that a live
-  gateway renews, so the slots of a gateway that died free themselves. When Redis is slow or down
-  the check is skipped (fail open): the send path then answers `degraded` on its own.
+  concurrent connections (WebSocket, SSE, long-poll). Each check is one Lua script in
+  `shared/quotas.py` (atomic, clocked by Redis `TIME`, so gateways with skewed clocks agree).
+  Connection slots are leases that a live gateway renews, so the slots of a gateway that died free
+  themselves. When Redis is slow or down the check is skipped (fail open): the send path then
+  answers `degraded` on its own.
 - Load shedding (`LoadShedder`): a background task samples the turn queue's depth (JetStream
   consumer pending), the dependencies and the model upstreams' circuit breakers (as the
-  orchestrators publish them in Redis) at most every `shed_sample_ms`; a send checks the last
-  sample only (no I/O), so a refusal (`degraded`, `retry_after_ms`) is immediate, never a wait.
+  orchestrators publish them in Redis, read through `shared/breakers.py`) at most every
+  `shed_sample_ms`; a send checks the last sample only (no I/O), so a refusal (`degraded`,
+  `retry_after_ms`) is immediate, never a wait.
   Breakers shed only when *every* upstream an orchestrator lists has its breaker open: the gateway
   does not know which route a session's next turn takes, so one healthy route keeps sends coming.
 
@@ -46,7 +48,10 @@ from gateway.http_errors import http_error
 from gateway.keys import DEPS
 from gateway.settings import GatewaySettings
 from shared import telemetry
+from shared.breakers import BreakerMirror
+from shared.checkpoints import CheckpointStore
 from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited, from_dependency
+from shared.quotas import SubjectQuotas
 
 log = logging.getLogger(__name__)
 
@@ -97,48 +102,7 @@ class ConnectionLimits:
             raise RateLimited("too many messages on this connection", retry_after_ms=_retry_ms(wait))
 
 
-# ---- per subject, across gateways (Redis) ------------------------------------------------------
-
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS: bucket ; ARGV: rate_per_s burst cost -> ms to wait (0 = taken)
-_TAKE = _NOW_MS + """
-local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-local wait = 0
-if tokens >= cost then tokens = tokens - cost else wait = math.ceil((cost - tokens) * 1000 / rate) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return wait
-"""
-
-# KEYS: slots ; ARGV: slot limit lease_ms -> 1 taken, 0 refused
-_ACQUIRE = _NOW_MS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
-return 1
-"""
-
-# KEYS: slots ; ARGV: slot lease_ms
-_RENEW = _NOW_MS + """
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
-return 1
-"""
-
-
-def subject_key(subject: str, what: str) -> str:
-    return f"tw:subject:{{{subject}}}:{what}"
+# ---- per subject, across gateways (Redis, through shared/quotas.py) -------------------------------
 
 
 @dataclass(frozen=True)
@@ -170,16 +134,16 @@ def install_metrics(counters: EdgeCounters) -> None:
 
 
 class SubjectLimits:
-    """Per-subject message rate and concurrent connections, shared by every gateway through Redis."""
+    """Per-subject message rate and concurrent connections, shared by every gateway through Redis
+    (`shared.quotas.SubjectQuotas`); this side holds the policy: which limits, and failing open."""
 
-    def __init__(self, redis: Any, settings: GatewaySettings, gateway_id: str, counters: EdgeCounters) -> None:
-        self.redis = redis
+    def __init__(self, quotas: SubjectQuotas | CheckpointStore | Any, settings: GatewaySettings, gateway_id: str,
+                 counters: EdgeCounters) -> None:
+        # a SubjectQuotas, or what one is built from (the CheckpointStore; tests pass a client)
+        self.quotas = quotas if isinstance(quotas, SubjectQuotas) else SubjectQuotas(quotas)
         self.settings = settings
         self.gateway_id = gateway_id
         self.counters = counters
-        self._take = redis.register_script(_TAKE)
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
         self.slots: set[Slot] = set()
 
     async def _bounded(self, call: Callable[[], Awaitable[Any]], timeout_s: float | None = None) -> Any:
@@ -196,8 +160,8 @@ class SubjectLimits:
         s = self.settings
         if s.subject_msg_rate_per_s <= 0:
             return
-        wait_ms = await self._bounded(lambda: self._take(keys=[subject_key(subject, "msgs")],
-                                                          args=[s.subject_msg_rate_per_s, s.subject_msg_burst, 1]))
+        wait_ms = await self._bounded(lambda: self.quotas.take_message(subject, s.subject_msg_rate_per_s,
+                                                                       s.subject_msg_burst))
         if wait_ms:
             self.counters.rate_limited_messages += 1
             raise RateLimited("too many messages for this user", retry_after_ms=max(1, int(wait_ms)))
@@ -208,11 +172,10 @@ class SubjectLimits:
         slot = Slot(subject, f"{self.gateway_id}:{secrets.token_hex(8)}")
         if s.max_connections_per_subject > 0:
             # once per connection, not per message: it may wait as long as any Redis command
-            ok = await self._bounded(lambda: self._acquire(
-                keys=[subject_key(subject, "conns")],
-                args=[slot.slot_id, s.max_connections_per_subject, int(s.connection_lease_s * 1000)]),
+            ok = await self._bounded(lambda: self.quotas.acquire_slot(
+                subject, slot.slot_id, s.max_connections_per_subject, int(s.connection_lease_s * 1000)),
                 max(s.limits_timeout_s, s.redis_timeout_s))
-            if ok == 0:
+            if ok is False:
                 self.counters.connections_refused += 1
                 raise RateLimited(f"too many connections for this user (at most {s.max_connections_per_subject})",
                                   retry_after_ms=1000)
@@ -222,7 +185,7 @@ class SubjectLimits:
     async def release(self, slot: Slot) -> None:
         self.slots.discard(slot)
         if self.settings.max_connections_per_subject > 0:
-            await self._bounded(lambda: self.redis.zrem(subject_key(slot.subject, "conns"), slot.slot_id))
+            await self._bounded(lambda: self.quotas.release_slot(slot.subject, slot.slot_id))
 
     @contextlib.asynccontextmanager
     async def connection(self, subject: str) -> AsyncIterator[Slot]:
@@ -241,43 +204,12 @@ class SubjectLimits:
             if not slots or self.settings.max_connections_per_subject <= 0:
                 continue
             try:
-                async with self.redis.pipeline(transaction=False) as p:
-                    for slot in slots:
-                        await self._renew(keys=[subject_key(slot.subject, "conns")], args=[slot.slot_id, lease_ms],
-                                          client=p)
-                    await p.execute()
+                await self.quotas.renew_slots(((slot.subject, slot.slot_id) for slot in slots), lease_ms)
             except Exception as e:  # noqa: BLE001 - retried at the next tick, well inside the lease
                 log.warning("could not renew %d connection slots: %r", len(slots), e)
 
 
 # ---- load shedding -----------------------------------------------------------------------------
-
-
-# The orchestrators' breaker records (orchestrator/upstream.py: `breaker_key`, `BREAKERS_SEEN`; the
-# gateway does not import the orchestrator, so the names are repeated here, and
-# tests/integration/test_metrics_documented.py proves the two sides meet).
-BREAKER_KEY_PREFIX = "tw:breaker:"
-BREAKERS_SEEN = "tw:breakers"
-
-
-async def every_upstream_open(redis: Any) -> int | None:
-    """Milliseconds until the first breaker half-opens, when every upstream that an orchestrator
-    listed recently has its breaker open; None when one is closed, half-open or none is listed.
-
-    Two round trips: the listed upstreams ("seen until" scores in the orchestrators' clock, kept
-    10 s ahead, so a few seconds of skew are harmless), then the TTL of each one's open-breaker key.
-    """
-    now_ms = int(time.time() * 1000)
-    names = await redis.zrangebyscore(BREAKERS_SEEN, now_ms, "+inf")
-    if not names:
-        return None
-    async with redis.pipeline(transaction=False) as p:
-        for name in names:
-            p.pttl(BREAKER_KEY_PREFIX + (name.decode() if isinstance(name, bytes) else str(name)))
-        ttls = [int(t) for t in await p.execute()]
-    if any(t <= 0 for t in ttls):  # -2: no key (closed or half-open)
-        return None
-    return min(ttls)
 
 
 @dataclass
@@ -296,7 +228,7 @@ class LoadShedder:
     counters: EdgeCounters
     sample: LoadSample = field(default_factory=LoadSample)
     failures: dict[str, int] = field(default_factory=dict)
-    # `every_upstream_open` bound to a Redis client; None = breakers are not consulted
+    # `BreakerMirror.every_upstream_open` (shared/breakers.py); None = breakers are not consulted
     breakers: Callable[[], Awaitable[int | None]] | None = None
     FAILURES_TO_DOWN = 2
     PG_EVERY = 4  # Postgres is probed every 4th sample (~1 s)
@@ -421,9 +353,8 @@ async def edge_context(app: web.Application) -> AsyncIterator[None]:
     auth.verifier(deps.settings)  # a bad JWKS file fails the start, not the first request
     counters = EdgeCounters()
     install_metrics(counters)
-    redis = deps.checkpoints.redis
-    edge = Edge(SubjectLimits(redis, deps.settings, deps.gateway_id, counters),
-                LoadShedder(deps, counters, breakers=functools.partial(every_upstream_open, redis)), counters)
+    edge = Edge(SubjectLimits(SubjectQuotas(deps.checkpoints), deps.settings, deps.gateway_id, counters),
+                LoadShedder(deps, counters, breakers=BreakerMirror(deps.checkpoints).every_upstream_open), counters)
     await edge.shedder.sample_once()
     app[EDGE] = edge
     tasks = [asyncio.create_task(edge.shedder.run_forever(), name="load-sampler"),

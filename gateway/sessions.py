@@ -29,8 +29,8 @@ from gateway.openapi import (
     session_flags_decoder,
 )
 from proto import client
+from shared import sessionstate
 from shared.errors import BadFrame, TidewireError, TooLarge
-from shared.subjects import rkey
 
 
 async def _body(request: web.Request) -> bytes:
@@ -151,7 +151,7 @@ async def patch_flags(request: web.Request) -> web.Response:
         flags = _flags(_decode(session_flags_decoder, await _body(request)))
         await deps.eventlog.set_session_flags(sid, flags)
         deps.flag_cache.pop(sid, None)
-        await deps.checkpoints.redis.delete(rkey(sid, "state"))
+        await sessionstate.invalidate(deps.checkpoints, sid)
         row = await deps.eventlog.get_session(sid)
     except TidewireError as e:
         return http_error(e)

@@ -14,11 +14,12 @@ down wastes every turn's first-token timeout. So each upstream gets an `Upstream
   `cooldown_s` it is half-open and lets one probe through, whose success closes it and whose
   failure opens it again. Only upstream failures count (`is_upstream_failure`): timeouts, 5xx,
   429, broken connections; a request the model rejects (a poison turn) does not.
-- `publish_state(redis)` mirrors an open breaker to the Redis key `tw:breaker:<upstream>` (with a
+- `publish_state(mirror)` mirrors an open breaker to the Redis key `tw:breaker:<upstream>` (with a
   TTL, so a dead orchestrator leaves nothing stuck), and the router's publish loop lists every
   upstream it has a gate for in `tw:breakers` (a sorted set scored by a "seen until"
-  time). The gateway's load shedder (`gateway/limits.py`) reads both: when every upstream seen
-  has its breaker open, new sends are answered `degraded` instead of queueing doomed turns.
+  time), both through `shared.breakers.BreakerMirror`. The gateway's load shedder
+  (`gateway/limits.py`) reads both through the same adapter: when every upstream seen has its
+  breaker open, new sends are answered `degraded` instead of queueing doomed turns.
 
 Metrics are OpenTelemetry instruments (shared/telemetry.py), served on the orchestrator's
 `/metrics`: the queue-wait histogram is recorded per admitted call; the gauges and counters of the
@@ -39,7 +40,6 @@ import collections
 import contextlib
 import enum
 import functools
-import json
 import logging
 import math
 import os
@@ -48,13 +48,15 @@ import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import msgspec
 
 from orchestrator.flags import parse_route
 from orchestrator.providers.base import Provider, ProviderError, ProviderEvent, ProviderRequest, Usage
 from shared import telemetry
+from shared.breakers import BreakerMirror, BreakerSnapshot, MirrorSource
+from shared.subjects import BREAKERS_SEEN, breaker_key
 
 __all__ = [
     "BreakerSnapshot",
@@ -76,23 +78,8 @@ _queue_wait = telemetry.meter("tidewire.upstream").create_histogram(
     description="Wait for a concurrency slot of the model upstream, per admitted call",
     explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
 
-# The Redis names the gateway reads too (gateway/limits.py keeps the same literals; both are
-# candidates for shared/subjects.py): an open breaker's key, and the upstreams orchestrators have.
-BREAKERS_SEEN: Final = "tw:breakers"
+# The Redis names (`breaker_key`, `BREAKERS_SEEN`) are in shared/subjects.py, re-exported here.
 SEEN_FOR_MS: Final = 10_000  # an upstream no orchestrator re-lists for this long is forgotten
-
-
-def breaker_key(upstream: str) -> str:
-    """The Redis key that says an upstream's breaker is open (candidate for shared/subjects.py)."""
-    return f"tw:breaker:{upstream}"
-
-
-class _Redis(Protocol):
-    async def set(self, key: str, value: bytes | str, px: int | None = None) -> Any: ...
-    async def get(self, key: str) -> Any: ...
-    async def delete(self, key: str) -> Any: ...
-    async def zadd(self, name: str, mapping: Mapping[str, float]) -> Any: ...
-    async def pexpire(self, name: str, time: int) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -164,14 +151,6 @@ def is_upstream_failure(exc: BaseException | None) -> bool:
         return False
     fault = getattr(exc, "upstream_fault", None)
     return bool(exc.retryable if fault is None else fault)
-
-
-class BreakerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """What the gateway reads from Redis."""
-
-    upstream: str
-    state: str
-    retry_after_ms: int
 
 
 class _Slot:
@@ -349,18 +328,15 @@ class UpstreamGate:
         log.info("upstream %s: circuit closed", self.name)
 
     # ---- sharing the state -------------------------------------------------------------------
-    async def publish_state(self, redis: _Redis) -> None:
+    async def publish_state(self, mirror: MirrorSource) -> None:
         """Mirror an open breaker to `tw:breaker:<name>` (TTL = the remaining cooldown); delete the
         key when this gate, having published it, is no longer open. Never deletes another
-        orchestrator's key."""
+        orchestrator's key. `mirror`: a BreakerMirror or what one is built from (the CheckpointStore)."""
         if self.is_open:
-            remaining_ms = max(1, math.ceil(self.retry_after_s() * 1000))
-            value = json.dumps({"upstream": self.name, "state": "open",
-                                "until_unix": time.time() + remaining_ms / 1000})
-            await redis.set(breaker_key(self.name), value, px=remaining_ms)
+            await BreakerMirror.of(mirror).publish_open(self.name, math.ceil(self.retry_after_s() * 1000))
             self._published = True
         elif self._published:
-            await redis.delete(breaker_key(self.name))
+            await BreakerMirror.of(mirror).clear(self.name)
             self._published = False
 
     def snapshot(self) -> dict[str, Any]:
@@ -371,20 +347,9 @@ class UpstreamGate:
                 "queue_waits": self.queue_waits, "queue_wait_max_s": round(self.queue_wait_max_s, 6)}
 
 
-async def read_state(redis: _Redis, upstream: str) -> BreakerSnapshot | None:
+async def read_state(mirror: MirrorSource, upstream: str) -> BreakerSnapshot | None:
     """The gateway's view: None when no orchestrator reports the upstream's breaker open."""
-    raw = await redis.get(breaker_key(upstream))
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-        remaining = float(data["until_unix"]) - time.time()
-    except (ValueError, KeyError, TypeError):
-        return None
-    if remaining <= 0:
-        return None
-    return BreakerSnapshot(upstream=upstream, state=str(data.get("state", "open")),
-                           retry_after_ms=max(1, math.ceil(remaining * 1000)))
+    return await BreakerMirror.of(mirror).read(upstream)
 
 
 class UpstreamRouter:
@@ -469,21 +434,22 @@ class UpstreamRouter:
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {name: gate.snapshot() for name, gate in self.gates.items()}
 
-    async def publish_once(self, redis: _Redis) -> None:
+    async def publish_once(self, mirror: MirrorSource) -> None:
         """Lists this router's upstreams for the gateways, then mirrors each open breaker."""
-        until = int(time.time() * 1000) + SEEN_FOR_MS
+        mirror = BreakerMirror.of(mirror)
         gates = list(self.gates.values())
-        await redis.zadd(BREAKERS_SEEN, {gate.name: until for gate in gates})
-        await redis.pexpire(BREAKERS_SEEN, SEEN_FOR_MS)
+        await mirror.list_upstreams((gate.name for gate in gates), SEEN_FOR_MS)
         for gate in gates:
-            await gate.publish_state(redis)
+            await gate.publish_state(mirror)
 
-    async def publish_loop(self, redis: _Redis, interval_s: float = 0.5) -> None:
+    async def publish_loop(self, mirror: MirrorSource, interval_s: float = 0.5) -> None:
         """`publish_once` forever (owned by the service's TaskGroup). A failing Redis is logged
-        once per outage (a warning, then an info when it recovers), not once per tick."""
+        once per outage (a warning, then an info when it recovers), not once per tick. `mirror`: a
+        BreakerMirror or what one is built from (the CheckpointStore)."""
+        mirror = BreakerMirror.of(mirror)
         while True:
             try:
-                await self.publish_once(redis)
+                await self.publish_once(mirror)
             except Exception as exc:  # noqa: BLE001 - Redis blip: the next tick tries again
                 if not self._publish_failing:
                     log.warning("breaker states not published (retrying every %g s): %r", interval_s, exc)

@@ -1,7 +1,9 @@
 """Session state in Redis: a versioned msgspec payload with a TTL, rebuilt from the event log.
 
 Never an opaque blob: `proto.state.SessionState` is the schema; `version` says which one wrote it,
-and `migrate` lifts older payloads to the current version on read.
+and `migrate` lifts older payloads to the current version on read. The state is a cache of the
+event log and the session's flags: whoever changes the flags drops it (`invalidate`), and the next
+turn rebuilds it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 import msgspec
 
 from proto.state import SESSION_STATE_VERSION, ChatMessage, SessionState
+from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
 from shared.subjects import rkey
 
@@ -29,9 +32,17 @@ def migrate(raw: dict[str, Any]) -> SessionState:
     return msgspec.convert(raw, SessionState)
 
 
+async def invalidate(checkpoints: CheckpointStore, session_id: str) -> None:
+    """Drops the session's stored state (the gateway, after changing its flags): the next turn
+    rebuilds it from the event log and the new flags."""
+    await checkpoints.redis.delete(rkey(session_id, "state"))
+
+
 class SessionStore:
-    def __init__(self, redis: Any, eventlog: EventLog, *, ttl_s: float, window: int) -> None:
-        self._redis = redis
+    def __init__(self, checkpoints: CheckpointStore | Any, eventlog: EventLog, *, ttl_s: float, window: int) -> None:
+        """Built from the CheckpointStore (whose Redis holds the state beside the session's other keys);
+        a Redis client is still accepted."""
+        self._redis = checkpoints.redis if isinstance(checkpoints, CheckpointStore) else checkpoints
         self._eventlog = eventlog
         self._ttl_ms = int(ttl_s * 1000)
         self._window = window
@@ -66,3 +77,7 @@ class SessionStore:
 
     async def save(self, state: SessionState) -> None:
         await self._redis.set(rkey(state.session_id, "state"), self.encode(state), px=self._ttl_ms)
+
+    async def invalidate(self, session_id: str) -> None:
+        """Drops the stored state; the next `load` rebuilds it."""
+        await self._redis.delete(rkey(session_id, "state"))

@@ -65,6 +65,34 @@ def gateway_key(instance: str) -> str:
     return f"tw:gw:{instance}"
 
 
+# ---- the edge: per-subject limits (shared/quotas.py) -------------------------------------------
+def subject_key(subject: str, what: str) -> str:
+    """A subject's `msgs` token bucket (hash) or `conns` connection slots (zset: slot -> lease deadline);
+    hash-tagged by subject so one script's keys share a slot."""
+    return f"tw:subject:{{{subject}}}:{what}"
+
+
+# ---- model upstreams' circuit breakers (shared/breakers.py) -----------------------------------------
+# zset: upstream -> "seen until" (unix ms, orchestrators' clock); the upstreams some orchestrator routes to
+BREAKERS_SEEN = "tw:breakers"
+
+
+def breaker_key(upstream: str) -> str:
+    """Exists (JSON record, TTL = the remaining cooldown) while an orchestrator has the upstream's breaker open."""
+    return f"tw:breaker:{upstream}"
+
+
+# ---- protocol facades (shared/facade_store.py) ---------------------------------------------------------
+def facade_idem_key(digest: str) -> str:
+    """An Idempotency-Key's session (`digest` of caller, endpoint and key)."""
+    return f"tw:facade:idem:{digest}"
+
+
+def facade_record_key(session_id: str, turn_id: str) -> str:
+    """What a facade remembers about a turn it started, beside the session's keys."""
+    return rkey(session_id, f"facade:{turn_id}")
+
+
 def rkey(session_id: str, name: str) -> str:
     """`seq` counter, `log` stream, `cmid` dedupe hash, `pending` turn list, `turns` requests,
     `tstate` turn states, `attempts`, `cancelled`, `lease`, `epoch`, `state`, `watch`, `hold` (the seq

@@ -31,9 +31,10 @@ from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS, StreamStop
 from gateway.limits import EDGE, check_session_id
 from proto import client
 from proto.client import Event
+from shared import sessionstate
 from shared.config import from_env
 from shared.errors import BadFrame, Degraded, NotFound, TidewireError, TooLarge
-from shared.subjects import rkey
+from shared.facade_store import FacadeStore
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ async def apply_model(request: web.Request, sid: str, model: str | None) -> None
     if flags.get("model") != model:
         await deps.eventlog.set_session_flags(sid, {"model": model})
         deps.flag_cache.pop(sid, None)
-        await deps.checkpoints.redis.delete(rkey(sid, "state"))
+        await sessionstate.invalidate(deps.checkpoints, sid)
 
 
 def _digest(*parts: str) -> str:
@@ -140,37 +141,33 @@ def _digest(*parts: str) -> str:
     return base64.urlsafe_b64encode(h).decode().rstrip("=")[:32]
 
 
-def _idem_key(subject: str, scope: str, key: str) -> str:
-    return f"tw:facade:idem:{_digest(subject, scope, key)}"
+def facade_store(request: web.Request) -> FacadeStore:
+    """The facades' records (shared/facade_store.py) on the gateway's checkpoint store; holds no
+    connection of its own, so one per call costs nothing."""
+    return FacadeStore(request.app[DEPS].checkpoints, ttl_s=request.app[SETTINGS].record_ttl_s)
 
 
 async def session_for_key(request: web.Request, subject: str, scope: str, key: str,
                           model: str | None = None) -> str:
     """The session an Idempotency-Key first created (so a retried call starts no second turn), or a
     new one recorded under the key. Two racing first calls may leave one empty session behind."""
-    deps = request.app[DEPS]
-    redis = deps.checkpoints.redis
-    k = _idem_key(subject, scope, key)
+    store = facade_store(request)
+    digest = _digest(subject, scope, key)
     try:
-        known = await redis.get(k)
+        known = await store.keyed_session(digest)
     except Exception as e:
         raise Degraded("idempotency store unavailable", retry_after_ms=1000) from e
     if known is not None:
-        return str(known.decode())
+        return known
     sid = await new_session(request, subject, model)
-    ttl_ms = int(request.app[SETTINGS].record_ttl_s * 1000)
-    if not await redis.set(k, sid, nx=True, px=ttl_ms):
-        won = await redis.get(k)
-        if won is not None:
-            return str(won.decode())
-    return sid
+    return await store.remember_keyed_session(digest, sid)
 
 
 # ---- records: what a facade remembers about a turn it started --------------------------------------
 
 
 class TurnRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Kept in Redis beside the session's keys (`tw:{sid}:facade:<turn_id>`, record_ttl_s); when it
+    """Kept in Redis beside the session's keys (`shared.facade_store`, record_ttl_s); when it
     is gone the turn is still readable, with defaults and the input from the event log."""
 
     session_id: str
@@ -190,19 +187,11 @@ class TurnRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
 _record_decoder = msgspec.json.Decoder(TurnRecord)
 
 
-def _record_key(sid: str, turn_id: str) -> str:
-    return rkey(sid, f"facade:{turn_id}")
-
-
 async def save_record(request: web.Request, record: TurnRecord, *, replace: bool = False) -> TurnRecord:
     """Stores the record unless one is there (a duplicate send keeps the first call's record)."""
-    deps = request.app[DEPS]
-    ttl_ms = int(request.app[SETTINGS].record_ttl_s * 1000)
-    key = _record_key(record.session_id, record.turn_id)
     try:
-        if await deps.checkpoints.redis.set(key, msgspec.json.encode(record), nx=not replace, px=ttl_ms):
-            return record
-        raw = await deps.checkpoints.redis.get(key)
+        raw = await facade_store(request).save_record(record.session_id, record.turn_id,
+                                                      msgspec.json.encode(record), replace=replace)
     except Exception as e:  # noqa: BLE001 - the turn is durable; the record only adds metadata
         log.warning("facade record not stored: %s", e)
         return record
@@ -214,7 +203,7 @@ async def load_record(request: web.Request, sid: str, turn_id: str) -> TurnRecor
     deps = request.app[DEPS]
     raw = None
     with contextlib.suppress(Exception):
-        raw = await deps.checkpoints.redis.get(_record_key(sid, turn_id))
+        raw = await facade_store(request).record(sid, turn_id)
     if raw is not None:
         return _record_decoder.decode(raw)
     user = next((m for m in await deps.eventlog.history(sid) if m.role == "user" and m.turn_id == turn_id), None)
