@@ -32,7 +32,19 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from orchestrator.checkpoint_writer import CheckpointWriter
 from orchestrator.providers.base import ProviderError, ProviderRequest, TextDelta, ToolCallRequest
 from orchestrator.segmenter import GraphemeBuffer
-from orchestrator.turn import TurnProgress, status_line
+from orchestrator.turn import (
+    DeadLetter,
+    Outcome,
+    Skip,
+    StartDecision,
+    TurnProgress,
+    decide_start,
+    disconnect_grace,
+    generation_outcome,
+    may_ask_model,
+    may_retry_step,
+    status_line,
+)
 from proto import bus as busproto
 from proto import client
 from shared import telemetry
@@ -135,10 +147,12 @@ class SessionRunner:
         """Plays one turn; returns the next queued turn (None: the session was given up)."""
         svc, cp = self.svc, self.svc.checkpoints
         turn_id = snap.turn_id
-        raw_req, state = snap.request, snap.state
-        if raw_req is None or (state is not None and state[0] == "done"):
-            return await cp.finish_and_next(self.lease, turn_id, state[1] if state else "failed")
-        req = busproto.bus_decoder.decode(raw_req)
+        start = decide_start(snap, max_attempts=svc.settings.max_turn_attempts,
+                             max_starts=svc.settings.max_turn_starts)
+        if isinstance(start, Skip):
+            return await cp.finish_and_next(self.lease, turn_id, start.status)
+        assert snap.request is not None
+        req = busproto.bus_decoder.decode(snap.request)
         assert isinstance(req, busproto.TurnRequest)
         parent = telemetry.extract(req.trace_context)
         picked_ns, picked = time.time_ns(), time.perf_counter()
@@ -153,12 +167,12 @@ class SessionRunner:
                 "orchestrator.turn", context=parent, kind=telemetry.SpanKind.CONSUMER,
                 attributes={"session_id": self.sid, "turn_id": turn_id, "orchestrator": svc.id,
                             "lease_epoch": self.lease.epoch}) as span:
-            status, nxt = await self._play_turn(req, turn_id, snap, span)
+            status, nxt = await self._play_turn(req, turn_id, snap, start, span)
         svc.observe_turn(time.perf_counter() - picked, status)
         return nxt
 
     async def _play_turn(self, req: busproto.TurnRequest, turn_id: str, snap: TurnSnapshot,
-                         span: Any) -> tuple[str, TurnSnapshot | None]:
+                         start: StartDecision, span: Any) -> tuple[str, TurnSnapshot | None]:
         svc, cp = self.svc, self.svc.checkpoints
         state = snap.state
         span.set_attribute("attempt", snap.starts)
@@ -172,7 +186,7 @@ class SessionRunner:
             if not progress.started:
                 progress.start_seq = await writer.write_now([progress.turn_start()], start_turn=turn_id)
                 svc.observe_first_event(req)
-            status, why = await self._generate(req, progress, writer, snap)
+            status, why = await self._generate(req, progress, writer, snap, start)
             # Checkpointed first, so that a crash before the commit still ends the turn exactly once
             # (the taker-over finds it and commits it); held from readers until the commit is done.
             await writer.write_now([progress.end(status)], publish=False, hold=True)
@@ -213,19 +227,15 @@ class SessionRunner:
         return [client.event_decoder.decode(raw) for _, raw in await self._log_from(start_seq)]
 
     async def _generate(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
-                        snap: TurnSnapshot) -> tuple[client.TurnStatus, str]:
+                        snap: TurnSnapshot, start: StartDecision) -> tuple[client.TurnStatus, str]:
         svc = self.svc
-        # A poison turn: it raised max_turn_attempts times, or its owners kept dying while running it
-        # (a crash loop is indistinguishable from chaos, hence the much higher ceiling on starts).
-        failures, starts = snap.failures, snap.starts
-        if failures >= svc.settings.max_turn_attempts or starts > svc.settings.max_turn_starts:
-            tries = max(failures, starts - 1)
-            await svc.dead_letter(req, f"failed {failures} times, started {starts - 1} times")
-            text = f"This message could not be processed after {tries} attempts."
-            await writer.write_now([progress.status(text)])
-            return "failed", "dead-lettered"
-        if snap.cancelled:
-            return "cancelled", "cancelled before it started"
+        if isinstance(start, DeadLetter):
+            await svc.dead_letter(req, start.reason)
+            start = start.outcome
+        if isinstance(start, Outcome):
+            if start.notice is not None:
+                await writer.write_now([progress.status(start.notice)])
+            return start.status, start.why
         writer_task = asyncio.create_task(writer.run(), name=f"writer-{progress.turn_id}")
         gen = asyncio.create_task(self._steps(req, progress, writer, snap.session_state),
                                   name=f"steps-{progress.turn_id}")
@@ -236,25 +246,25 @@ class SessionRunner:
                                return_when=asyncio.FIRST_COMPLETED)
             if writer_task.done():
                 writer_task.result()  # a stale epoch surfaces here
-            if gen.done():
-                exc = gen.exception()
-                if isinstance(exc, ProviderError):
-                    await writer.flush()
-                    await writer.write_now([progress.status(f"The model failed: {exc}")])
-                    return "failed", str(exc)
-                if exc is not None:
-                    raise exc
-                await writer.flush()
-                return "completed", ""
-            gen.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gen
+            finished = gen.done()
+            if finished:  # a non-provider error is re-raised here, before anything more is written
+                outcome = generation_outcome(finished=True, error=gen.exception(), cancel_reason=None,
+                                             timeout_s=svc.settings.turn_timeout_s)
+            else:
+                gen.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gen
             await writer.flush()
-            if self._cancel.is_set():
-                svc.metrics["cancel_success"] += 1
-                trace.get_current_span().add_event("cancelled", {"reason": self._cancel_reason})
-                return "cancelled", self._cancel_reason
-            return "timed_out", f"no answer within {svc.settings.turn_timeout_s:g} s"
+            if not finished:
+                outcome = generation_outcome(finished=False, error=None,
+                                             cancel_reason=self._cancel_reason if self._cancel.is_set() else None,
+                                             timeout_s=svc.settings.turn_timeout_s)
+                if outcome.status == "cancelled":
+                    svc.metrics["cancel_success"] += 1
+                    trace.get_current_span().add_event("cancelled", {"reason": outcome.why})
+            if outcome.notice is not None:
+                await writer.write_now([progress.status(outcome.notice)])
+            return outcome.status, outcome.why
         finally:
             for t in owned:
                 t.cancel()
@@ -268,11 +278,10 @@ class SessionRunner:
         alone_since: float | None = None
         while True:
             await asyncio.sleep(0.25)
-            policy = self.svc.disconnect_policy(self.sid)
-            if not policy.startswith("cancel_after="):
+            grace = disconnect_grace(self.svc.disconnect_policy(self.sid))
+            if grace is None:
                 alone_since = None
                 continue
-            grace = float(policy.split("=", 1)[1])
             if await self.svc.checkpoints.watched(self.sid):
                 alone_since = None
             elif alone_since is None:
@@ -290,7 +299,9 @@ class SessionRunner:
             raise RuntimeError("injected poison turn")
         messages = await svc.context_for(req, stored_state)
         tools = svc.tool_specs(req)
-        for _ in range(svc.settings.max_tool_steps + 1):
+        steps = 0
+        while may_ask_model(steps, svc.settings.max_tool_steps):
+            steps += 1
             pending_calls = progress.unfinished_calls()
             if pending_calls:
                 await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in pending_calls])
@@ -313,7 +324,7 @@ class SessionRunner:
         first_token = False
 
         def retryable(e: BaseException) -> bool:
-            return isinstance(e, ProviderError) and e.retryable and not first_token
+            return may_retry_step(e, first_token=first_token)
 
         async for attempt in AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(3),
                                            wait=wait_exponential_jitter(initial=0.05, max=1.0), reraise=True):

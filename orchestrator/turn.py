@@ -4,15 +4,25 @@
 events to checkpoint (encoded with the `"seq":0` placeholder the checkpoint store replaces), and
 can be rebuilt exactly from the checkpointed events after a crash: the new owner continues from
 the checkpointed text, which is precisely what any client may have seen.
+
+The turn's decisions live here too, as pure functions the runner asks before each effect
+(`decide_start`, `generation_outcome`, `may_retry_step`, `may_ask_model`, `disconnect_grace`):
+they are what makes a takeover or a retry behave, so they are unit-tested event by event
+(tests/unit/test_turn_decisions.py) without servers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from orchestrator.providers.base import ProviderError
 from proto import client
 from proto.state import ChatMessage
+
+if TYPE_CHECKING:
+    from shared.checkpoints import TurnSnapshot
 
 _enc = client.json_encoder.encode
 
@@ -104,3 +114,90 @@ def status_line(names: list[str]) -> str:
               "http_get": "the web"}
     what = ", ".join(pretty.get(n, n) for n in names)
     return f"Let me check {what}…"
+
+
+# ---- the turn's decisions (pure) -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a turn ends: its `turn_end` status, a reason for the log, and a status line shown to
+    the user just before `turn_end` (None: nothing to add)."""
+
+    status: client.TurnStatus
+    why: str = ""
+    notice: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Nothing to play (already done, or its request is gone): finish it with `status`."""
+
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A poison turn: park its request in the dead-letter stream, then end it with `outcome`."""
+
+    reason: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Ask the model."""
+
+
+StartDecision = Skip | DeadLetter | Outcome | Run
+
+
+def decide_start(snap: TurnSnapshot, *, max_attempts: int, max_starts: int) -> StartDecision:
+    """What to do with a claimed turn. `starts` counts this start too. Starts get a much higher
+    ceiling than failures: an owner dying mid-turn is indistinguishable from chaos, so only a
+    crash loop trips it. An `Outcome` means: end the turn at once, without the model."""
+    state = snap.state
+    if snap.request is None or (state is not None and state[0] == "done"):
+        return Skip(state[1] if state else "failed")
+    failures, starts = snap.failures, snap.starts
+    if failures >= max_attempts or starts > max_starts:
+        tries = max(failures, starts - 1)
+        return DeadLetter(f"failed {failures} times, started {starts - 1} times",
+                          Outcome("failed", "dead-lettered",
+                                  f"This message could not be processed after {tries} attempts."))
+    if snap.cancelled:
+        return Outcome("cancelled", "cancelled before it started")
+    return Run()
+
+
+def generation_outcome(*, finished: bool, error: BaseException | None, cancel_reason: str | None,
+                       timeout_s: float) -> Outcome:
+    """The outcome of the model's part of a turn. Only a provider error is an outcome the user
+    sees; any other error is re-raised (a bug or a store failure: the turn is retried and its
+    failures counted). Unfinished means stopped: by a cancel if one was asked, else the timeout."""
+    if finished:
+        if isinstance(error, ProviderError):
+            return Outcome("failed", str(error), f"The model failed: {error}")
+        if error is not None:
+            raise error
+        return Outcome("completed")
+    if cancel_reason is not None:
+        return Outcome("cancelled", cancel_reason)
+    return Outcome("timed_out", f"no answer within {timeout_s:g} s")
+
+
+def may_retry_step(error: BaseException, *, first_token: bool) -> bool:
+    """A model step is retried only before its first token: after it, the text already shown
+    would be said twice."""
+    return isinstance(error, ProviderError) and error.retryable and not first_token
+
+
+def may_ask_model(steps_taken: int, max_tool_steps: int) -> bool:
+    """The tool-step budget: the model may be asked once plus once after each of at most
+    `max_tool_steps` rounds of tool calls; past that the turn ends with what it has."""
+    return steps_taken <= max_tool_steps
+
+
+def disconnect_grace(policy: str) -> float | None:
+    """Seconds a turn may run unwatched under `cancel_after=<s>`; None for `continue`."""
+    if not policy.startswith("cancel_after="):
+        return None
+    return float(policy.split("=", 1)[1])

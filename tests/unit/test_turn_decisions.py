@@ -1,0 +1,140 @@
+"""The turn's decisions (orchestrator/turn.py), event by event, without servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.providers.base import ProviderError
+from orchestrator.turn import (
+    DeadLetter,
+    Outcome,
+    Run,
+    Skip,
+    decide_start,
+    disconnect_grace,
+    generation_outcome,
+    may_ask_model,
+    may_retry_step,
+)
+from shared.checkpoints import TurnSnapshot
+
+
+def snap(*, request: bytes | None = b"{}", state: tuple[str, str] | None = None, starts: int = 1,
+         failures: int = 0, cancelled: bool = False) -> TurnSnapshot:
+    return TurnSnapshot(request=request, state=state, starts=starts, failures=failures, cancelled=cancelled,
+                        turn_id="t1")
+
+
+def start(s: TurnSnapshot) -> object:
+    return decide_start(s, max_attempts=3, max_starts=10)
+
+
+# ---- at start ------------------------------------------------------------------------------------
+def test_a_fresh_turn_runs() -> None:
+    assert start(snap()) == Run()
+
+
+def test_a_takeover_of_a_running_turn_runs() -> None:
+    assert start(snap(state=("running", "7"), starts=2)) == Run()
+
+
+def test_a_turn_already_done_is_finished_with_its_status() -> None:
+    assert start(snap(state=("done", "completed"))) == Skip("completed")
+
+
+def test_a_done_turn_is_skipped_even_when_cancelled_or_poisoned() -> None:
+    assert start(snap(state=("done", "cancelled"), failures=9, starts=99, cancelled=True)) == Skip("cancelled")
+
+
+def test_a_turn_without_its_request_is_finished_failed() -> None:
+    assert start(snap(request=None)) == Skip("failed")
+
+
+def test_dead_letter_after_max_turn_attempts_failures() -> None:
+    assert start(snap(failures=2, starts=3)) == Run()
+    d = start(snap(failures=3, starts=4))
+    assert isinstance(d, DeadLetter)
+    assert d.reason == "failed 3 times, started 3 times"
+    assert d.outcome == Outcome("failed", "dead-lettered", "This message could not be processed after 3 attempts.")
+
+
+def test_dead_letter_after_max_turn_starts_counts_the_starts_before_this_one() -> None:
+    assert start(snap(starts=10)) == Run()
+    d = start(snap(starts=11))
+    assert isinstance(d, DeadLetter)
+    assert d.reason == "failed 0 times, started 10 times"
+    assert d.outcome.notice == "This message could not be processed after 10 attempts."
+
+
+def test_dead_letter_wins_over_a_cancel_before_start() -> None:
+    assert isinstance(start(snap(failures=3, cancelled=True)), DeadLetter)
+
+
+def test_cancelled_before_it_started_ends_without_the_model() -> None:
+    assert start(snap(cancelled=True)) == Outcome("cancelled", "cancelled before it started")
+
+
+# ---- the outcome of generation ---------------------------------------------------------------------
+def outcome(*, finished: bool, error: BaseException | None = None, cancel_reason: str | None = None) -> Outcome:
+    return generation_outcome(finished=finished, error=error, cancel_reason=cancel_reason, timeout_s=2.5)
+
+
+def test_a_finished_generation_is_completed_with_nothing_to_add() -> None:
+    assert outcome(finished=True) == Outcome("completed", "", None)
+
+
+def test_a_provider_error_fails_the_turn_with_its_status_line() -> None:
+    err = ProviderError("upstream 503", retryable=True)
+    assert outcome(finished=True, error=err) == Outcome("failed", str(err), f"The model failed: {err}")
+
+
+def test_any_other_error_is_not_an_outcome_but_re_raised() -> None:
+    with pytest.raises(KeyError):
+        outcome(finished=True, error=KeyError("bug"))
+
+
+def test_a_cancel_stops_the_turn_with_its_reason() -> None:
+    assert outcome(finished=False, cancel_reason="stop") == Outcome("cancelled", "stop")
+    assert outcome(finished=False, cancel_reason="every client disconnected for 5 s").why == \
+        "every client disconnected for 5 s"
+
+
+def test_stopped_without_a_cancel_is_a_timeout() -> None:
+    assert outcome(finished=False) == Outcome("timed_out", "no answer within 2.5 s")
+
+
+def test_a_finish_wins_over_a_cancel_asked_too_late() -> None:
+    assert outcome(finished=True, cancel_reason="stop").status == "completed"
+
+
+# ---- retry eligibility of a model step --------------------------------------------------------------
+def test_a_retryable_provider_error_before_the_first_token_is_retried() -> None:
+    assert may_retry_step(ProviderError("503", retryable=True), first_token=False)
+
+
+def test_no_retry_after_the_first_token() -> None:
+    assert not may_retry_step(ProviderError("503", retryable=True), first_token=True)
+
+
+def test_no_retry_of_a_permanent_provider_error_or_another_error() -> None:
+    assert not may_retry_step(ProviderError("400", retryable=False), first_token=False)
+    assert not may_retry_step(TimeoutError(), first_token=False)
+
+
+# ---- the tool-step budget -----------------------------------------------------------------------------
+def test_the_model_is_asked_once_plus_once_per_allowed_tool_step() -> None:
+    asked = 0
+    while may_ask_model(asked, 3):
+        asked += 1
+    assert asked == 4
+
+
+def test_a_zero_budget_still_asks_the_model_once() -> None:
+    assert may_ask_model(0, 0) and not may_ask_model(1, 0)
+
+
+# ---- the disconnect policy ----------------------------------------------------------------------------
+def test_disconnect_policy_grace() -> None:
+    assert disconnect_grace("continue") is None
+    assert disconnect_grace("cancel_after=5") == 5.0
+    assert disconnect_grace("cancel_after=0.5") == 0.5
