@@ -1,7 +1,8 @@
 """Long-poll (`GET /v1/sessions/{sid}/poll?after=N&wait_s=25`): returns at once when events exist
 after N, else when one arrives or `wait_s` passes. The answer always comes from the stores, so it
-is exact; the live subscription only says when to look. A waiting poll holds one of its subject's
-connection slots (gateway.limits), like a WebSocket or an SSE stream."""
+is exact; the live subscription only says when to look. Admission is gateway.admission's, as for
+the WebSocket and SSE: a waiting poll holds one of its subject's connection slots, and a resume point
+past `last_seq` (or below 0) is answered at once with `reset: true` and no events."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import math
 
 from aiohttp import web
 
-from gateway import commands
-from gateway.auth import authenticate, check_origin
+from gateway.admission import Admitted, open_stream
 from gateway.http_errors import http_error, json_response
-from gateway.keys import DEPS, HUB, REPLAYER
-from gateway.limits import EDGE, check_session_id
+from gateway.keys import HUB, REPLAYER
 from proto import client
 from proto.client import Event
 from shared.errors import BadFrame, Degraded, TidewireError
@@ -34,37 +33,30 @@ class _Waiter:
 
 
 async def poll_handler(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    sid = request.match_info["sid"]
     try:
-        check_origin(request, deps.settings)
-        principal = authenticate(request, deps.settings)
-        check_session_id(sid)
-        await commands.authorize(deps, sid, principal.subject)
-        try:
-            after = int(request.query.get("after", "0"))
-            wait_s = float(request.query.get("wait_s", "25"))
-        except ValueError as e:
-            raise BadFrame("after and wait_s must be numbers") from e
-        if after < 0 or not math.isfinite(wait_s):
-            raise BadFrame("after must be >= 0 and wait_s a finite number")
-        wait_s = min(MAX_WAIT_S, max(0.0, wait_s))
-        async with request.app[EDGE].subjects.connection(principal.subject):
-            return await _poll(request, sid, after, wait_s)
+        async with open_stream(request, request.match_info["sid"], request.query.get("after"),
+                               transport="poll") as stream:
+            try:
+                wait_s = float(request.query.get("wait_s", "25"))
+            except ValueError as e:
+                raise BadFrame("wait_s must be a number") from e
+            if not math.isfinite(wait_s):
+                raise BadFrame("wait_s must be a finite number")
+            if stream.reset:
+                return json_response(client.PollResponse(events=[], last_seq=stream.last_seq, reset=True))
+            return await _poll(request, stream, min(MAX_WAIT_S, max(0.0, wait_s)))
     except TidewireError as e:
         return http_error(e)
 
 
-async def _poll(request: web.Request, sid: str, after: int, wait_s: float) -> web.Response:
+async def _poll(request: web.Request, stream: Admitted, wait_s: float) -> web.Response:
     replayer = request.app[REPLAYER]
     hub = request.app[HUB]
     waiter = _Waiter()
+    sid, after, last_seq = stream.session_id, stream.after, stream.last_seq
     try:
         await hub.join(sid, waiter)
         try:
-            last_seq = await replayer.last_seq(sid)
-            if after > last_seq:
-                return json_response(client.PollResponse(events=[], last_seq=last_seq, reset=True))
             raws = await replayer.page(sid, after)
             if not raws and wait_s > 0:
                 try:

@@ -2,7 +2,9 @@
 `id: <seq>` / `event: <type>` / `data: <json>` records, with a comment line as heartbeat.
 
 Resume point: `?after=N`, or the `Last-Event-ID` header a browser's EventSource sends on its own.
-A stream holds one of its subject's connection slots (gateway.limits) for as long as it is open.
+Admission (Origin, token, session, the subject's connection slot held while the stream is open,
+resume point and reset) is gateway.admission's, as for the WebSocket and long-poll; a refusal is
+an HTTP error, since nothing has been streamed yet.
 """
 
 from __future__ import annotations
@@ -13,25 +15,13 @@ import time
 
 from aiohttp import web
 
-from gateway import commands
-from gateway.auth import authenticate, check_origin
+from gateway.admission import Admitted, open_stream
 from gateway.delivery import OutboundBuffer
 from gateway.http_errors import http_error
 from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS, StreamStop
-from gateway.limits import EDGE, check_session_id
 from gateway.stream import Feed, run_sender
 from proto import client
 from shared.errors import BadFrame, TidewireError
-
-
-def _after(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("after")
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise BadFrame("after / Last-Event-ID must be an integer") from e
 
 
 def _record(frame: client.ServerFrame) -> bytes:
@@ -43,48 +33,30 @@ def _record(frame: client.ServerFrame) -> bytes:
 
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    sid = request.match_info["sid"]
-    edge = request.app[EDGE]
+    after = request.headers.get("Last-Event-ID") or request.query.get("after")
     try:
-        check_origin(request, deps.settings)
-        principal = authenticate(request, deps.settings)
-        check_session_id(sid)
-        await commands.authorize(deps, sid, principal.subject)
-        after = _after(request)
-        mode = request.query.get("delivery", "tokens")
-        if mode not in ("tokens", "phrases", "batched"):
-            raise BadFrame("delivery must be tokens, phrases or batched")
-        replayer = request.app[REPLAYER]
-        last_seq = await replayer.last_seq(sid)
-        slot = await edge.subjects.acquire(principal.subject)
-    except TidewireError as e:
+        async with open_stream(request, request.match_info["sid"], after, transport="sse") as stream:
+            mode = request.query.get("delivery", "tokens")
+            if mode not in ("tokens", "phrases", "batched"):
+                raise BadFrame("delivery must be tokens, phrases or batched")
+            return await _stream(request, stream, mode)
+    except TidewireError as e:  # only before the stream is prepared: then nothing was written yet
         return http_error(e)
-    try:
-        return await _stream(request, sid, after, mode, last_seq)
-    finally:
-        await asyncio.shield(edge.subjects.release(slot))
 
 
-async def _stream(request: web.Request, sid: str, after: int | None, mode: str, last_seq: int) -> web.StreamResponse:
+async def _stream(request: web.Request, stream: Admitted, mode: str) -> web.StreamResponse:
     deps = request.app[DEPS]
-    replayer = request.app[REPLAYER]
-    start = after if after is not None else 0
-    reset = start > last_seq or start < 0
-    if reset:
-        start = last_seq
+    sid = stream.session_id
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     stopper = StreamStop()
     request.app[SSE_STREAMS].add(stopper)  # a drain sets stopper.stop; the stream then ends cleanly
     deps.counters.sse_streams += 1
-    if after:
-        deps.counters.resumes += 1
     buffer = OutboundBuffer(mode, max_frames=deps.settings.outbound_max_frames,  # type: ignore[arg-type]
                             max_chars=deps.settings.outbound_max_chars)
-    feed = Feed(sid, start, buffer, replayer, request.app[HUB])
-    feed.push(client.Ready(session_id=sid, last_seq=last_seq, reset=reset))
+    feed = Feed(sid, stream.after, buffer, request.app[REPLAYER], request.app[HUB])
+    feed.push(client.Ready(session_id=sid, last_seq=stream.last_seq, reset=stream.reset))
     last_write = time.monotonic()
 
     async def write(frames: list[client.ServerFrame]) -> None:

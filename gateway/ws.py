@@ -2,8 +2,11 @@
 
 The first client frame must be `hello`; the server answers `ready`, replays what the client
 missed, then streams live (gateway.stream). Errors about one frame are answered with an `error`
-frame and the connection stays usable. Close codes are the protocol's: 4401, 4403, 4408, 4410
-(too far behind: resume), 4429, 1012 (server restarting); aiohttp itself fails a connection that
+frame and the connection stays usable. Close codes are the protocol's (shared.errors.CloseCode:
+4401, 4403, 4408, 4410 too far behind: resume, 4429, 1012 server restarting) and the choice between
+a close and an error frame is `shared.errors.outcome`'s. Admission is gateway.admission's, as for
+SSE and long-poll: Origin and token at the upgrade; session id, ownership, the subject's connection
+slot (held until the socket ends) and the resume point at `hello`. aiohttp itself fails a connection that
 breaks the WebSocket protocol (1002), sends invalid UTF-8 (1007) or a message over
 `4 * max_frame_bytes` (1009). A message over `max_frame_bytes` (and under that) gets `too_large`.
 
@@ -21,35 +24,23 @@ import logging
 import time
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import commands
-from gateway.auth import Principal, authenticate, check_origin
+from gateway.admission import admit_caller, open_stream
+from gateway.auth import Principal
 from gateway.delivery import OutboundBuffer
 from gateway.deps import Deps
 from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS
-from gateway.limits import EDGE, ConnectionLimits, Edge, check_session_id
+from gateway.limits import EDGE, ConnectionLimits, Edge
 from gateway.stream import Feed, run_sender
 from proto import client
-from shared.errors import (
-    BadFrame,
-    Forbidden,
-    NotFound,
-    RateLimited,
-    TidewireError,
-    TooLarge,
-    Unauthorized,
-    from_dependency,
-)
+from shared import errors
+from shared.errors import BadFrame, CloseCode, Disconnect, RateLimited, TidewireError, TooLarge, outcome
 
 log = logging.getLogger(__name__)
 
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_HEARTBEAT = 4408
-CLOSE_TOO_SLOW = 4410
-CLOSE_TOO_MANY = 4429
-CLOSE_RESTARTING = 1012
+CLOSE_RESTARTING = CloseCode.RESTARTING  # read by gateway.app's drain
 HELLO_TIMEOUT_S = 10.0
 
 
@@ -66,6 +57,7 @@ class Connection:
         self.last_rx = time.monotonic()
         self.pre_hello: list[client.ServerFrame] = []
         self.tasks: list[asyncio.Task[None]] = []  # owned by the connection, cancelled when it ends
+        self.admission = contextlib.AsyncExitStack()  # the admitted stream's slot, released when it ends
 
     def reply(self, frame: client.ServerFrame) -> None:
         if self.feed is not None:
@@ -80,27 +72,16 @@ class Connection:
 
     async def on_hello(self, hello: client.Hello, tg: asyncio.TaskGroup) -> None:
         deps = self.deps
-        if hello.session_id is None:
-            sid = await commands.create_session(deps, self.principal.subject)
-        else:
-            sid = check_session_id(hello.session_id)
-            await commands.authorize(deps, sid, self.principal.subject)
-        replayer = self.request.app[REPLAYER]
-        last_seq = await replayer.last_seq(sid)
-        after = hello.last_seen_seq if hello.last_seen_seq is not None else 0
-        reset = after > last_seq or after < 0
-        if reset:
-            after = last_seq
-            deps.counters.resets += 1
-        elif hello.last_seen_seq:
-            deps.counters.resumes += 1
+        stream = await self.admission.enter_async_context(
+            open_stream(self.request, hello.session_id, hello.last_seen_seq, transport="ws", principal=self.principal))
+        sid = stream.session_id
         buffer = OutboundBuffer(hello.delivery, max_frames=deps.settings.outbound_max_frames,
                                 max_chars=deps.settings.outbound_max_chars)
-        self.feed = Feed(sid, after, buffer, replayer, self.request.app[HUB])
+        self.feed = Feed(sid, stream.after, buffer, self.request.app[REPLAYER], self.request.app[HUB])
         for f in self.pre_hello:
             self.feed.push(f)
         self.pre_hello.clear()
-        self.feed.push(client.Ready(session_id=sid, last_seq=last_seq, reset=reset))
+        self.feed.push(client.Ready(session_id=sid, last_seq=stream.last_seq, reset=stream.reset))
         self.tasks += [tg.create_task(self.feed.run(), name=f"feed-{sid}"),
                        tg.create_task(run_sender(self.feed, self.write), name=f"sender-{sid}")]
 
@@ -136,24 +117,26 @@ class Connection:
         while True:
             await asyncio.sleep(s.ws_heartbeat_s)
             if time.monotonic() - self.last_rx > s.ws_heartbeat_s + s.ws_heartbeat_timeout_s:
-                await self.ws.close(code=CLOSE_HEARTBEAT, message=b"heartbeat timeout")
+                await self.close(errors.HEARTBEAT_TIMEOUT)
                 return
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.ws.ping()
 
     async def expiry(self) -> None:
         await asyncio.sleep(max(0.0, self.principal.expires_at - time.time()))
-        await self.ws.close(code=CLOSE_UNAUTHORIZED, message=b"token expired")
+        await self.close(errors.TOKEN_EXPIRED)
+
+    async def close(self, why: Disconnect) -> None:
+        await self.ws.close(code=why.code, message=why.reason_bytes)
 
     async def receive_loop(self, tg: asyncio.TaskGroup) -> None:
-        ws = self.ws
         async with asyncio.timeout(HELLO_TIMEOUT_S):
             while self.feed is None:
                 if not await self._receive_one(tg):
                     return
         while await self._receive_one(tg):
             if self.feed is not None and self.feed.failure is not None:
-                await ws.close(code=CLOSE_TOO_SLOW, message=_reason(self.feed.failure))
+                await self.close(errors.TOO_SLOW)
                 self.deps.counters.slow_consumers += 1
                 return
 
@@ -175,15 +158,15 @@ class Connection:
             await self._guarded(msg.data, tg)
         elif msg.type == WSMsgType.BINARY:
             self.deps.counters.bad_frames += 1
-            self.reply(client.Error(code="bad_frame", message="binary frames are not supported; send JSON text"))
+            self.reply(BadFrame("binary frames are not supported; send JSON text").frame())
             await self._flush_pre_hello()
         elif msg.type == WSMsgType.PING:
             await self.ws.pong(msg.data)
         elif msg.type == WSMsgType.PONG:
             pass
         elif msg.type == WSMsgType.ERROR:
-            self.reply(client.Error(code="too_large" if "size" in str(msg.data) else "bad_frame",
-                                    message=str(msg.data)[:200]))
+            too_big = getattr(msg.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG
+            self.reply((TooLarge if too_big else BadFrame)(str(msg.data)[:200]).frame())
             return not self.ws.closed
         else:
             return False
@@ -192,23 +175,18 @@ class Connection:
     async def _guarded(self, data: str, tg: asyncio.TaskGroup) -> None:
         try:
             await self.handle_text(data, tg)
-        except (Unauthorized, Forbidden, NotFound) as e:
-            if self.feed is None:
-                code = CLOSE_UNAUTHORIZED if isinstance(e, Unauthorized) else CLOSE_FORBIDDEN
-                await self.ws.close(code=code, message=_reason(e.message))
-            else:
-                self.reply(e.frame())
-        except TidewireError as e:
-            self.reply(e.frame())
         except Exception as e:
-            degraded = from_dependency(e)
-            if degraded is not None:
-                log.warning("dependency failure handling a frame: %r", e)
-                self.deps.counters.degraded += 1
-                self.reply(degraded.frame())
-            else:
-                log.exception("internal error handling a frame")
-                self.reply(client.Error(code="internal", message="internal error; nothing was accepted"))
+            said = outcome(e, admitted=self.feed is not None)
+            if isinstance(said, Disconnect):
+                await self.close(said)
+                return
+            if not isinstance(e, TidewireError):
+                if said.code == "degraded":
+                    log.warning("dependency failure handling a frame: %r", e)
+                    self.deps.counters.degraded += 1
+                else:
+                    log.exception("internal error handling a frame")
+            self.reply(said)
         await self._flush_pre_hello()
 
     async def _flush_pre_hello(self) -> None:
@@ -218,42 +196,24 @@ class Connection:
             await self.write(frames)
 
 
-def _reason(text: str) -> bytes:
-    """A close reason: at most 123 bytes of valid UTF-8."""
-    return text.encode()[:120].decode(errors="ignore").encode()
-
-
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """Origin and token are refused right after the upgrade (a close code needs an open socket)."""
     deps = request.app[DEPS]
-    edge = request.app[EDGE]
     ws = web.WebSocketResponse(autoping=False, max_msg_size=deps.settings.max_frame_bytes * 4, compress=False)
     principal: Principal | None = None
-    refusal: tuple[int, str] | None = None
-    slot = None
+    refusal: client.Error | Disconnect | None = None
     try:
-        check_origin(request, deps.settings)
-        principal = authenticate(request, deps.settings)
-    except Unauthorized as e:
-        refusal = (CLOSE_UNAUTHORIZED, e.message)
-    except Forbidden as e:
-        refusal = (CLOSE_FORBIDDEN, e.message)
+        principal = admit_caller(request)
+    except TidewireError as e:
+        refusal = outcome(e, admitted=False)
     if deps.draining:
-        refusal = (CLOSE_RESTARTING, "server restarting")
-    if refusal is None and principal is not None:
-        try:
-            slot = await edge.subjects.acquire(principal.subject)
-        except RateLimited as e:
-            refusal = (CLOSE_TOO_MANY, e.message)
-    try:
-        await ws.prepare(request)
-        if refusal is not None or principal is None:
-            code, reason = refusal or (CLOSE_UNAUTHORIZED, "unauthorized")
-            await ws.close(code=code, message=_reason(reason))
-            return ws
-        await _serve(request, ws, principal)
-    finally:
-        if slot is not None:
-            await asyncio.shield(edge.subjects.release(slot))
+        refusal = errors.RESTARTING
+    await ws.prepare(request)
+    if refusal is not None or principal is None:
+        why = refusal if isinstance(refusal, Disconnect) else Disconnect(CloseCode.UNAUTHORIZED, "unauthorized")
+        await ws.close(code=why.code, message=why.reason_bytes)
+        return ws
+    await _serve(request, ws, principal)
     return ws
 
 
@@ -269,7 +229,7 @@ async def _serve(request: web.Request, ws: web.WebSocketResponse, principal: Pri
             try:
                 await conn.receive_loop(tg)
             except TimeoutError:
-                await ws.close(code=CLOSE_HEARTBEAT, message=b"no hello")
+                await conn.close(errors.NO_HELLO)
             finally:
                 for t in conn.tasks:  # heartbeat, expiry, feed and sender end with the connection
                     t.cancel()
@@ -278,5 +238,8 @@ async def _serve(request: web.Request, ws: web.WebSocketResponse, principal: Pri
     finally:
         sockets.discard(ws)
         deps.counters.sockets -= 1
-        if not ws.closed:
-            await ws.close()
+        try:
+            if not ws.closed:
+                await ws.close()
+        finally:
+            await asyncio.shield(conn.admission.aclose())  # the connection slot, if hello took one
