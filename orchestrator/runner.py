@@ -23,13 +23,14 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from orchestrator.checkpoint_writer import CheckpointWriter
+from orchestrator.ports import TurnPorts
 from orchestrator.providers.base import ProviderError, ProviderRequest, TextDelta, ToolCallRequest
 from orchestrator.segmenter import GraphemeBuffer
 from orchestrator.turn import (
@@ -51,9 +52,6 @@ from shared import telemetry
 from shared.checkpoints import Lease, TurnSnapshot
 from shared.errors import StaleEpoch
 
-if TYPE_CHECKING:
-    from orchestrator.service import OrchestratorService
-
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +66,7 @@ class TurnCancelled(Exception):
 
 
 class SessionRunner:
-    def __init__(self, svc: OrchestratorService, lease: Lease, first: TurnSnapshot | None = None) -> None:
+    def __init__(self, svc: TurnPorts, lease: Lease, first: TurnSnapshot | None = None) -> None:
         self.svc = svc
         self.lease = lease
         self._first = first  # the queue's head, read with the lease (CheckpointStore.claim)
