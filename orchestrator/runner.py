@@ -38,6 +38,7 @@ from orchestrator.turn import (
     Outcome,
     Skip,
     StartDecision,
+    TurnPlan,
     TurnProgress,
     decide_start,
     disconnect_grace,
@@ -74,6 +75,8 @@ class SessionRunner:
         self.current: str | None = None
         self._cancel = asyncio.Event()
         self._cancel_reason = "stop"
+        self._plan = self._unloaded_plan()  # the current turn's, once its context is loaded
+        self._first_token_ns: int | None = None  # wall clock of the current turn's first token
         self.done_turns: asyncio.Event = asyncio.Event()
 
     # ---- control -----------------------------------------------------------------------------
@@ -125,6 +128,7 @@ class SessionRunner:
             turn_id = snap.turn_id
             self.current = turn_id
             self._cancel.clear()
+            self._plan, self._first_token_ns = self._unloaded_plan(), None
             try:
                 snap = await self._run_turn(snap)
                 if snap is None:
@@ -139,6 +143,10 @@ class SessionRunner:
                 self.current = None
                 self.done_turns.set()
                 self.done_turns = asyncio.Event()
+
+    def _unloaded_plan(self) -> TurnPlan:
+        s = self.svc.settings
+        return TurnPlan.unloaded(default_provider=s.provider, default_disconnect_policy=s.disconnect_policy)
 
     # ---- one turn ----------------------------------------------------------------------------
     async def _run_turn(self, snap: TurnSnapshot) -> TurnSnapshot | None:
@@ -200,13 +208,15 @@ class SessionRunner:
                                 if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
         with telemetry.tracer.start_as_current_span("eventlog.append_turn"):
             await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended,
-                                           self.lease.epoch, flags=svc.flags_in_force(req))
+                                           self.lease.epoch, flags=dict(self._plan.flags_in_force))
         # Durable now: released to readers by finish_turn, then shown live, so whoever is woken by the
         # live turn_end and re-reads the store finds it. A crash between the two: the takeover scan
         # re-publishes the log's tail (OrchestratorService._takeover_loop).
-        nxt = await cp.finish_and_next(self.lease, turn_id, ended.status, svc.state_after(req, ended))
+        after = self._plan.state_after(turn_id, ended)
+        nxt = await cp.finish_and_next(self.lease, turn_id, ended.status,
+                                       None if after is None else svc.encode_state(after))
         await writer.publish([ended_raw])
-        svc.record_analytics(req, ended, raws)
+        svc.record_analytics(req, ended, raws, self._first_token_ns)
         svc.metrics["turns_" + ended.status] += 1
         span.set_attribute("status", ended.status)
         return ended.status, nxt
@@ -272,11 +282,12 @@ class SessionRunner:
 
     async def _disconnect_watch(self) -> None:
         """The disconnect policy: `continue` (finish and persist) or `cancel_after=<s>` once no
-        connection has watched the session for that long. Re-read each tick: flags load with the turn."""
+        connection has watched the session for that long. Re-read each tick: the plan, and with it the
+        turn's policy, arrives once its context is loaded."""
         alone_since: float | None = None
         while True:
             await asyncio.sleep(0.25)
-            grace = disconnect_grace(self.svc.disconnect_policy(self.sid))
+            grace = disconnect_grace(self._plan.disconnect_policy)
             if grace is None:
                 alone_since = None
                 continue
@@ -295,8 +306,7 @@ class SessionRunner:
         marker = svc.settings.fault_poison_marker
         if marker and marker in req.text:
             raise RuntimeError("injected poison turn")
-        messages = await svc.context_for(req, stored_state)
-        tools = svc.tool_specs(req)
+        plan = self._plan = await svc.plan_turn(req, stored_state)
         steps = 0
         while may_ask_model(steps, svc.settings.max_tool_steps):
             steps += 1
@@ -304,8 +314,8 @@ class SessionRunner:
             if pending_calls:
                 await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in pending_calls])
             preq = ProviderRequest(session_id=self.sid, turn_id=progress.turn_id,
-                                   messages=messages + progress.tool_messages(), tools=tools,
-                                   continue_from=progress.step_text(), model=svc.model_for(req))
+                                   messages=[*plan.messages, *progress.tool_messages()], tools=list(plan.tools),
+                                   continue_from=progress.step_text(), model=plan.model)
             calls = await self._stream_step(preq, progress, writer)
             if not calls:
                 return
@@ -345,7 +355,8 @@ class SessionRunner:
                                     if out:
                                         if not first_token:
                                             first_token = True
-                                            svc.note_first_token(preq.turn_id)
+                                            if self._first_token_ns is None:
+                                                self._first_token_ns = time.time_ns()
                                         await writer.put(functools.partial(progress.delta, out))
                                 elif isinstance(ev, ToolCallRequest):
                                     calls.append(ev)

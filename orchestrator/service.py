@@ -31,7 +31,7 @@ import msgspec
 from aiohttp import web
 
 from orchestrator.analytics import AnalyticsPublisher, tool_calls_in, turn_analytics
-from orchestrator.flags import FlagResolver, load_system_prompts, parse_route, select_tools, system_prompt_for
+from orchestrator.flags import FlagResolver, load_system_prompts, system_prompt_for
 from orchestrator.leases import LeaseKeeper
 from orchestrator.load import LoadReporter
 from orchestrator.packer import pack
@@ -39,6 +39,7 @@ from orchestrator.peers import PEER_SOCKETS, PeerWatch, close_peer_sockets, peer
 from orchestrator.providers.base import Provider, ToolSpec
 from orchestrator.runner import SessionRunner, decode_request
 from orchestrator.settings import OrchestratorSettings
+from orchestrator.turn import TurnPlan
 from orchestrator.upstream import UpstreamRouter
 from proto import bus as busproto
 from proto import client
@@ -87,8 +88,6 @@ class OrchestratorService:
         self.id = (settings.orchestrator_id or "orch") + "/" + secrets.token_hex(4)
         self.metrics: collections.Counter[str] = collections.Counter()
         self.runners: dict[str, tuple[SessionRunner, asyncio.Task[None]]] = {}
-        self._states: dict[str, SessionState] = {}
-        self._flags: dict[str, dict[str, Any]] = {}
         self._stopping = asyncio.Event()
         self._upstream = asyncio.Semaphore(1024)
         # the model.queue stage is measured once, by upstream_slot (the router's per-upstream gate
@@ -96,7 +95,6 @@ class OrchestratorService:
         self.upstreams = UpstreamRouter(make_provider(settings.provider), factory=make_provider)
         self.provider: Provider = self.upstreams
         self._system_prompts = load_system_prompts()
-        self._first_token_ns: dict[str, int] = {}
         self.tools: Any = None
         self.queue_depth: tuple[int, int] | None = None  # (waiting, delivered but unacked), sampled
         self.dead_letters: int | None = None
@@ -309,7 +307,7 @@ class OrchestratorService:
                 entry[0].request_cancel(cancel.turn_id, cancel.reason)
 
     # ---- what runners ask of the service -------------------------------------------------------
-    async def context_for(self, req: busproto.TurnRequest, stored_state: bytes | None) -> list[ChatMessage]:
+    async def plan_turn(self, req: busproto.TurnRequest, stored_state: bytes | None) -> TurnPlan:
         """Session fetch, context pack and retrieval: three timed stages before the model is asked.
         `stored_state` came with the turn's claim (None: nothing stored, rebuild from the log)."""
         tracer = telemetry.tracer
@@ -326,10 +324,11 @@ class OrchestratorService:
         with tracer.start_as_current_span("retrieval", attributes={"retrieval.enabled": False}):
             pass  # no retrieval stage yet: the span and histogram mark where it will go
         telemetry.observe_stage("retrieval", time.perf_counter() - t2)
-        return messages
+        return TurnPlan.build(flags, messages=messages, tools=self.tool_specs(), state=state,
+                              default_provider=self.settings.provider,
+                              default_disconnect_policy=self.settings.disconnect_policy)
 
     def _pack(self, req: busproto.TurnRequest, state: SessionState, flags: dict[str, Any]) -> list[ChatMessage]:
-        self._flags[req.session_id] = flags
         window = [m for m in state.window if m.turn_id != req.turn_id or m.role != "assistant"]
         if not any(m.turn_id == req.turn_id and m.role == "user" for m in window):
             window.append(ChatMessage(role="user", text=req.text, turn_id=req.turn_id, seq=req.user_seq))
@@ -342,44 +341,19 @@ class OrchestratorService:
                                    self._system_prompts)
         messages, meta = pack(prompt, window, self.settings.context_budget_tokens)
         state.packer = meta
-        self._states[req.session_id] = state
         return messages
 
-    def state_after(self, req: busproto.TurnRequest, ended: client.TurnEnd) -> bytes | None:
-        """The session state with this turn's answer, stored by the turn's finish step (None: this
-        process never loaded it, e.g. a takeover after the model was done; rebuilt when needed)."""
-        state = self._states.pop(req.session_id, None)
-        if state is None:
-            return None
-        state.window.append(ChatMessage(role="assistant", text=ended.text, turn_id=req.turn_id, seq=ended.seq))
-        state.last_turn_id = req.turn_id
+    def encode_state(self, state: SessionState) -> bytes:
+        """The session state as the turn's finish step stores it."""
         return self.sessions.encode(state)
 
-    def disconnect_policy(self, session_id: str) -> str:
-        return str(self._flags.get(session_id, {}).get("disconnect_policy", self.settings.disconnect_policy))
+    def tool_specs(self) -> list[ToolSpec]:
+        return list(self.tools.specs()) if self.tools is not None else []
 
-    def flags_in_force(self, req: busproto.TurnRequest) -> dict[str, Any]:
-        """Recorded on the turn's row, so an incident can see which turns used what."""
-        flags = self._flags.get(req.session_id, {})
-        return {"provider": parse_route(flags.get("model"), default_provider=self.settings.provider).provider,
-                "disconnect_policy": self.disconnect_policy(req.session_id), **flags}
-
-    def model_for(self, req: busproto.TurnRequest) -> str | None:
-        model = self._flags.get(req.session_id, {}).get("model")
-        return None if model is None else str(model)
-
-    def tool_specs(self, req: busproto.TurnRequest | None = None) -> list[ToolSpec]:
-        specs = list(self.tools.specs()) if self.tools is not None else []
-        return specs if req is None else select_tools(specs, self._flags.get(req.session_id, {}).get("tool_set"))
-
-    def note_first_token(self, turn_id: str) -> None:
-        if len(self._first_token_ns) > 10_000:
-            self._first_token_ns.clear()
-        self._first_token_ns.setdefault(turn_id, time.time_ns())
-
-    def record_analytics(self, req: busproto.TurnRequest, ended: client.TurnEnd, raws: list[bytes]) -> None:
+    def record_analytics(self, req: busproto.TurnRequest, ended: client.TurnEnd, raws: list[bytes],
+                         first_token_ns: int | None) -> None:
         """Never on the token path: a bounded queue, published in the background, dropped when full."""
-        self.analytics.offer(turn_analytics(req, ended, first_token_ns=self._first_token_ns.pop(req.turn_id, None),
+        self.analytics.offer(turn_analytics(req, ended, first_token_ns=first_token_ns,
                                             tool_calls=tool_calls_in(raws)))
 
     async def call_tool(self, session_id: str, turn_id: str, call_id: str, name: str,

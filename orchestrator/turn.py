@@ -5,6 +5,9 @@ events to checkpoint (encoded with the `"seq":0` placeholder the checkpoint stor
 can be rebuilt exactly from the checkpointed events after a crash: the new owner continues from
 the checkpointed text, which is precisely what any client may have seen.
 
+`TurnPlan` is what the turn runs with (messages, tools, model, disconnect policy, flags in
+force), fixed once its context is loaded, so every model step and the turn's row agree.
+
 The turn's decisions live here too, as pure functions the runner asks before each effect
 (`decide_start`, `generation_outcome`, `may_retry_step`, `may_ask_model`, `disconnect_grace`):
 they are what makes a takeover or a retry behave, so they are unit-tested event by event
@@ -13,13 +16,16 @@ they are what makes a takeover or a retry behave, so they are unit-tested event 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.providers.base import ProviderError
+import msgspec
+
+from orchestrator.flags import parse_route, select_tools
+from orchestrator.providers.base import ProviderError, ToolSpec
 from proto import client
-from proto.state import ChatMessage
+from proto.state import ChatMessage, SessionState
 
 if TYPE_CHECKING:
     from shared.checkpoints import TurnSnapshot
@@ -114,6 +120,44 @@ def status_line(names: list[str]) -> str:
               "http_get": "the web"}
     what = ", ".join(pretty.get(n, n) for n in names)
     return f"Let me check {what}…"
+
+
+@dataclass(frozen=True, slots=True)
+class TurnPlan:
+    """What one turn runs with, decided once when its context is loaded. A turn that never loads
+    it (ended before the model, or taken over after its model was done) runs with `unloaded`."""
+
+    messages: tuple[ChatMessage, ...]
+    tools: tuple[ToolSpec, ...]
+    model: str | None
+    disconnect_policy: str
+    flags_in_force: Mapping[str, Any]  # recorded on the turn's row, so an incident sees what was used
+    state: SessionState | None = field(default=None, compare=False)  # as packed; None: not loaded
+
+    @classmethod
+    def build(cls, flags: Mapping[str, Any], *, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec],
+              default_provider: str, default_disconnect_policy: str,
+              state: SessionState | None = None) -> TurnPlan:
+        """From the turn's resolved flags; `tools` are all the tools offered, before `tool_set`."""
+        policy = str(flags.get("disconnect_policy", default_disconnect_policy))
+        model = flags.get("model")
+        in_force = {"provider": parse_route(model, default_provider=default_provider).provider,
+                    "disconnect_policy": policy, **flags}
+        return cls(messages=tuple(messages), tools=tuple(select_tools(tools, flags.get("tool_set"))),
+                   model=None if model is None else str(model), disconnect_policy=policy,
+                   flags_in_force=in_force, state=state)
+
+    @classmethod
+    def unloaded(cls, *, default_provider: str, default_disconnect_policy: str) -> TurnPlan:
+        return cls.build({}, messages=(), tools=(), default_provider=default_provider,
+                         default_disconnect_policy=default_disconnect_policy)
+
+    def state_after(self, turn_id: str, ended: client.TurnEnd) -> SessionState | None:
+        """The session state with this turn's answer (None: never loaded; rebuilt when needed)."""
+        if self.state is None:
+            return None
+        answer = ChatMessage(role="assistant", text=ended.text, turn_id=turn_id, seq=ended.seq)
+        return msgspec.structs.replace(self.state, window=[*self.state.window, answer], last_turn_id=turn_id)
 
 
 # ---- the turn's decisions (pure) -------------------------------------------------------------------

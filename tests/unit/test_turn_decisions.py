@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.providers.base import ProviderError
+from orchestrator.providers.base import ProviderError, ToolSpec
 from orchestrator.turn import (
     DeadLetter,
     Outcome,
     Run,
     Skip,
+    TurnPlan,
     decide_start,
     disconnect_grace,
     generation_outcome,
     may_ask_model,
     may_retry_step,
 )
+from proto import client
+from proto.state import ChatMessage, SessionState
 from shared.checkpoints import TurnSnapshot
 
 
@@ -138,3 +141,44 @@ def test_disconnect_policy_grace() -> None:
     assert disconnect_grace("continue") is None
     assert disconnect_grace("cancel_after=5") == 5.0
     assert disconnect_grace("cancel_after=0.5") == 0.5
+
+
+# ---- the turn's plan ----------------------------------------------------------------------------------
+SPECS = [ToolSpec(name=n, description=n, parameters={}) for n in ("clock", "calculator", "http_get")]
+
+
+def plan(flags: dict[str, object], state: SessionState | None = None) -> TurnPlan:
+    return TurnPlan.build(flags, messages=[ChatMessage(role="user", text="hi", turn_id="t1")], tools=SPECS,
+                          default_provider="simulated", default_disconnect_policy="continue", state=state)
+
+
+def test_an_unloaded_plan_records_the_defaults_in_force() -> None:
+    p = TurnPlan.unloaded(default_provider="simulated", default_disconnect_policy="continue")
+    assert p.flags_in_force == {"provider": "simulated", "disconnect_policy": "continue"}
+    assert p.model is None and p.tools == () and p.messages == () and p.state is None
+
+
+def test_the_plan_takes_model_policy_and_tools_from_the_flags() -> None:
+    p = plan({"model": "openai:gpt-4o-mini", "disconnect_policy": "cancel_after=2", "tool_set": ["clock"]})
+    assert p.model == "openai:gpt-4o-mini"
+    assert p.disconnect_policy == "cancel_after=2"
+    assert [t.name for t in p.tools] == ["clock"]
+    assert p.flags_in_force == {"provider": "openai", "disconnect_policy": "cancel_after=2",
+                                "model": "openai:gpt-4o-mini", "tool_set": ["clock"]}
+
+
+def test_without_flags_the_plan_offers_every_tool_on_the_default_route() -> None:
+    p = plan({})
+    assert [t.name for t in p.tools] == ["clock", "calculator", "http_get"]
+    assert p.flags_in_force == {"provider": "simulated", "disconnect_policy": "continue"}
+
+
+def test_state_after_appends_the_answer_without_touching_the_plan() -> None:
+    state = SessionState(session_id="s1", subject="u1", window=[ChatMessage(role="user", text="hi", turn_id="t1")])
+    p = plan({}, state)
+    ended = client.TurnEnd(seq=9, turn_id="t1", status="completed", text="hello")
+    after = p.state_after("t1", ended)
+    assert after is not None and after.last_turn_id == "t1"
+    assert [(m.role, m.text, m.seq) for m in after.window][-1] == ("assistant", "hello", 9)
+    assert len(state.window) == 1 and state.last_turn_id is None
+    assert plan({}).state_after("t1", ended) is None
