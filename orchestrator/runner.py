@@ -8,6 +8,10 @@ done in Redis under the lease (the fencing re-check) — only after that may the
 be acked. Losing the lease (a renewal refused) cancels everything at once: a stale owner writes
 nothing more.
 
+The runner performs effects only: what to do next (skip, dead-letter, retry a step, stop asking
+the model, how the turn ended) it asks the pure functions in `orchestrator/turn.py`, and it
+reaches its process only through `orchestrator/ports.py` `TurnPorts`.
+
 Each turn continues the trace its gateway started (`TurnRequest.trace_context`, stored with the
 request, so a takeover lands in the same trace): `orchestrator.pickup` spans the queue wait from
 the gateway's receipt, `orchestrator.turn` the whole turn, and `upstream.first_token` each model
