@@ -50,7 +50,7 @@ from gateway.settings import GatewaySettings
 from shared import telemetry
 from shared.breakers import BreakerMirror
 from shared.checkpoints import CheckpointStore
-from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited, from_dependency
+from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited, TidewireError, from_dependency
 from shared.quotas import SubjectQuotas
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,27 @@ class LoadSample:
     down: tuple[str, ...] = ()
     at: float = 0.0
     upstreams_open_ms: int | None = None  # set while every model upstream's breaker is open
+    overloaded: str | None = None  # why turns are too slow to start (orchestrators' reports, own lag)
+
+
+def overload(reports: list[tuple[int, int]], own_lag_ms: int, *, pickup_delay_ms: int,
+             loop_lag_ms: int) -> str | None:
+    """Admission by measured delay, not by queue length: the median orchestrator's recent pickup
+    delay (receipt to turn start) or event-loop lag, or this gateway's own loop lag, past its
+    threshold (negative = never). The median, so one slow orchestrator alone sheds nothing: the
+    turn queue routes work to the others."""
+    if loop_lag_ms >= 0 and own_lag_ms > loop_lag_ms:
+        return f"this gateway's event loop lags {own_lag_ms} ms"
+    if not reports:
+        return None
+    delays = sorted(d for d, _ in reports)
+    lags = sorted(g for _, g in reports)
+    delay, lag = delays[len(delays) // 2], lags[len(lags) // 2]
+    if pickup_delay_ms >= 0 and delay > pickup_delay_ms:
+        return f"turns wait {delay} ms to start"
+    if loop_lag_ms >= 0 and lag > loop_lag_ms:
+        return f"the orchestrators' event loops lag {lag} ms"
+    return None
 
 
 @dataclass
@@ -230,6 +251,7 @@ class LoadShedder:
     failures: dict[str, int] = field(default_factory=dict)
     # `BreakerMirror.every_upstream_open` (shared/breakers.py); None = breakers are not consulted
     breakers: Callable[[], Awaitable[int | None]] | None = None
+    own_lag_ms: int = 0  # how late this gateway's sampler last woke: its own event-loop lag
     FAILURES_TO_DOWN = 2
     PG_EVERY = 4  # Postgres is probed every 4th sample (~1 s)
 
@@ -247,6 +269,8 @@ class LoadShedder:
                            retry_after_ms=max(1, self.sample.upstreams_open_ms))
         elif threshold >= 0 and (threshold == 0 or (self.sample.pending or 0) >= threshold):
             reason = "the turn queue is full"
+        elif self.sample.overloaded is not None:
+            reason = self.sample.overloaded
         if reason is not None:
             self.counters.shed_sends += 1
             raise Degraded(f"shedding load: {reason}; nothing was accepted", retry_after_ms=s.shed_retry_after_ms)
@@ -267,8 +291,13 @@ class LoadShedder:
             ("nats", deps.bus.turn_queue_pending), ("redis", deps.checkpoints.ping)]
         if n % self.PG_EVERY == 0:
             probes.append(("postgres", deps.eventlog.ping))
-        results, open_ms = await asyncio.gather(asyncio.gather(*(self._probe(name, p) for name, p in probes)),
-                                                self._breakers())
+        s = deps.settings
+        results, open_ms, reports = await asyncio.gather(
+            asyncio.gather(*(self._probe(name, p) for name, p in probes)), self._breakers(), self._load_reports())
+        overloaded = overload(reports, self.own_lag_ms, pickup_delay_ms=s.shed_pickup_delay_ms,
+                              loop_lag_ms=s.shed_loop_lag_ms)
+        if (overloaded is None) != (self.sample.overloaded is None):
+            log.warning("load shedding: %s", overloaded or "no longer overloaded")
         pending = results[0] if isinstance(results[0], int) else self.sample.pending
         down = tuple(name for name, count in sorted(self.failures.items()) if count >= self.FAILURES_TO_DOWN)
         if not deps.bus.connected and "nats" not in down:
@@ -277,8 +306,18 @@ class LoadShedder:
             log.warning("load shedding: dependencies down: %s", ", ".join(down) or "none")
         if (open_ms is None) != (self.sample.upstreams_open_ms is None):
             log.warning("load shedding: every model upstream's circuit is %s", "open" if open_ms is not None else "no longer open")
-        self.sample = LoadSample(pending=pending, down=down, at=time.monotonic(), upstreams_open_ms=open_ms)
+        self.sample = LoadSample(pending=pending, down=down, at=time.monotonic(), upstreams_open_ms=open_ms,
+                                 overloaded=overloaded)
         return self.sample
+
+    async def _load_reports(self) -> list[tuple[int, int]]:
+        """Fails open like the breakers: unreadable reports shed nothing."""
+        try:
+            async with asyncio.timeout(min(1.0, self.deps.settings.redis_timeout_s)):
+                return await self.deps.checkpoints.read_load(fresh_ms=2000)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.debug("load reports not read: %r", e)
+            return []
 
     async def _breakers(self) -> int | None:
         """Fails open: when the breakers cannot be read, they do not shed (a down Redis is caught
@@ -299,7 +338,9 @@ class LoadShedder:
             started = time.monotonic()
             await self.sample_once(n)
             n += 1
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+            wake = time.monotonic() + max(0.0, interval - (time.monotonic() - started))
+            await asyncio.sleep(wake - time.monotonic())
+            self.own_lag_ms = int(max(0.0, time.monotonic() - wake) * 1000)  # how late this loop woke
 
 
 # ---- input that the edge refuses before any store sees it ---------------------------------------
@@ -370,12 +411,15 @@ async def edge_context(app: web.Application) -> AsyncIterator[None]:
 @web.middleware
 async def edge_middleware(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Responses are never sniffed or cached by browsers and never leak a token in a Referer; an
-    unexpected exception is answered with the protocol's `internal` error, never a stack trace."""
+    """Responses are never sniffed or cached by browsers and never leak a token in a Referer; a
+    protocol error (shared.errors) is answered with its `error` object and HTTP status, an
+    unexpected exception with the protocol's `internal` error, never a stack trace."""
     try:
         resp = await handler(request)
     except web.HTTPException:
         raise
+    except TidewireError as e:
+        resp = http_error(e)
     except Exception as e:
         degraded = from_dependency(e)
         if degraded is not None:

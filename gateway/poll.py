@@ -12,7 +12,7 @@ import math
 from aiohttp import web
 
 from gateway.admission import Admitted, open_stream
-from gateway.http_errors import http_error, json_response
+from gateway.http_errors import json_response
 from gateway.keys import HUB, REPLAYER
 from proto import client
 from proto.client import Event
@@ -33,20 +33,17 @@ class _Waiter:
 
 
 async def poll_handler(request: web.Request) -> web.StreamResponse:
-    try:
-        async with open_stream(request, request.match_info["sid"], request.query.get("after"),
-                               transport="poll") as stream:
-            try:
-                wait_s = float(request.query.get("wait_s", "25"))
-            except ValueError as e:
-                raise BadFrame("wait_s must be a number") from e
-            if not math.isfinite(wait_s):
-                raise BadFrame("wait_s must be a finite number")
-            if stream.reset:
-                return json_response(client.PollResponse(events=[], last_seq=stream.last_seq, reset=True))
-            return await _poll(request, stream, min(MAX_WAIT_S, max(0.0, wait_s)))
-    except TidewireError as e:
-        return http_error(e)
+    async with open_stream(request, request.match_info["sid"], request.query.get("after"),
+                           transport="poll") as stream:
+        try:
+            wait_s = float(request.query.get("wait_s", "25"))
+        except ValueError as e:
+            raise BadFrame("wait_s must be a number") from e
+        if not math.isfinite(wait_s):
+            raise BadFrame("wait_s must be a finite number")
+        if stream.reset:
+            return json_response(client.PollResponse(events=[], last_seq=stream.last_seq, reset=True))
+        return await _poll(request, stream, min(MAX_WAIT_S, max(0.0, wait_s)))
 
 
 async def _poll(request: web.Request, stream: Admitted, wait_s: float) -> web.Response:

@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway import commands
 from gateway.auth import Principal, authenticate, check_origin
 from gateway.history import session_history
-from gateway.http_errors import http_error, json_response
+from gateway.http_errors import json_response
 from gateway.keys import DEPS
 from gateway.limits import EDGE, check_session_id, check_text
 from gateway.openapi import (
@@ -30,7 +30,7 @@ from gateway.openapi import (
 )
 from proto import client
 from shared import sessionstate
-from shared.errors import BadFrame, TidewireError, TooLarge
+from shared.errors import BadFrame, TooLarge
 
 
 async def _body(request: web.Request) -> bytes:
@@ -55,9 +55,8 @@ _UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 def _caller(request: web.Request) -> Principal:
     settings = request.app[DEPS].settings
-    principal = authenticate(request, settings)
-    check_origin(request, settings)
-    return principal
+    check_origin(request, settings)  # the order of every transport (gateway/admission.py)
+    return authenticate(request, settings)
 
 
 async def _owner(request: web.Request) -> tuple[Principal, str]:
@@ -86,59 +85,44 @@ def _flags(flags: SessionFlags | None) -> dict[str, object]:
 
 async def create_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    try:
-        principal = _caller(request)
-        body = await _body(request)
-        flags = _flags(_decode(create_session_decoder, body).flags) if body.strip() else {}
-        sid = await commands.create_session(deps, principal.subject)
-        if flags:
-            await deps.eventlog.set_session_flags(sid, flags)
-    except TidewireError as e:
-        return http_error(e)
+    principal = _caller(request)
+    body = await _body(request)
+    flags = _flags(_decode(create_session_decoder, body).flags) if body.strip() else {}
+    sid = await commands.create_session(deps, principal.subject)
+    if flags:
+        await deps.eventlog.set_session_flags(sid, flags)
     return json_response(client.CreateSessionResponse(session_id=sid), status=201)
 
 
 async def list_sessions(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    try:
-        principal = _caller(request)
-        rows = await deps.eventlog.list_sessions(principal.subject)
-    except TidewireError as e:
-        return http_error(e)
+    principal = _caller(request)
+    rows = await deps.eventlog.list_sessions(principal.subject)
     return json_response(SessionList(sessions=[SessionSummary(session_id=r.session_id, created_at=r.created_at,
                                                               title=r.title) for r in rows]))
 
 
 async def get_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    try:
-        _, sid = await _owner(request)
-        return json_response(await session_history(deps, sid))
-    except TidewireError as e:
-        return http_error(e)
+    _, sid = await _owner(request)
+    return json_response(await session_history(deps, sid))
 
 
 async def post_message(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    try:
-        principal, sid = await _owner(request)
-        req = _decode(client.send_request_decoder, await _body(request))
-        await request.app[EDGE].admit_send(principal.subject, None, req.client_msg_id, req.text)
-        ack = await commands.send_message(deps, principal.subject, sid, req)
-    except TidewireError as e:
-        return http_error(e)
+    principal, sid = await _owner(request)
+    req = _decode(client.send_request_decoder, await _body(request))
+    await request.app[EDGE].admit_send(principal.subject, None, req.client_msg_id, req.text)
+    ack = await commands.send_message(deps, principal.subject, sid, req)
     return json_response(ack)
 
 
 async def post_stop(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    try:
-        _, sid = await _owner(request)
-        body = await _body(request)
-        req = _decode(client.stop_request_decoder, body) if body.strip() else client.StopRequest()
-        turn_id = await commands.stop_turn(deps, sid, req.turn_id)
-    except TidewireError as e:
-        return http_error(e)
+    _, sid = await _owner(request)
+    body = await _body(request)
+    req = _decode(client.stop_request_decoder, body) if body.strip() else client.StopRequest()
+    turn_id = await commands.stop_turn(deps, sid, req.turn_id)
     return json_response({"stopped": turn_id is not None, "turn_id": turn_id}, status=202)
 
 
@@ -146,13 +130,10 @@ async def patch_flags(request: web.Request) -> web.Response:
     """Extension: `PATCH /v1/sessions/{sid}/flags {name: value}` sets per-session policies, applied to
     new turns (double_text_policy, disconnect_policy, model, system_prompt_version)."""
     deps = request.app[DEPS]
-    try:
-        _, sid = await _owner(request)
-        flags = _flags(_decode(session_flags_decoder, await _body(request)))
-        await deps.eventlog.set_session_flags(sid, flags)
-        deps.flag_cache.pop(sid, None)
-        await sessionstate.invalidate(deps.checkpoints, sid)
-        row = await deps.eventlog.get_session(sid)
-    except TidewireError as e:
-        return http_error(e)
+    _, sid = await _owner(request)
+    flags = _flags(_decode(session_flags_decoder, await _body(request)))
+    await deps.eventlog.set_session_flags(sid, flags)
+    deps.flag_cache.pop(sid, None)
+    await sessionstate.invalidate(deps.checkpoints, sid)
+    row = await deps.eventlog.get_session(sid)
     return json_response(FlagsResponse(session_id=sid, flags=row.flags if row else flags))

@@ -64,6 +64,11 @@ class GatewaySettings:
     # (0 = always shed, negative = never) or a dependency is down; sampled in the background
     turn_queue_shed_threshold: int = 5000
     shed_sample_ms: int = 250
+    # admission by measured delay: new sends are refused while the median orchestrator's recent
+    # pickup delay (receipt -> turn start) or loop lag, or this gateway's own loop lag, exceeds these
+    # (negative = never); orchestrators report twice a second (orchestrator/load.py)
+    shed_pickup_delay_ms: int = 1000
+    shed_loop_lag_ms: int = 500
     shed_retry_after_ms: int = 2000
     receive_yield_every: int = 16  # the receive loop yields to the event loop every N frames
     # behaviour

@@ -17,11 +17,10 @@ from aiohttp import web
 
 from gateway.admission import Admitted, open_stream
 from gateway.delivery import OutboundBuffer
-from gateway.http_errors import http_error
 from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS, StreamStop
 from gateway.stream import Feed, run_sender
 from proto import client
-from shared.errors import BadFrame, TidewireError
+from shared.errors import BadFrame
 
 
 def _record(frame: client.ServerFrame) -> bytes:
@@ -34,14 +33,11 @@ def _record(frame: client.ServerFrame) -> bytes:
 
 async def sse_handler(request: web.Request) -> web.StreamResponse:
     after = request.headers.get("Last-Event-ID") or request.query.get("after")
-    try:
-        async with open_stream(request, request.match_info["sid"], after, transport="sse") as stream:
-            mode = request.query.get("delivery", "tokens")
-            if mode not in ("tokens", "phrases", "batched"):
-                raise BadFrame("delivery must be tokens, phrases or batched")
-            return await _stream(request, stream, mode)
-    except TidewireError as e:  # only before the stream is prepared: then nothing was written yet
-        return http_error(e)
+    async with open_stream(request, request.match_info["sid"], after, transport="sse") as stream:
+        mode = request.query.get("delivery", "tokens")
+        if mode not in ("tokens", "phrases", "batched"):
+            raise BadFrame("delivery must be tokens, phrases or batched")
+        return await _stream(request, stream, mode)
 
 
 async def _stream(request: web.Request, stream: Admitted, mode: str) -> web.StreamResponse:

@@ -107,7 +107,7 @@ class OrchestratorService:
         self.checkpoints = CheckpointStore.connect(s.redis_url, timeout_s=s.redis_timeout_s, ttl_s=s.session_ttl_s,
                                                    min_replicas=s.redis_min_replicas)
         self.bus = await Bus.connect(s.nats_url, name=self.id, timeout_s=s.nats_timeout_s, replicas=s.nats_replicas)
-        self.sessions = SessionStore(self.checkpoints.redis, self.eventlog, ttl_s=s.session_ttl_s,
+        self.sessions = SessionStore(self.checkpoints, self.eventlog, ttl_s=s.session_ttl_s,
                                      window=s.window_messages)
         self.flags = FlagResolver(self.eventlog, ttl_s=2.0)
         self.load = LoadReporter(self.checkpoints, self.id)
@@ -131,7 +131,7 @@ class OrchestratorService:
                          tg.create_task(self.load.run(), name="load-report"),
                          tg.create_task(self._takeover_loop(), name="takeover"),
                          tg.create_task(self._sample_queue(), name="queue-sampler"),
-                         tg.create_task(self.upstreams.publish_loop(self.checkpoints.redis), name="breakers")]
+                         tg.create_task(self.upstreams.publish_loop(self.checkpoints), name="breakers")]
                 analytics = tg.create_task(self.analytics.run(), name="analytics")
                 health = await self._start_health()
                 loops.append(tg.create_task(self.peers.run(), name="peers"))  # peers may watch us now

@@ -20,7 +20,8 @@ def make_token(subject: str = "alice", **kw: float) -> str:
 
 # Limits are tested in test_edge.py with small values; elsewhere they must not get in the way of the
 # guarantee under test (e.g. 200 connections of one user watching a hot session).
-GENEROUS_LIMITS = {"TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT": "10000", "TIDEWIRE_MSG_RATE_PER_S": "1000",
+GENEROUS_LIMITS = {"TIDEWIRE_SHED_PICKUP_DELAY_MS": "-1", "TIDEWIRE_SHED_LOOP_LAG_MS": "-1",
+                   "TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT": "10000", "TIDEWIRE_MSG_RATE_PER_S": "1000",
                    "TIDEWIRE_MSG_BURST": "1000", "TIDEWIRE_SUBJECT_MSG_RATE_PER_S": "1000",
                    "TIDEWIRE_SUBJECT_MSG_BURST": "1000", "TIDEWIRE_FRAME_RATE_PER_S": "10000",
                    "TIDEWIRE_FRAME_BURST": "10000"}

@@ -215,3 +215,33 @@ def test_text_the_stores_cannot_hold_is_refused(text: str, ok: bool) -> None:
     else:
         with pytest.raises(BadFrame):
             check_text("text", text)
+
+
+def test_overload_is_the_median_orchestrators_delay_or_lag_or_the_gateways_own_lag() -> None:
+    from gateway.limits import overload
+
+    kw = {"pickup_delay_ms": 1000, "loop_lag_ms": 500}
+    assert overload([], 0, **kw) is None
+    assert overload([(200, 20), (300, 30)], 10, **kw) is None
+    assert overload([(5000, 20)], 10, **kw) == "turns wait 5000 ms to start"
+    assert overload([(5000, 20), (100, 10), (120, 10)], 10, **kw) is None, "one slow orchestrator shed everything"
+    assert overload([(100, 900), (100, 800), (100, 10)], 10, **kw) == "the orchestrators' event loops lag 800 ms"
+    assert overload([], 700, **kw) == "this gateway's event loop lags 700 ms"
+    assert overload([(10**6, 10**6)], 10**6, pickup_delay_ms=-1, loop_lag_ms=-1) is None
+
+
+async def test_a_shedder_refuses_sends_while_the_orchestrators_report_slow_pickups() -> None:
+    shedder, deps = _shedder(shed_pickup_delay_ms=1000, shed_retry_after_ms=700)
+    reports: list[tuple[int, int]] = [(2500, 10)]
+
+    async def read_load(fresh_ms: int) -> list[tuple[int, int]]:
+        return reports
+
+    deps.checkpoints.read_load = read_load  # type: ignore[attr-defined]
+    await shedder.sample_once()
+    with pytest.raises(Degraded) as e:
+        shedder.check()
+    assert "turns wait 2500 ms" in str(e.value) and e.value.retry_after_ms == 700
+    reports[:] = [(40, 5)]
+    await shedder.sample_once()
+    shedder.check()  # back to normal at the next sample
