@@ -24,7 +24,9 @@ TABLE: dict[type[errors.TidewireError], tuple[str, int, CloseCode | None]] = {
 
 
 def test_every_protocol_error_code_has_exactly_one_class_in_the_table() -> None:
-    subclasses = set(errors.TidewireError.__subclasses__())
+    # the protocol's classes, declared in shared.errors (a module may refine one for itself, e.g. a
+    # facade's TurnNotEnded: it inherits its code, so it is not a row of the table)
+    subclasses = {c for c in errors.TidewireError.__subclasses__() if c.__module__ == errors.__name__}
     assert subclasses == set(TABLE)
     codes = [code for code, _, _ in TABLE.values()]
     assert sorted(codes) == sorted(set(codes))
