@@ -60,9 +60,12 @@ def resume_point(raw: str | int | None) -> int | None:
     if isinstance(raw, int):
         return raw
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError as e:
         raise BadFrame("after / Last-Event-ID must be an integer") from e
+    if value < 0:  # HTTP's resume points are seqs (OpenAPI: minimum 0); a WebSocket's negative one resets
+        raise BadFrame("after / Last-Event-ID must be >= 0")
+    return value
 
 
 def decide_reset(after: int | None, last_seq: int) -> tuple[int, bool]:

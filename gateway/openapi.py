@@ -197,10 +197,9 @@ def document(settings: GatewaySettings, *, attachments: bool = False) -> dict[st
                     "security": bearer,
                     "parameters": [
                         {"name": "after", "in": "query", "required": False,
-                         "description": "resume after this seq; past last_seq or negative: reset",
-                         "schema": {"type": "integer"}},
+                         "schema": {"type": "integer", "minimum": 0}},
                         {"name": "Last-Event-ID", "in": "header", "required": False,
-                         "schema": {"type": "integer"}},
+                         "schema": {"type": "integer", "minimum": 0}},
                         {"name": "delivery", "in": "query", "required": False,
                          "schema": {"type": "string", "enum": ["tokens", "phrases", "batched"]}}],
                     "responses": {"200": {"description": "`id: <seq>` / `event: <type>` / `data: <json>` records",
@@ -214,8 +213,7 @@ def document(settings: GatewaySettings, *, attachments: bool = False) -> dict[st
                     "security": bearer,
                     "parameters": [
                         {"name": "after", "in": "query", "required": False,
-                         "description": "resume after this seq; past last_seq or negative: reset",
-                         "schema": {"type": "integer"}},
+                         "schema": {"type": "integer", "minimum": 0}},
                         {"name": "wait_s", "in": "query", "required": False,
                          "schema": {"type": "number", "minimum": 0, "maximum": 60}}],
                     "responses": {"200": {"description": "Events", "content": _json("PollResponse")},
