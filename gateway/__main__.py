@@ -29,9 +29,17 @@ def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
 def main() -> None:
     settings = load()
     logs.setup("gateway", settings.log_level, message_text=settings.log_message_text)
-    web.run_app(create_app(settings), host=settings.host, port=settings.http_port,
-                shutdown_timeout=settings.drain_seconds, print=None, access_log=None,
-                handle_signals=True, ssl_context=tls_context(settings), loop=runtime.new_loop())
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.http_port,
+        shutdown_timeout=settings.drain_seconds,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+        ssl_context=tls_context(settings),
+        loop=runtime.new_loop(),
+    )
 
 
 if __name__ == "__main__":

@@ -77,8 +77,14 @@ def decide_reset(after: int | None, last_seq: int) -> tuple[int, bool]:
 
 
 @contextlib.asynccontextmanager
-async def open_stream(request: web.Request, session_id: str | None, after: str | int | None, *,
-                      transport: Transport, principal: Principal | None = None) -> AsyncIterator[Admitted]:
+async def open_stream(
+    request: web.Request,
+    session_id: str | None,
+    after: str | int | None,
+    *,
+    transport: Transport,
+    principal: Principal | None = None,
+) -> AsyncIterator[Admitted]:
     """Admits one stream and holds the subject's connection slot until the block exits.
 
     `session_id` None creates a new session for the caller (WebSocket only). `principal` is given

@@ -41,11 +41,15 @@ def create_app(settings: GatewaySettings) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         gateway_id = settings.gateway_id or "gw-" + secrets.token_hex(4)
         telemetry.setup("gateway", gateway_id)
-        eventlog = await EventLog.connect(settings.postgres_dsn, timeout_s=settings.postgres_timeout_s,
-                                          max_size=20)
-        checkpoints = CheckpointStore.connect(settings.redis_url, timeout_s=settings.redis_timeout_s,
-                                              min_replicas=settings.redis_min_replicas,
-                                              ttl_s=settings.session_ttl_s)
+        eventlog = await EventLog.connect(
+            settings.postgres_dsn, timeout_s=settings.postgres_timeout_s, max_size=20
+        )
+        checkpoints = CheckpointStore.connect(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            min_replicas=settings.redis_min_replicas,
+            ttl_s=settings.session_ttl_s,
+        )
         hubs: list[SessionHub] = []
 
         def on_nats_state(up: bool) -> None:
@@ -53,10 +57,17 @@ def create_app(settings: GatewaySettings) -> web.Application:
                 for h in hubs:
                     h.resync_all()
 
-        bus = await Bus.connect(settings.nats_url, name=gateway_id, timeout_s=settings.nats_timeout_s,
-                                replicas=settings.nats_replicas, on_state=on_nats_state)
+        bus = await Bus.connect(
+            settings.nats_url,
+            name=gateway_id,
+            timeout_s=settings.nats_timeout_s,
+            replicas=settings.nats_replicas,
+            on_state=on_nats_state,
+        )
         await bus.ensure_streams()
-        deps = Deps(settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id)
+        deps = Deps(
+            settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id
+        )
         deps.media = app[media.MEDIA] = await media.MediaStore.open(bus, settings)
         hub = SessionHub(bus, checkpoints, gateway_id)
         hubs.append(hub)
@@ -94,24 +105,26 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.cleanup_ctx.append(limits.edge_context)
     app.middlewares.append(limits.edge_middleware)
     app.on_shutdown.append(drain)
-    app.add_routes([
-        web.get("/v1/ws", ws.websocket_handler),
-        web.post("/v1/sessions", sessions.create_session),
-        web.get("/v1/sessions", sessions.list_sessions),
-        web.get("/v1/sessions/{sid}", sessions.get_session),
-        web.post("/v1/sessions/{sid}/messages", sessions.post_message),
-        web.post("/v1/sessions/{sid}/stop", sessions.post_stop),
-        web.post("/v1/media", media.upload),
-        web.get("/v1/media/{media_id}", media.download),
-        web.patch("/v1/sessions/{sid}/flags", sessions.patch_flags),
-        web.get("/v1/sessions/{sid}/events", sse.sse_handler),
-        web.get("/v1/sessions/{sid}/poll", poll.poll_handler),
-        web.get("/healthz", healthz),
-        web.get("/readyz", readyz),
-        web.get("/metrics", metrics),
-        web.get("/openapi.json", openapi.openapi_handler),
-        web.get("/", index),
-    ])
+    app.add_routes(
+        [
+            web.get("/v1/ws", ws.websocket_handler),
+            web.post("/v1/sessions", sessions.create_session),
+            web.get("/v1/sessions", sessions.list_sessions),
+            web.get("/v1/sessions/{sid}", sessions.get_session),
+            web.post("/v1/sessions/{sid}/messages", sessions.post_message),
+            web.post("/v1/sessions/{sid}/stop", sessions.post_stop),
+            web.post("/v1/media", media.upload),
+            web.get("/v1/media/{media_id}", media.download),
+            web.patch("/v1/sessions/{sid}/flags", sessions.patch_flags),
+            web.get("/v1/sessions/{sid}/events", sse.sse_handler),
+            web.get("/v1/sessions/{sid}/poll", poll.poll_handler),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+            web.get("/openapi.json", openapi.openapi_handler),
+            web.get("/", index),
+        ]
+    )
     facades.register(app)
     if STATIC.is_dir():
         app.router.add_static("/static/", STATIC)

@@ -43,10 +43,17 @@ def verifier(settings: GatewaySettings) -> tokens.Verifier:
     if settings.jwks_file and secret == DEV_JWT_SECRET:
         secret = None
     elif secret == DEV_JWT_SECRET and not settings.dev_mode:
-        log.warning("the gateway accepts tokens signed with the public dev secret: set TIDEWIRE_JWT_SECRET "
-                    "or TIDEWIRE_JWKS_FILE")
-    return tokens.Verifier(secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                           jwks_file=settings.jwks_file, leeway_s=settings.jwt_leeway_s)
+        log.warning(
+            "the gateway accepts tokens signed with the public dev secret: set TIDEWIRE_JWT_SECRET "
+            "or TIDEWIRE_JWKS_FILE"
+        )
+    return tokens.Verifier(
+        secret,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        jwks_file=settings.jwks_file,
+        leeway_s=settings.jwt_leeway_s,
+    )
 
 
 def authenticate(request: web.Request, settings: GatewaySettings) -> Principal:

@@ -36,8 +36,12 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(12)
 
 
-SESSION_FLAGS = {"double_text_policy": ("queue", "interrupt", "reject"),
-                 "disconnect_policy": None, "model": None, "system_prompt_version": None}
+SESSION_FLAGS = {
+    "double_text_policy": ("queue", "interrupt", "reject"),
+    "disconnect_policy": None,
+    "model": None,
+    "system_prompt_version": None,
+}
 
 
 def validate_flags(flags: dict[str, object]) -> dict[str, object]:
@@ -136,14 +140,21 @@ async def _stage(name: str, span: str, aw: Awaitable[T]) -> T:
             telemetry.observe_stage(name, time.perf_counter() - t0)
 
 
-async def send_message(deps: Deps, subject: str, session_id: str, req: client.SendRequest | client.Send,
-                       policy: DoubleTextPolicy | None = None) -> client.Ack:
+async def send_message(
+    deps: Deps,
+    subject: str,
+    session_id: str,
+    req: client.SendRequest | client.Send,
+    policy: DoubleTextPolicy | None = None,
+) -> client.Ack:
     """The root span of a turn's trace (`gateway.send`); its context rides in the TurnRequest."""
     received_mono = time.monotonic_ns()
     deps.counters.sends += 1
     with telemetry.tracer.start_as_current_span(
-            "gateway.send", kind=telemetry.SpanKind.SERVER,
-            attributes={"session_id": session_id, "client_msg_id": req.client_msg_id}) as span:
+        "gateway.send",
+        kind=telemetry.SpanKind.SERVER,
+        attributes={"session_id": session_id, "client_msg_id": req.client_msg_id},
+    ) as span:
         turn_id = ""
 
         def started(tid: str) -> None:
@@ -163,8 +174,14 @@ async def send_message(deps: Deps, subject: str, session_id: str, req: client.Se
         return ack
 
 
-async def _send_message(deps: Deps, subject: str, session_id: str, req: client.SendRequest | client.Send,
-                        policy: DoubleTextPolicy | None, started: Callable[[str], None]) -> client.Ack:
+async def _send_message(
+    deps: Deps,
+    subject: str,
+    session_id: str,
+    req: client.SendRequest | client.Send,
+    policy: DoubleTextPolicy | None,
+    started: Callable[[str], None],
+) -> client.Ack:
     received_ns = time.time_ns()
     trace_context = telemetry.inject() or None
     _validate(deps, req.client_msg_id, req.text)
@@ -174,17 +191,33 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
         if deps.media is None:
             raise BadFrame("attachments are not enabled on this gateway")
         await media.check_attachments(deps.media, subject, req.attachments)
+
     async def resolved_policy() -> DoubleTextPolicy:
         flags = await session_flags(deps, session_id, subject)
         return flags.get("double_text_policy") or deps.settings.double_text_policy  # type: ignore[return-value]
 
     turn_id = new_id("t_")
-    raw = client.json_encoder.encode(client.Message(seq=0, turn_id=turn_id, client_msg_id=req.client_msg_id,
-                                                    role="user", text=req.text, attachments=req.attachments))
-    request = busproto.TurnRequest(session_id=session_id, turn_id=turn_id, user_seq=0,
-                                   client_msg_id=req.client_msg_id, subject=subject, text=req.text,
-                                   attachments=req.attachments, received_at_ns=received_ns,
-                                   trace_context=trace_context)
+    raw = client.json_encoder.encode(
+        client.Message(
+            seq=0,
+            turn_id=turn_id,
+            client_msg_id=req.client_msg_id,
+            role="user",
+            text=req.text,
+            attachments=req.attachments,
+        )
+    )
+    request = busproto.TurnRequest(
+        session_id=session_id,
+        turn_id=turn_id,
+        user_seq=0,
+        client_msg_id=req.client_msg_id,
+        subject=subject,
+        text=req.text,
+        attachments=req.attachments,
+        received_at_ns=received_ns,
+        trace_context=trace_context,
+    )
     cp = deps.checkpoints
     checkpoint_span = telemetry.tracer.start_span("checkpoint.append_user")
     t0 = time.perf_counter()
@@ -193,16 +226,23 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
         async with asyncio.timeout(deps.settings.redis_timeout_s * 2):
             try:
                 try:
-                    appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded,
-                                                    policy or "ask")
+                    appended = await cp.append_user(
+                        session_id, req.client_msg_id, turn_id, raw, encoded, policy or "ask"
+                    )
                 except PolicyNeeded:  # a turn is running: only now does the session's policy matter
                     policy = await resolved_policy()
-                    appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded, policy)
+                    appended = await cp.append_user(
+                        session_id, req.client_msg_id, turn_id, raw, encoded, policy
+                    )
             except SeedNeeded:
                 stored = await deps.eventlog.find_user_message(session_id, req.client_msg_id)
                 if stored is not None:
-                    return client.Ack(client_msg_id=req.client_msg_id, seq=stored.seq, turn_id=stored.turn_id,
-                                      duplicate=True)
+                    return client.Ack(
+                        client_msg_id=req.client_msg_id,
+                        seq=stored.seq,
+                        turn_id=stored.turn_id,
+                        duplicate=True,
+                    )
                 await cp.seed(session_id, await deps.eventlog.last_seq(session_id))
                 policy = policy or await resolved_policy()
                 appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded, policy)
@@ -224,29 +264,44 @@ async def _send_message(deps: Deps, subject: str, session_id: str, req: client.S
         message = client.event_decoder.decode(raw_seq)
         assert isinstance(message, client.Message)
         # the original message wins: a retry may not rewrite it
-        request = msgspec.structs.replace(request, turn_id=turn_id, text=message.text,
-                                          attachments=message.attachments)
+        request = msgspec.structs.replace(
+            request, turn_id=turn_id, text=message.text, attachments=message.attachments
+        )
     else:
         raw_seq = with_seq(raw, seq)
-        message = client.Message(seq=seq, turn_id=turn_id, client_msg_id=req.client_msg_id, role="user",
-                                 text=req.text, attachments=req.attachments)
+        message = client.Message(
+            seq=seq,
+            turn_id=turn_id,
+            client_msg_id=req.client_msg_id,
+            role="user",
+            text=req.text,
+            attachments=req.attachments,
+        )
         started(turn_id)
     request = msgspec.structs.replace(request, user_seq=seq)
     try:
         async with asyncio.timeout(max(deps.settings.postgres_timeout_s, deps.settings.nats_timeout_s) + 1):
             await asyncio.gather(
-                _stage("eventlog_append", "eventlog.append_user", deps.eventlog.append_user_message(
-                    session_id, message, raw_seq)),
-                _stage("publish", "bus.publish_turn", deps.bus.publish_turn(request)))
+                _stage(
+                    "eventlog_append",
+                    "eventlog.append_user",
+                    deps.eventlog.append_user_message(session_id, message, raw_seq),
+                ),
+                _stage("publish", "bus.publish_turn", deps.bus.publish_turn(request)),
+            )
     except Exception as e:
         deps.counters.degraded += 1
         log.warning("send not acknowledged (%s): the client will retry with the same client_msg_id", e)
-        raise Degraded("message not yet durable; retry with the same client_msg_id", retry_after_ms=500) from e
+        raise Degraded(
+            "message not yet durable; retry with the same client_msg_id", retry_after_ms=500
+        ) from e
     marker = deps.settings.fault_kill_after_persist
     if marker and marker in req.text and not appended.duplicate:
         os.kill(os.getpid(), signal.SIGKILL)
     for t in appended.interrupted:
-        await deps.bus.publish_cancel(busproto.CancelTurn(session_id=session_id, turn_id=t, reason="interrupt"))
+        await deps.bus.publish_cancel(
+            busproto.CancelTurn(session_id=session_id, turn_id=t, reason="interrupt")
+        )
     try:
         await deps.bus.publish_events(session_id, [raw_seq])
     except Exception as e:  # noqa: BLE001 - durable already; listeners catch up from the store
@@ -260,8 +315,9 @@ async def stop_turn(deps: Deps, session_id: str, turn_id: str | None) -> str | N
     deps.counters.cancel_requests += 1
     known = deps.turn_traces.span_context(turn_id) if turn_id else None
     parent = telemetry.context_of(known) if known is not None else None
-    with telemetry.tracer.start_as_current_span("gateway.stop", context=parent,
-                                                attributes={"session_id": session_id, "turn_id": turn_id or ""}):
+    with telemetry.tracer.start_as_current_span(
+        "gateway.stop", context=parent, attributes={"session_id": session_id, "turn_id": turn_id or ""}
+    ):
         return await _stop_turn(deps, session_id, turn_id)
 
 

@@ -33,26 +33,34 @@ async def session_history(deps: Deps, session_id: str) -> client.SessionHistory:
             after = last_seq = max(last_seq, ev.seq)
             if isinstance(ev, client.Message):
                 if ev.seq not in seqs:
-                    extra.append(client.HistoryMessage(seq=ev.seq, role="user", text=ev.text, turn_id=ev.turn_id,
-                                                       status="accepted"))
+                    extra.append(
+                        client.HistoryMessage(
+                            seq=ev.seq, role="user", text=ev.text, turn_id=ev.turn_id, status="accepted"
+                        )
+                    )
             elif ev.turn_id in committed:
                 continue
             elif isinstance(ev, client.TurnEnd):  # visible, hence committed after Postgres was read
                 committed.add(ev.turn_id)
                 texts.pop(ev.turn_id, None)
                 newest.pop(ev.turn_id, None)
-                extra.append(client.HistoryMessage(seq=ev.seq, role="assistant", text=ev.text, turn_id=ev.turn_id,
-                                                   status=ev.status))
+                extra.append(
+                    client.HistoryMessage(
+                        seq=ev.seq, role="assistant", text=ev.text, turn_id=ev.turn_id, status=ev.status
+                    )
+                )
             else:
                 text = texts.get(ev.turn_id, "")
                 if isinstance(ev, client.Delta):
-                    text = text[:ev.offset] + ev.text
+                    text = text[: ev.offset] + ev.text
                 texts[ev.turn_id] = text
                 newest[ev.turn_id] = ev.seq
         if len(raws) < PAGE:
             break
-    extra += [client.HistoryMessage(seq=newest[t], role="assistant", text=text, turn_id=t, status="in_progress")
-              for t, text in texts.items()]
+    extra += [
+        client.HistoryMessage(seq=newest[t], role="assistant", text=text, turn_id=t, status="in_progress")
+        for t, text in texts.items()
+    ]
     if extra:
         messages = sorted([*messages, *extra], key=lambda m: m.seq)
     return client.SessionHistory(session_id=session_id, last_seq=last_seq, messages=messages)

@@ -122,23 +122,36 @@ class EdgeCounters:
     rate_limited_frames: int = _doc("Frames answered rate_limited by the per-connection frame bucket")
     rate_limited_messages: int = _doc("Sends answered rate_limited (per connection or per subject)")
     connections_refused: int = _doc("Connections refused: the subject has too many open")
-    shed_sends: int = _doc("Sends answered degraded by load shedding (queue full, dependency or every upstream down)")
-    limit_checks_skipped: int = _doc("Per-subject limit checks skipped because Redis was slow or down (fail open)")
+    shed_sends: int = _doc(
+        "Sends answered degraded by load shedding (queue full, dependency or every upstream down)"
+    )
+    limit_checks_skipped: int = _doc(
+        "Per-subject limit checks skipped because Redis was slow or down (fail open)"
+    )
 
 
 def install_metrics(counters: EdgeCounters) -> None:
     """Serves `counters` on `/metrics`; read only at scrape time (an app built again replaces them)."""
     for f in dataclasses.fields(counters):
-        telemetry.observe(f"tidewire_gateway_{f.name}", functools.partial(getattr, counters, f.name),
-                          kind="counter", description=f.metadata["doc"])
+        telemetry.observe(
+            f"tidewire_gateway_{f.name}",
+            functools.partial(getattr, counters, f.name),
+            kind="counter",
+            description=f.metadata["doc"],
+        )
 
 
 class SubjectLimits:
     """Per-subject message rate and concurrent connections, shared by every gateway through Redis
     (`shared.quotas.SubjectQuotas`); this side holds the policy: which limits, and failing open."""
 
-    def __init__(self, quotas: SubjectQuotas | CheckpointStore | Any, settings: GatewaySettings, gateway_id: str,
-                 counters: EdgeCounters) -> None:
+    def __init__(
+        self,
+        quotas: SubjectQuotas | CheckpointStore | Any,
+        settings: GatewaySettings,
+        gateway_id: str,
+        counters: EdgeCounters,
+    ) -> None:
         # a SubjectQuotas, or what one is built from (the CheckpointStore; tests pass a client)
         self.quotas = quotas if isinstance(quotas, SubjectQuotas) else SubjectQuotas(quotas)
         self.settings = settings
@@ -160,8 +173,9 @@ class SubjectLimits:
         s = self.settings
         if s.subject_msg_rate_per_s <= 0:
             return
-        wait_ms = await self._bounded(lambda: self.quotas.take_message(subject, s.subject_msg_rate_per_s,
-                                                                       s.subject_msg_burst))
+        wait_ms = await self._bounded(
+            lambda: self.quotas.take_message(subject, s.subject_msg_rate_per_s, s.subject_msg_burst)
+        )
         if wait_ms:
             self.counters.rate_limited_messages += 1
             raise RateLimited("too many messages for this user", retry_after_ms=max(1, int(wait_ms)))
@@ -172,13 +186,18 @@ class SubjectLimits:
         slot = Slot(subject, f"{self.gateway_id}:{secrets.token_hex(8)}")
         if s.max_connections_per_subject > 0:
             # once per connection, not per message: it may wait as long as any Redis command
-            ok = await self._bounded(lambda: self.quotas.acquire_slot(
-                subject, slot.slot_id, s.max_connections_per_subject, int(s.connection_lease_s * 1000)),
-                max(s.limits_timeout_s, s.redis_timeout_s))
+            ok = await self._bounded(
+                lambda: self.quotas.acquire_slot(
+                    subject, slot.slot_id, s.max_connections_per_subject, int(s.connection_lease_s * 1000)
+                ),
+                max(s.limits_timeout_s, s.redis_timeout_s),
+            )
             if ok is False:
                 self.counters.connections_refused += 1
-                raise RateLimited(f"too many connections for this user (at most {s.max_connections_per_subject})",
-                                  retry_after_ms=1000)
+                raise RateLimited(
+                    f"too many connections for this user (at most {s.max_connections_per_subject})",
+                    retry_after_ms=1000,
+                )
         self.slots.add(slot)
         return slot
 
@@ -221,8 +240,9 @@ class LoadSample:
     overloaded: str | None = None  # why turns are too slow to start (orchestrators' reports, own lag)
 
 
-def overload(reports: list[tuple[int, int]], own_lag_ms: int, *, pickup_delay_ms: int,
-             loop_lag_ms: int) -> str | None:
+def overload(
+    reports: list[tuple[int, int]], own_lag_ms: int, *, pickup_delay_ms: int, loop_lag_ms: int
+) -> str | None:
     """Admission by measured delay, not by queue length: the median orchestrator's recent pickup
     delay (receipt to turn start) or event-loop lag, or this gateway's own loop lag, past its
     threshold (negative = never). The median, so one slow orchestrator alone sheds nothing: the
@@ -265,15 +285,19 @@ class LoadShedder:
             reason = "nats unavailable"
         elif self.sample.upstreams_open_ms is not None:
             self.counters.shed_sends += 1
-            raise Degraded("shedding load: every model upstream is unavailable (circuit open); nothing was accepted",
-                           retry_after_ms=max(1, self.sample.upstreams_open_ms))
+            raise Degraded(
+                "shedding load: every model upstream is unavailable (circuit open); nothing was accepted",
+                retry_after_ms=max(1, self.sample.upstreams_open_ms),
+            )
         elif threshold >= 0 and (threshold == 0 or (self.sample.pending or 0) >= threshold):
             reason = "the turn queue is full"
         elif self.sample.overloaded is not None:
             reason = self.sample.overloaded
         if reason is not None:
             self.counters.shed_sends += 1
-            raise Degraded(f"shedding load: {reason}; nothing was accepted", retry_after_ms=s.shed_retry_after_ms)
+            raise Degraded(
+                f"shedding load: {reason}; nothing was accepted", retry_after_ms=s.shed_retry_after_ms
+            )
 
     async def _probe(self, name: str, probe: Callable[[], Awaitable[Any]]) -> Any:
         try:
@@ -288,14 +312,20 @@ class LoadShedder:
     async def sample_once(self, n: int = 0) -> LoadSample:
         deps = self.deps
         probes: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-            ("nats", deps.bus.turn_queue_pending), ("redis", deps.checkpoints.ping)]
+            ("nats", deps.bus.turn_queue_pending),
+            ("redis", deps.checkpoints.ping),
+        ]
         if n % self.PG_EVERY == 0:
             probes.append(("postgres", deps.eventlog.ping))
         s = deps.settings
         results, open_ms, reports = await asyncio.gather(
-            asyncio.gather(*(self._probe(name, p) for name, p in probes)), self._breakers(), self._load_reports())
-        overloaded = overload(reports, self.own_lag_ms, pickup_delay_ms=s.shed_pickup_delay_ms,
-                              loop_lag_ms=s.shed_loop_lag_ms)
+            asyncio.gather(*(self._probe(name, p) for name, p in probes)),
+            self._breakers(),
+            self._load_reports(),
+        )
+        overloaded = overload(
+            reports, self.own_lag_ms, pickup_delay_ms=s.shed_pickup_delay_ms, loop_lag_ms=s.shed_loop_lag_ms
+        )
         if (overloaded is None) != (self.sample.overloaded is None):
             log.warning("load shedding: %s", overloaded or "no longer overloaded")
         pending = results[0] if isinstance(results[0], int) else self.sample.pending
@@ -305,9 +335,13 @@ class LoadShedder:
         if down != self.sample.down:
             log.warning("load shedding: dependencies down: %s", ", ".join(down) or "none")
         if (open_ms is None) != (self.sample.upstreams_open_ms is None):
-            log.warning("load shedding: every model upstream's circuit is %s", "open" if open_ms is not None else "no longer open")
-        self.sample = LoadSample(pending=pending, down=down, at=time.monotonic(), upstreams_open_ms=open_ms,
-                                 overloaded=overloaded)
+            log.warning(
+                "load shedding: every model upstream's circuit is %s",
+                "open" if open_ms is not None else "no longer open",
+            )
+        self.sample = LoadSample(
+            pending=pending, down=down, at=time.monotonic(), upstreams_open_ms=open_ms, overloaded=overloaded
+        )
         return self.sample
 
     async def _load_reports(self) -> list[tuple[int, int]]:
@@ -371,7 +405,9 @@ class Edge:
     shedder: LoadShedder
     counters: EdgeCounters
 
-    async def admit_send(self, subject: str, conn: ConnectionLimits | None, client_msg_id: str, text: str) -> None:
+    async def admit_send(
+        self, subject: str, conn: ConnectionLimits | None, client_msg_id: str, text: str
+    ) -> None:
         """Everything a send must pass before it reaches the stores, cheapest check first."""
         check_text("client_msg_id", client_msg_id)
         check_text("text", text)
@@ -394,12 +430,17 @@ async def edge_context(app: web.Application) -> AsyncIterator[None]:
     auth.verifier(deps.settings)  # a bad JWKS file fails the start, not the first request
     counters = EdgeCounters()
     install_metrics(counters)
-    edge = Edge(SubjectLimits(SubjectQuotas(deps.checkpoints), deps.settings, deps.gateway_id, counters),
-                LoadShedder(deps, counters, breakers=BreakerMirror(deps.checkpoints).every_upstream_open), counters)
+    edge = Edge(
+        SubjectLimits(SubjectQuotas(deps.checkpoints), deps.settings, deps.gateway_id, counters),
+        LoadShedder(deps, counters, breakers=BreakerMirror(deps.checkpoints).every_upstream_open),
+        counters,
+    )
     await edge.shedder.sample_once()
     app[EDGE] = edge
-    tasks = [asyncio.create_task(edge.shedder.run_forever(), name="load-sampler"),
-             asyncio.create_task(edge.subjects.renew_forever(), name="slot-renewer")]
+    tasks = [
+        asyncio.create_task(edge.shedder.run_forever(), name="load-sampler"),
+        asyncio.create_task(edge.subjects.renew_forever(), name="slot-renewer"),
+    ]
     yield
     for t in tasks:
         t.cancel()
@@ -409,8 +450,9 @@ async def edge_context(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
-async def edge_middleware(request: web.Request,
-                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def edge_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Responses are never sniffed or cached by browsers and never leak a token in a Referer; a
     protocol error (shared.errors) is answered with its `error` object and HTTP status, an
     unexpected exception with the protocol's `internal` error, never a stack trace."""

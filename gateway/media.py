@@ -51,8 +51,18 @@ __all__ = [
     "upload",
 ]
 
-ALLOWED_TYPES: Final = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf",
-                                  "text/plain", "text/markdown", "text/csv"})
+ALLOWED_TYPES: Final = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/gif",
+        "image/webp",
+        "application/pdf",
+        "text/plain",
+        "text/markdown",
+        "text/csv",
+    }
+)
 _SIGNATURES: Final[dict[str, tuple[bytes, ...]]] = {
     "image/png": (b"\x89PNG\r\n\x1a\n",),
     "image/jpeg": (b"\xff\xd8\xff",),
@@ -93,24 +103,33 @@ class _Stored:
 class MediaStore:
     """The bucket plus what the handlers need to authenticate (owned by the gateway app)."""
 
-    def __init__(self, objects: MediaObjects, auth: GatewaySettings, settings: MediaSettings | None = None) -> None:
+    def __init__(
+        self, objects: MediaObjects, auth: GatewaySettings, settings: MediaSettings | None = None
+    ) -> None:
         self._objects = objects
         self.auth = auth
         self.settings = MediaSettings.from_env() if settings is None else settings
 
     @classmethod
-    async def open(cls, bus: Bus | Any, auth: GatewaySettings, settings: MediaSettings | None = None) -> MediaStore:
+    async def open(
+        cls, bus: Bus | Any, auth: GatewaySettings, settings: MediaSettings | None = None
+    ) -> MediaStore:
         """Bind to the bucket, creating it on first use (idempotent across gateways). `bus` may still
         be the bare JetStream context (`gateway/app.py` passes `bus.js`): see `shared.bus.as_bus`."""
         settings = MediaSettings.from_env() if settings is None else settings
-        objects = await MediaObjects.open(as_bus(bus), ttl_s=settings.ttl_s, max_bytes=settings.bucket_max_bytes,
-                                          timeout_s=settings.timeout_s)
+        objects = await MediaObjects.open(
+            as_bus(bus),
+            ttl_s=settings.ttl_s,
+            max_bytes=settings.bucket_max_bytes,
+            timeout_s=settings.timeout_s,
+        )
         return cls(objects, auth, settings)
 
     async def put(self, owner: str, content_type: str, data: bytes) -> MediaInfo:
         media_id = "m_" + secrets.token_urlsafe(18)
-        await self._objects.put(media_id, data,
-                                description=json.dumps({"owner": owner, "content_type": content_type}))
+        await self._objects.put(
+            media_id, data, description=json.dumps({"owner": owner, "content_type": content_type})
+        )
         return MediaInfo(media_id=media_id, content_type=content_type, size=len(data))
 
     async def stat(self, media_id: str) -> _Stored | None:
@@ -120,8 +139,9 @@ class MediaStore:
         if info is None:
             return None
         meta = json.loads(info.description or "{}")
-        return _Stored(owner=str(meta.get("owner", "")), content_type=str(meta.get("content_type", "")),
-                       size=info.size)
+        return _Stored(
+            owner=str(meta.get("owner", "")), content_type=str(meta.get("content_type", "")), size=info.size
+        )
 
     async def read(self, media_id: str) -> bytes | None:
         """The bytes; None when the media is gone (expired since it was looked up)."""
@@ -143,7 +163,9 @@ class MediaStore:
 MEDIA = web.AppKey("media", MediaStore)
 
 
-async def check_attachments(store: MediaStore, subject: str, attachments: Sequence[Attachment] | None) -> None:
+async def check_attachments(
+    store: MediaStore, subject: str, attachments: Sequence[Attachment] | None
+) -> None:
     """A message may only reference media its sender uploaded and that still exists."""
     for attachment in attachments or ():
         await store.owned(attachment.media_id, subject)
@@ -187,7 +209,9 @@ async def upload(request: web.Request) -> web.Response:
         check_origin(request, store.auth)
         content_type = request.content_type.lower()
         if content_type not in ALLOWED_TYPES:
-            raise BadFrame(f"content type {content_type!r} is not accepted; allowed: {', '.join(sorted(ALLOWED_TYPES))}")
+            raise BadFrame(
+                f"content type {content_type!r} is not accepted; allowed: {', '.join(sorted(ALLOWED_TYPES))}"
+            )
         data = await _read_limited(request, store.settings.max_bytes)
         if not data:
             raise BadFrame("empty media")
@@ -216,5 +240,8 @@ async def download(request: web.Request) -> web.Response:
             raise NotFound("no such media")
     except TidewireError as e:
         return http_error(e)
-    return web.Response(body=data, content_type=stored.content_type,
-                        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+    return web.Response(
+        body=data,
+        content_type=stored.content_type,
+        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )

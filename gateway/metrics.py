@@ -28,9 +28,11 @@ if TYPE_CHECKING:
     from gateway.deps import Deps
 
 _ttft = telemetry.meter("tidewire.gateway").create_histogram(
-    "tidewire_ttft_seconds", unit="s",
+    "tidewire_ttft_seconds",
+    unit="s",
     description="Time to first token: the gateway received the user message -> first delta written to a client",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
+)
 
 GAUGES = frozenset({"sockets", "sse_streams"})  # Counters fields that go up and down
 
@@ -77,10 +79,14 @@ class TurnTraces:
                 span_context, received = hit
                 ttft = (time.monotonic_ns() - received) / 1e9
                 _ttft.record(ttft)
-                telemetry.record_span("gateway.first_byte", write_started_ns, time.time_ns(),
-                                      parent=telemetry.context_of(span_context),
-                                      attributes={"turn_id": f.turn_id, "ttft_s": ttft},  # type: ignore[union-attr]
-                                      kind=telemetry.SpanKind.PRODUCER)
+                telemetry.record_span(
+                    "gateway.first_byte",
+                    write_started_ns,
+                    time.time_ns(),
+                    parent=telemetry.context_of(span_context),
+                    attributes={"turn_id": f.turn_id, "ttft_s": ttft},  # type: ignore[union-attr]
+                    kind=telemetry.SpanKind.PRODUCER,
+                )
             elif kind is client.TurnEnd:  # ended without any text: nothing to measure
                 self._turns.pop(f.turn_id, None)  # type: ignore[union-attr]
 
@@ -93,8 +99,7 @@ def install(deps: Deps) -> None:
         def read(name: str = name) -> int:
             return int(getattr(deps.counters, name))
 
-        telemetry.observe(f"tidewire_gateway_{name}", read,
-                          kind="gauge" if name in GAUGES else "counter")
+        telemetry.observe(f"tidewire_gateway_{name}", read, kind="gauge" if name in GAUGES else "counter")
     telemetry.observe("tidewire_gateway_turns_awaiting_first_byte", lambda: len(deps.turn_traces))
 
 

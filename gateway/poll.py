@@ -33,8 +33,9 @@ class _Waiter:
 
 
 async def poll_handler(request: web.Request) -> web.StreamResponse:
-    async with open_stream(request, request.match_info["sid"], request.query.get("after"),
-                           transport="poll") as stream:
+    async with open_stream(
+        request, request.match_info["sid"], request.query.get("after"), transport="poll"
+    ) as stream:
         try:
             wait_s = float(request.query.get("wait_s", "25"))
         except ValueError as e:

@@ -98,8 +98,13 @@ async def list_sessions(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     principal = _caller(request)
     rows = await deps.eventlog.list_sessions(principal.subject)
-    return json_response(SessionList(sessions=[SessionSummary(session_id=r.session_id, created_at=r.created_at,
-                                                              title=r.title) for r in rows]))
+    return json_response(
+        SessionList(
+            sessions=[
+                SessionSummary(session_id=r.session_id, created_at=r.created_at, title=r.title) for r in rows
+            ]
+        )
+    )
 
 
 async def get_session(request: web.Request) -> web.Response:

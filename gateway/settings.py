@@ -22,7 +22,9 @@ class GatewaySettings:
     http_port: int = 8080
     gateway_id: str = ""
     # auth
-    jwt_secret: str = DEV_JWT_SECRET  # HS256; "" disables HS256 (and with a JWKS file the dev secret is ignored)
+    jwt_secret: str = (
+        DEV_JWT_SECRET  # HS256; "" disables HS256 (and with a JWKS file the dev secret is ignored)
+    )
     jwt_issuer: str = "tidewire"
     jwt_audience: str = "tidewire"
     jwt_leeway_s: float = 30.0  # clock skew allowed on exp / nbf / iat

@@ -43,14 +43,18 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
 async def _stream(request: web.Request, stream: Admitted, mode: str) -> web.StreamResponse:
     deps = request.app[DEPS]
     sid = stream.session_id
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     await resp.prepare(request)
     stopper = StreamStop()
     request.app[SSE_STREAMS].add(stopper)  # a drain sets stopper.stop; the stream then ends cleanly
     deps.counters.sse_streams += 1
-    buffer = OutboundBuffer(mode, max_frames=deps.settings.outbound_max_frames,  # type: ignore[arg-type]
-                            max_chars=deps.settings.outbound_max_chars)
+    buffer = OutboundBuffer(
+        mode,  # type: ignore[arg-type]
+        max_frames=deps.settings.outbound_max_frames,
+        max_chars=deps.settings.outbound_max_chars,
+    )
     feed = Feed(sid, stream.after, buffer, request.app[REPLAYER], request.app[HUB])
     feed.push(client.Ready(session_id=sid, last_seq=stream.last_seq, reset=stream.reset))
     last_write = time.monotonic()
@@ -70,8 +74,12 @@ async def _stream(request: web.Request, stream: Admitted, mode: str) -> web.Stre
 
     try:
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(feed.run()), tg.create_task(run_sender(feed, write)),
-                     tg.create_task(heartbeat()), tg.create_task(stopper.stop.wait())]
+            tasks = [
+                tg.create_task(feed.run()),
+                tg.create_task(run_sender(feed, write)),
+                tg.create_task(heartbeat()),
+                tg.create_task(stopper.stop.wait()),
+            ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in tasks:
                 t.cancel()

@@ -94,8 +94,9 @@ class Replayer:
 class Feed:
     """One connection's ordered, gap-free, bounded view of one session."""
 
-    def __init__(self, session_id: str, after: int, buffer: OutboundBuffer, replayer: Replayer,
-                 hub: SessionHub) -> None:
+    def __init__(
+        self, session_id: str, after: int, buffer: OutboundBuffer, replayer: Replayer, hub: SessionHub
+    ) -> None:
         self.session_id = session_id
         self.last_seq = after
         self.buffer = buffer
@@ -176,7 +177,9 @@ class Feed:
                 try:
                     await self._catch_up()
                 except Exception as e:  # noqa: BLE001 - a store is down: keep the connection, read again
-                    log.warning("replay of session %s failed (%s); retrying in %g s", self.session_id, e, delay)
+                    log.warning(
+                        "replay of session %s failed (%s); retrying in %g s", self.session_id, e, delay
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, STORE_RETRY_MAX_S)
                     continue

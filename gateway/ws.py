@@ -73,17 +73,25 @@ class Connection:
     async def on_hello(self, hello: client.Hello, tg: asyncio.TaskGroup) -> None:
         deps = self.deps
         stream = await self.admission.enter_async_context(
-            open_stream(self.request, hello.session_id, hello.last_seen_seq, transport="ws", principal=self.principal))
+            open_stream(
+                self.request, hello.session_id, hello.last_seen_seq, transport="ws", principal=self.principal
+            )
+        )
         sid = stream.session_id
-        buffer = OutboundBuffer(hello.delivery, max_frames=deps.settings.outbound_max_frames,
-                                max_chars=deps.settings.outbound_max_chars)
+        buffer = OutboundBuffer(
+            hello.delivery,
+            max_frames=deps.settings.outbound_max_frames,
+            max_chars=deps.settings.outbound_max_chars,
+        )
         self.feed = Feed(sid, stream.after, buffer, self.request.app[REPLAYER], self.request.app[HUB])
         for f in self.pre_hello:
             self.feed.push(f)
         self.pre_hello.clear()
         self.feed.push(client.Ready(session_id=sid, last_seq=stream.last_seq, reset=stream.reset))
-        self.tasks += [tg.create_task(self.feed.run(), name=f"feed-{sid}"),
-                       tg.create_task(run_sender(self.feed, self.write), name=f"sender-{sid}")]
+        self.tasks += [
+            tg.create_task(self.feed.run(), name=f"feed-{sid}"),
+            tg.create_task(run_sender(self.feed, self.write), name=f"sender-{sid}"),
+        ]
 
     async def handle_text(self, data: str, tg: asyncio.TaskGroup) -> None:
         limit = self.deps.settings.max_frame_bytes
@@ -210,7 +218,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         refusal = errors.RESTARTING
     await ws.prepare(request)
     if refusal is not None or principal is None:
-        why = refusal if isinstance(refusal, Disconnect) else Disconnect(CloseCode.UNAUTHORIZED, "unauthorized")
+        why = (
+            refusal if isinstance(refusal, Disconnect) else Disconnect(CloseCode.UNAUTHORIZED, "unauthorized")
+        )
         await ws.close(code=why.code, message=why.reason_bytes)
         return ws
     await _serve(request, ws, principal)

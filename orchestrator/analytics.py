@@ -43,10 +43,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 def analytics_publish_retry() -> AsyncRetrying:
     """Three tries within about a second: rides out a NATS reconnect, gives up on an outage."""
-    return AsyncRetrying(stop=stop_after_attempt(3), wait=wait_exponential_jitter(multiplier=0.1, max=0.5, jitter=0.1),
-                         reraise=True)
+    return AsyncRetrying(
+        stop=stop_after_attempt(3),
+        wait=wait_exponential_jitter(multiplier=0.1, max=0.5, jitter=0.1),
+        reraise=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -70,15 +74,27 @@ class _AnalyticsSink(Protocol):
     async def record_analytics(self, rows: Sequence[tuple[Any, ...]]) -> None: ...
 
 
-def turn_analytics(req: busproto.TurnRequest, ended: client.TurnEnd, *, first_token_ns: int | None = None,
-                   tool_calls: int = 0, now_ns: int | None = None) -> busproto.TurnAnalytics:
+def turn_analytics(
+    req: busproto.TurnRequest,
+    ended: client.TurnEnd,
+    *,
+    first_token_ns: int | None = None,
+    tool_calls: int = 0,
+    now_ns: int | None = None,
+) -> busproto.TurnAnalytics:
     """The record of a finished turn, timed from the gateway's `received_at_ns` (wall clock)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     start = req.received_at_ns or now_ns
     ttft = None if first_token_ns is None or not req.received_at_ns else (first_token_ns - start) / 1e6
-    return busproto.TurnAnalytics(session_id=req.session_id, turn_id=req.turn_id, status=ended.status,
-                                  ttft_ms=ttft, duration_ms=max(0.0, (now_ns - start) / 1e6),
-                                  completion_chars=len(ended.text), tool_calls=tool_calls)
+    return busproto.TurnAnalytics(
+        session_id=req.session_id,
+        turn_id=req.turn_id,
+        status=ended.status,
+        ttft_ms=ttft,
+        duration_ms=max(0.0, (now_ns - start) / 1e6),
+        completion_chars=len(ended.text),
+        tool_calls=tool_calls,
+    )
 
 
 def tool_calls_in(raws: Sequence[bytes]) -> int:
@@ -95,7 +111,9 @@ class AnalyticsPublisher:
 
     def __init__(self, bus: Bus, settings: AnalyticsSettings | None = None) -> None:
         self.settings = AnalyticsSettings() if settings is None else settings
-        self._bus = as_bus(bus)  # transitional: orchestrator/service.py still passes `bus.js` (shared.bus.as_bus)
+        self._bus = as_bus(
+            bus
+        )  # transitional: orchestrator/service.py still passes `bus.js` (shared.bus.as_bus)
         self._queue: asyncio.Queue[busproto.TurnAnalytics] = asyncio.Queue(self.settings.queue_max)
         self.offered = 0
         self.published = 0
@@ -164,7 +182,9 @@ class AnalyticsWriter:
     async def run(self) -> None:
         sub = await self._bus.analytics_subscription()
         while True:
-            msgs = await fetch_batch(sub, self.settings.batch, self.settings.fetch_timeout_s, what="analytics")
+            msgs = await fetch_batch(
+                sub, self.settings.batch, self.settings.fetch_timeout_s, what="analytics"
+            )
             if not msgs:
                 continue
             await self.write_batch(msgs)
@@ -182,8 +202,17 @@ class AnalyticsWriter:
                 with contextlib.suppress(Exception):
                     await msg.term()
                 continue
-            rows.append((rec.turn_id, rec.session_id, rec.status, rec.ttft_ms, rec.duration_ms,
-                         rec.completion_chars, rec.tool_calls))
+            rows.append(
+                (
+                    rec.turn_id,
+                    rec.session_id,
+                    rec.status,
+                    rec.ttft_ms,
+                    rec.duration_ms,
+                    rec.completion_chars,
+                    rec.tool_calls,
+                )
+            )
             keep.append(msg)
         if not rows:
             return
@@ -222,8 +251,11 @@ async def _serve() -> None:
             writer = AnalyticsWriter(bus, eventlog, settings)
             async with asyncio.TaskGroup() as tg:
                 task = tg.create_task(writer.run(), name="analytics-writer")
-                log.info("analytics writer ready (batch %d, write delay %g s)", settings.batch,
-                         settings.write_delay_s)
+                log.info(
+                    "analytics writer ready (batch %d, write delay %g s)",
+                    settings.batch,
+                    settings.write_delay_s,
+                )
                 await stopping.wait()
                 task.cancel()
             log.info("analytics writer stopped after %d rows", writer.written)

@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 1024
 
 _append_seconds = telemetry.meter("tidewire.orchestrator").create_histogram(
-    "tidewire_checkpoint_append_seconds", unit="s",
+    "tidewire_checkpoint_append_seconds",
+    unit="s",
     description="Checkpoint store append latency (one batch of a turn's events, fenced by the lease)",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
+)
 _append_events = telemetry.meter("tidewire.orchestrator").create_counter(
-    "tidewire_checkpoint_appended_events", description="Events appended to the checkpoint store")
+    "tidewire_checkpoint_appended_events", description="Events appended to the checkpoint store"
+)
 
 
 class CheckpointWriter:
@@ -63,8 +66,9 @@ class CheckpointWriter:
         self._idle.clear()
         self._kick.set()
 
-    async def write_now(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True,
-                        hold: bool = False) -> int:
+    async def write_now(
+        self, raws: list[bytes], start_turn: str = "", *, publish: bool = True, hold: bool = False
+    ) -> int:
         """Appends (and publishes, unless told not to) right away; returns the first seq. `hold`
         keeps readers from the batch until the turn is finished (CheckpointStore.append)."""
         await self.flush()
@@ -73,8 +77,11 @@ class CheckpointWriter:
     def contiguous_from(self, start_seq: int) -> bool:
         """True when this writer wrote every event from `start_seq` on, with nobody else's in between,
         so the turn can be persisted from memory instead of re-read from Redis."""
-        return bool(self.written) and self._first_seq == start_seq and \
-            self.last_seq - start_seq + 1 == len(self.written)
+        return (
+            bool(self.written)
+            and self._first_seq == start_seq
+            and self.last_seq - start_seq + 1 == len(self.written)
+        )
 
     async def publish(self, events: list[bytes]) -> None:
         """Publishes events already checkpointed (their seqs filled in)."""
@@ -106,13 +113,16 @@ class CheckpointWriter:
             self._idle.set()
             raise
 
-    async def _append(self, raws: list[bytes], start_turn: str = "", *, publish: bool = True,
-                      hold: bool = False) -> int:
+    async def _append(
+        self, raws: list[bytes], start_turn: str = "", *, publish: bool = True, hold: bool = False
+    ) -> int:
         t0 = time.perf_counter()
         try:
             first = await self._store.append(self._lease, raws, start_turn=start_turn, hold=hold)
         except SeedNeeded:
-            await self._store.seed(self._lease.session_id, await self._eventlog.last_seq(self._lease.session_id))
+            await self._store.seed(
+                self._lease.session_id, await self._eventlog.last_seq(self._lease.session_id)
+            )
             first = await self._store.append(self._lease, raws, start_turn=start_turn, hold=hold)
         _append_seconds.record(time.perf_counter() - t0)
         _append_events.add(len(raws))

@@ -101,7 +101,7 @@ def validate_flag(name: str, value: Any) -> Any:
         return None
     if name == "model":
         if not isinstance(value, str) or not value.strip():
-            raise ValueError("model must be a non-empty string route, e.g. \"openai:gpt-4o-mini\"")
+            raise ValueError('model must be a non-empty string route, e.g. "openai:gpt-4o-mini"')
     elif name == "double_text_policy":
         if value not in DOUBLE_TEXT_POLICIES:
             raise ValueError(f"double_text_policy must be one of {', '.join(DOUBLE_TEXT_POLICIES)}")
@@ -115,7 +115,9 @@ def validate_flag(name: str, value: Any) -> Any:
         if not ok:
             raise ValueError("disconnect_policy must be continue or cancel_after=<seconds>")
     elif name == "tool_set":
-        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+        if not (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
             raise ValueError('tool_set must be "all", "none", "a,b" or a list of tool names')
     elif name in ("system_prompt_version", "tool_schema_version"):
         if not isinstance(value, str | int) or isinstance(value, bool):
@@ -163,7 +165,9 @@ async def _cli(args: argparse.Namespace) -> int:
     from shared.eventlog import EventLog
 
     settings = load()
-    eventlog = await EventLog.connect(settings.postgres_dsn, timeout_s=settings.postgres_timeout_s, max_size=2)
+    eventlog = await EventLog.connect(
+        settings.postgres_dsn, timeout_s=settings.postgres_timeout_s, max_size=2
+    )
     try:
         if args.command == "set":
             try:
@@ -172,8 +176,10 @@ async def _cli(args: argparse.Namespace) -> int:
                 print(f"value must be JSON (quote strings: '\"openai:gpt-4o-mini\"'): {exc}", file=sys.stderr)
                 return 2
             if args.name not in KNOWN_FLAGS and not args.force:
-                print(f"unknown flag {args.name!r} (known: {', '.join(KNOWN_FLAGS)}); --force to set it anyway",
-                      file=sys.stderr)
+                print(
+                    f"unknown flag {args.name!r} (known: {', '.join(KNOWN_FLAGS)}); --force to set it anyway",
+                    file=sys.stderr,
+                )
                 return 2
             try:
                 validate_flag(args.name, value)
@@ -196,9 +202,13 @@ async def _cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.flags", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.flags", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_set = sub.add_parser("set", help="set a flag at a scope; setting the previous value back is the rollback")
+    p_set = sub.add_parser(
+        "set", help="set a flag at a scope; setting the previous value back is the rollback"
+    )
     p_set.add_argument("scope", help='"deployment", "tenant:<id>" or "session:<id>"')
     p_set.add_argument("name")
     p_set.add_argument("value", help="JSON, e.g. '\"openai:gpt-4o-mini\"' or null (unset: inherit)")

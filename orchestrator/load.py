@@ -43,7 +43,9 @@ class LoadReporter:
         finally:
             lag.cancel()
             await asyncio.gather(lag, return_exceptions=True)
-            await asyncio.gather(asyncio.shield(self._store.withdraw_load(self._instance)), return_exceptions=True)
+            await asyncio.gather(
+                asyncio.shield(self._store.withdraw_load(self._instance)), return_exceptions=True
+            )
 
     async def _measure_lag(self) -> None:
         while True:

@@ -50,13 +50,19 @@ async def close_peer_sockets(app: web.Application) -> None:
     """A planned exit closes the links itself (the handlers would otherwise hold the health server's
     shutdown): each peer learns at once that this process is going."""
     sockets: weakref.WeakSet[web.WebSocketResponse] = app[PEER_SOCKETS]
-    await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(sockets)),
-                         return_exceptions=True)
+    await asyncio.gather(
+        *(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY) for ws in list(sockets)), return_exceptions=True
+    )
 
 
 class PeerWatch:
-    def __init__(self, store: CheckpointStore, instance: str, url: str | None,
-                 on_dead: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        instance: str,
+        url: str | None,
+        on_dead: Callable[[str], Awaitable[None]],
+    ) -> None:
         self._store = store
         self._instance = instance
         self._url = url
@@ -67,7 +73,9 @@ class PeerWatch:
 
     async def run(self) -> None:
         """Owned by the service for the life of the process."""
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S))
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
+        )
         try:
             if self._url is not None:
                 await self._store.register_orchestrator(self._instance, self._url)
@@ -90,7 +98,9 @@ class PeerWatch:
         peers = await self._store.orchestrators()
         for instance, url in peers.items():
             if instance != self._instance and instance not in self._links:
-                self._links[instance] = asyncio.create_task(self._watch(instance, url), name=f"peer-{instance}")
+                self._links[instance] = asyncio.create_task(
+                    self._watch(instance, url), name=f"peer-{instance}"
+                )
         for instance in [i for i in self._links if i not in peers]:
             self._links.pop(instance).cancel()
 
@@ -98,7 +108,9 @@ class PeerWatch:
         assert self._http is not None
         try:
             try:
-                async with self._http.ws_connect(url.rstrip("/") + "/v1/peer", autoping=True, heartbeat=None) as ws:
+                async with self._http.ws_connect(
+                    url.rstrip("/") + "/v1/peer", autoping=True, heartbeat=None
+                ) as ws:
                     async for _ in ws:
                         pass
             except (aiohttp.ClientError, OSError, TimeoutError) as e:

@@ -102,8 +102,11 @@ class SessionRunner:
                 raise LeaseLost(self.lease.token)
             drain.result()
         except (LeaseLost, StaleEpoch):
-            log.warning("lost the lease of session %s (epoch %s): stopping without writing",
-                        self.sid, self.lease.epoch)
+            log.warning(
+                "lost the lease of session %s (epoch %s): stopping without writing",
+                self.sid,
+                self.lease.epoch,
+            )
             self.svc.metrics["lease_lost"] += 1
         except Exception as e:
             # A bug or a store failure in this turn: keep the lease until it lapses, so the turn is
@@ -157,8 +160,9 @@ class SessionRunner:
         """Plays one turn; returns the next queued turn (None: the session was given up)."""
         svc, cp = self.svc, self.svc.checkpoints
         turn_id = snap.turn_id
-        start = decide_start(snap, max_attempts=svc.settings.max_turn_attempts,
-                             max_starts=svc.settings.max_turn_starts)
+        start = decide_start(
+            snap, max_attempts=svc.settings.max_turn_attempts, max_starts=svc.settings.max_turn_starts
+        )
         if isinstance(start, Skip):
             return await cp.finish_and_next(self.lease, turn_id, start.status)
         assert snap.request is not None
@@ -170,19 +174,32 @@ class SessionRunner:
             wait_s = max(0.0, (picked_ns - req.received_at_ns) / 1e9)
             telemetry.observe_stage("queue_wait", wait_s)
             svc.load.picked(wait_s)
-            telemetry.record_span("orchestrator.pickup", req.received_at_ns, picked_ns, parent=parent,
-                                  attributes={"queue_wait_s": wait_s, "orchestrator": svc.id},
-                                  kind=telemetry.SpanKind.CONSUMER)
+            telemetry.record_span(
+                "orchestrator.pickup",
+                req.received_at_ns,
+                picked_ns,
+                parent=parent,
+                attributes={"queue_wait_s": wait_s, "orchestrator": svc.id},
+                kind=telemetry.SpanKind.CONSUMER,
+            )
         with telemetry.tracer.start_as_current_span(
-                "orchestrator.turn", context=parent, kind=telemetry.SpanKind.CONSUMER,
-                attributes={"session_id": self.sid, "turn_id": turn_id, "orchestrator": svc.id,
-                            "lease_epoch": self.lease.epoch}) as span:
+            "orchestrator.turn",
+            context=parent,
+            kind=telemetry.SpanKind.CONSUMER,
+            attributes={
+                "session_id": self.sid,
+                "turn_id": turn_id,
+                "orchestrator": svc.id,
+                "lease_epoch": self.lease.epoch,
+            },
+        ) as span:
             status, nxt = await self._play_turn(req, turn_id, snap, start, span)
         svc.observe_turn(time.perf_counter() - picked, status)
         return nxt
 
-    async def _play_turn(self, req: busproto.TurnRequest, turn_id: str, snap: TurnSnapshot,
-                         start: StartDecision, span: Any) -> tuple[str, TurnSnapshot | None]:
+    async def _play_turn(
+        self, req: busproto.TurnRequest, turn_id: str, snap: TurnSnapshot, start: StartDecision, span: Any
+    ) -> tuple[str, TurnSnapshot | None]:
         svc, cp = self.svc, self.svc.checkpoints
         state = snap.state
         span.set_attribute("attempt", snap.starts)
@@ -205,20 +222,36 @@ class SessionRunner:
         marker = svc.settings.fault_kill_before_commit
         if marker and marker in req.text and snap.starts == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die between the turn_end checkpoint and the commit
-        raws = writer.written if state is None and writer.contiguous_from(progress.start_seq) else \
-            [raw for _, raw in await self._log_from(progress.start_seq)]
-        user_seq = snap.user_seq if snap.user_seq is not None else await cp.user_seq(self.sid, req.client_msg_id)
-        ended_raw, ended = next((r, ev) for r, ev in ((r, client.event_decoder.decode(r)) for r in reversed(raws))
-                                if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id)
+        raws = (
+            writer.written
+            if state is None and writer.contiguous_from(progress.start_seq)
+            else [raw for _, raw in await self._log_from(progress.start_seq)]
+        )
+        user_seq = (
+            snap.user_seq if snap.user_seq is not None else await cp.user_seq(self.sid, req.client_msg_id)
+        )
+        ended_raw, ended = next(
+            (r, ev)
+            for r, ev in ((r, client.event_decoder.decode(r)) for r in reversed(raws))
+            if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id
+        )
         with telemetry.tracer.start_as_current_span("eventlog.append_turn"):
-            await svc.eventlog.append_turn(self.sid, turn_id, user_seq or req.user_seq, raws, ended,
-                                           self.lease.epoch, flags=dict(self._plan.flags_in_force))
+            await svc.eventlog.append_turn(
+                self.sid,
+                turn_id,
+                user_seq or req.user_seq,
+                raws,
+                ended,
+                self.lease.epoch,
+                flags=dict(self._plan.flags_in_force),
+            )
         # Durable now: released to readers by finish_turn, then shown live, so whoever is woken by the
         # live turn_end and re-reads the store finds it. A crash between the two: the takeover scan
         # re-publishes the log's tail (OrchestratorService._takeover_loop).
         after = self._plan.state_after(turn_id, ended)
-        nxt = await cp.finish_and_next(self.lease, turn_id, ended.status,
-                                       None if after is None else svc.encode_state(after))
+        nxt = await cp.finish_and_next(
+            self.lease, turn_id, ended.status, None if after is None else svc.encode_state(after)
+        )
         await writer.publish([ended_raw])
         svc.record_analytics(req, ended, raws, self._first_token_ns)
         svc.metrics["turns_" + ended.status] += 1
@@ -238,8 +271,14 @@ class SessionRunner:
     async def _turn_events(self, start_seq: int) -> list[client.Event]:
         return [client.event_decoder.decode(raw) for _, raw in await self._log_from(start_seq)]
 
-    async def _generate(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
-                        snap: TurnSnapshot, start: StartDecision) -> tuple[client.TurnStatus, str]:
+    async def _generate(
+        self,
+        req: busproto.TurnRequest,
+        progress: TurnProgress,
+        writer: CheckpointWriter,
+        snap: TurnSnapshot,
+        start: StartDecision,
+    ) -> tuple[client.TurnStatus, str]:
         svc = self.svc
         if isinstance(start, DeadLetter):
             await svc.dead_letter(req, start.reason)
@@ -249,28 +288,39 @@ class SessionRunner:
                 await writer.write_now([progress.status(start.notice)])
             return start.status, start.why
         writer_task = asyncio.create_task(writer.run(), name=f"writer-{progress.turn_id}")
-        gen = asyncio.create_task(self._steps(req, progress, writer, snap.session_state),
-                                  name=f"steps-{progress.turn_id}")
+        gen = asyncio.create_task(
+            self._steps(req, progress, writer, snap.session_state), name=f"steps-{progress.turn_id}"
+        )
         watchers = [asyncio.create_task(self._cancel.wait()), asyncio.create_task(self._disconnect_watch())]
         owned = [gen, *watchers]
         try:
-            await asyncio.wait([gen, writer_task, *watchers], timeout=svc.settings.turn_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [gen, writer_task, *watchers],
+                timeout=svc.settings.turn_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if writer_task.done():
                 writer_task.result()  # a stale epoch surfaces here
             finished = gen.done()
             if finished:  # a non-provider error is re-raised here, before anything more is written
-                outcome = generation_outcome(finished=True, error=gen.exception(), cancel_reason=None,
-                                             timeout_s=svc.settings.turn_timeout_s)
+                outcome = generation_outcome(
+                    finished=True,
+                    error=gen.exception(),
+                    cancel_reason=None,
+                    timeout_s=svc.settings.turn_timeout_s,
+                )
             else:
                 gen.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await gen
             await writer.flush()
             if not finished:
-                outcome = generation_outcome(finished=False, error=None,
-                                             cancel_reason=self._cancel_reason if self._cancel.is_set() else None,
-                                             timeout_s=svc.settings.turn_timeout_s)
+                outcome = generation_outcome(
+                    finished=False,
+                    error=None,
+                    cancel_reason=self._cancel_reason if self._cancel.is_set() else None,
+                    timeout_s=svc.settings.turn_timeout_s,
+                )
                 if outcome.status == "cancelled":
                     svc.metrics["cancel_success"] += 1
                     trace.get_current_span().add_event("cancelled", {"reason": outcome.why})
@@ -304,8 +354,13 @@ class SessionRunner:
                 self._cancel.set()
                 return
 
-    async def _steps(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
-                     stored_state: bytes | None) -> None:
+    async def _steps(
+        self,
+        req: busproto.TurnRequest,
+        progress: TurnProgress,
+        writer: CheckpointWriter,
+        stored_state: bytes | None,
+    ) -> None:
         svc = self.svc
         marker = svc.settings.fault_poison_marker
         if marker and marker in req.text:
@@ -316,10 +371,17 @@ class SessionRunner:
             steps += 1
             pending_calls = progress.unfinished_calls()
             if pending_calls:
-                await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in pending_calls])
-            preq = ProviderRequest(session_id=self.sid, turn_id=progress.turn_id,
-                                   messages=[*plan.messages, *progress.tool_messages()], tools=list(plan.tools),
-                                   continue_from=progress.step_text(), model=plan.model)
+                await self._run_tools(
+                    req, progress, writer, [(c.call_id, c.name, c.args) for c in pending_calls]
+                )
+            preq = ProviderRequest(
+                session_id=self.sid,
+                turn_id=progress.turn_id,
+                messages=[*plan.messages, *progress.tool_messages()],
+                tools=list(plan.tools),
+                continue_from=progress.step_text(),
+                model=plan.model,
+            )
             calls = await self._stream_step(preq, progress, writer)
             if not calls:
                 return
@@ -329,8 +391,9 @@ class SessionRunner:
                 await writer.put(functools.partial(progress.tool_call, c.call_id, c.name, c.args))
             await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in calls])
 
-    async def _stream_step(self, preq: ProviderRequest, progress: TurnProgress,
-                           writer: CheckpointWriter) -> list[ToolCallRequest]:
+    async def _stream_step(
+        self, preq: ProviderRequest, progress: TurnProgress, writer: CheckpointWriter
+    ) -> list[ToolCallRequest]:
         svc = self.svc
         calls: list[ToolCallRequest] = []
         first_token = False
@@ -338,8 +401,12 @@ class SessionRunner:
         def retryable(e: BaseException) -> bool:
             return may_retry_step(e, first_token=first_token)
 
-        async for attempt in AsyncRetrying(retry=retry_if_exception(retryable), stop=stop_after_attempt(3),
-                                           wait=wait_exponential_jitter(initial=0.05, max=1.0), reraise=True):
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(retryable),
+            stop=stop_after_attempt(3),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            reraise=True,
+        ):
             with attempt:
                 calls.clear()
                 graphemes = GraphemeBuffer()
@@ -350,7 +417,9 @@ class SessionRunner:
                         async with contextlib.aclosing(svc.provider.stream(preq)) as stream:
                             async for ev in stream:
                                 if waiting is not None:  # once per model call, not per delta
-                                    telemetry.observe_stage("upstream_first_token", time.perf_counter() - asked)
+                                    telemetry.observe_stage(
+                                        "upstream_first_token", time.perf_counter() - asked
+                                    )
                                     waiting.set_attribute("event", type(ev).__name__)
                                     waiting.end()
                                     waiting = None
@@ -378,8 +447,13 @@ class SessionRunner:
                     await writer.put(functools.partial(progress.delta, tail))
         return calls
 
-    async def _run_tools(self, req: busproto.TurnRequest, progress: TurnProgress, writer: CheckpointWriter,
-                         calls: list[tuple[str, str, dict[str, Any]]]) -> None:
+    async def _run_tools(
+        self,
+        req: busproto.TurnRequest,
+        progress: TurnProgress,
+        writer: CheckpointWriter,
+        calls: list[tuple[str, str, dict[str, Any]]],
+    ) -> None:
         svc = self.svc
 
         async def one(call_id: str, name: str, args: dict[str, Any]) -> None:
@@ -396,4 +470,3 @@ def decode_request(raw: bytes) -> busproto.TurnRequest:
     if not isinstance(req, busproto.TurnRequest):
         raise msgspec.ValidationError("not a turn request")
     return req
-

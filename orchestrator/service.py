@@ -55,18 +55,38 @@ log = logging.getLogger(__name__)
 
 QUEUE_SAMPLE_S = 1.0
 # Counted in OrchestratorService.metrics; always exposed (0 until they happen) so alerts can rely on them.
-COUNTERS = ("peer_deaths", "cancel_requests", "cancel_success", "lease_lost", "turn_errors", "runner_errors", "takeovers",
-            "tool_calls", "tool_timeouts", "dead_lettered", "turns_started", "turns_completed",
-            "turns_cancelled", "turns_failed", "turns_timed_out")
+COUNTERS = (
+    "peer_deaths",
+    "cancel_requests",
+    "cancel_success",
+    "lease_lost",
+    "turn_errors",
+    "runner_errors",
+    "takeovers",
+    "tool_calls",
+    "tool_timeouts",
+    "dead_lettered",
+    "turns_started",
+    "turns_completed",
+    "turns_cancelled",
+    "turns_failed",
+    "turns_timed_out",
+)
 UPSTREAM_COUNTERS = ("started", "finished", "aborted", "failed")
 
 _meter = telemetry.meter("tidewire.orchestrator")
 _tool_seconds = _meter.create_histogram(
-    "tidewire_tool_call_seconds", unit="s", description="Tool call latency seen by the turn (dispatch -> result)",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+    "tidewire_tool_call_seconds",
+    unit="s",
+    description="Tool call latency seen by the turn (dispatch -> result)",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
+)
 _turn_seconds = _meter.create_histogram(
-    "tidewire_turn_seconds", unit="s", description="Whole turn duration, pickup -> turn_end durable",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+    "tidewire_turn_seconds",
+    unit="s",
+    description="Whole turn duration, pickup -> turn_end durable",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
+)
 
 
 def make_provider(name: str) -> Provider:
@@ -104,15 +124,22 @@ class OrchestratorService:
         s = self.settings
         telemetry.setup("orchestrator", self.id)
         self.eventlog = await EventLog.connect(s.postgres_dsn, timeout_s=s.postgres_timeout_s, max_size=10)
-        self.checkpoints = CheckpointStore.connect(s.redis_url, timeout_s=s.redis_timeout_s, ttl_s=s.session_ttl_s,
-                                                   min_replicas=s.redis_min_replicas)
-        self.bus = await Bus.connect(s.nats_url, name=self.id, timeout_s=s.nats_timeout_s, replicas=s.nats_replicas)
-        self.sessions = SessionStore(self.checkpoints, self.eventlog, ttl_s=s.session_ttl_s,
-                                     window=s.window_messages)
+        self.checkpoints = CheckpointStore.connect(
+            s.redis_url, timeout_s=s.redis_timeout_s, ttl_s=s.session_ttl_s, min_replicas=s.redis_min_replicas
+        )
+        self.bus = await Bus.connect(
+            s.nats_url, name=self.id, timeout_s=s.nats_timeout_s, replicas=s.nats_replicas
+        )
+        self.sessions = SessionStore(
+            self.checkpoints, self.eventlog, ttl_s=s.session_ttl_s, window=s.window_messages
+        )
         self.flags = FlagResolver(self.eventlog, ttl_s=2.0)
         self.load = LoadReporter(self.checkpoints, self.id)
-        advertise = s.advertise_url or (f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:"
-                                        f"{s.health_port}" if s.health_port else None)
+        advertise = s.advertise_url or (
+            f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.health_port}"
+            if s.health_port
+            else None
+        )
         self.peers = PeerWatch(self.checkpoints, self.id, advertise, self._peer_gone)
         self.leases = LeaseKeeper(self.checkpoints, ttl_ms=s.lease_ttl_ms, renew_ms=s.lease_renew_ms)
         self.analytics = AnalyticsPublisher(self.bus)
@@ -127,11 +154,13 @@ class OrchestratorService:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 keeper = tg.create_task(self.leases.run(), name="leases")
-                loops = [tg.create_task(self._fetch_loop(), name="fetch"),
-                         tg.create_task(self.load.run(), name="load-report"),
-                         tg.create_task(self._takeover_loop(), name="takeover"),
-                         tg.create_task(self._sample_queue(), name="queue-sampler"),
-                         tg.create_task(self.upstreams.publish_loop(self.checkpoints), name="breakers")]
+                loops = [
+                    tg.create_task(self._fetch_loop(), name="fetch"),
+                    tg.create_task(self.load.run(), name="load-report"),
+                    tg.create_task(self._takeover_loop(), name="takeover"),
+                    tg.create_task(self._sample_queue(), name="queue-sampler"),
+                    tg.create_task(self.upstreams.publish_loop(self.checkpoints), name="breakers"),
+                ]
                 analytics = tg.create_task(self.analytics.run(), name="analytics")
                 health = await self._start_health()
                 loops.append(tg.create_task(self.peers.run(), name="peers"))  # peers may watch us now
@@ -235,7 +264,9 @@ class OrchestratorService:
                 report_failure(f"turn message {req.turn_id}", e, log)
                 await asyncio.sleep(0.5)
 
-    def _start_runner(self, lease: Lease, first: TurnSnapshot | None = None) -> tuple[SessionRunner, asyncio.Task[None]]:
+    def _start_runner(
+        self, lease: Lease, first: TurnSnapshot | None = None
+    ) -> tuple[SessionRunner, asyncio.Task[None]]:
         runner = SessionRunner(self, lease, first)
         task = self._tg.create_task(runner.run(), name=f"session-{lease.session_id}")
         entry = (runner, task)
@@ -254,7 +285,9 @@ class OrchestratorService:
 
     # ---- takeover ----------------------------------------------------------------------------
     async def _takeover_loop(self) -> None:
-        await supervised("takeover", self._takeover_scan, every_s=self.settings.takeover_scan_ms / 1000, logger=log)
+        await supervised(
+            "takeover", self._takeover_scan, every_s=self.settings.takeover_scan_ms / 1000, logger=log
+        )
 
     async def _takeover_scan(self) -> None:
         """Sessions whose owner stopped renewing its lease: take them over (a failure here would
@@ -301,9 +334,14 @@ class OrchestratorService:
             entry = self.runners.get(cancel.session_id)
             if entry is not None:
                 now = time.time_ns()
-                telemetry.record_span("orchestrator.cancel_request", now, now, parent=telemetry.extract(msg.headers),
-                                      attributes={"turn_id": cancel.turn_id or "", "reason": cancel.reason},
-                                      kind=telemetry.SpanKind.CONSUMER)
+                telemetry.record_span(
+                    "orchestrator.cancel_request",
+                    now,
+                    now,
+                    parent=telemetry.extract(msg.headers),
+                    attributes={"turn_id": cancel.turn_id or "", "reason": cancel.reason},
+                    kind=telemetry.SpanKind.CONSUMER,
+                )
                 entry[0].request_cancel(cancel.turn_id, cancel.reason)
 
     # ---- what runners ask of the service -------------------------------------------------------
@@ -324,21 +362,33 @@ class OrchestratorService:
         with tracer.start_as_current_span("retrieval", attributes={"retrieval.enabled": False}):
             pass  # no retrieval stage yet: the span and histogram mark where it will go
         telemetry.observe_stage("retrieval", time.perf_counter() - t2)
-        return TurnPlan.build(flags, messages=messages, tools=self.tool_specs(), state=state,
-                              default_provider=self.settings.provider,
-                              default_disconnect_policy=self.settings.disconnect_policy)
+        return TurnPlan.build(
+            flags,
+            messages=messages,
+            tools=self.tool_specs(),
+            state=state,
+            default_provider=self.settings.provider,
+            default_disconnect_policy=self.settings.disconnect_policy,
+        )
 
-    def _pack(self, req: busproto.TurnRequest, state: SessionState, flags: dict[str, Any]) -> list[ChatMessage]:
+    def _pack(
+        self, req: busproto.TurnRequest, state: SessionState, flags: dict[str, Any]
+    ) -> list[ChatMessage]:
         window = [m for m in state.window if m.turn_id != req.turn_id or m.role != "assistant"]
         if not any(m.turn_id == req.turn_id and m.role == "user" for m in window):
             window.append(ChatMessage(role="user", text=req.text, turn_id=req.turn_id, seq=req.user_seq))
         if req.attachments:
             note = "\n".join(f"[attachment {a.media_id}]" for a in req.attachments)
-            window = [msgspec.structs.replace(m, text=f"{m.text}\n{note}")
-                      if m.turn_id == req.turn_id and m.role == "user" and note not in m.text else m for m in window]
+            window = [
+                msgspec.structs.replace(m, text=f"{m.text}\n{note}")
+                if m.turn_id == req.turn_id and m.role == "user" and note not in m.text
+                else m
+                for m in window
+            ]
         state.window = window
-        prompt = system_prompt_for(flags.get("system_prompt_version"), self.settings.system_prompt,
-                                   self._system_prompts)
+        prompt = system_prompt_for(
+            flags.get("system_prompt_version"), self.settings.system_prompt, self._system_prompts
+        )
         messages, meta = pack(prompt, window, self.settings.context_budget_tokens)
         state.packer = meta
         return messages
@@ -350,21 +400,25 @@ class OrchestratorService:
     def tool_specs(self) -> list[ToolSpec]:
         return list(self.tools.specs()) if self.tools is not None else []
 
-    def record_analytics(self, req: busproto.TurnRequest, ended: client.TurnEnd, raws: list[bytes],
-                         first_token_ns: int | None) -> None:
+    def record_analytics(
+        self, req: busproto.TurnRequest, ended: client.TurnEnd, raws: list[bytes], first_token_ns: int | None
+    ) -> None:
         """Never on the token path: a bounded queue, published in the background, dropped when full."""
-        self.analytics.offer(turn_analytics(req, ended, first_token_ns=first_token_ns,
-                                            tool_calls=tool_calls_in(raws)))
+        self.analytics.offer(
+            turn_analytics(req, ended, first_token_ns=first_token_ns, tool_calls=tool_calls_in(raws))
+        )
 
-    async def call_tool(self, session_id: str, turn_id: str, call_id: str, name: str,
-                        args: dict[str, Any]) -> tuple[bool, str]:
+    async def call_tool(
+        self, session_id: str, turn_id: str, call_id: str, name: str, args: dict[str, Any]
+    ) -> tuple[bool, str]:
         if self.tools is None:
             return False, f"{name} is not available: no tool workers are configured"
         self.metrics["tool_calls"] += 1
         t0 = time.perf_counter()
         outcome_label = "cancelled"
-        with telemetry.tracer.start_as_current_span("tool.call", kind=telemetry.SpanKind.PRODUCER,
-                                                    attributes={"tool": name, "call_id": call_id}) as span:
+        with telemetry.tracer.start_as_current_span(
+            "tool.call", kind=telemetry.SpanKind.PRODUCER, attributes={"tool": name, "call_id": call_id}
+        ) as span:
             try:
                 outcome = await self.tools.call(session_id, turn_id, call_id, name, args)
                 timed_out = bool(getattr(outcome, "timed_out", False))
@@ -415,10 +469,17 @@ class OrchestratorService:
 
         for key in COUNTERS:
             telemetry.observe(f"tidewire_orchestrator_{key}", counter(key), kind="counter")
-        telemetry.observe("tidewire_orchestrator_stale_rejections", lambda: self.checkpoints.stale_rejections,
-                          kind="counter", description="Checkpoint writes refused: a stale owner was fenced off")
-        telemetry.observe("tidewire_orchestrator_sessions_owned", lambda: len(self.runners),
-                          description="Sessions whose lease this orchestrator holds")
+        telemetry.observe(
+            "tidewire_orchestrator_stale_rejections",
+            lambda: self.checkpoints.stale_rejections,
+            kind="counter",
+            description="Checkpoint writes refused: a stale owner was fenced off",
+        )
+        telemetry.observe(
+            "tidewire_orchestrator_sessions_owned",
+            lambda: len(self.runners),
+            description="Sessions whose lease this orchestrator holds",
+        )
         prov = self.provider
 
         def upstream(name: str) -> Callable[[], int]:
@@ -428,8 +489,11 @@ class OrchestratorService:
             if hasattr(prov, name):
                 telemetry.observe(f"tidewire_upstream_{name}", upstream(name), kind="counter")
         if hasattr(prov, "orphaned"):
-            telemetry.observe("tidewire_upstream_orphaned", upstream("orphaned"),
-                              description="Upstream streams started and not finished, failed or aborted")
+            telemetry.observe(
+                "tidewire_upstream_orphaned",
+                upstream("orphaned"),
+                description="Upstream streams started and not finished, failed or aborted",
+            )
 
         def queue(i: int | None) -> Any:
             depth = self.queue_depth
@@ -437,20 +501,34 @@ class OrchestratorService:
                 return []
             return [({}, sum(depth) if i is None else depth[i])]
 
-        telemetry.observe("tidewire_turn_queue_pending", lambda: queue(None),
-                          description="Turns queued in JetStream: waiting + delivered but unacked (sampled 1/s)")
-        telemetry.observe("tidewire_turn_queue_waiting", lambda: queue(0),
-                          description="Turns not yet delivered to any orchestrator")
-        telemetry.observe("tidewire_turn_queue_ack_pending", lambda: queue(1),
-                          description="Turns delivered to an orchestrator and not yet acked (running or parked)")
-        telemetry.observe("tidewire_dead_letter_messages",
-                          lambda: [] if self.dead_letters is None else [({}, self.dead_letters)],
-                          description="Turns in the dead-letter stream (kept 14 days)")
+        telemetry.observe(
+            "tidewire_turn_queue_pending",
+            lambda: queue(None),
+            description="Turns queued in JetStream: waiting + delivered but unacked (sampled 1/s)",
+        )
+        telemetry.observe(
+            "tidewire_turn_queue_waiting",
+            lambda: queue(0),
+            description="Turns not yet delivered to any orchestrator",
+        )
+        telemetry.observe(
+            "tidewire_turn_queue_ack_pending",
+            lambda: queue(1),
+            description="Turns delivered to an orchestrator and not yet acked (running or parked)",
+        )
+        telemetry.observe(
+            "tidewire_dead_letter_messages",
+            lambda: [] if self.dead_letters is None else [({}, self.dead_letters)],
+            description="Turns in the dead-letter stream (kept 14 days)",
+        )
 
     def _extra_metrics(self) -> list[tuple[str, str, float | int]]:
         """Counters bumped under names that are not pre-declared (exposed, untyped, all the same)."""
-        return [(f"tidewire_orchestrator_{k}", "untyped", v) for k, v in sorted(self.metrics.items())
-                if k not in COUNTERS]
+        return [
+            (f"tidewire_orchestrator_{k}", "untyped", v)
+            for k, v in sorted(self.metrics.items())
+            if k not in COUNTERS
+        ]
 
     # ---- health ------------------------------------------------------------------------------
     async def _start_health(self) -> web.AppRunner | None:
@@ -473,13 +551,21 @@ class OrchestratorService:
             return web.json_response({"ok": ok}, status=200 if ok else 503)
 
         async def metrics(_: web.Request) -> web.Response:
-            return web.Response(text=telemetry.render_prometheus(self._extra_metrics()),
-                                content_type=telemetry.PROMETHEUS_CONTENT_TYPE)
+            return web.Response(
+                text=telemetry.render_prometheus(self._extra_metrics()),
+                content_type=telemetry.PROMETHEUS_CONTENT_TYPE,
+            )
 
         app[PEER_SOCKETS] = weakref.WeakSet()
         app.on_shutdown.append(close_peer_sockets)
-        app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics),
-                        web.get("/v1/peer", peer_endpoint)])
+        app.add_routes(
+            [
+                web.get("/healthz", healthz),
+                web.get("/readyz", readyz),
+                web.get("/metrics", metrics),
+                web.get("/v1/peer", peer_endpoint),
+            ]
+        )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.settings.host, self.settings.health_port).start()

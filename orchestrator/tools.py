@@ -64,13 +64,16 @@ class ToolDispatchSettings:
 class ToolDispatcher:
     """Runs tool calls on tool workers. Many `call`s may run concurrently (one TaskGroup per step)."""
 
-    def __init__(self, bus: Bus, *, registry: ToolCatalogue[Any], settings: ToolDispatchSettings | None = None) -> None:
+    def __init__(
+        self, bus: Bus, *, registry: ToolCatalogue[Any], settings: ToolDispatchSettings | None = None
+    ) -> None:
         self._bus = bus
         self._tools = ToolBus(bus)
         self._registry = registry
         self._settings = settings or ToolDispatchSettings()
-        self._specs = [ToolSpec(name=t.name, description=t.description, parameters=t.parameters())
-                       for t in registry]
+        self._specs = [
+            ToolSpec(name=t.name, description=t.description, parameters=t.parameters()) for t in registry
+        ]
         self._waiters: dict[str, asyncio.Future[ToolOutcome]] = {}
         self._sub: BusSubscription | None = None
         self._ledger: CallLedger | None = None
@@ -88,18 +91,23 @@ class ToolDispatcher:
             self._sub = None
         for fut in self._waiters.values():
             if not fut.done():
-                fut.set_result(ToolOutcome(ok=False, text="the tool call was abandoned: the orchestrator is stopping"))
+                fut.set_result(
+                    ToolOutcome(ok=False, text="the tool call was abandoned: the orchestrator is stopping")
+                )
 
     def specs(self) -> list[ToolSpec]:
         """The tools to offer the model (name, description, JSON schema of the arguments)."""
         return list(self._specs)
 
-    async def call(self, session_id: str, turn_id: str, call_id: str, name: str,
-                   args: dict[str, Any]) -> ToolOutcome:
+    async def call(
+        self, session_id: str, turn_id: str, call_id: str, name: str, args: dict[str, Any]
+    ) -> ToolOutcome:
         """Runs one tool call on a worker; see the module docstring for what is guaranteed."""
         tool = self._registry.get(name)
         if tool is None:
-            return ToolOutcome(ok=False, text=f"unknown tool {name!r}; available: {', '.join(self._registry.names())}")
+            return ToolOutcome(
+                ok=False, text=f"unknown tool {name!r}; available: {', '.join(self._registry.names())}"
+            )
         try:
             tool.validate(args)
         except ToolArgsError as exc:
@@ -114,18 +122,27 @@ class ToolDispatcher:
 
         fut: asyncio.Future[ToolOutcome] = asyncio.get_running_loop().create_future()
         self._waiters[key] = fut
-        job = busproto.ToolJob(session_id=session_id, turn_id=turn_id, call_id=call_id, name=name, args=args,
-                               deadline_ms=int((time.time() + tool.max_seconds) * 1000),
-                               schema_version=tool.schema_version,
-                               reply_subject=subjects.tool_result_subject(turn_id))
+        job = busproto.ToolJob(
+            session_id=session_id,
+            turn_id=turn_id,
+            call_id=call_id,
+            name=name,
+            args=args,
+            deadline_ms=int((time.time() + tool.max_seconds) * 1000),
+            schema_version=tool.schema_version,
+            reply_subject=subjects.tool_result_subject(turn_id),
+        )
         try:
             async with asyncio.timeout(tool.max_seconds + self._settings.extra_grace_seconds):
                 try:
-                    duplicate = await self._tools.publish_job(tool.pool, job, key=key,
-                                                              timeout_s=self._settings.publish_timeout_seconds)
+                    duplicate = await self._tools.publish_job(
+                        tool.pool, job, key=key, timeout_s=self._settings.publish_timeout_seconds
+                    )
                 except Exception as exc:  # noqa: BLE001 - reported to the model, not raised
                     log.warning("call %s: job not published: %r", call_id, exc)
-                    return ToolOutcome(ok=False, text=f"{name} could not be started: the tool queue is unavailable")
+                    return ToolOutcome(
+                        ok=False, text=f"{name} could not be started: the tool queue is unavailable"
+                    )
                 if duplicate:
                     stored = await self._stored_outcome(key)
                     if stored is not None:
@@ -148,8 +165,9 @@ class ToolDispatcher:
             return
         fut.set_result(ToolOutcome(ok=res.ok, text=res.text, timed_out=res.timed_out))
 
-    async def _abandon(self, tool: ToolDef[Any], turn_id: str, call_id: str, key: str, text: str, *,
-                       timed_out: bool) -> None:
+    async def _abandon(
+        self, tool: ToolDef[Any], turn_id: str, call_id: str, key: str, text: str, *, timed_out: bool
+    ) -> None:
         """Tells workers to stop the call; if none started it yet, makes sure none ever will."""
         with contextlib.suppress(Exception):  # core NATS publish: buffered, fails only when closed
             await self._tools.publish_cancel(busproto.ToolCancel(call_id=call_id, turn_id=turn_id))

@@ -99,7 +99,7 @@ class TurnProgress:
     # ---- what the model needs -------------------------------------------------------------------
     def step_text(self) -> str:
         """The text of the current model step, for `continue_from` after a takeover."""
-        return self.text[self.step_start:]
+        return self.text[self.step_start :]
 
     def unfinished_calls(self) -> list[client.ToolCall]:
         return [c for cid, c in self.calls.items() if cid not in self.results]
@@ -109,15 +109,26 @@ class TurnProgress:
         if self.calls and self.step_start:
             out.append(ChatMessage(role="assistant", text=self.text[: self.step_start], turn_id=self.turn_id))
         for cid, res in self.results.items():
-            out.append(ChatMessage(role="tool", text=res.text, tool_call_id=cid, name=self.calls[cid].name,
-                                   turn_id=self.turn_id))
+            out.append(
+                ChatMessage(
+                    role="tool",
+                    text=res.text,
+                    tool_call_id=cid,
+                    name=self.calls[cid].name,
+                    turn_id=self.turn_id,
+                )
+            )
         return out
 
 
 def status_line(names: list[str]) -> str:
     """The short human line shown the moment the model reaches for a tool."""
-    pretty = {"clock": "the clock", "calculator": "the calculator", "slow_lookup": "a slow lookup",
-              "http_get": "the web"}
+    pretty = {
+        "clock": "the clock",
+        "calculator": "the calculator",
+        "slow_lookup": "a slow lookup",
+        "http_get": "the web",
+    }
     what = ", ".join(pretty.get(n, n) for n in names)
     return f"Let me check {what}…"
 
@@ -135,22 +146,42 @@ class TurnPlan:
     state: SessionState | None = field(default=None, compare=False)  # as packed; None: not loaded
 
     @classmethod
-    def build(cls, flags: Mapping[str, Any], *, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec],
-              default_provider: str, default_disconnect_policy: str,
-              state: SessionState | None = None) -> TurnPlan:
+    def build(
+        cls,
+        flags: Mapping[str, Any],
+        *,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolSpec],
+        default_provider: str,
+        default_disconnect_policy: str,
+        state: SessionState | None = None,
+    ) -> TurnPlan:
         """From the turn's resolved flags; `tools` are all the tools offered, before `tool_set`."""
         policy = str(flags.get("disconnect_policy", default_disconnect_policy))
         model = flags.get("model")
-        in_force = {"provider": parse_route(model, default_provider=default_provider).provider,
-                    "disconnect_policy": policy, **flags}
-        return cls(messages=tuple(messages), tools=tuple(select_tools(tools, flags.get("tool_set"))),
-                   model=None if model is None else str(model), disconnect_policy=policy,
-                   flags_in_force=in_force, state=state)
+        in_force = {
+            "provider": parse_route(model, default_provider=default_provider).provider,
+            "disconnect_policy": policy,
+            **flags,
+        }
+        return cls(
+            messages=tuple(messages),
+            tools=tuple(select_tools(tools, flags.get("tool_set"))),
+            model=None if model is None else str(model),
+            disconnect_policy=policy,
+            flags_in_force=in_force,
+            state=state,
+        )
 
     @classmethod
     def unloaded(cls, *, default_provider: str, default_disconnect_policy: str) -> TurnPlan:
-        return cls.build({}, messages=(), tools=(), default_provider=default_provider,
-                         default_disconnect_policy=default_disconnect_policy)
+        return cls.build(
+            {},
+            messages=(),
+            tools=(),
+            default_provider=default_provider,
+            default_disconnect_policy=default_disconnect_policy,
+        )
 
     def state_after(self, turn_id: str, ended: client.TurnEnd) -> SessionState | None:
         """The session state with this turn's answer (None: never loaded; rebuilt when needed)."""
@@ -204,16 +235,20 @@ def decide_start(snap: TurnSnapshot, *, max_attempts: int, max_starts: int) -> S
     failures, starts = snap.failures, snap.starts
     if failures >= max_attempts or starts > max_starts:
         tries = max(failures, starts - 1)
-        return DeadLetter(f"failed {failures} times, started {starts - 1} times",
-                          Outcome("failed", "dead-lettered",
-                                  f"This message could not be processed after {tries} attempts."))
+        return DeadLetter(
+            f"failed {failures} times, started {starts - 1} times",
+            Outcome(
+                "failed", "dead-lettered", f"This message could not be processed after {tries} attempts."
+            ),
+        )
     if snap.cancelled:
         return Outcome("cancelled", "cancelled before it started")
     return Run()
 
 
-def generation_outcome(*, finished: bool, error: BaseException | None, cancel_reason: str | None,
-                       timeout_s: float) -> Outcome:
+def generation_outcome(
+    *, finished: bool, error: BaseException | None, cancel_reason: str | None, timeout_s: float
+) -> Outcome:
     """The outcome of the model's part of a turn. Only a provider error is an outcome the user
     sees; any other error is re-raised (a bug or a store failure: the turn is retried and its
     failures counted). Unfinished means stopped: by a cancel if one was asked, else the timeout."""

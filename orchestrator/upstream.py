@@ -74,9 +74,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _queue_wait = telemetry.meter("tidewire.upstream").create_histogram(
-    "tidewire_upstream_queue_wait_seconds", unit="s",
+    "tidewire_upstream_queue_wait_seconds",
+    unit="s",
     description="Wait for a concurrency slot of the model upstream, per admitted call",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
+)
 
 # The Redis names (`breaker_key`, `BREAKERS_SEEN`) are in shared/subjects.py, re-exported here.
 SEEN_FOR_MS: Final = 10_000  # an upstream no orchestrator re-lists for this long is forgotten
@@ -113,7 +115,10 @@ class GateSettings:
         base = cls(max_concurrency=1024, breaker=False) if upstream == "simulated" else cls()
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
-            for key in (f"TIDEWIRE_UPSTREAM_{upstream.upper()}_{f.name.upper()}", f"TIDEWIRE_UPSTREAM_{f.name.upper()}"):
+            for key in (
+                f"TIDEWIRE_UPSTREAM_{upstream.upper()}_{f.name.upper()}",
+                f"TIDEWIRE_UPSTREAM_{f.name.upper()}",
+            ):
                 raw = env.get(key, "").strip()
                 if raw:
                     kwargs[f.name] = _parse(raw, getattr(base, f.name))
@@ -137,8 +142,10 @@ class CircuitOpen(ProviderError):
     """The upstream's breaker is open: the step fails at once instead of waiting for a timeout."""
 
     def __init__(self, upstream: str, retry_after_s: float) -> None:
-        super().__init__(f"upstream {upstream} is unavailable (circuit open); retry in {retry_after_s:.0f} s",
-                         retryable=False)
+        super().__init__(
+            f"upstream {upstream} is unavailable (circuit open); retry in {retry_after_s:.0f} s",
+            retryable=False,
+        )
         self.upstream = upstream
         self.retry_after_s = retry_after_s
 
@@ -177,8 +184,10 @@ class _Slot:
         except TimeoutError as exc:
             gate.queue_timeouts += 1
             gate._probe_done(self._probe)
-            raise ProviderError(f"upstream {gate.name} is saturated: no slot within {gate.settings.max_wait_s:g} s",
-                                retryable=False) from exc
+            raise ProviderError(
+                f"upstream {gate.name} is saturated: no slot within {gate.settings.max_wait_s:g} s",
+                retryable=False,
+            ) from exc
         except BaseException:
             gate._probe_done(self._probe)
             raise
@@ -189,8 +198,9 @@ class _Slot:
         gate._observe_wait(time.perf_counter() - started)
         return self
 
-    async def __aexit__(self, typ: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         gate = self._gate
         if self._acquired:
             gate.in_use -= 1
@@ -205,9 +215,14 @@ class _Slot:
 class UpstreamGate:
     """Concurrency cap, queue-time histogram and circuit breaker of one upstream."""
 
-    def __init__(self, name: str, settings: GateSettings | None = None, *,
-                 on_wait: Callable[[float], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: GateSettings | None = None,
+        *,
+        on_wait: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self.settings = GateSettings() if settings is None else settings
         self._wait_attrs = {"upstream": name}
@@ -340,11 +355,19 @@ class UpstreamGate:
             self._published = False
 
     def snapshot(self) -> dict[str, Any]:
-        return {"state": self.state.value, "in_use": self.in_use, "waiting": self.waiting,
-                "successes": self.successes, "failures": self.failures, "rejected": self.rejected,
-                "queue_timeouts": self.queue_timeouts, "opened": self.opened,
-                "retry_after_s": round(self.retry_after_s(), 3),
-                "queue_waits": self.queue_waits, "queue_wait_max_s": round(self.queue_wait_max_s, 6)}
+        return {
+            "state": self.state.value,
+            "in_use": self.in_use,
+            "waiting": self.waiting,
+            "successes": self.successes,
+            "failures": self.failures,
+            "rejected": self.rejected,
+            "queue_timeouts": self.queue_timeouts,
+            "opened": self.opened,
+            "retry_after_s": round(self.retry_after_s(), 3),
+            "queue_waits": self.queue_waits,
+            "queue_wait_max_s": round(self.queue_wait_max_s, 6),
+        }
 
 
 async def read_state(mirror: MirrorSource, upstream: str) -> BreakerSnapshot | None:
@@ -361,9 +384,14 @@ class UpstreamRouter:
     non-retryable ProviderError. Stream counters are summed over the upstreams built.
     """
 
-    def __init__(self, default: Provider, *, factory: Callable[[str], Provider],
-                 settings_for: Callable[[str], GateSettings] = GateSettings.from_env,
-                 on_wait: Callable[[str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        default: Provider,
+        *,
+        factory: Callable[[str], Provider],
+        settings_for: Callable[[str], GateSettings] = GateSettings.from_env,
+        on_wait: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.name = default.name
         self.default = default
         self._factory = factory
@@ -379,8 +407,11 @@ class UpstreamRouter:
     def gate(self, upstream: str) -> UpstreamGate:
         gate = self.gates.get(upstream)
         if gate is None:
-            gate = UpstreamGate(upstream, self._settings_for(upstream),
-                                on_wait=None if self._on_wait is None else functools.partial(self._on_wait, upstream))
+            gate = UpstreamGate(
+                upstream,
+                self._settings_for(upstream),
+                on_wait=None if self._on_wait is None else functools.partial(self._on_wait, upstream),
+            )
             self.gates[upstream] = gate
         return gate
 
@@ -484,8 +515,9 @@ _GATE_COUNTERS: Final[dict[str, tuple[Callable[[UpstreamGate], int], str]]] = {
 }
 
 
-def _per_upstream(read: Callable[[UpstreamGate], int],
-                  combine: Callable[[Iterable[int]], int]) -> Callable[[], list[tuple[dict[str, str], int]]]:
+def _per_upstream(
+    read: Callable[[UpstreamGate], int], combine: Callable[[Iterable[int]], int]
+) -> Callable[[], list[tuple[dict[str, str], int]]]:
     def collect() -> list[tuple[dict[str, str], int]]:
         values: dict[str, list[int]] = {}
         for router in list(_routers):
@@ -502,5 +534,6 @@ def _install_metrics() -> None:
         combine = max if name == "breaker_open" else sum
         telemetry.observe(f"tidewire_upstream_{name}", _per_upstream(read, combine), description=description)
     for name, (read, description) in _GATE_COUNTERS.items():
-        telemetry.observe(f"tidewire_upstream_{name}", _per_upstream(read, sum), kind="counter",
-                          description=description)
+        telemetry.observe(
+            f"tidewire_upstream_{name}", _per_upstream(read, sum), kind="counter", description=description
+        )

@@ -11,8 +11,15 @@ from proto import client
 
 def client_schema() -> dict[str, object]:
     _, components = msgspec.json.schema_components(
-        [client.ClientFrame, client.ServerFrame, client.SendRequest, client.StopRequest,
-         client.SessionHistory, client.PollResponse, client.CreateSessionResponse],
+        [
+            client.ClientFrame,
+            client.ServerFrame,
+            client.SendRequest,
+            client.StopRequest,
+            client.SessionHistory,
+            client.PollResponse,
+            client.CreateSessionResponse,
+        ],
         ref_template="#/$defs/{name}",
     )
     return {

@@ -50,7 +50,9 @@ class ClockArgs(_Args, frozen=True, kw_only=True, forbid_unknown_fields=True):
 class SlowLookupArgs(_Args, frozen=True, kw_only=True, forbid_unknown_fields=True):
     query: Annotated[str, msgspec.Meta(min_length=1, max_length=500, description="What to look up.")]
     seconds: (
-        Annotated[float, msgspec.Meta(ge=0, le=120, description="Simulated latency; default set by the worker.")]
+        Annotated[
+            float, msgspec.Meta(ge=0, le=120, description="Simulated latency; default set by the worker.")
+        ]
         | None
     ) = None
 

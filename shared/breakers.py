@@ -55,7 +55,9 @@ class BreakerMirror:
     async def publish_open(self, upstream: str, remaining_ms: int) -> None:
         """The upstream's breaker is open for `remaining_ms` more (the key lapses then)."""
         remaining_ms = max(1, remaining_ms)
-        value = json.dumps({"upstream": upstream, "state": "open", "until_unix": time.time() + remaining_ms / 1000})
+        value = json.dumps(
+            {"upstream": upstream, "state": "open", "until_unix": time.time() + remaining_ms / 1000}
+        )
         await self._redis.set(breaker_key(upstream), value, px=remaining_ms)
 
     async def clear(self, upstream: str) -> None:
@@ -75,8 +77,11 @@ class BreakerMirror:
             return None
         if remaining <= 0:
             return None
-        return BreakerSnapshot(upstream=upstream, state=str(data.get("state", "open")),
-                               retry_after_ms=max(1, math.ceil(remaining * 1000)))
+        return BreakerSnapshot(
+            upstream=upstream,
+            state=str(data.get("state", "open")),
+            retry_after_ms=max(1, math.ceil(remaining * 1000)),
+        )
 
     async def every_upstream_open(self) -> int | None:
         """Milliseconds until the first breaker half-opens, when every upstream that an orchestrator

@@ -82,67 +82,129 @@ async def fetch_batch(sub: Any, batch: int, timeout_s: float, *, what: str) -> l
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     return [
-        StreamConfig(name=subjects.TURNS_STREAM, subjects=[subjects.TURNS_SUBJECTS],
-                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                     discard=DiscardPolicy.NEW, max_msgs=10_000_000, max_bytes=8 * 1024**3,
-                     max_msg_size=1024 * 1024, duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas),
-        StreamConfig(name=subjects.DLQ_STREAM, subjects=[subjects.DLQ_SUBJECTS],
-                     retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-                     discard=DiscardPolicy.OLD, max_age=14 * 86400, max_msg_size=1024 * 1024, num_replicas=replicas),
-        StreamConfig(name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_SUBJECTS],
-                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                     discard=DiscardPolicy.NEW, max_msgs=10_000_000, max_msg_size=1024 * 1024,
-                     duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas),
-        StreamConfig(name=subjects.ANALYTICS_STREAM, subjects=[subjects.ANALYTICS_SUBJECT],
-                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-                     discard=DiscardPolicy.OLD, max_msgs=10_000_000, num_replicas=replicas),
+        StreamConfig(
+            name=subjects.TURNS_STREAM,
+            subjects=[subjects.TURNS_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            max_msgs=10_000_000,
+            max_bytes=8 * 1024**3,
+            max_msg_size=1024 * 1024,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM,
+            subjects=[subjects.DLQ_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=14 * 86400,
+            max_msg_size=1024 * 1024,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=subjects.TOOLS_STREAM,
+            subjects=[subjects.TOOLS_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            max_msgs=10_000_000,
+            max_msg_size=1024 * 1024,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=subjects.ANALYTICS_STREAM,
+            subjects=[subjects.ANALYTICS_SUBJECT],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_msgs=10_000_000,
+            num_replicas=replicas,
+        ),
     ]
 
 
 def turn_consumer_config() -> ConsumerConfig:
-    return ConsumerConfig(durable_name=subjects.TURNS_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-                          ack_wait=TURN_ACK_WAIT_S, max_deliver=TURN_MAX_DELIVER, max_ack_pending=4096,
-                          filter_subject=subjects.TURNS_SUBJECTS)
+    return ConsumerConfig(
+        durable_name=subjects.TURNS_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=TURN_ACK_WAIT_S,
+        max_deliver=TURN_MAX_DELIVER,
+        max_ack_pending=4096,
+        filter_subject=subjects.TURNS_SUBJECTS,
+    )
 
 
 def tool_consumer_config(pool: str, *, ack_wait_s: float, max_deliver: int) -> ConsumerConfig:
     """One durable pull consumer per tool pool on `TW_TOOLS`. A short `ack_wait` (the worker sends
     `in_progress` while a tool runs) hands a SIGKILLed worker's job to another within seconds."""
-    return ConsumerConfig(durable_name=subjects.tool_consumer(pool), filter_subject=subjects.tool_subject(pool),
-                          deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
-                          max_deliver=max_deliver, max_ack_pending=4096)
+    return ConsumerConfig(
+        durable_name=subjects.tool_consumer(pool),
+        filter_subject=subjects.tool_subject(pool),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=4096,
+    )
 
 
 def analytics_consumer_config() -> ConsumerConfig:
-    return ConsumerConfig(durable_name=subjects.ANALYTICS_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-                          ack_wait=ANALYTICS_ACK_WAIT_S, max_deliver=ANALYTICS_MAX_DELIVER,
-                          max_ack_pending=8192, filter_subject=subjects.ANALYTICS_SUBJECT)
+    return ConsumerConfig(
+        durable_name=subjects.ANALYTICS_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ANALYTICS_ACK_WAIT_S,
+        max_deliver=ANALYTICS_MAX_DELIVER,
+        max_ack_pending=8192,
+        filter_subject=subjects.ANALYTICS_SUBJECT,
+    )
 
 
 def call_ledger_config(ttl_s: float, replicas: int = 1) -> KeyValueConfig:
     """The tool-call ledger (`shared.call_ledger`): one value per call key, kept `ttl_s`."""
-    return KeyValueConfig(bucket=subjects.CALLS_BUCKET, history=1, ttl=ttl_s, storage=StorageType.FILE,
-                          max_value_size=256 * 1024, replicas=replicas)
+    return KeyValueConfig(
+        bucket=subjects.CALLS_BUCKET,
+        history=1,
+        ttl=ttl_s,
+        storage=StorageType.FILE,
+        max_value_size=256 * 1024,
+        replicas=replicas,
+    )
 
 
 def media_store_config(*, ttl_s: float, max_bytes: int, replicas: int = 1) -> ObjectStoreConfig:
     """The media object store (`shared.media_store`); `ttl_s` 0 keeps media forever."""
-    return ObjectStoreConfig(description="tidewire media, by reference", storage=StorageType.FILE,
-                             ttl=ttl_s or None, max_bytes=max_bytes, replicas=replicas)
+    return ObjectStoreConfig(
+        description="tidewire media, by reference",
+        storage=StorageType.FILE,
+        ttl=ttl_s or None,
+        max_bytes=max_bytes,
+        replicas=replicas,
+    )
 
 
 class TracingJetStream(JetStreamContext):
     """A JetStream context whose publishes carry the current trace context in their headers, so a
     consumer (orchestrator, tool worker) continues the publisher's trace."""
 
-    async def publish(self, subject: str, payload: bytes = b"", timeout: float | None = None,
-                      stream: str | None = None, headers: dict[str, Any] | None = None,
-                      msg_ttl: float | None = None) -> Any:
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        stream: str | None = None,
+        headers: dict[str, Any] | None = None,
+        msg_ttl: float | None = None,
+    ) -> Any:
         carrier = telemetry.inject()
         if carrier:
             headers = {**carrier, **(headers or {})}
-        return await super().publish(subject, payload, timeout=timeout, stream=stream, headers=headers,
-                                     msg_ttl=msg_ttl)
+        return await super().publish(
+            subject, payload, timeout=timeout, stream=stream, headers=headers, msg_ttl=msg_ttl
+        )
 
 
 class Bus:
@@ -159,15 +221,24 @@ class Bus:
     async def __aenter__(self) -> Bus:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, timeout_s: float = 3.0,
-                      on_state: Callable[[bool], None] | None = None, replicas: int = 1) -> Bus:
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        timeout_s: float = 3.0,
+        on_state: Callable[[bool], None] | None = None,
+        replicas: int = 1,
+    ) -> Bus:
         """`url` may list several servers, comma-separated (a cluster's nodes): the client connects to
         one and fails over to the others. `replicas` is used when streams and buckets are declared."""
+
         async def disconnected() -> None:
             log.warning("nats disconnected")
             if on_state:
@@ -182,10 +253,19 @@ class Bus:
             log.debug("nats error: %s", e)
 
         servers = [u.strip() for u in url.split(",") if u.strip()]
-        nc = await nats.connect(servers, name=name, connect_timeout=timeout_s, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.25, ping_interval=5, max_outstanding_pings=3,
-                                disconnected_cb=disconnected, reconnected_cb=reconnected,
-                                error_cb=error_cb, pending_size=64 * 1024 * 1024)
+        nc = await nats.connect(
+            servers,
+            name=name,
+            connect_timeout=timeout_s,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error_cb,
+            pending_size=64 * 1024 * 1024,
+        )
         return cls(nc, TracingJetStream(nc, timeout=timeout_s), timeout_s=timeout_s, replicas=replicas)
 
     async def close(self) -> None:
@@ -224,16 +304,25 @@ class Bus:
     # ---- turns -------------------------------------------------------------------------------
     async def publish_turn(self, req: busproto.TurnRequest, headers: dict[str, str] | None = None) -> None:
         """Awaits the JetStream ack; `Nats-Msg-Id` = turn_id makes a retried publish a no-op."""
-        await self.js.publish(subjects.turn_subject(req.session_id), busproto.bus_encoder.encode(req),
-                              timeout=self.timeout_s, headers={"Nats-Msg-Id": req.turn_id, **(headers or {})})
+        await self.js.publish(
+            subjects.turn_subject(req.session_id),
+            busproto.bus_encoder.encode(req),
+            timeout=self.timeout_s,
+            headers={"Nats-Msg-Id": req.turn_id, **(headers or {})},
+        )
 
     async def dead_letter(self, req: busproto.TurnRequest, reason: str) -> None:
-        await self.js.publish(subjects.dlq_subject(req.session_id), busproto.bus_encoder.encode(req),
-                              timeout=self.timeout_s,
-                              headers={"Nats-Msg-Id": "dlq-" + req.turn_id, "Tidewire-Reason": reason[:500]})
+        await self.js.publish(
+            subjects.dlq_subject(req.session_id),
+            busproto.bus_encoder.encode(req),
+            timeout=self.timeout_s,
+            headers={"Nats-Msg-Id": "dlq-" + req.turn_id, "Tidewire-Reason": reason[:500]},
+        )
 
     async def turn_subscription(self) -> JetStreamContext.PullSubscription:
-        return await self.js.pull_subscribe_bind(durable=subjects.TURNS_CONSUMER, stream=subjects.TURNS_STREAM)
+        return await self.js.pull_subscribe_bind(
+            durable=subjects.TURNS_CONSUMER, stream=subjects.TURNS_STREAM
+        )
 
     async def turn_queue_pending(self) -> int:
         waiting, unacked = await self.turn_queue_depth()
@@ -241,8 +330,9 @@ class Bus:
 
     async def turn_queue_depth(self) -> tuple[int, int]:
         """(turns not yet delivered to any orchestrator, turns delivered and not yet acked)."""
-        info = await self.js.consumer_info(subjects.TURNS_STREAM, subjects.TURNS_CONSUMER,
-                                           timeout=self.timeout_s)
+        info = await self.js.consumer_info(
+            subjects.TURNS_STREAM, subjects.TURNS_CONSUMER, timeout=self.timeout_s
+        )
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
     async def dead_lettered(self) -> int:
@@ -255,16 +345,25 @@ class Bus:
         await keep_cancel(self.nc.publish(subjects.session_subject(session_id), encode_events(raws)))
 
     async def subscribe_session(self, session_id: str, cb: Callable[[Msg], Awaitable[None]]) -> Any:
-        return await keep_cancel(self.nc.subscribe(subjects.session_subject(session_id), cb=cb,
-                                                    pending_msgs_limit=65536, pending_bytes_limit=64 * 1024 * 1024))
+        return await keep_cancel(
+            self.nc.subscribe(
+                subjects.session_subject(session_id),
+                cb=cb,
+                pending_msgs_limit=65536,
+                pending_bytes_limit=64 * 1024 * 1024,
+            )
+        )
 
     async def unsubscribe(self, sub: BusSubscription) -> None:
         await keep_cancel(sub.unsubscribe())
 
     # ---- cancellation ------------------------------------------------------------------------
     async def publish_cancel(self, msg: busproto.CancelTurn) -> None:
-        await keep_cancel(self.nc.publish(subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg),
-                                           headers=telemetry.inject() or None))
+        await keep_cancel(
+            self.nc.publish(
+                subjects.CANCEL_SUBJECT, busproto.bus_encoder.encode(msg), headers=telemetry.inject() or None
+            )
+        )
 
     async def subscribe_turn_cancels(self, cb: Callable[[BusMessage], Awaitable[None]]) -> BusSubscription:
         """Every `CancelTurn` published by any gateway (core NATS: a cancel for a turn this process
@@ -274,8 +373,12 @@ class Bus:
     # ---- analytics ---------------------------------------------------------------------------
     async def publish_analytics(self, record: busproto.TurnAnalytics, *, timeout_s: float) -> None:
         """Awaits the JetStream ack; deduplicated by turn id, so a retried publish is a no-op."""
-        await self.js.publish(subjects.ANALYTICS_SUBJECT, busproto.bus_encoder.encode(record), timeout=timeout_s,
-                              headers={"Nats-Msg-Id": "analytics-" + record.turn_id})
+        await self.js.publish(
+            subjects.ANALYTICS_SUBJECT,
+            busproto.bus_encoder.encode(record),
+            timeout=timeout_s,
+            headers={"Nats-Msg-Id": "analytics-" + record.turn_id},
+        )
 
     async def analytics_subscription(self) -> PullSubscription:
         """The analytics writers' durable pull consumer, declared (idempotently) then bound."""

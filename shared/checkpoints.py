@@ -34,6 +34,7 @@ AppendPolicy = Literal["queue", "interrupt", "reject", "ask"]
 class PolicyNeeded(Exception):
     """append_user with policy "ask" found a turn running: call again with the session's policy."""
 
+
 _SEQ_RE = b'"seq":0,'
 
 
@@ -172,7 +173,9 @@ end
 """
 
 # claim: -> {-1, msg_state} held by someone; {0, msg_state} nothing queued; {epoch, msg_state, snapshot...}
-_CLAIM = _SNAPSHOT + """
+_CLAIM = (
+    _SNAPSHOT
+    + """
 local msg_state = false
 if ARGV[5] ~= '' then msg_state = redis.call('HGET', KEYS[5], ARGV[5]) or false end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, msg_state} end
@@ -185,9 +188,12 @@ local out = {epoch, msg_state}
 for _, v in ipairs(snapshot(head)) do table.insert(out, v) end
 return out
 """
+)
 
 # finish (turn_id given) and next: -> {-3} stale; {0} session given up; {1, snapshot...}
-_FINISH_NEXT = _SNAPSHOT + """
+_FINISH_NEXT = (
+    _SNAPSHOT
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-3} end
 if ARGV[5] ~= '' then
   redis.call('LREM', KEYS[3], 1, ARGV[5])
@@ -206,6 +212,7 @@ local out = {1}
 for _, v in ipairs(snapshot(head)) do table.insert(out, v) end
 return out
 """
+)
 
 _TURN_KEYS = ("lease", "epoch", "pending", "turns", "tstate", "attempts", "cancelled", "state", "cmid")
 
@@ -258,9 +265,16 @@ def _int(v: object) -> int:
 def _snapshot(r: Sequence[object]) -> TurnSnapshot:
     head, req, ts, starts, failures, cancelled, state, user_seq = r
     cmid_entry = _bytes(user_seq)  # '<seq>:<turn_id>'
-    return TurnSnapshot(_bytes(req), _state(ts), _int(starts), _int(failures), bool(cancelled),
-                        turn_id=(_bytes(head) or b"").decode(), session_state=_bytes(state),
-                        user_seq=None if cmid_entry is None else int(cmid_entry.partition(b":")[0]))
+    return TurnSnapshot(
+        _bytes(req),
+        _state(ts),
+        _int(starts),
+        _int(failures),
+        bool(cancelled),
+        turn_id=(_bytes(head) or b"").decode(),
+        session_state=_bytes(state),
+        user_seq=None if cmid_entry is None else int(cmid_entry.partition(b":")[0]),
+    )
 
 
 @dataclass(frozen=True)
@@ -277,9 +291,15 @@ class Lease:
 class CheckpointStore:
     """Redis adapter for everything hot about a session. Business code receives this, not a client."""
 
-    def __init__(self, client: aioredis.Redis, *, ttl_s: float = 86_400,
-                 lease_client: aioredis.Redis | None = None, min_replicas: int = 0,
-                 replica_timeout_ms: int = 500) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        ttl_s: float = 86_400,
+        lease_client: aioredis.Redis | None = None,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 500,
+    ) -> None:
         self.redis = client
         # Redis replicates asynchronously: with min_replicas > 0 every write that a client may be
         # shown (a seq, an event, a lease epoch, a finished turn) is confirmed by WAIT on the same
@@ -302,15 +322,28 @@ class CheckpointStore:
         self.stale_rejections = 0
 
     @classmethod
-    def connect(cls, url: str, *, timeout_s: float = 3.0, ttl_s: float = 86_400,
-                max_connections: int = 64, min_replicas: int = 0) -> CheckpointStore:
+    def connect(
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 3.0,
+        ttl_s: float = 86_400,
+        max_connections: int = 64,
+        min_replicas: int = 0,
+    ) -> CheckpointStore:
         """A bounded pool: a burst of requests waits (up to the timeout) for a connection instead of
         opening one per request; Redis executes commands one at a time anyway."""
+
         def client(n: int) -> aioredis.Redis:
             return redis_connect.client(url, max_connections=n, timeout_s=timeout_s, health_check_interval=10)
 
-        return cls(client(max_connections), ttl_s=ttl_s, lease_client=client(2), min_replicas=min_replicas,
-                   replica_timeout_ms=int(timeout_s * 1000 / 3))
+        return cls(
+            client(max_connections),
+            ttl_s=ttl_s,
+            lease_client=client(2),
+            min_replicas=min_replicas,
+            replica_timeout_ms=int(timeout_s * 1000 / 3),
+        )
 
     async def _write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Runs a writing script; with `min_replicas`, in one pipeline with `WAIT` (same connection,
@@ -329,8 +362,10 @@ class CheckpointStore:
                     raise
                 await self.redis.script_load(script.script)  # a restarted or promoted server
         if int(acked) < self.min_replicas:
-            raise ReplicaLag(f"{acked} of {self.min_replicas} replicas confirmed a write within "
-                             f"{self.replica_timeout_ms} ms")
+            raise ReplicaLag(
+                f"{acked} of {self.min_replicas} replicas confirmed a write within "
+                f"{self.replica_timeout_ms} ms"
+            )
         return reply
 
     async def close(self) -> None:
@@ -361,10 +396,19 @@ class CheckpointStore:
         return bytes(entries[0][1][b"e"]) if entries else None
 
     # ---- user messages -----------------------------------------------------------------------
-    async def append_user(self, session_id: str, client_msg_id: str, turn_id: str, event: bytes,
-                          request: bytes, policy: AppendPolicy = "queue") -> UserAppend:
+    async def append_user(
+        self,
+        session_id: str,
+        client_msg_id: str,
+        turn_id: str,
+        event: bytes,
+        request: bytes,
+        policy: AppendPolicy = "queue",
+    ) -> UserAppend:
         keys = [rkey(session_id, k) for k in ("seq", "log", "cmid", "pending", "turns", "cancelled")]
-        r = await self._write(self._append_user, keys, [client_msg_id, turn_id, self.ttl_ms, event, request, policy])
+        r = await self._write(
+            self._append_user, keys, [client_msg_id, turn_id, self.ttl_ms, event, request, policy]
+        )
         code = int(r[0])
         if code == -1:
             raise SeedNeeded(session_id)
@@ -375,8 +419,9 @@ class CheckpointStore:
         if code == 0:
             seq_s, _, tid = (r[1].decode() if isinstance(r[1], bytes) else r[1]).partition(":")
             return UserAppend(int(seq_s), tid, True)
-        return UserAppend(int(r[1]), turn_id, False,
-                          tuple(x.decode() if isinstance(x, bytes) else str(x) for x in r[2:]))
+        return UserAppend(
+            int(r[1]), turn_id, False, tuple(x.decode() if isinstance(x, bytes) else str(x) for x in r[2:])
+        )
 
     async def user_seq(self, session_id: str, client_msg_id: str) -> int | None:
         v = await self.redis.hget(rkey(session_id, "cmid"), client_msg_id)
@@ -391,15 +436,20 @@ class CheckpointStore:
         return True
 
     # ---- assistant events (fenced) ----------------------------------------------------------
-    async def append(self, lease: Lease, events: Sequence[bytes], *, start_turn: str = "", hold: bool = False) -> int:
+    async def append(
+        self, lease: Lease, events: Sequence[bytes], *, start_turn: str = "", hold: bool = False
+    ) -> int:
         """Appends events atomically under the lease; returns the first seq allocated. With `hold`,
         readers (`read_visible`) see nothing from this batch on until `finish_turn`: a turn_end is
         checkpointed before its Postgres commit (so a crash in between still ends the turn once, by
         takeover) but must not be shown before the history has it."""
         sid = lease.session_id
         keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate", "hold")]
-        r = await self._write(self._append_events, keys, [lease.token, self.ttl_ms, start_turn, "1" if hold else "",
-                                                       len(events), *events])
+        r = await self._write(
+            self._append_events,
+            keys,
+            [lease.token, self.ttl_ms, start_turn, "1" if hold else "", len(events), *events],
+        )
         code = int(r[0])
         if code == -3:
             self.stale_rejections += 1
@@ -424,21 +474,27 @@ class CheckpointStore:
         turns, its lease (fencing epoch, takeover index) with a snapshot of the queue's head
         (request, state, starts counted, failures, cancel flag, session state, user seq)."""
         deadline = int(time.time() * 1000) + lease_ttl_ms
-        r = await self._write(self._claim, self._turn_keys(session_id),
-                              [owner, self.ttl_ms, lease_ttl_ms, session_id, turn_id, deadline, ""])
+        r = await self._write(
+            self._claim,
+            self._turn_keys(session_id),
+            [owner, self.ttl_ms, lease_ttl_ms, session_id, turn_id, deadline, ""],
+        )
         code, msg_state = _int(r[0]), _state(r[1])
         if code <= 0:
             return Claim(None, msg_state, None, held=code < 0)
         return Claim(Lease(session_id, owner, code), msg_state, _snapshot(r[2:]))
 
-    async def finish_and_next(self, lease: Lease, turn_id: str = "", status: str = "",
-                              session_state: bytes | None = None) -> TurnSnapshot | None:
+    async def finish_and_next(
+        self, lease: Lease, turn_id: str = "", status: str = "", session_state: bytes | None = None
+    ) -> TurnSnapshot | None:
         """One round trip, fenced: marks `turn_id` done (releasing its held turn_end and storing the
         session state), then returns the next queued turn, or gives the session up (None) when the
         queue is empty. Without `turn_id`, only the second half."""
-        r = await self._write(self._finish_next, self._turn_keys(lease.session_id),
-                                    [lease.token, self.ttl_ms, 0, lease.session_id, turn_id, status,
-                                          session_state or b""])
+        r = await self._write(
+            self._finish_next,
+            self._turn_keys(lease.session_id),
+            [lease.token, self.ttl_ms, 0, lease.session_id, turn_id, status, session_state or b""],
+        )
         code = int(r[0])
         if code == -3:
             self.stale_rejections += 1
@@ -450,10 +506,14 @@ class CheckpointStore:
         entries = await self.redis.xrange(rkey(session_id, "log"), min=f"{after + 1}-0", max="+", count=count)
         return [(int(eid.split(b"-")[0]), fields[b"e"]) for eid, fields in entries]
 
-    async def read_visible(self, session_id: str, after: int, count: int = 500) -> tuple[list[bytes], int | None]:
+    async def read_visible(
+        self, session_id: str, after: int, count: int = 500
+    ) -> tuple[list[bytes], int | None]:
         """Events after `after` that a client may see, and the held seq (a turn_end awaiting its
         Postgres commit) if the read stopped there; one round trip."""
-        r = await self._read_visible(keys=[rkey(session_id, "log"), rkey(session_id, "hold")], args=[after, count])
+        r = await self._read_visible(
+            keys=[rkey(session_id, "log"), rkey(session_id, "hold")], args=[after, count]
+        )
         held = int(r[0])
         return [bytes(raw) for raw in r[2::2]], (held if held >= 0 else None)
 
@@ -492,8 +552,13 @@ class CheckpointStore:
         if tstate is not None:
             kind, _, rest = tstate.decode().partition(":")
             state = (kind, rest)
-        return TurnSnapshot(None if request is None else bytes(request), state, int(starts), int(failures or 0),
-                            bool(cancelled))
+        return TurnSnapshot(
+            None if request is None else bytes(request),
+            state,
+            int(starts),
+            int(failures or 0),
+            bool(cancelled),
+        )
 
     async def record_failure(self, session_id: str, turn_id: str) -> int:
         """A run of the turn raised (a bug or a store failure), as opposed to its owner being killed."""
@@ -513,8 +578,9 @@ class CheckpointStore:
         """One round trip. The takeover index entry is refreshed even when the lease is refused: it
         is only a hint of when to look again, and the holder keeps refreshing it anyway."""
         async with self.redis.pipeline(transaction=False) as p:
-            await self._acquire(keys=[rkey(session_id, "lease"), rkey(session_id, "epoch")], args=[owner, ttl_ms],
-                                client=p)
+            await self._acquire(
+                keys=[rkey(session_id, "lease"), rkey(session_id, "epoch")], args=[owner, ttl_ms], client=p
+            )
             p.zadd(ACTIVE_LEASES, {session_id: int(time.time() * 1000) + ttl_ms})
             epoch, _ = await p.execute()
         return None if int(epoch) < 0 else Lease(session_id, owner, int(epoch))
@@ -529,15 +595,20 @@ class CheckpointStore:
         deadline = int(time.time() * 1000) + ttl_ms
         async with self.lease_redis.pipeline(transaction=False) as p:
             for lease in leases:
-                await self._renew(keys=[rkey(lease.session_id, "lease")], args=[lease.token, ttl_ms], client=p)
+                await self._renew(
+                    keys=[rkey(lease.session_id, "lease")], args=[lease.token, ttl_ms], client=p
+                )
             p.zadd(ACTIVE_LEASES, {lease.session_id: deadline for lease in leases})
             replies = await p.execute()
         return [bool(int(r)) for r in replies[:-1]]
 
     async def release(self, lease: Lease) -> bool:
         """Gives the session up only when its turn queue is empty (else the owner must go on)."""
-        r = int(await self._release(keys=[rkey(lease.session_id, "lease"), rkey(lease.session_id, "pending")],
-                                    args=[lease.token]))
+        r = int(
+            await self._release(
+                keys=[rkey(lease.session_id, "lease"), rkey(lease.session_id, "pending")], args=[lease.token]
+            )
+        )
         if r == 1:
             await self.redis.zrem(ACTIVE_LEASES, lease.session_id)
         return r != 0
@@ -549,7 +620,9 @@ class CheckpointStore:
     async def expired_leases(self, limit: int = 20) -> list[str]:
         """Sessions whose owner stopped renewing: candidates for takeover."""
         now = int(time.time() * 1000)
-        return [s.decode() for s in await self.redis.zrangebyscore(ACTIVE_LEASES, "-inf", now, start=0, num=limit)]
+        return [
+            s.decode() for s in await self.redis.zrangebyscore(ACTIVE_LEASES, "-inf", now, start=0, num=limit)
+        ]
 
     async def forget_active(self, session_id: str) -> None:
         await self.redis.zrem(ACTIVE_LEASES, session_id)
@@ -570,14 +643,17 @@ class CheckpointStore:
         sids = [s.decode() for s in await self.redis.zrange(ACTIVE_LEASES, 0, -1)]
         broken: list[str] = []
         for i in range(0, len(sids), 500):
-            chunk = sids[i:i + 500]
+            chunk = sids[i : i + 500]
             async with self.redis.pipeline(transaction=False) as p:
                 for sid in chunk:
                     p.get(rkey(sid, "lease"))
                 holders = await p.execute()
             for sid, holder in zip(chunk, holders, strict=True):
-                if holder is not None and holder.decode().rpartition(":")[0] == owner and \
-                        int(await self._break(keys=[rkey(sid, "lease")], args=[owner])):
+                if (
+                    holder is not None
+                    and holder.decode().rpartition(":")[0] == owner
+                    and int(await self._break(keys=[rkey(sid, "lease")], args=[owner]))
+                ):
                     broken.append(sid)
         return broken
 

@@ -40,7 +40,9 @@ class FacadeStore:
         return session_id
 
     # ---- per-turn records -------------------------------------------------------------------------
-    async def save_record(self, session_id: str, turn_id: str, record: bytes, *, replace: bool = False) -> bytes | None:
+    async def save_record(
+        self, session_id: str, turn_id: str, record: bytes, *, replace: bool = False
+    ) -> bytes | None:
         """Stores the turn's record unless one is there (`replace`: always). None when `record` was
         stored (or the one there vanished meanwhile), else the record already stored."""
         key = facade_record_key(session_id, turn_id)

@@ -85,7 +85,9 @@ class FlagResolver:
         # scopes in use, cached like a scope, stands for them (with 1,000 sessions the per-scope cache
         # missed on almost every turn: 1.9 flag queries per turn, PERF-LEDGER §1b).
         known = await self._scope(_SCOPES, self._list_scopes)
-        *lower, operator_session = await asyncio.gather(*(self._scope(s) if s in known else _none() for s in scopes))
+        *lower, operator_session = await asyncio.gather(
+            *(self._scope(s) if s in known else _none() for s in scopes)
+        )
         merged: dict[str, Any] = {}
         for layer in (*lower, dict(session_flags or {}), operator_session):
             for name, value in layer.items():
@@ -102,8 +104,9 @@ class FlagResolver:
     async def _list_scopes(self) -> dict[str, Any]:
         return dict.fromkeys(await self._source.flag_scopes(), True)
 
-    async def _scope(self, scope: str,
-                     fetch: Callable[[], Coroutine[Any, Any, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    async def _scope(
+        self, scope: str, fetch: Callable[[], Coroutine[Any, Any, dict[str, Any]]] | None = None
+    ) -> dict[str, Any]:
         """One query per scope at a time, shared by every caller that misses the cache. The query is a
         task of the resolver's own, not of its first caller: a caller cancelled mid-query (its runner
         lost the lease) must not leave a future that nobody will ever resolve, which once wedged every

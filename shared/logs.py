@@ -17,7 +17,9 @@ import sys
 import time
 from collections.abc import Callable
 
-_SECRET_KEYS = r"access_token|refresh_token|id_token|token|api_key|apikey|password|passwd|secret|client_secret"
+_SECRET_KEYS = (
+    r"access_token|refresh_token|id_token|token|api_key|apikey|password|passwd|secret|client_secret"
+)
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -41,7 +43,10 @@ _Repl = str | Callable[[re.Match[str]], str]
 
 _SCRUBBERS: list[tuple[re.Pattern[str], _Repl]] = [
     (re.compile(rf"(?i)\b({_SECRET_KEYS})=[^&\s\"']+"), r"\1=[redacted]"),
-    (re.compile(rf"(?i)(\"(?:{_SECRET_KEYS}|authorization)\"\s*:\s*)\"(?:[^\"\\]|\\.)*\""), r'\1"[redacted]"'),
+    (
+        re.compile(rf"(?i)(\"(?:{_SECRET_KEYS}|authorization)\"\s*:\s*)\"(?:[^\"\\]|\\.)*\""),
+        r'\1"[redacted]"',
+    ),
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
     (re.compile(r"(?i)\bbasic\s+[A-Za-z0-9+/=]{8,}"), "Basic [redacted]"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}(?:\.[A-Za-z0-9_-]*)?"), "[jwt]"),
@@ -103,7 +108,12 @@ def setup(service: str, level: str = "INFO", *, message_text: bool | None = None
     """`message_text=None` reads `TIDEWIRE_LOG_MESSAGE_TEXT` (off unless 1 / true / yes / on)."""
     global _log_message_text
     if message_text is None:
-        message_text = os.environ.get("TIDEWIRE_LOG_MESSAGE_TEXT", "").strip().lower() in ("1", "true", "yes", "on")
+        message_text = os.environ.get("TIDEWIRE_LOG_MESSAGE_TEXT", "").strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
     _log_message_text = message_text
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))

@@ -47,9 +47,10 @@ class MediaObjects:
         try:
             objects = await bus.js.object_store(subjects.MEDIA_BUCKET)
         except BucketNotFoundError:
-            objects = await bus.js.create_object_store(subjects.MEDIA_BUCKET,
-                                                       config=media_store_config(ttl_s=ttl_s, max_bytes=max_bytes,
-                                                                                 replicas=bus.replicas))
+            objects = await bus.js.create_object_store(
+                subjects.MEDIA_BUCKET,
+                config=media_store_config(ttl_s=ttl_s, max_bytes=max_bytes, replicas=bus.replicas),
+            )
         return cls(objects, timeout_s=timeout_s)
 
     async def put(self, name: str, data: bytes, *, description: str) -> None:

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 __all__ = [
-    "Exposition", "Histogram", "Labels", "PromTextError", "Sample", "histogram_quantile", "merge", "parse",
+    "Exposition",
+    "Histogram",
+    "Labels",
+    "PromTextError",
+    "Sample",
+    "histogram_quantile",
+    "merge",
+    "parse",
 ]
 
 Labels = tuple[tuple[str, str], ...]  # sorted by label name
@@ -109,7 +116,7 @@ def _parse_sample(line: str, lineno: int) -> Sample:
         end = _label_end(line, pos + 1)
         if end < 0:
             raise PromTextError(f"line {lineno}: unterminated label set in {line!r}")
-        labels = _parse_labels(line[pos + 1:end], lineno)
+        labels = _parse_labels(line[pos + 1 : end], lineno)
         pos = end + 1
     rest = line[pos:].split()
     if not rest or len(rest) > 2 or (pos < len(line) and not line[pos].isspace()):
@@ -139,8 +146,11 @@ class Histogram:
         if before is None:
             return self
         prev = dict(before.buckets)
-        return Histogram(tuple((b, c - prev.get(b, 0.0)) for b, c in self.buckets),
-                         self.sum - before.sum, self.count - before.count)
+        return Histogram(
+            tuple((b, c - prev.get(b, 0.0)) for b, c in self.buckets),
+            self.sum - before.sum,
+            self.count - before.count,
+        )
 
     @property
     def mean(self) -> float:
@@ -206,8 +216,9 @@ class Exposition:
             acc[bound] = acc.get(bound, 0.0) + s.value
         if not acc:
             return None
-        return Histogram(tuple(sorted(acc.items())), self._sum(name + "_sum", match),
-                         self._sum(name + "_count", match))
+        return Histogram(
+            tuple(sorted(acc.items())), self._sum(name + "_sum", match), self._sum(name + "_count", match)
+        )
 
 
 def parse(text: str, *, strict: bool = True) -> Exposition:

@@ -85,9 +85,16 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
         raise ValueError(f"sentinel URL without a master name (…/<name>): {url!r}")
     options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     db = int(options.pop("db", db_in_path or "0"))
-    return SentinelTarget(sentinels=tuple(sentinels), master_name=master, db=db, username=username,
-                          password=password, ssl=scheme.lower().startswith("rediss"),
-                          sentinel_password=options.pop("sentinel_password", None), options=options)
+    return SentinelTarget(
+        sentinels=tuple(sentinels),
+        master_name=master,
+        db=db,
+        username=username,
+        password=password,
+        ssl=scheme.lower().startswith("rediss"),
+        sentinel_password=options.pop("sentinel_password", None),
+        options=options,
+    )
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):  # type: ignore[misc]
@@ -123,18 +130,28 @@ class SentinelRedis(CancelSafeRedis):
             self.sentinel = None
 
 
-def _sentinel_client(target: SentinelTarget, *, max_connections: int, timeout_s: float,
-                     health_check_interval: float, blocking: bool) -> SentinelRedis:
+def _sentinel_client(
+    target: SentinelTarget,
+    *,
+    max_connections: int,
+    timeout_s: float,
+    health_check_interval: float,
+    blocking: bool,
+) -> SentinelRedis:
     timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     sentinel_kwargs: dict[str, Any] = dict(timeouts)
     if target.sentinel_password:
         sentinel_kwargs["password"] = target.sentinel_password
     manager = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
-    kwargs: dict[str, Any] = {**timeouts, "db": target.db, "max_connections": max_connections,
-                              "health_check_interval": health_check_interval,
-                              # PING each new connection: a server that accepts but is not the primary
-                              # any more (or still loading) is found before a command is sent on it
-                              "check_connection": True}
+    kwargs: dict[str, Any] = {
+        **timeouts,
+        "db": target.db,
+        "max_connections": max_connections,
+        "health_check_interval": health_check_interval,
+        # PING each new connection: a server that accepts but is not the primary
+        # any more (or still loading) is found before a command is sent on it
+        "check_connection": True,
+    }
     if target.username:
         kwargs["username"] = target.username
     if target.password:
@@ -144,37 +161,59 @@ def _sentinel_client(target: SentinelTarget, *, max_connections: int, timeout_s:
     if blocking:
         kwargs["timeout"] = timeout_s  # waiting for a free connection of the pool
     pool_class = BlockingSentinelConnectionPool if blocking else SentinelConnectionPool
-    redis = manager.master_for(target.master_name, redis_class=SentinelRedis,
-                               connection_pool_class=pool_class, **kwargs)
+    redis = manager.master_for(
+        target.master_name, redis_class=SentinelRedis, connection_pool_class=pool_class, **kwargs
+    )
     assert isinstance(redis, SentinelRedis)
     redis.sentinel = manager
     return redis
 
 
-def client(url: str, *, max_connections: int = 64, timeout_s: float = 3.0,
-           health_check_interval: float = 10.0, blocking: bool = True) -> aioredis.Redis:
+def client(
+    url: str,
+    *,
+    max_connections: int = 64,
+    timeout_s: float = 3.0,
+    health_check_interval: float = 10.0,
+    blocking: bool = True,
+) -> aioredis.Redis:
     """A client for `url` that owns its pool (`aclose()` releases it).
 
     Same settings for a plain and a Sentinel URL: at most `max_connections` connections, a burst waits
     up to `timeout_s` for one (`blocking`), `timeout_s` on connect and on every reply, an idle
     connection is PINGed before use after `health_check_interval` s. No command is retried."""
     if is_sentinel_url(url):
-        return _sentinel_client(parse_sentinel_url(url), max_connections=max_connections,
-                                timeout_s=timeout_s, health_check_interval=health_check_interval,
-                                blocking=blocking)
+        return _sentinel_client(
+            parse_sentinel_url(url),
+            max_connections=max_connections,
+            timeout_s=timeout_s,
+            health_check_interval=health_check_interval,
+            blocking=blocking,
+        )
     pool_class = BlockingConnectionPool if blocking else aioredis.ConnectionPool
     extra: dict[str, Any] = {"timeout": timeout_s} if blocking else {}
-    pool = pool_class.from_url(url, max_connections=max_connections, socket_timeout=timeout_s,
-                               socket_connect_timeout=timeout_s,
-                               health_check_interval=health_check_interval, **extra)
+    pool = pool_class.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=health_check_interval,
+        **extra,
+    )
     return CancelSafeRedis.from_pool(pool)
 
 
-def connection_pool(url: str, *, max_connections: int = 64, timeout_s: float = 3.0,
-                    health_check_interval: float = 10.0) -> aioredis.ConnectionPool:
+def connection_pool(
+    url: str, *, max_connections: int = 64, timeout_s: float = 3.0, health_check_interval: float = 10.0
+) -> aioredis.ConnectionPool:
     """The blocking pool alone, for callers that build `Redis(connection_pool=...)` themselves (as
     `CheckpointStore.connect` does). With a Sentinel URL the pool keeps a reference to its Sentinel
     manager, whose own connections are closed by `client(...).aclose()` only: prefer `client`."""
-    redis = client(url, max_connections=max_connections, timeout_s=timeout_s,
-                   health_check_interval=health_check_interval, blocking=True)
+    redis = client(
+        url,
+        max_connections=max_connections,
+        timeout_s=timeout_s,
+        health_check_interval=health_check_interval,
+        blocking=True,
+    )
     return redis.connection_pool

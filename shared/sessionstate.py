@@ -39,7 +39,9 @@ async def invalidate(checkpoints: CheckpointStore, session_id: str) -> None:
 
 
 class SessionStore:
-    def __init__(self, checkpoints: CheckpointStore | Any, eventlog: EventLog, *, ttl_s: float, window: int) -> None:
+    def __init__(
+        self, checkpoints: CheckpointStore | Any, eventlog: EventLog, *, ttl_s: float, window: int
+    ) -> None:
         """Built from the CheckpointStore (whose Redis holds the state beside the session's other keys);
         a Redis client is still accepted."""
         self._redis = checkpoints.redis if isinstance(checkpoints, CheckpointStore) else checkpoints
@@ -48,7 +50,9 @@ class SessionStore:
         self._window = window
         self.rebuilds = 0
 
-    async def load(self, session_id: str, subject: str, *, stored: bytes | None | object = _READ) -> SessionState:
+    async def load(
+        self, session_id: str, subject: str, *, stored: bytes | None | object = _READ
+    ) -> SessionState:
         """The stored state (`stored`: already read, e.g. in the turn's claim; None: known absent),
         or one rebuilt from the event log."""
         raw = await self._redis.get(rkey(session_id, "state")) if stored is _READ else stored
@@ -62,17 +66,20 @@ class SessionStore:
     async def rebuild(self, session_id: str, subject: str) -> SessionState:
         self.rebuilds += 1
         rows = await self._eventlog.window(session_id, self._window)
-        window = [ChatMessage(role="user" if role == "user" else "assistant", text=text, turn_id=turn_id, seq=seq)
-                  for seq, role, text, turn_id in rows]
+        window = [
+            ChatMessage(role="user" if role == "user" else "assistant", text=text, turn_id=turn_id, seq=seq)
+            for seq, role, text, turn_id in rows
+        ]
         row = await self._eventlog.get_session(session_id)
-        state = SessionState(session_id=session_id, subject=subject, window=window,
-                             flags=dict(row.flags) if row else {})
+        state = SessionState(
+            session_id=session_id, subject=subject, window=window, flags=dict(row.flags) if row else {}
+        )
         await self.save(state)
         return state
 
     def encode(self, state: SessionState) -> bytes:
         """What `save` stores (the window trimmed); the turn path stores it in its finish step."""
-        state.window = state.window[-self._window:]
+        state.window = state.window[-self._window :]
         return _encoder.encode(state)
 
     async def save(self, state: SessionState) -> None:

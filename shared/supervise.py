@@ -34,8 +34,12 @@ def _register() -> None:
     if _registered:
         return
     _registered = True
-    telemetry.observe("tidewire_background_failures", lambda: [({"loop": k}, v) for k, v in _failures.items()],
-                      kind="counter", description="Failed steps of supervised background loops, by loop")
+    telemetry.observe(
+        "tidewire_background_failures",
+        lambda: [({"loop": k}, v) for k, v in _failures.items()],
+        kind="counter",
+        description="Failed steps of supervised background loops, by loop",
+    )
 
 
 class _Reporter:
@@ -55,9 +59,15 @@ class _Reporter:
         self.last, self.suppressed = now, 0
 
 
-async def supervised(name: str, step: Callable[[], Awaitable[object]], *, every_s: float,
-                     max_backoff_s: float = 5.0, quiet_s: float = 30.0,
-                     logger: logging.Logger | None = None) -> None:
+async def supervised(
+    name: str,
+    step: Callable[[], Awaitable[object]],
+    *,
+    every_s: float,
+    max_backoff_s: float = 5.0,
+    quiet_s: float = 30.0,
+    logger: logging.Logger | None = None,
+) -> None:
     """Runs `step()` every `every_s` seconds (measured from the end of the previous step) for ever."""
     _register()
     _failures.setdefault(name, 0)  # served at 0 from the start, so an alert can rely on it
@@ -86,11 +96,15 @@ def report_failure(name: str, exc: BaseException, logger: logging.Logger | None 
 
 # ---- named retry policies for single idempotent calls ------------------------------------------
 
+
 def store_read_retry(attempts: int = 3) -> AsyncRetrying:
     """A read of a store that may blip (Redis failover, a Postgres reconnect): idempotent only."""
-    return AsyncRetrying(retry=retry_if_exception_type((ConnectionError, OSError, TimeoutError)),
-                         stop=stop_after_attempt(attempts), wait=wait_exponential_jitter(initial=0.05, max=1.0),
-                         reraise=True)
+    return AsyncRetrying(
+        retry=retry_if_exception_type((ConnectionError, OSError, TimeoutError)),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential_jitter(initial=0.05, max=1.0),
+        reraise=True,
+    )
 
 
 def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:

@@ -55,14 +55,49 @@ from shared.config import from_env
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TelemetrySettings", "setup", "flush", "tracer", "meter", "inject", "extract", "context_of",
-    "record_span", "observe_stage", "observe", "render_prometheus", "TraceContextFilter",
-    "JsonLinesSpanExporter", "LATENCY_BUCKETS_S", "PROMETHEUS_CONTENT_TYPE", "SpanKind", "trace_id_of",
+    "TelemetrySettings",
+    "setup",
+    "flush",
+    "tracer",
+    "meter",
+    "inject",
+    "extract",
+    "context_of",
+    "record_span",
+    "observe_stage",
+    "observe",
+    "render_prometheus",
+    "TraceContextFilter",
+    "JsonLinesSpanExporter",
+    "LATENCY_BUCKETS_S",
+    "PROMETHEUS_CONTENT_TYPE",
+    "SpanKind",
+    "trace_id_of",
 ]
 
 # Seconds; fine at the low end (a token hop is milliseconds), coarse past the SLO (seconds).
-LATENCY_BUCKETS_S: Sequence[float] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35,
-                                      0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS_S: Sequence[float] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.35,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 tracer: trace.Tracer = trace.get_tracer("tidewire")  # a proxy until setup() installs the SDK provider
 
@@ -99,8 +134,10 @@ def setup(service: str, instance: str = "", settings: TelemetrySettings | None =
         attrs: dict[str, Any] = {"service.name": service, "service.namespace": "tidewire"}
         if instance:
             attrs["service.instance.id"] = instance
-        provider = TracerProvider(resource=Resource.create(attrs),
-                                  sampler=ParentBased(TraceIdRatioBased(max(0.0, min(1.0, s.trace_sample_ratio)))))
+        provider = TracerProvider(
+            resource=Resource.create(attrs),
+            sampler=ParentBased(TraceIdRatioBased(max(0.0, min(1.0, s.trace_sample_ratio)))),
+        )
         for exporter, delay_ms in _exporters(service, s):
             provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=delay_ms))
         trace.set_tracer_provider(provider)
@@ -120,8 +157,10 @@ def _exporters(service: str, s: TelemetrySettings) -> list[tuple[SpanExporter, f
                 OTLPSpanExporter,
             )
         except ImportError:
-            log.error("TIDEWIRE_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp-proto-http is not "
-                      "installed: traces are not exported")
+            log.error(
+                "TIDEWIRE_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp-proto-http is not "
+                "installed: traces are not exported"
+            )
         else:
             out.append((OTLPSpanExporter(endpoint=endpoint, timeout=s.otlp_timeout_s), 1000.0))
     if kind == "console":
@@ -211,8 +250,15 @@ def trace_id_of(span: Span) -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
-def record_span(name: str, start_ns: int, end_ns: int, *, parent: Context | None = None,
-                attributes: Mapping[str, Any] | None = None, kind: SpanKind = SpanKind.INTERNAL) -> None:
+def record_span(
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    *,
+    parent: Context | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> None:
     """A span for an interval already measured (a queue wait, a stage timed with `time.time_ns`)."""
     span = tracer.start_span(name, context=parent, kind=kind, attributes=attributes, start_time=start_ns)
     span.end(end_time=max(start_ns, end_ns))
@@ -244,9 +290,11 @@ def observe_stage(stage: str, seconds: float) -> None:
     global _stage_hist
     if _stage_hist is None:
         _stage_hist = meter().create_histogram(
-            "tidewire_turn_stage_seconds", unit="s",
+            "tidewire_turn_stage_seconds",
+            unit="s",
             description="Duration of each stage on the way to a turn's first token",
-            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+        )
     attrs = _stage_attrs.get(stage)
     if attrs is None:
         attrs = _stage_attrs.setdefault(stage, {"stage": stage})
@@ -258,8 +306,9 @@ _observed: dict[str, Callable[[], ObservedValue]] = {}
 _failing: set[str] = set()
 
 
-def observe(name: str, fn: Callable[[], ObservedValue], *, kind: str = "gauge", description: str = "",
-            unit: str = "") -> None:
+def observe(
+    name: str, fn: Callable[[], ObservedValue], *, kind: str = "gauge", description: str = "", unit: str = ""
+) -> None:
     """Exposes a value the process already keeps, read only when metrics are collected.
 
     `kind` is "gauge" or "counter" (monotonic). `fn` returns a number or (attributes, value) pairs.
@@ -324,7 +373,9 @@ def render_prometheus(extra: Iterable[tuple[str, str, float | int]] = ()) -> str
     out: list[str] = []
     seen: set[str] = set()
     data = _reader.get_metrics_data()
-    metrics = [m for rm in (data.resource_metrics if data else []) for sm in rm.scope_metrics for m in sm.metrics]
+    metrics = [
+        m for rm in (data.resource_metrics if data else []) for sm in rm.scope_metrics for m in sm.metrics
+    ]
     for m in sorted(metrics, key=lambda m: m.name):
         if m.name in seen:
             continue
@@ -346,7 +397,9 @@ def render_prometheus(extra: Iterable[tuple[str, str, float | int]] = ()) -> str
                 cumulative = 0
                 for bound, n in zip(h.explicit_bounds, h.bucket_counts, strict=False):
                     cumulative += n
-                    out.append(f"{m.name}_bucket{_labels(h.attributes, ('le', _fmt(float(bound))))} {cumulative}")
+                    out.append(
+                        f"{m.name}_bucket{_labels(h.attributes, ('le', _fmt(float(bound))))} {cumulative}"
+                    )
                 out.append(f"{m.name}_bucket{_labels(h.attributes, ('le', '+Inf'))} {h.count}")
                 out.append(f"{m.name}_sum{_labels(h.attributes)} {_fmt(h.sum)}")
                 out.append(f"{m.name}_count{_labels(h.attributes)} {h.count}")
@@ -383,5 +436,3 @@ def _install_log_filter() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, TraceContextFilter) for f in handler.filters):
             handler.addFilter(TraceContextFilter())
-
-

@@ -112,8 +112,15 @@ class KeyRing:
 class Verifier:
     """Verifies bearer tokens against a key ring (re-reading the JWKS file when it changes)."""
 
-    def __init__(self, secret: str | None, *, issuer: str, audience: str, jwks_file: str = "",
-                 leeway_s: float = LEEWAY_S) -> None:
+    def __init__(
+        self,
+        secret: str | None,
+        *,
+        issuer: str,
+        audience: str,
+        jwks_file: str = "",
+        leeway_s: float = LEEWAY_S,
+    ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
@@ -156,8 +163,15 @@ class Verifier:
             raise Unauthorized(f"invalid token: {e}") from e
         key = self.ring.key_for(header)
         try:
-            claims = jwt.decode(token, key.material, algorithms=[key.algorithm], audience=self.audience,
-                                issuer=self.issuer, leeway=self.leeway_s, options={"require": REQUIRED_CLAIMS})
+            claims = jwt.decode(
+                token,
+                key.material,
+                algorithms=[key.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway_s,
+                options={"require": REQUIRED_CLAIMS},
+            )
         except jwt.ExpiredSignatureError as e:
             raise Unauthorized("token expired") from e
         except jwt.ImmatureSignatureError as e:
@@ -167,22 +181,41 @@ class Verifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
             raise Unauthorized("token subject must be a non-empty string")
-        return Claims(subject=sub, expires_at=float(claims["exp"]), issuer=str(claims["iss"]),
-                      key_id=key.kid, algorithm=key.algorithm)
+        return Claims(
+            subject=sub,
+            expires_at=float(claims["exp"]),
+            issuer=str(claims["iss"]),
+            key_id=key.kid,
+            algorithm=key.algorithm,
+        )
 
 
-def mint(subject: str, secret: Any, *, issuer: str = "tidewire", audience: str = "tidewire",
-         ttl_s: float = 7 * 86400, algorithm: str = "HS256", kid: str | None = None,
-         not_before_s: float | None = None) -> str:
+def mint(
+    subject: str,
+    secret: Any,
+    *,
+    issuer: str = "tidewire",
+    audience: str = "tidewire",
+    ttl_s: float = 7 * 86400,
+    algorithm: str = "HS256",
+    kid: str | None = None,
+    not_before_s: float | None = None,
+) -> str:
     """A token for `subject`. `secret` is the HS256 secret, or a private key for RS256 / ES256."""
     now = int(time.time())
     nbf = now - 1 if not_before_s is None else int(not_before_s)
     headers = {"kid": kid} if kid else None
-    return jwt.encode({"sub": subject, "iss": issuer, "aud": audience, "iat": now, "nbf": nbf,
-                       "exp": now + int(ttl_s)}, secret, algorithm=algorithm, headers=headers)
+    return jwt.encode(
+        {"sub": subject, "iss": issuer, "aud": audience, "iat": now, "nbf": nbf, "exp": now + int(ttl_s)},
+        secret,
+        algorithm=algorithm,
+        headers=headers,
+    )
 
 
-def verify(token: str, secret: str, *, issuer: str = "tidewire", audience: str = "tidewire") -> tuple[str, float]:
+def verify(
+    token: str, secret: str, *, issuer: str = "tidewire", audience: str = "tidewire"
+) -> tuple[str, float]:
     """HS256 only, with the shared secret. Returns (subject, expiry as unix time)."""
     claims = Verifier(secret, issuer=issuer, audience=audience).verify(token)
     return claims.subject, claims.expires_at

@@ -120,23 +120,55 @@ class ToolCatalogue(Generic[DefT]):
 # ---- the built-in tools ---------------------------------------------------------------------
 
 CLOCK: ToolDef[toolproto.ClockArgs] = ToolDef(
-    name="clock", description="Current date and time. Use for any question about the time or date now.",
-    args=toolproto.ClockArgs, max_seconds=2.0, idempotent=True, pool="fast")
+    name="clock",
+    description="Current date and time. Use for any question about the time or date now.",
+    args=toolproto.ClockArgs,
+    max_seconds=2.0,
+    idempotent=True,
+    pool="fast",
+)
 CALCULATOR: ToolDef[toolproto.CalculatorArgs] = ToolDef(
-    name="calculator", description="Evaluates arithmetic exactly: numbers, + - * / // % ** and parentheses.",
-    args=toolproto.CalculatorArgs, max_seconds=2.0, idempotent=True, pool="fast")
+    name="calculator",
+    description="Evaluates arithmetic exactly: numbers, + - * / // % ** and parentheses.",
+    args=toolproto.CalculatorArgs,
+    max_seconds=2.0,
+    idempotent=True,
+    pool="fast",
+)
 SLOW_LOOKUP: ToolDef[toolproto.SlowLookupArgs] = ToolDef(
-    name="slow_lookup", description="Looks something up in a slow knowledge base (takes a few seconds).",
-    args=toolproto.SlowLookupArgs, max_seconds=8.0, idempotent=True, pool="slow")
+    name="slow_lookup",
+    description="Looks something up in a slow knowledge base (takes a few seconds).",
+    args=toolproto.SlowLookupArgs,
+    max_seconds=8.0,
+    idempotent=True,
+    pool="slow",
+)
 HTTP_GET: ToolDef[toolproto.HttpGetArgs] = ToolDef(
-    name="http_get", description="Fetches a web page (text) from an allowed host.",
-    args=toolproto.HttpGetArgs, max_seconds=15.0, idempotent=True, pool="net")
+    name="http_get",
+    description="Fetches a web page (text) from an allowed host.",
+    args=toolproto.HttpGetArgs,
+    max_seconds=15.0,
+    idempotent=True,
+    pool="net",
+)
 FLAKY: ToolDef[toolproto.FlakyArgs] = ToolDef(
-    name="flaky", description="TEST TOOL: fails transiently a few times, then succeeds.",
-    args=toolproto.FlakyArgs, max_seconds=10.0, idempotent=True, pool="fast", test_only=True)
+    name="flaky",
+    description="TEST TOOL: fails transiently a few times, then succeeds.",
+    args=toolproto.FlakyArgs,
+    max_seconds=10.0,
+    idempotent=True,
+    pool="fast",
+    test_only=True,
+)
 SEND_EMAIL: ToolDef[toolproto.SendEmailArgs] = ToolDef(
-    name="send_email", description="TEST TOOL: sends an email (simulated; not idempotent).",
-    args=toolproto.SendEmailArgs, max_seconds=10.0, idempotent=False, pool="slow", test_only=True)
+    name="send_email",
+    description="TEST TOOL: sends an email (simulated; not idempotent).",
+    args=toolproto.SendEmailArgs,
+    max_seconds=10.0,
+    idempotent=False,
+    pool="slow",
+    test_only=True,
+)
 
 BUILTIN: tuple[ToolDef[Any], ...] = (CLOCK, CALCULATOR, SLOW_LOOKUP, HTTP_GET, FLAKY, SEND_EMAIL)
 

@@ -55,12 +55,17 @@ class ToolBus:
         """Queues the job (retried with `tool_publish_retry`); True if JetStream already had it."""
         payload = busproto.bus_encoder.encode(job)
         ack: PubAck = await tool_publish_retry()(
-            self._bus.js.publish, subjects.tool_subject(pool), payload, timeout=timeout_s,
+            self._bus.js.publish,
+            subjects.tool_subject(pool),
+            payload,
+            timeout=timeout_s,
             headers={"Nats-Msg-Id": key},
         )
         return bool(ack.duplicate)
 
-    async def subscribe_results(self, on_result: Callable[[busproto.ToolResultMsg], Awaitable[None]]) -> BusSubscription:
+    async def subscribe_results(
+        self, on_result: Callable[[busproto.ToolResultMsg], Awaitable[None]]
+    ) -> BusSubscription:
         """Every tool result addressed to any turn (`tw.toolresult.>`)."""
 
         async def cb(msg: BusMessage) -> None:
@@ -71,8 +76,12 @@ class ToolBus:
                 return
             await on_result(res)
 
-        return await self._bus.nc.subscribe(subjects.tool_result_subject(">"), cb=cb, pending_msgs_limit=65_536,
-                                            pending_bytes_limit=64 * 1024 * 1024)
+        return await self._bus.nc.subscribe(
+            subjects.tool_result_subject(">"),
+            cb=cb,
+            pending_msgs_limit=65_536,
+            pending_bytes_limit=64 * 1024 * 1024,
+        )
 
     async def publish_cancel(self, cancel: busproto.ToolCancel) -> None:
         await self._bus.nc.publish(subjects.TOOL_CANCEL_SUBJECT, busproto.bus_encoder.encode(cancel))
@@ -81,13 +90,16 @@ class ToolBus:
     async def declare_pool(self, pool: str, *, ack_wait_s: float, max_deliver: int) -> None:
         """Creates or updates the pool's durable consumer (a change the server cannot apply in place
         is logged and the old consumer kept)."""
-        await self._bus.declare_consumer(subjects.TOOLS_STREAM,
-                                         tool_consumer_config(pool, ack_wait_s=ack_wait_s, max_deliver=max_deliver))
+        await self._bus.declare_consumer(
+            subjects.TOOLS_STREAM, tool_consumer_config(pool, ack_wait_s=ack_wait_s, max_deliver=max_deliver)
+        )
 
     async def pool_subscription(self, pool: str) -> PullSubscription:
         return await self._bus.pull_subscription(subjects.TOOLS_STREAM, subjects.tool_consumer(pool))
 
-    async def subscribe_cancels(self, on_cancel: Callable[[busproto.ToolCancel], Awaitable[None]]) -> BusSubscription:
+    async def subscribe_cancels(
+        self, on_cancel: Callable[[busproto.ToolCancel], Awaitable[None]]
+    ) -> BusSubscription:
         async def cb(msg: BusMessage) -> None:
             try:
                 cancel = _cancel_decoder.decode(msg.data)

@@ -87,8 +87,10 @@ class ServiceProcess:
             if (status == psutil.STATUS_STOPPED) == stopped or status == psutil.STATUS_ZOMBIE:
                 return
             if time.monotonic() >= deadline:
-                raise AssertionError(f"{self.name} (pid {self.pid}) not {'stopped' if stopped else 'running again'} "
-                                     f"{timeout:g} s after SIG{'STOP' if stopped else 'CONT'}; status: {status}")
+                raise AssertionError(
+                    f"{self.name} (pid {self.pid}) not {'stopped' if stopped else 'running again'} "
+                    f"{timeout:g} s after SIG{'STOP' if stopped else 'CONT'}; status: {status}"
+                )
             time.sleep(0.005)
 
     def log_text(self) -> str:

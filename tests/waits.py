@@ -31,16 +31,25 @@ def _short(value: object) -> str:
     return text if len(text) <= _REPR_CHARS else text[:_REPR_CHARS] + f"... ({len(text)} chars)"
 
 
-def _failure(what: str, timeout: float, tries: int, last: object, error: BaseException | None,
-             cut_off: bool = False) -> AssertionError:
-    seen = f"last error: {type(error).__name__}: {error}" if error is not None else f"last value: {_short(last)}"
+def _failure(
+    what: str, timeout: float, tries: int, last: object, error: BaseException | None, cut_off: bool = False
+) -> AssertionError:
+    seen = (
+        f"last error: {type(error).__name__}: {error}" if error is not None else f"last value: {_short(last)}"
+    )
     hung = f"; check {tries} was still running at the deadline" if cut_off else ""
     return AssertionError(f"{what} not true within {timeout:g} s ({tries} checks); {seen}{hung}")
 
 
-async def eventually(check: Callable[[], T | Awaitable[T]], *, timeout: float, what: str, interval: float = 0.05,
-                     ok: Callable[[T], bool] = bool,
-                     retry_on: tuple[type[BaseException], ...] = ()) -> T:
+async def eventually(
+    check: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    ok: Callable[[T], bool] = bool,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> T:
     """Calls `check()` (awaiting it when it returns an awaitable) every `interval` seconds until
     `ok(value)`; returns that value. Exceptions of the `retry_on` types count as "not yet" (and the
     last one is reported); any other exception fails at once. A single check that hangs is cut off
@@ -75,8 +84,15 @@ async def eventually(check: Callable[[], T | Awaitable[T]], *, timeout: float, w
         await asyncio.sleep(interval)
 
 
-def eventually_sync(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05,
-                    ok: Callable[[T], bool] = bool, retry_on: tuple[type[BaseException], ...] = ()) -> T:
+def eventually_sync(
+    check: Callable[[], T],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    ok: Callable[[T], bool] = bool,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> T:
     """`eventually` for synchronous code (blocks the calling thread between checks). A check that
     itself blocks must bound its own wait (e.g. an HTTP timeout)."""
     deadline = time.monotonic() + timeout
@@ -97,7 +113,9 @@ def eventually_sync(check: Callable[[], T], *, timeout: float, what: str, interv
         time.sleep(interval)
 
 
-async def within(awaitable: Awaitable[T], *, timeout: float, what: str, seen: Callable[[], object] | None = None) -> T:
+async def within(
+    awaitable: Awaitable[T], *, timeout: float, what: str, seen: Callable[[], object] | None = None
+) -> T:
     """`await awaitable`, failing after `timeout` seconds with a message naming `what` (and
     `seen()`, e.g. the frames received so far, when given)."""
     try:
@@ -122,27 +140,36 @@ def wait_process(popen: subprocess.Popen[Any], *, timeout: float, what: str, log
     try:
         return popen.wait(timeout)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"{what}: pid {popen.pid} still running after {timeout:g} s; "
-                             f"output ends with:\n{_output_tail(popen, log)}") from None
+        raise AssertionError(
+            f"{what}: pid {popen.pid} still running after {timeout:g} s; "
+            f"output ends with:\n{_output_tail(popen, log)}"
+        ) from None
 
 
 def frames_tail(frames: Sequence[object], n: int = 8) -> str:
     """The last `n` frames as `Type#seq` (the seq when the frame has one), for failure messages."""
-    return ", ".join(f"{type(f).__name__}{'#' + str(f.seq) if hasattr(f, 'seq') else ''}"
-                     for f in frames[-n:]) or "nothing"
+    return (
+        ", ".join(f"{type(f).__name__}{'#' + str(f.seq) if hasattr(f, 'seq') else ''}" for f in frames[-n:])
+        or "nothing"
+    )
 
 
-def run_process(args: Sequence[str], *, timeout: float, what: str, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+def run_process(
+    args: Sequence[str], *, timeout: float, what: str, **kwargs: Any
+) -> subprocess.CompletedProcess[Any]:
     """`subprocess.run(args, timeout=timeout, **kwargs)`, failing past the timeout with a message
     naming `what` and the tail of whatever output was captured (the child is killed by `run`)."""
     try:
         return subprocess.run(args, timeout=timeout, **kwargs)  # the caller checks returncode
     except subprocess.TimeoutExpired as exc:
+
         def tail(out: bytes | str | None) -> str:
             if out is None:
                 return "(not captured)"
             text = out.decode(errors="replace") if isinstance(out, bytes) else out
             return text[-3000:] or "(empty)"
 
-        raise AssertionError(f"{what}: {args[0]} ... still running after {timeout:g} s (killed); "
-                             f"stdout ends with:\n{tail(exc.stdout)}\nstderr ends with:\n{tail(exc.stderr)}") from None
+        raise AssertionError(
+            f"{what}: {args[0]} ... still running after {timeout:g} s (killed); "
+            f"stdout ends with:\n{tail(exc.stdout)}\nstderr ends with:\n{tail(exc.stderr)}"
+        ) from None

@@ -225,8 +225,9 @@ async def _first(aw: Awaitable[_T], stop: asyncio.Event) -> _T | None:
     return task.result() if task.done() and not task.cancelled() else None
 
 
-async def run_chat(base_url: str, token: str, session_id: str | None, delivery: str, *,
-                   turn_timeout_s: float = 600.0) -> None:
+async def run_chat(
+    base_url: str, token: str, session_id: str | None, delivery: str, *, turn_timeout_s: float = 600.0
+) -> None:
     """Runs the chat until `/quit`, Ctrl-C at the prompt, or end of input (after the last answer).
 
     With piped input a line whose answer has not ended after `turn_timeout_s` (the server is
@@ -324,8 +325,9 @@ async def run_chat(base_url: str, token: str, session_id: str | None, delivery: 
         screen.end_line()
 
 
-async def _command(line: str, tw: TidewireClient, screen: _Screen, quit_now: asyncio.Event,
-                   stop_turn: Any) -> None:
+async def _command(
+    line: str, tw: TidewireClient, screen: _Screen, quit_now: asyncio.Event, stop_turn: Any
+) -> None:
     name = line.split()[0]
     if name == "/quit":
         quit_now.set()
@@ -357,19 +359,32 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `tidewire chat` (argv excludes the subcommand)."""
     dev = _dev_defaults()
     parser = argparse.ArgumentParser(prog="tidewire chat", description="Chat with a Tidewire session.")
-    parser.add_argument("--url", default=dev.get("url") or os.environ.get("TIDEWIRE_URL"),
-                        help="gateway base URL, e.g. http://127.0.0.1:8080 (default: .tidewire/dev.json)")
-    parser.add_argument("--token", default=dev.get("token") or os.environ.get("TIDEWIRE_TOKEN"),
-                        help="bearer token (default: .tidewire/dev.json)")
+    parser.add_argument(
+        "--url",
+        default=dev.get("url") or os.environ.get("TIDEWIRE_URL"),
+        help="gateway base URL, e.g. http://127.0.0.1:8080 (default: .tidewire/dev.json)",
+    )
+    parser.add_argument(
+        "--token",
+        default=dev.get("token") or os.environ.get("TIDEWIRE_TOKEN"),
+        help="bearer token (default: .tidewire/dev.json)",
+    )
     parser.add_argument("--session", default=None, help="resume this session id (default: a new session)")
     parser.add_argument("--delivery", default="tokens", choices=("tokens", "phrases", "batched"))
-    parser.add_argument("--turn-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="with piped input, give up on an answer after this long (default: 600)")
+    parser.add_argument(
+        "--turn-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="with piped input, give up on an answer after this long (default: 600)",
+    )
     args = parser.parse_args(argv)
     if not args.url or not args.token:
         parser.error("no --url/--token given and no .tidewire/dev.json here (run `tidewire dev` first)")
     try:
-        asyncio.run(run_chat(args.url, args.token, args.session, args.delivery, turn_timeout_s=args.turn_timeout))
+        asyncio.run(
+            run_chat(args.url, args.token, args.session, args.delivery, turn_timeout_s=args.turn_timeout)
+        )
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except (TidewireError, ConnectionError, TimeoutError, aiohttp.ClientError) as e:

@@ -37,30 +37,47 @@ def cmd_dev(args: argparse.Namespace) -> int:
         port = args.port or int(os.environ.get("TIDEWIRE_HTTP_PORT", "0") or 0) or free_port()
         # Services get process groups of their own: a terminal's Ctrl-C reaches only us, and we stop
         # them in order. They still die with us (PR_SET_PDEATHSIG) if we are killed outright.
-        stack = Stack(infra_env={**endpoints.as_env(), "TIDEWIRE_JWT_SECRET": secret, "TIDEWIRE_DEV_MODE": "1"},
-                      log_dir=state / "logs", gateways=args.gateways, orchestrators=args.orchestrators,
-                      tool_workers=args.tool_workers, http_port=port, own_process_groups=True)
-        print(f"starting {args.gateways} gateway(s), {args.orchestrators} orchestrator(s), "
-              f"{args.tool_workers} tool worker(s)…", flush=True)
+        stack = Stack(
+            infra_env={**endpoints.as_env(), "TIDEWIRE_JWT_SECRET": secret, "TIDEWIRE_DEV_MODE": "1"},
+            log_dir=state / "logs",
+            gateways=args.gateways,
+            orchestrators=args.orchestrators,
+            tool_workers=args.tool_workers,
+            http_port=port,
+            own_process_groups=True,
+        )
+        print(
+            f"starting {args.gateways} gateway(s), {args.orchestrators} orchestrator(s), "
+            f"{args.tool_workers} tool worker(s)…",
+            flush=True,
+        )
         stack.start()
         token = tokens.mint("dev", secret)
         url = stack.url
         metrics = [f"{u}/metrics" for u in stack.gateway_urls] + [
-            f"http://127.0.0.1:{svc.env['port']}/metrics" for svc in stack.services
-            if svc.module != "gateway" and "port" in svc.env]
-        (state / "dev.json").write_text(json.dumps({"url": url, "token": token, "gateways": stack.gateway_urls,
-                                                    "metrics": metrics}, indent=2))
+            f"http://127.0.0.1:{svc.env['port']}/metrics"
+            for svc in stack.services
+            if svc.module != "gateway" and "port" in svc.env
+        ]
+        (state / "dev.json").write_text(
+            json.dumps(
+                {"url": url, "token": token, "gateways": stack.gateway_urls, "metrics": metrics}, indent=2
+            )
+        )
         supervisor = Supervisor(stack, status_path=state / "dev-status.json")
         others = "".join(f"\n  gateway      : {u}" for u in stack.gateway_urls[1:])
-        print(f"""
+        print(
+            f"""
 tidewire is up.
   browser page : {url}/?token={token}{others}
   terminal     : tidewire chat          (reads .tidewire/dev.json)
   dev token    : {token}
   WebSocket    : ws://127.0.0.1:{port}/v1/ws?access_token=<token>
-  logs         : {state / 'logs'}
+  logs         : {state / "logs"}
   status       : tidewire dev status    (or tidewire top)
-A service that exits is restarted (backoff 0.2 s doubling to 10 s). Ctrl-C stops everything.""", flush=True)
+A service that exits is restarted (backoff 0.2 s doubling to 10 s). Ctrl-C stops everything.""",
+            flush=True,
+        )
         supervisor.run(stop)
     finally:
         print("\nstopping (gateways, orchestrators, tool workers, then infrastructure)…", flush=True)
@@ -79,8 +96,10 @@ def cmd_dev_status(args: argparse.Namespace) -> int:
     path = Path(args.state_dir) / "dev-status.json"
     status = load_status(path)
     if status is None:
-        print(f"no {path}: `tidewire dev` is not running here (or has not started its services yet)",
-              file=sys.stderr)
+        print(
+            f"no {path}: `tidewire dev` is not running here (or has not started its services yet)",
+            file=sys.stderr,
+        )
         return 1
     print("\n".join(render_services(status)))
     return 0
@@ -116,11 +135,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     p = argparse.ArgumentParser(prog="tidewire", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    dev = sub.add_parser("dev", help="run infrastructure + gateways + orchestrators + tool workers, restarting "
-                                     "any that exits; `tidewire dev status` shows pids and restarts")
+    dev = sub.add_parser(
+        "dev",
+        help="run infrastructure + gateways + orchestrators + tool workers, restarting "
+        "any that exits; `tidewire dev status` shows pids and restarts",
+    )
     dev.add_argument("action", nargs="?", choices=("run", "status"), default="run")
     dev.add_argument("--state-dir", default=".tidewire")
-    dev.add_argument("--port", type=int, default=0, help="the first gateway's port (the others get free ports)")
+    dev.add_argument(
+        "--port", type=int, default=0, help="the first gateway's port (the others get free ports)"
+    )
     dev.add_argument("--gateways", type=_at_least(1), default=1)
     dev.add_argument("--orchestrators", type=_at_least(0), default=2)
     dev.add_argument("--tool-workers", type=_at_least(0), default=1)

@@ -89,8 +89,12 @@ class _ConnectionLost(Exception):
     """The connection ended before a request on it was answered (retried on the next one)."""
 
 
-def backoff_delay(attempt: int, base_s: float = 0.25, cap_s: float = 30.0,
-                  uniform: Callable[[float, float], float] = random.uniform) -> float:
+def backoff_delay(
+    attempt: int,
+    base_s: float = 0.25,
+    cap_s: float = 30.0,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> float:
     """Reconnect delay with full jitter: uniform in [0, min(cap, base * 2**attempt)].
 
     Full jitter spreads a crowd of clients dropped at the same moment (a gateway restart) over the
@@ -148,7 +152,7 @@ class TurnAssembler:
     def _extend(self, offset: int, text: str) -> None:
         end = offset + len(text)
         if end > self._len:
-            self._parts.append(text[self._len - offset:])
+            self._parts.append(text[self._len - offset :])
             self._len = end
             self._cache = None
 
@@ -184,10 +188,21 @@ class TidewireClient:
     `history()`.
     """
 
-    def __init__(self, base_url: str, token: str, *, session_id: str | None = None, delivery: str = "tokens",
-                 connect_timeout_s: float = 10, backoff_base_s: float = 0.25, backoff_cap_s: float = 30.0,
-                 heartbeat_s: float = 15.0, on_state: OnState | None = None,
-                 max_queued_events: int = EVENT_QUEUE_MAX, max_unacked: int = UNACKED_MAX) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        session_id: str | None = None,
+        delivery: str = "tokens",
+        connect_timeout_s: float = 10,
+        backoff_base_s: float = 0.25,
+        backoff_cap_s: float = 30.0,
+        heartbeat_s: float = 15.0,
+        on_state: OnState | None = None,
+        max_queued_events: int = EVENT_QUEUE_MAX,
+        max_unacked: int = UNACKED_MAX,
+    ) -> None:
         if delivery not in ("tokens", "phrases", "batched"):
             raise ValueError(f"delivery must be tokens, phrases or batched, not {delivery!r}")
         self._base = base_url.rstrip("/")
@@ -248,8 +263,9 @@ class TidewireClient:
         await self.connect()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def connect(self, *, wait: bool = True) -> None:
@@ -317,7 +333,9 @@ class TidewireClient:
 
     # ---- commands ---------------------------------------------------------------------------
 
-    async def send(self, text: str, *, client_msg_id: str | None = None, timeout: float = 120.0) -> client.Ack:
+    async def send(
+        self, text: str, *, client_msg_id: str | None = None, timeout: float = 120.0
+    ) -> client.Ack:
         """Sends a user message and returns its ack (written only once it is durable on the server).
 
         Until acked, the message is resent with the same `client_msg_id` after every reconnect, and
@@ -332,8 +350,12 @@ class TidewireClient:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(existing.future)
         if len(self._unacked) >= self._max_unacked:
-            raise TidewireError("rate_limited", f"{self._max_unacked} messages are already waiting for an ack")
-        pending = _Pending(client.Send(client_msg_id=cmid, text=text), asyncio.get_running_loop().create_future())
+            raise TidewireError(
+                "rate_limited", f"{self._max_unacked} messages are already waiting for an ack"
+            )
+        pending = _Pending(
+            client.Send(client_msg_id=cmid, text=text), asyncio.get_running_loop().create_future()
+        )
         self._unacked[cmid] = pending
         try:
             async with asyncio.timeout(timeout):
@@ -358,7 +380,9 @@ class TidewireClient:
             while True:
                 await self._wait_connected(None)
                 accepted: asyncio.Future[None] = loop.create_future()
-                if not await self._write(client.Stop(turn_id=turn_id), _Inflight("stop", turn_id or "", accepted)):
+                if not await self._write(
+                    client.Stop(turn_id=turn_id), _Inflight("stop", turn_id or "", accepted)
+                ):
                     await asyncio.sleep(0.05)
                     continue
                 await self._write(client.Ping(), _Inflight("ping"))  # its pong proves the stop was handled
@@ -412,7 +436,9 @@ class TidewireClient:
         """The durable history (`GET /v1/sessions/{sid}`); reload it after a `reset`."""
         if self._session_id is None:
             raise ConnectionError("no session yet: call connect() first")
-        status, body = await self._request("GET", f"/v1/sessions/{urllib.parse.quote(self._session_id, safe='')}")
+        status, body = await self._request(
+            "GET", f"/v1/sessions/{urllib.parse.quote(self._session_id, safe='')}"
+        )
         if status != 200:
             raise _http_error(status, body)
         return _history_decoder.decode(body)
@@ -520,8 +546,11 @@ class TidewireClient:
     def _on_send_error(self, pending: _Pending, error: client.Error) -> None:
         if error.code in RETRYABLE_ERRORS and pending.error_retries < SEND_ERROR_RETRIES:
             pending.error_retries += 1
-            delay = (error.retry_after_ms / 1000 if error.retry_after_ms is not None
-                     else backoff_delay(pending.error_retries, self._backoff_base_s, self._backoff_cap_s))
+            delay = (
+                error.retry_after_ms / 1000
+                if error.retry_after_ms is not None
+                else backoff_delay(pending.error_retries, self._backoff_base_s, self._backoff_cap_s)
+            )
             if pending.retry_timer is not None:
                 pending.retry_timer.cancel()
             pending.retry_timer = self._spawn(self._resend_later(pending, delay))
@@ -576,9 +605,9 @@ class TidewireClient:
     def _ws_url(self) -> URL:
         base = self._base
         if base.startswith("https://"):
-            base = "wss://" + base[len("https://"):]
+            base = "wss://" + base[len("https://") :]
         elif base.startswith("http://"):
-            base = "ws://" + base[len("http://"):]
+            base = "ws://" + base[len("http://") :]
         return URL(base + "/v1/ws").with_query(access_token=self._token)
 
     async def _run(self) -> None:
@@ -598,7 +627,9 @@ class TidewireClient:
             except Exception:  # noqa: BLE001 - a bug must not leave the client silently disconnected
                 log.exception("tidewire: unexpected error in the connection; reconnecting")
             if code in FATAL_CLOSE_CODES:
-                self._halt(TidewireError(FATAL_CLOSE_CODES[code], f"connection closed by the server ({code})"))
+                self._halt(
+                    TidewireError(FATAL_CLOSE_CODES[code], f"connection closed by the server ({code})")
+                )
                 return
             # `_attempt` counts connections that did not reach `ready`, so a drop after a good
             # connection (1012 restart, 4408, 4410) comes back promptly: attempt 0, jittered.
@@ -611,15 +642,20 @@ class TidewireClient:
         """One connection's life; returns its close code and a minimum delay before the next one."""
         http = self._http_session()
         async with asyncio.timeout(self._connect_timeout_s):
-            ws = await http.ws_connect(self._ws_url(), heartbeat=None, autoping=True,
-                                       timeout=aiohttp.ClientWSTimeout(ws_close=WS_CLOSE_TIMEOUT_S))
+            ws = await http.ws_connect(
+                self._ws_url(),
+                heartbeat=None,
+                autoping=True,
+                timeout=aiohttp.ClientWSTimeout(ws_close=WS_CLOSE_TIMEOUT_S),
+            )
         self._generation += 1
         self._ws = ws
         self._inflight.clear()
         pinger: asyncio.Task[None] | None = None
         try:
-            hello = client.Hello(session_id=self._session_id, last_seen_seq=self._last_seen_seq,
-                                 delivery=self._delivery)
+            hello = client.Hello(
+                session_id=self._session_id, last_seen_seq=self._last_seen_seq, delivery=self._delivery
+            )
             async with asyncio.timeout(WRITE_TIMEOUT_S):
                 await ws.send_str(client.json_encoder.encode(hello).decode())
             pinger = asyncio.create_task(self._ping_loop())
@@ -637,7 +673,11 @@ class TidewireClient:
                     elif isinstance(frame, client.Error) and not self._got_ready:
                         log.info("tidewire: hello refused: %s: %s", frame.code, frame.message)
                         return None, (frame.retry_after_ms or 0) / 1000
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                elif msg.type in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSING,
+                    aiohttp.WSMsgType.CLOSED,
+                ):
                     return ws.close_code, 0.0
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     log.info("tidewire: websocket error: %r", msg.data)
@@ -797,8 +837,9 @@ class TidewireClient:
     async def _request(self, method: str, path: str) -> tuple[int, bytes]:
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         timeout = aiohttp.ClientTimeout(total=self._connect_timeout_s)
-        async with self._http_session().request(method, self._base + path, headers=headers,
-                                                timeout=timeout) as resp:
+        async with self._http_session().request(
+            method, self._base + path, headers=headers, timeout=timeout
+        ) as resp:
             return resp.status, await resp.read()
 
     async def _create_session(self) -> str:
@@ -821,8 +862,16 @@ class TidewireClient:
         raise AssertionError("unreachable")
 
 
-_STATUS_CODES = {400: "bad_frame", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
-                 413: "too_large", 429: "rate_limited", 503: "degraded"}
+_STATUS_CODES = {
+    400: "bad_frame",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    429: "rate_limited",
+    503: "degraded",
+}
 
 
 def _http_error(status: int, body: bytes) -> TidewireError:
@@ -834,5 +883,7 @@ def _http_error(status: int, body: bytes) -> TidewireError:
         data = data["error"]
     if isinstance(data, dict) and isinstance(data.get("code"), str):
         retry = data.get("retry_after_ms")
-        return TidewireError(data["code"], str(data.get("message", "")), retry if isinstance(retry, int) else None)
+        return TidewireError(
+            data["code"], str(data.get("message", "")), retry if isinstance(retry, int) else None
+        )
     return TidewireError(_STATUS_CODES.get(status, "internal"), f"HTTP {status}: {body[:200]!r}")

@@ -181,9 +181,17 @@ class Proc:
         with self.log_path.open("ab") as logf:
             logf.write(f"\n==== {self.name} starting at {time.strftime('%H:%M:%S')} ====\n".encode())
             logf.flush()
-            self.proc = _popen(self.argv(), env=self.env or None, stdin=subprocess.DEVNULL, stdout=logf,
-                               stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO_ROOT),
-                               preexec_fn=_die_with_parent(self.stop_signal), **kwargs)
+            self.proc = _popen(
+                self.argv(),
+                env=self.env or None,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=str(REPO_ROOT),
+                preexec_fn=_die_with_parent(self.stop_signal),
+                **kwargs,
+            )
         self.started_at = time.monotonic()
         self.wanted = True
 
@@ -229,8 +237,9 @@ class Proc:
             return ""
 
 
-def _wait(what: str, probe: Callable[[], bool], timeout: float = READY_TIMEOUT,
-          proc: Proc | None = None) -> None:
+def _wait(
+    what: str, probe: Callable[[], bool], timeout: float = READY_TIMEOUT, proc: Proc | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
@@ -239,7 +248,9 @@ def _wait(what: str, probe: Callable[[], bool], timeout: float = READY_TIMEOUT,
             if probe():
                 return
         if time.monotonic() > deadline:
-            raise ClusterError(f"{what} not ready after {timeout:.0f} s" + (f":\n{proc.tail()}" if proc else ""))
+            raise ClusterError(
+                f"{what} not ready after {timeout:.0f} s" + (f":\n{proc.tail()}" if proc else "")
+            )
         time.sleep(0.1)
 
 
@@ -266,8 +277,13 @@ def _redis_call(port: int, call: Callable[[Any], Any], timeout: float = 1.0) -> 
     """One call on a short-lived synchronous client (health probes and Sentinel questions)."""
     import redis
 
-    r = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout, socket_connect_timeout=timeout,
-                    decode_responses=True)
+    r = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+    )
     try:
         return call(r)
     finally:
@@ -316,9 +332,17 @@ def haproxy_binary(install: bool = True) -> str:
         log.info("installing haproxy with apt-get…")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300, check=False)
-        result = subprocess.run(["apt-get", "install", "-y", "-qq", "haproxy"], env=env, capture_output=True,
-                                text=True, timeout=600, check=False)
-        found = shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy") or None
+        result = subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "haproxy"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        found = (
+            shutil.which("haproxy") or (os.path.exists("/usr/sbin/haproxy") and "/usr/sbin/haproxy") or None
+        )
         if found:
             return str(found)
         raise ClusterError(f"apt-get install haproxy failed:\n{result.stderr[-2000:]}")
@@ -330,17 +354,24 @@ def _pg_user() -> pwd.struct_passwd | None:
         return None
     with contextlib.suppress(KeyError):
         return pwd.getpwnam(PG_SYSTEM_USER)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
-                   capture_output=True, check=False, timeout=30)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
     try:
         return pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
-        raise ClusterError(f"running as root: postgres needs the user {PG_SYSTEM_USER}; useradd failed") from None
+        raise ClusterError(
+            f"running as root: postgres needs the user {PG_SYSTEM_USER}; useradd failed"
+        ) from None
 
 
 def _render(template: str, **values: Any) -> str:
     return string.Template((TEMPLATES / template).read_text()).substitute(
-        {k: str(v) for k, v in values.items()})
+        {k: str(v) for k, v in values.items()}
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,10 +398,19 @@ class Cluster:
     """The whole topology as child processes of this one; `start()` returns once every part is ready
     (streams at 3 replicas, the Redis replica in sync, the Postgres standby streaming synchronously)."""
 
-    def __init__(self, state_dir: Path, *, gateways: int = 3, orchestrators: int = 3, tool_workers: int = 2,
-                 service_env: dict[str, str] | None = None, jwt_secret: str | None = None,
-                 heal: bool = True, restart_delay_s: float = 0.5,
-                 only: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        gateways: int = 3,
+        orchestrators: int = 3,
+        tool_workers: int = 2,
+        service_env: dict[str, str] | None = None,
+        jwt_secret: str | None = None,
+        heal: bool = True,
+        restart_delay_s: float = 0.5,
+        only: Sequence[str] | None = None,
+    ) -> None:
         """`only`: a subset of ("nats", "redis", "postgres") to start just those servers (no services,
         no HAProxy), for tests of one part."""
         self.parts = tuple(only) if only else ("nats", "redis", "postgres", "services")
@@ -418,10 +458,14 @@ class Cluster:
         return f"postgresql://{PG_SUPERUSER}@{hosts}/{DATABASE}?target_session_attrs=read-write"
 
     def service_environment(self) -> dict[str, str]:
-        return {"TIDEWIRE_NATS_URL": self.nats_url, "TIDEWIRE_REDIS_URL": self.redis_url,
-                "TIDEWIRE_POSTGRES_DSN": self.postgres_dsn, "TIDEWIRE_NATS_REPLICAS": str(NATS_REPLICAS),
-                "TIDEWIRE_REDIS_MIN_REPLICAS": "1",
-                "TIDEWIRE_JWT_SECRET": self.jwt_secret}
+        return {
+            "TIDEWIRE_NATS_URL": self.nats_url,
+            "TIDEWIRE_REDIS_URL": self.redis_url,
+            "TIDEWIRE_POSTGRES_DSN": self.postgres_dsn,
+            "TIDEWIRE_NATS_REPLICAS": str(NATS_REPLICAS),
+            "TIDEWIRE_REDIS_MIN_REPLICAS": "1",
+            "TIDEWIRE_JWT_SECRET": self.jwt_secret,
+        }
 
     # ---- start / stop ------------------------------------------------------------------------
 
@@ -484,14 +528,31 @@ class Cluster:
             folder.mkdir(exist_ok=True)
             routes = ", ".join(f'"nats-route://127.0.0.1:{r}"' for n, _, _, r in nodes if n != name)
             conf = folder / "nats.conf"
-            conf.write_text(_render("nats.conf.tmpl", name=name, client_port=client, monitor_port=monitor,
-                                    route_port=route, routes=routes, store_dir=json.dumps(str(folder))))
-            p = Proc(name, "nats", _fixed([binary, "-c", str(conf)]), self.log_dir / f"{name}.log",
-                     port=client, extra={"monitor": monitor, "route": route})
+            conf.write_text(
+                _render(
+                    "nats.conf.tmpl",
+                    name=name,
+                    client_port=client,
+                    monitor_port=monitor,
+                    route_port=route,
+                    routes=routes,
+                    store_dir=json.dumps(str(folder)),
+                )
+            )
+            p = Proc(
+                name,
+                "nats",
+                _fixed([binary, "-c", str(conf)]),
+                self.log_dir / f"{name}.log",
+                port=client,
+                extra={"monitor": monitor, "route": route},
+            )
             self.procs[name] = p
             p.start()
         for p in self.nodes("nats"):
-            _wait(p.name, functools.partial(_http_ok, f"http://127.0.0.1:{p.extra['monitor']}/healthz"), proc=p)
+            _wait(
+                p.name, functools.partial(_http_ok, f"http://127.0.0.1:{p.extra['monitor']}/healthz"), proc=p
+            )
         _wait("NATS meta leader", lambda: bool(self.nats_meta_leader()))
 
     def nats_meta_leader(self) -> str | None:
@@ -516,9 +577,12 @@ class Cluster:
                     for s in acc.get("stream_detail") or []:
                         cluster = s.get("cluster") or {}
                         peers = [r for r in cluster.get("replicas") or [] if r.get("current")]
-                        out[s["name"]] = {"replicas": (s.get("config") or {}).get("num_replicas"),
-                                          "leader": cluster.get("leader"),
-                                          "peers": len(cluster.get("replicas") or []), "current_peers": len(peers)}
+                        out[s["name"]] = {
+                            "replicas": (s.get("config") or {}).get("num_replicas"),
+                            "leader": cluster.get("leader"),
+                            "peers": len(cluster.get("replicas") or []),
+                            "current_peers": len(peers),
+                        }
                 return out
         return {}
 
@@ -526,8 +590,11 @@ class Cluster:
         def ok() -> bool:
             streams = self.stream_replicas()
             # (followers of an idle stream may not count as "current" yet: placement is what we check)
-            return bool(streams) and all(s["replicas"] == NATS_REPLICAS and s["leader"]
-                                         and s["peers"] == NATS_REPLICAS - 1 for s in streams.values())
+            return bool(streams) and all(
+                s["replicas"] == NATS_REPLICAS and s["leader"] and s["peers"] == NATS_REPLICAS - 1
+                for s in streams.values()
+            )
+
         _wait("JetStream streams at 3 replicas", ok)
 
     # ---- Redis -------------------------------------------------------------------------------
@@ -540,25 +607,42 @@ class Cluster:
             folder.mkdir(exist_ok=True)
             conf = folder / "redis.conf"
             conf.write_text(_render("redis.conf.tmpl", port=port, dir=json.dumps(str(folder))))
-            proc = Proc(name, "redis", functools.partial(self._redis_argv, binary, conf, name),
-                        self.log_dir / f"{name}.log", port=port)
+            proc = Proc(
+                name,
+                "redis",
+                functools.partial(self._redis_argv, binary, conf, name),
+                self.log_dir / f"{name}.log",
+                port=port,
+            )
             self.procs[name] = proc
         self._redis_master_hint = "redis-a"
         self.procs["redis-a"].start()
         _wait("redis-a", lambda: _redis_ping(p1), proc=self.procs["redis-a"])
         self.procs["redis-b"].start()
-        _wait("redis-b in sync", lambda: _redis_in_sync(p2),
-              proc=self.procs["redis-b"])
+        _wait("redis-b in sync", lambda: _redis_in_sync(p2), proc=self.procs["redis-b"])
         for i, port in enumerate(sentinel_ports):
             name = f"sentinel-{i + 1}"
             folder = self.state_dir / name
             folder.mkdir(exist_ok=True)
             conf = folder / "sentinel.conf"  # Sentinel rewrites its file: one per Sentinel, writable
-            conf.write_text(_render("sentinel.conf.tmpl", port=port, dir=json.dumps(str(folder)),
-                                    master=MASTER_NAME, master_port=p1, down_after_ms=SENTINEL_DOWN_AFTER_MS,
-                                    failover_timeout_ms=SENTINEL_FAILOVER_TIMEOUT_MS))
-            proc = Proc(name, "sentinel", _fixed([binary, str(conf), "--sentinel"]),
-                        self.log_dir / f"{name}.log", port=port)
+            conf.write_text(
+                _render(
+                    "sentinel.conf.tmpl",
+                    port=port,
+                    dir=json.dumps(str(folder)),
+                    master=MASTER_NAME,
+                    master_port=p1,
+                    down_after_ms=SENTINEL_DOWN_AFTER_MS,
+                    failover_timeout_ms=SENTINEL_FAILOVER_TIMEOUT_MS,
+                )
+            )
+            proc = Proc(
+                name,
+                "sentinel",
+                _fixed([binary, str(conf), "--sentinel"]),
+                self.log_dir / f"{name}.log",
+                port=port,
+            )
             self.procs[name] = proc
             proc.start()
 
@@ -568,6 +652,7 @@ class Cluster:
                 if int(fields["num-other-sentinels"]) != 2 or int(fields["num-slaves"]) != 1:
                     return False
             return True
+
         _wait("3 Sentinels that see each other and the replica", sentinels_agree)
 
     def _redis_argv(self, binary: str, conf: Path, name: str) -> list[str]:
@@ -606,29 +691,77 @@ class Cluster:
 
     def _pg_argv(self, name: str) -> list[str]:
         p = self.procs[name]
-        return [str(postgres_bin_dir() / "postgres"), "-D", str(p.extra["data"]),
-                "-c", "listen_addresses=127.0.0.1", "-c", f"port={p.port}", "-c", "unix_socket_directories=",
-                "-c", "synchronous_commit=on", "-c", "fsync=on", "-c", "max_connections=200",
-                "-c", "wal_level=replica", "-c", "max_wal_senders=10", "-c", "max_replication_slots=10",
-                "-c", "hot_standby=on", "-c", "wal_keep_size=256MB", "-c", f"cluster_name={name}",
-                "-c", "wal_receiver_status_interval=1s"]
+        return [
+            str(postgres_bin_dir() / "postgres"),
+            "-D",
+            str(p.extra["data"]),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"port={p.port}",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            "synchronous_commit=on",
+            "-c",
+            "fsync=on",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "wal_level=replica",
+            "-c",
+            "max_wal_senders=10",
+            "-c",
+            "max_replication_slots=10",
+            "-c",
+            "hot_standby=on",
+            "-c",
+            "wal_keep_size=256MB",
+            "-c",
+            f"cluster_name={name}",
+            "-c",
+            "wal_receiver_status_interval=1s",
+        ]
 
     def _pg_run(self, argv: list[str], what: str, timeout: float = 120) -> None:
         kwargs: dict[str, Any] = {}
         if self._pg_user is not None:
             kwargs.update(user=self._pg_user.pw_uid, group=self._pg_user.pw_gid, extra_groups=[])
         env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "TZ": "UTC"}
-        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False,
-                           cwd="/", **kwargs)
+        r = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd="/", **kwargs
+        )
         if r.returncode != 0:
             raise ClusterError(f"{what} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
 
     def psql(self, name: str, sql: str, database: str = "postgres", timeout: float = 10) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGCONNECT_TIMEOUT": "2"}
-        r = subprocess.run([str(postgres_bin_dir() / "psql"), "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1",
-                            "-h", "127.0.0.1", "-p", str(self.procs[name].port), "-U", PG_SUPERUSER, "-d", database,
-                            "-c", sql], env=env, capture_output=True, text=True, timeout=timeout, check=False,
-                           stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [
+                str(postgres_bin_dir() / "psql"),
+                "-X",
+                "-q",
+                "-tA",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.procs[name].port),
+                "-U",
+                PG_SUPERUSER,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
         if r.returncode != 0:
             raise ClusterError(f"psql on {name}: {r.stderr.strip()}")
         return r.stdout.strip()
@@ -646,20 +779,40 @@ class Cluster:
         if self._pg_user is not None:
             for d in (self.state_dir, *self.state_dir.parents):
                 if not d.stat().st_mode & 0o001:
-                    raise ClusterError(f"postgres runs as {PG_SYSTEM_USER} and cannot traverse {d}: "
-                                       "use a state directory whose parents are o+x")
+                    raise ClusterError(
+                        f"postgres runs as {PG_SYSTEM_USER} and cannot traverse {d}: "
+                        "use a state directory whose parents are o+x"
+                    )
         bindir = postgres_bin_dir()
         pa, pb = _free_ports(2)
         for name, port in (("pg-a", pa), ("pg-b", pb)):
             folder = self.state_dir / name
             folder.mkdir(exist_ok=True)
-            self.procs[name] = Proc(name, "postgres", functools.partial(self._pg_argv, name), self.log_dir / f"{name}.log",
-                                    port=port, extra={"data": folder / "data"}, user=self._pg_user,
-                                    stop_signal=signal.SIGINT)
+            self.procs[name] = Proc(
+                name,
+                "postgres",
+                functools.partial(self._pg_argv, name),
+                self.log_dir / f"{name}.log",
+                port=port,
+                extra={"data": folder / "data"},
+                user=self._pg_user,
+                stop_signal=signal.SIGINT,
+            )
         a = self.procs["pg-a"]
         self._pg_prepare_dir(a.extra["data"])
-        self._pg_run([str(bindir / "initdb"), "-D", str(a.extra["data"]), "--auth=trust", "-U", PG_SUPERUSER,
-                      "--encoding=utf8", "--locale=C"], "initdb")
+        self._pg_run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(a.extra["data"]),
+                "--auth=trust",
+                "-U",
+                PG_SUPERUSER,
+                "--encoding=utf8",
+                "--locale=C",
+            ],
+            "initdb",
+        )
         a.start()
         _wait("pg-a", lambda: self.psql("pg-a", "select 1") == "1", proc=a)
         self.psql("pg-a", f'create database "{DATABASE}"')
@@ -673,21 +826,57 @@ class Cluster:
         standby = self.procs[name]
         data: Path = standby.extra["data"]
         self._pg_prepare_dir(data)
-        self._pg_run([str(postgres_bin_dir() / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
-                      "-U", PG_SUPERUSER, "-D", str(data), "-X", "stream", "-c", "fast", "-R",
-                      "-d", f"application_name={name}"], "pg_basebackup")
+        self._pg_run(
+            [
+                str(postgres_bin_dir() / "pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary.port),
+                "-U",
+                PG_SUPERUSER,
+                "-D",
+                str(data),
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-R",
+                "-d",
+                f"application_name={name}",
+            ],
+            "pg_basebackup",
+        )
         # pg_basebackup -R writes primary_conninfo; keep our application_name in it whatever it wrote
         with (data / "postgresql.auto.conf").open("a") as f:
-            f.write(f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user={PG_SUPERUSER} "
-                    f"application_name={name}'\nsynchronous_standby_names = ''\n")
+            f.write(
+                f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user={PG_SUPERUSER} "
+                f"application_name={name}'\nsynchronous_standby_names = ''\n"
+            )
         standby.start()
-        _wait(f"{name} streaming from {primary.name}", lambda: self.psql(
-            self.pg_primary, f"select state from pg_stat_replication where application_name = '{name}'") == "streaming",
-            proc=standby)
+        _wait(
+            f"{name} streaming from {primary.name}",
+            lambda: (
+                self.psql(
+                    self.pg_primary,
+                    f"select state from pg_stat_replication where application_name = '{name}'",
+                )
+                == "streaming"
+            ),
+            proc=standby,
+        )
         self.psql(self.pg_primary, "ALTER SYSTEM SET synchronous_standby_names = '*'")
         self.psql(self.pg_primary, "SELECT pg_reload_conf()")
-        _wait(f"{name} synchronous", lambda: self.psql(
-            self.pg_primary, f"select sync_state from pg_stat_replication where application_name = '{name}'") == "sync")
+        _wait(
+            f"{name} synchronous",
+            lambda: (
+                self.psql(
+                    self.pg_primary,
+                    f"select sync_state from pg_stat_replication where application_name = '{name}'",
+                )
+                == "sync"
+            ),
+        )
 
     def pg_standby(self) -> str:
         return next(p.name for p in self.nodes("postgres") if p.name != self.pg_primary)
@@ -716,9 +905,21 @@ class Cluster:
     # ---- services and HAProxy ----------------------------------------------------------------
 
     def _service(self, name: str, kind: str, module: str, env: dict[str, str], port: int = 0) -> Proc:
-        full = {**os.environ, "PYTHONUNBUFFERED": "1", **self.service_environment(), **self.service_env, **env}
-        p = Proc(name, kind, _fixed([sys.executable, "-m", module]),
-                 self.log_dir / f"{name}.log", env=full, port=port)
+        full = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            **self.service_environment(),
+            **self.service_env,
+            **env,
+        }
+        p = Proc(
+            name,
+            kind,
+            _fixed([sys.executable, "-m", module]),
+            self.log_dir / f"{name}.log",
+            env=full,
+            port=port,
+        )
         self.procs[name] = p
         p.start()
         return p
@@ -727,12 +928,22 @@ class Cluster:
         ports = _free_ports(self.n_gateways + self.n_orchestrators + self.n_tool_workers)
         for i in range(self.n_gateways):
             name = f"gw{i + 1}"
-            self._service(name, "gateway", "gateway", {"TIDEWIRE_HTTP_PORT": str(ports[i]),
-                                                       "TIDEWIRE_GATEWAY_ID": name}, ports[i])
+            self._service(
+                name,
+                "gateway",
+                "gateway",
+                {"TIDEWIRE_HTTP_PORT": str(ports[i]), "TIDEWIRE_GATEWAY_ID": name},
+                ports[i],
+            )
         for i in range(self.n_orchestrators):
             name, port = f"orchestrator-{i + 1}", ports[self.n_gateways + i]
-            self._service(name, "orchestrator", "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name,
-                                                                 "TIDEWIRE_HEALTH_PORT": str(port)}, port)
+            self._service(
+                name,
+                "orchestrator",
+                "orchestrator",
+                {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)},
+                port,
+            )
         for i in range(self.n_tool_workers):
             name, port = f"tool-worker-{i + 1}", ports[self.n_gateways + self.n_orchestrators + i]
             self._service(name, "tool_worker", "tool_workers", {"TIDEWIRE_HEALTH_PORT": str(port)}, port)
@@ -749,17 +960,33 @@ class Cluster:
         self.haproxy_socket = folder / "admin.sock"
         servers = "\n".join(f"    server {p.name} 127.0.0.1:{p.port} check" for p in self.nodes("gateway"))
         conf = folder / "haproxy.cfg"
-        conf.write_text(_render("haproxy.cfg.tmpl", http_port=self.haproxy_port, stats_port=self.haproxy_stats_port,
-                                admin_socket=self.haproxy_socket, servers=servers))
+        conf.write_text(
+            _render(
+                "haproxy.cfg.tmpl",
+                http_port=self.haproxy_port,
+                stats_port=self.haproxy_stats_port,
+                admin_socket=self.haproxy_socket,
+                servers=servers,
+            )
+        )
         check = subprocess.run([binary, "-c", "-f", str(conf)], capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise ClusterError(f"haproxy rejects {conf}:\n{check.stdout}{check.stderr}")
-        p = Proc("haproxy", "haproxy", lambda: [binary, "-db", "-f", str(conf)], self.log_dir / "haproxy.log",
-                 port=self.haproxy_port, stop_signal=signal.SIGUSR1)  # SIGUSR1: soft stop, lets tunnels finish
+        p = Proc(
+            "haproxy",
+            "haproxy",
+            lambda: [binary, "-db", "-f", str(conf)],
+            self.log_dir / "haproxy.log",
+            port=self.haproxy_port,
+            stop_signal=signal.SIGUSR1,
+        )  # SIGUSR1: soft stop, lets tunnels finish
         self.procs["haproxy"] = p
         p.start()
-        _wait("haproxy with every gateway up", lambda: all(
-            s["status"] == "UP" for s in self.haproxy_servers().values()), proc=p)
+        _wait(
+            "haproxy with every gateway up",
+            lambda: all(s["status"] == "UP" for s in self.haproxy_servers().values()),
+            proc=p,
+        )
 
     def haproxy_admin(self, command: str) -> str:
         with socket.socket(socket.AF_UNIX) as s:
@@ -778,7 +1005,11 @@ class Cluster:
         out = {}
         for row in rows[1:]:
             values = dict(zip(header, row.split(","), strict=False))
-            if values.get("pxname") == "be_gateways" and values.get("svname") not in ("BACKEND", "FRONTEND", None):
+            if values.get("pxname") == "be_gateways" and values.get("svname") not in (
+                "BACKEND",
+                "FRONTEND",
+                None,
+            ):
                 out[values["svname"]] = {"status": values["status"], "scur": values["scur"]}
         return out
 
@@ -789,11 +1020,13 @@ class Cluster:
 
     def busiest_nats(self) -> str:
         """The NATS node with the most client connections (gateways, orchestrators, workers)."""
+
         def conns(p: Proc) -> int:
             try:
                 return int(_http_json(f"http://127.0.0.1:{p.extra['monitor']}/varz").get("connections") or 0)
             except Exception:  # noqa: BLE001 - a node that does not answer has nobody
                 return -1
+
         return max(self.nodes("nats"), key=conns).name
 
     # ---- faults ------------------------------------------------------------------------------
@@ -889,7 +1122,11 @@ class Cluster:
                 # Redis: note the failover, restart dead nodes as replicas of the elected primary
                 master = self.redis_primary()
                 for rec in self.faults:
-                    if rec.kind == "redis-primary" and rec.healed_at is None and master not in (None, rec.target):
+                    if (
+                        rec.kind == "redis-primary"
+                        and rec.healed_at is None
+                        and master not in (None, rec.target)
+                    ):
                         rec.healed_at = time.monotonic()
                         rec.detail["new_primary"] = master
                         self._note(f"redis: Sentinels promoted {master}")
@@ -905,7 +1142,9 @@ class Cluster:
                         continue
                     time.sleep(self.restart_delay_s)
                     p.start()
-                    self._note(f"restarted {p.name}" + (" as a replica" if p.name == redis_old_master else ""))
+                    self._note(
+                        f"restarted {p.name}" + (" as a replica" if p.name == redis_old_master else "")
+                    )
                     threading.Thread(target=self._mark_ready, args=(p,), daemon=True).start()
             except Exception as e:  # noqa: BLE001 - the supervisor must keep supervising
                 self._note(f"supervisor: {e!r}")
@@ -915,8 +1154,13 @@ class Cluster:
             "nats": lambda: _http_ok(f"http://127.0.0.1:{p.extra['monitor']}/healthz"),
             "redis": lambda: _redis_in_sync(p.port),
             "sentinel": lambda: _redis_ping(p.port),
-            "postgres": lambda: self.psql(self.pg_primary, "select state from pg_stat_replication where "
-                                          f"application_name = '{p.name}'") == "streaming",
+            "postgres": lambda: (
+                self.psql(
+                    self.pg_primary,
+                    f"select state from pg_stat_replication where application_name = '{p.name}'",
+                )
+                == "streaming"
+            ),
             "haproxy": lambda: _tcp(p.port),
         }
         probe = probes.get(p.kind, lambda: _http_ok(f"http://127.0.0.1:{p.port}/readyz"))
@@ -930,28 +1174,47 @@ class Cluster:
 
     def info(self) -> dict[str, Any]:
         """What cluster.json holds: every endpoint, pid and log, and the env a service needs."""
+
         def proc(p: Proc) -> dict[str, Any]:
             return {"name": p.name, "port": p.port, "pid": p.pid, "alive": p.alive(), "log": str(p.log_path)}
+
         from shared import tokens
 
         return {
             "url": self.url,
             "ws": self.url.replace("http", "ws", 1) + "/v1/ws?access_token=<token>",
             "token": tokens.mint("dev", self.jwt_secret),
-            "haproxy": {**proc(self.procs["haproxy"]), "stats": f"http://127.0.0.1:{self.haproxy_stats_port}/stats",
-                        "admin_socket": str(self.haproxy_socket)},
+            "haproxy": {
+                **proc(self.procs["haproxy"]),
+                "stats": f"http://127.0.0.1:{self.haproxy_stats_port}/stats",
+                "admin_socket": str(self.haproxy_socket),
+            },
             "gateways": [{**proc(p), "url": f"http://127.0.0.1:{p.port}"} for p in self.nodes("gateway")],
-            "orchestrators": [{**proc(p), "health": f"http://127.0.0.1:{p.port}/readyz"}
-                              for p in self.nodes("orchestrator")],
+            "orchestrators": [
+                {**proc(p), "health": f"http://127.0.0.1:{p.port}/readyz"} for p in self.nodes("orchestrator")
+            ],
             "tool_workers": [proc(p) for p in self.nodes("tool_worker")],
-            "nats": {"url": self.nats_url, "replicas": NATS_REPLICAS, "meta_leader": self.nats_meta_leader(),
-                     "nodes": [{**proc(p), "monitor": f"http://127.0.0.1:{p.extra['monitor']}"}
-                               for p in self.nodes("nats")]},
-            "redis": {"url": self.redis_url, "master_name": MASTER_NAME, "primary": self.redis_primary(),
-                      "nodes": [proc(p) for p in self.nodes("redis")],
-                      "sentinels": [proc(p) for p in self.nodes("sentinel")]},
-            "postgres": {"dsn": self.postgres_dsn, "primary": self.pg_primary,
-                         "nodes": [proc(p) for p in self.nodes("postgres")]},
+            "nats": {
+                "url": self.nats_url,
+                "replicas": NATS_REPLICAS,
+                "meta_leader": self.nats_meta_leader(),
+                "nodes": [
+                    {**proc(p), "monitor": f"http://127.0.0.1:{p.extra['monitor']}"}
+                    for p in self.nodes("nats")
+                ],
+            },
+            "redis": {
+                "url": self.redis_url,
+                "master_name": MASTER_NAME,
+                "primary": self.redis_primary(),
+                "nodes": [proc(p) for p in self.nodes("redis")],
+                "sentinels": [proc(p) for p in self.nodes("sentinel")],
+            },
+            "postgres": {
+                "dsn": self.postgres_dsn,
+                "primary": self.pg_primary,
+                "nodes": [proc(p) for p in self.nodes("postgres")],
+            },
             "env": self.service_environment(),
             "logs": str(self.log_dir),
         }
@@ -981,6 +1244,7 @@ async def measure_wait_cost(port: int, n: int = 2000, timeout_ms: int = 100) -> 
     r = aioredis.Redis(host="127.0.0.1", port=port)
     out: dict[str, Any] = {"n": n, "wait_timeout_ms": timeout_ms}
     try:
+
         async def once(kind: str, i: int) -> None:
             if kind == "set":
                 await r.set(f"w:{i}", i)
@@ -1005,9 +1269,11 @@ async def measure_wait_cost(port: int, n: int = 2000, timeout_ms: int = 100) -> 
                 await once(kind, i)
                 samples.append((time.perf_counter() - t) * 1000)
             samples.sort()
-            out[kind] = {"p50_ms": round(samples[len(samples) // 2], 3),
-                         "p99_ms": round(samples[int(len(samples) * 0.99)], 3),
-                         "max_ms": round(samples[-1], 3)}
+            out[kind] = {
+                "p50_ms": round(samples[len(samples) // 2], 3),
+                "p99_ms": round(samples[int(len(samples) * 0.99)], 3),
+                "max_ms": round(samples[-1], 3),
+            }
     finally:
         await r.aclose()
     return out
@@ -1023,7 +1289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the topology, write cluster.json, run until Ctrl-C")
     up.add_argument("--state-dir", type=Path, default=REPO_ROOT / ".tidewire" / "cluster")
-    up.add_argument("--json", type=Path, default=None, help="where to write cluster.json (default: state dir)")
+    up.add_argument(
+        "--json", type=Path, default=None, help="where to write cluster.json (default: state dir)"
+    )
     up.add_argument("--gateways", type=int, default=3)
     up.add_argument("--orchestrators", type=int, default=3)
     up.add_argument("--tool-workers", type=int, default=2)
@@ -1041,8 +1309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import asyncio
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="tidewire-wait-") as tmp, \
-                Cluster(Path(tmp), only=("redis",)) as redis_only:
+        with (
+            tempfile.TemporaryDirectory(prefix="tidewire-wait-") as tmp,
+            Cluster(Path(tmp), only=("redis",)) as redis_only,
+        ):
             port = redis_only.procs[redis_only.redis_primary() or ""].port
             print(json.dumps(asyncio.run(measure_wait_cost(port, args.n, args.timeout_ms)), indent=2))
         return 0
@@ -1052,24 +1322,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = args.state_dir.absolute()
     if state.exists():  # every run starts from empty servers (the data of a previous run is not kept)
         shutil.rmtree(state)
-    cluster = Cluster(state, gateways=args.gateways, orchestrators=args.orchestrators,
-                      tool_workers=args.tool_workers, service_env={"TIDEWIRE_DEV_MODE": "1"})
+    cluster = Cluster(
+        state,
+        gateways=args.gateways,
+        orchestrators=args.orchestrators,
+        tool_workers=args.tool_workers,
+        service_env={"TIDEWIRE_DEV_MODE": "1"},
+    )
     try:
-        print("starting 3 NATS nodes, Redis + replica + 3 Sentinels, Postgres + synchronous standby, "
-              "services and HAProxy…", file=sys.stderr, flush=True)
+        print(
+            "starting 3 NATS nodes, Redis + replica + 3 Sentinels, Postgres + synchronous standby, "
+            "services and HAProxy…",
+            file=sys.stderr,
+            flush=True,
+        )
         cluster.start()
         path = cluster.write_info(args.json)
         info = cluster.info()
-        print(f"""
+        print(
+            f"""
 tidewire cluster is up ({cluster.startup_seconds} s).
-  through HAProxy : {info['url']}/?token={info['token']}
-  HAProxy stats   : {info['haproxy']['stats']}
-  NATS            : {info['nats']['url']}
-  Redis           : {info['redis']['url']}
-  Postgres        : {info['postgres']['dsn']}
+  through HAProxy : {info["url"]}/?token={info["token"]}
+  HAProxy stats   : {info["haproxy"]["stats"]}
+  NATS            : {info["nats"]["url"]}
+  Redis           : {info["redis"]["url"]}
+  Postgres        : {info["postgres"]["dsn"]}
   cluster.json    : {path}
-  logs            : {info['logs']}
-Ctrl-C stops everything.""", flush=True)
+  logs            : {info["logs"]}
+Ctrl-C stops everything.""",
+            flush=True,
+        )
         while not stop.wait(2.0):
             cluster.write_info(args.json)  # pids and primaries change as the supervisor heals
     except ClusterError as e:

@@ -61,7 +61,9 @@ class DrillClient:
         url = self.url.replace("http", "ws", 1) + f"/v1/ws?access_token={self.token}"
         async with http.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
             last = self.events[-1].seq if self.events else None
-            await ws.send_str(json.dumps({"type": "hello", "session_id": self.session_id, "last_seen_seq": last}))
+            await ws.send_str(
+                json.dumps({"type": "hello", "session_id": self.session_id, "last_seen_seq": last})
+            )
             if self._ack is None:
                 await ws.send_str(json.dumps({"type": "send", "client_msg_id": cmid, "text": text}))
             async with asyncio.timeout(90):
@@ -80,8 +82,11 @@ class DrillClient:
                         raise ConnectionError(f"send refused: {frame.code}")
                     elif isinstance(frame, client.EVENT_TYPES):
                         self.events.append(frame)  # type: ignore[arg-type]
-                        if (self._ack is not None and isinstance(frame, client.TurnEnd)
-                                and frame.turn_id == self._ack.turn_id):
+                        if (
+                            self._ack is not None
+                            and isinstance(frame, client.TurnEnd)
+                            and frame.turn_id == self._ack.turn_id
+                        ):
                             return
         raise ConnectionError("connection closed mid-turn")
 
@@ -93,25 +98,31 @@ async def check(c: DrillClient, http: aiohttp.ClientSession) -> None:
         raise invariants.InvariantError(f"{len(c.acks)} of {c.turns} messages acknowledged")
     invariants.check_seqs(c.events)
     turns = invariants.check_turns(c.events)
-    async with http.get(f"{c.url}/v1/sessions/{c.session_id}",
-                        headers={"Authorization": f"Bearer {c.token}"}) as r:
+    async with http.get(
+        f"{c.url}/v1/sessions/{c.session_id}", headers={"Authorization": f"Bearer {c.token}"}
+    ) as r:
         body = await r.json()
     by_turn = {(m["role"], m["turn_id"]): m for m in body["messages"]}
     for ack in c.acks:
         user = by_turn.get(("user", ack.turn_id))
         if user is None or user["seq"] != ack.seq:
-            raise invariants.InvariantError(f"acknowledged message {ack.client_msg_id} is not durable at {ack.seq}")
+            raise invariants.InvariantError(
+                f"acknowledged message {ack.client_msg_id} is not durable at {ack.seq}"
+            )
         view = turns[ack.turn_id]
         stored = by_turn.get(("assistant", ack.turn_id))
         if not view.ends or view.ends[0].status != "completed":
             raise invariants.InvariantError(f"turn {ack.turn_id} did not complete")
         if stored is None or stored["text"] != view.text:
-            raise invariants.InvariantError(f"turn {ack.turn_id}: client text differs from the durable history")
+            raise invariants.InvariantError(
+                f"turn {ack.turn_id}: client text differs from the durable history"
+            )
 
 
 def _kubectl(ctx: str, ns: str, *args: str) -> str:
-    return subprocess.run(["kubectl", "--context", ctx, "-n", ns, *args], check=True, capture_output=True,
-                          text=True, timeout=30).stdout
+    return subprocess.run(
+        ["kubectl", "--context", ctx, "-n", ns, *args], check=True, capture_output=True, text=True, timeout=30
+    ).stdout
 
 
 async def _delete_pods(ctx: str, ns: str, every_s: float, stop: asyncio.Event) -> int:
@@ -120,16 +131,38 @@ async def _delete_pods(ctx: str, ns: str, every_s: float, stop: asyncio.Event) -
     while not stop.is_set():
         await asyncio.sleep(every_s)
         component = random.choice(["gateway", "orchestrator", "tool-workers"])
-        pods = (await asyncio.to_thread(_kubectl, ctx, ns, "get", "pods", "-l", f"app.kubernetes.io/component={component}",
-                                        "-o", "jsonpath={.items[*].metadata.name}")).split()
+        pods = (
+            await asyncio.to_thread(
+                _kubectl,
+                ctx,
+                ns,
+                "get",
+                "pods",
+                "-l",
+                f"app.kubernetes.io/component={component}",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            )
+        ).split()
         if pods:
-            await asyncio.to_thread(_kubectl, ctx, ns, "delete", "pod", random.choice(pods), "--grace-period=0",
-                                    "--force", "--wait=false")
+            await asyncio.to_thread(
+                _kubectl,
+                ctx,
+                ns,
+                "delete",
+                "pod",
+                random.choice(pods),
+                "--grace-period=0",
+                "--force",
+                "--wait=false",
+            )
             deleted += 1
     return deleted
 
 
-async def drill(url: str, secret: str, sessions: int, turns: int, ctx: str | None, ns: str, every_s: float) -> int:
+async def drill(
+    url: str, secret: str, sessions: int, turns: int, ctx: str | None, ns: str, every_s: float
+) -> int:
     from shared.tokens import mint
 
     clients = [DrillClient(url, mint(f"drill-{i}", secret), turns=turns) for i in range(sessions)]
@@ -147,22 +180,36 @@ async def drill(url: str, secret: str, sessions: int, turns: int, ctx: str | Non
             except invariants.InvariantError as e:
                 failures += 1
                 print(f"FAIL {c.session_id}: {e}", file=sys.stderr)
-    print(json.dumps({"sessions": sessions, "turns": turns, "pods_deleted": deleted, "failures": failures,
-                      "reconnects": sum(c.reconnects for c in clients), "seconds": round(time.monotonic() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "sessions": sessions,
+                "turns": turns,
+                "pods_deleted": deleted,
+                "failures": failures,
+                "reconnects": sum(c.reconnects for c in clients),
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+        )
+    )
     return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tidewire.drill", description=__doc__)
     p.add_argument("--url", required=True, help="the gateway (e.g. through the Ingress)")
-    p.add_argument("--secret", required=True, help="the JWT secret (TIDEWIRE_JWT_SECRET) to mint drill tokens")
+    p.add_argument(
+        "--secret", required=True, help="the JWT secret (TIDEWIRE_JWT_SECRET) to mint drill tokens"
+    )
     p.add_argument("--sessions", type=int, default=50)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--kubectl-context", default=None, help="delete pods in this context while the load runs")
     p.add_argument("--namespace", default="tidewire")
     p.add_argument("--every", type=float, default=5.0, help="seconds between pod deletions")
     a = p.parse_args(argv)
-    sys.exit(asyncio.run(drill(a.url, a.secret, a.sessions, a.turns, a.kubectl_context, a.namespace, a.every)))
+    sys.exit(
+        asyncio.run(drill(a.url, a.secret, a.sessions, a.turns, a.kubectl_context, a.namespace, a.every))
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def assemble(events: Iterable[client.Event]) -> dict[str, TurnView]:
             view.starts += 1
         elif isinstance(ev, client.Delta):
             if ev.offset != len(view.text):
-                raise InvariantError(f"turn {ev.turn_id}: delta at offset {ev.offset}, expected {len(view.text)}")
+                raise InvariantError(
+                    f"turn {ev.turn_id}: delta at offset {ev.offset}, expected {len(view.text)}"
+                )
             view.text += ev.text
         elif isinstance(ev, client.TurnEnd):
             view.ends.append(ev)
@@ -67,6 +69,8 @@ def check_turns(events: Sequence[client.Event], *, require_end: bool = True) -> 
         if require_end and not view.ends:
             raise InvariantError(f"turn {view.turn_id} never ended")
         if view.ends and view.ends[0].text != view.text:
-            raise InvariantError(f"turn {view.turn_id}: deltas give {len(view.text)} chars, "
-                                 f"turn_end.text has {len(view.ends[0].text)}")
+            raise InvariantError(
+                f"turn {view.turn_id}: deltas give {len(view.text)} chars, "
+                f"turn_end.text has {len(view.ends[0].text)}"
+            )
     return turns

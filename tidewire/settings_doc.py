@@ -16,8 +16,11 @@ def render() -> str:
     from tool_workers.settings import ToolWorkerSettings
 
     out: list[str] = []
-    for title, cls in (("gateway", GatewaySettings), ("orchestrator", OrchestratorSettings),
-                       ("tool_workers", ToolWorkerSettings)):
+    for title, cls in (
+        ("gateway", GatewaySettings),
+        ("orchestrator", OrchestratorSettings),
+        ("tool_workers", ToolWorkerSettings),
+    ):
         out += [f"**`python -m {title}`**", "", "| variable | default |", "|---|---|"]
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
@@ -27,7 +30,11 @@ def render() -> str:
             else:
                 default = ""
             shown = "" if default in ("", ()) else str(default)
-            out.append(f"| `TIDEWIRE_{f.name.upper()}` | `{shown}` |" if shown else f"| `TIDEWIRE_{f.name.upper()}` | |")
+            out.append(
+                f"| `TIDEWIRE_{f.name.upper()}` | `{shown}` |"
+                if shown
+                else f"| `TIDEWIRE_{f.name.upper()}` | |"
+            )
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

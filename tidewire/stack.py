@@ -64,9 +64,14 @@ class Service:
         """Starts (or restarts) the process. The parent-death signal is tied to the calling *thread*:
         call this from a thread that lives as long as the service should (the main thread)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env={**os.environ, **self.env},
-                                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(),
-                                     process_group=0 if self.own_process_group else None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent(),
+            process_group=0 if self.own_process_group else None,
+        )
         log.close()
         self.started_at, self.started_wall = time.monotonic(), time.time()
 
@@ -124,8 +129,13 @@ class Stack:
         return [f"http://127.0.0.1:{s.env['port']}" for s in latest.values()]
 
     def service(self, name: str, module: str, env: dict[str, str] | None = None) -> Service:
-        svc = Service(name, module, {**self.infra_env, **self.extra_env, **(env or {})},
-                      self.log_dir / f"{name}.log", own_process_group=self.own_process_groups)
+        svc = Service(
+            name,
+            module,
+            {**self.infra_env, **self.extra_env, **(env or {})},
+            self.log_dir / f"{name}.log",
+            own_process_group=self.own_process_groups,
+        )
         self.services.append(svc)
         svc.start()
         return svc
@@ -139,8 +149,9 @@ class Stack:
 
     def add_orchestrator(self, name: str) -> Service:
         port = free_port()
-        svc = self.service(name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name,
-                                                  "TIDEWIRE_HEALTH_PORT": str(port)})
+        svc = self.service(
+            name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)}
+        )
         svc.env["port"] = str(port)
         wait_http(f"http://127.0.0.1:{port}/readyz", proc=svc)
         return svc
@@ -238,8 +249,16 @@ class Supervisor:
     (atomically) when something changes and at least every `heartbeat_s`.
     """
 
-    def __init__(self, stack: Stack, *, policy: RestartPolicy | None = None, status_path: Path | None = None,
-                 poll_s: float = 0.5, heartbeat_s: float = 2.0, out: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        *,
+        policy: RestartPolicy | None = None,
+        status_path: Path | None = None,
+        poll_s: float = 0.5,
+        heartbeat_s: float = 2.0,
+        out: IO[str] | None = None,
+    ) -> None:
         self.stack = stack
         self.policy = policy or RestartPolicy()
         self.status_path = status_path
@@ -305,8 +324,12 @@ class Supervisor:
         w.backoff_s = min(self.policy.cap_s, delay * 2)
         w.restart_at = now + delay
         w.last_exit, w.last_exit_at = describe_exit(returncode), time.time()
-        print(f"{w.svc.name} (pid {w.svc.pid}) exited: {w.last_exit} after {up_for:.1f} s up; "
-              f"restart #{w.restarts + 1} in {delay:.1f} s (log: {w.svc.log_path})", file=self.out, flush=True)
+        print(
+            f"{w.svc.name} (pid {w.svc.pid}) exited: {w.last_exit} after {up_for:.1f} s up; "
+            f"restart #{w.restarts + 1} in {delay:.1f} s (log: {w.svc.log_path})",
+            file=self.out,
+            flush=True,
+        )
 
     def _restart(self, w: _Watch) -> None:
         w.restart_at = None
@@ -334,14 +357,24 @@ class Supervisor:
             else:
                 state = "exited"
             services[name] = {
-                "module": svc.module, "pid": svc.proc.pid if svc.proc is not None else None, "state": state,
-                "port": int(svc.env["port"]) if "port" in svc.env else None, "restarts": w.restarts,
-                "last_exit": w.last_exit, "last_exit_at": w.last_exit_at,
+                "module": svc.module,
+                "pid": svc.proc.pid if svc.proc is not None else None,
+                "state": state,
+                "port": int(svc.env["port"]) if "port" in svc.env else None,
+                "restarts": w.restarts,
+                "last_exit": w.last_exit,
+                "last_exit_at": w.last_exit_at,
                 "up_since": svc.started_wall if state == "running" else None,
-                "next_restart_in_s": round(max(0.0, w.restart_at - now), 3) if w.restart_at is not None else None,
+                "next_restart_in_s": round(max(0.0, w.restart_at - now), 3)
+                if w.restart_at is not None
+                else None,
             }
-        return {"supervisor_pid": os.getpid(), "state": self.state, "updated_at": time.time(),
-                "services": services}
+        return {
+            "supervisor_pid": os.getpid(),
+            "state": self.state,
+            "updated_at": time.time(),
+            "services": services,
+        }
 
     def write_status(self) -> None:
         self._written_at = time.monotonic()

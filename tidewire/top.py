@@ -32,8 +32,18 @@ Samples = dict[tuple[str, Labels], float]
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
-STAGES = ("gateway_accept", "checkpoint_append_user", "eventlog_append", "publish", "queue_wait",
-          "session_fetch", "context_pack", "retrieval", "model_queue", "upstream_first_token")
+STAGES = (
+    "gateway_accept",
+    "checkpoint_append_user",
+    "eventlog_append",
+    "publish",
+    "queue_wait",
+    "session_fetch",
+    "context_pack",
+    "retrieval",
+    "model_queue",
+    "upstream_first_token",
+)
 
 
 def parse(text: str) -> Samples:
@@ -50,8 +60,11 @@ def parse(text: str) -> Samples:
             value = float(raw_value)
         except ValueError:
             continue
-        labels = tuple(sorted((k, v.replace('\\"', '"').replace("\\\\", "\\"))
-                              for k, v in _LABEL.findall(raw_labels or "")))
+        labels = tuple(
+            sorted(
+                (k, v.replace('\\"', '"').replace("\\\\", "\\")) for k, v in _LABEL.findall(raw_labels or "")
+            )
+        )
         out[(name, labels)] = value
     return out
 
@@ -90,7 +103,9 @@ def buckets(samples: Samples, name: str, **match: str) -> list[tuple[float, floa
     return sorted(acc.items())
 
 
-def diff_buckets(now: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def diff_buckets(
+    now: list[tuple[float, float]], before: list[tuple[float, float]]
+) -> list[tuple[float, float]]:
     prev = dict(before)
     return [(b, c - prev.get(b, 0.0)) for b, c in now]
 
@@ -118,8 +133,13 @@ def _ms(v: float | None) -> str:
     return f"{v * 1000:.0f} ms" if v < 10 else f"{v:.1f} s"
 
 
-def render(now: list[Samples | None], before: list[Samples | None] | None, dt: float,
-           targets: list[str], status: Mapping[str, Any] | None = None) -> str:
+def render(
+    now: list[Samples | None],
+    before: list[Samples | None] | None,
+    dt: float,
+    targets: list[str],
+    status: Mapping[str, Any] | None = None,
+) -> str:
     """One refresh, from this scrape and the previous one (pure: testable without servers)."""
     up = [s for s in now if s is not None]
     cur = merge(up)
@@ -167,10 +187,14 @@ def render(now: list[Samples | None], before: list[Samples | None] | None, dt: f
         n = total(cur, "tidewire_turn_stage_seconds_count", stage=stage)
         if n == 0:
             continue
-        out.append(f"{stage:<24}{_ms(q('tidewire_turn_stage_seconds', 0.5, stage=stage)):>10}"
-                   f"{_ms(q('tidewire_turn_stage_seconds', 0.99, stage=stage)):>10}{n:>9.0f}")
-    for name, label in (("tidewire_checkpoint_append_seconds", "checkpoint append"),
-                        ("tidewire_tool_call_seconds", "tool call")):
+        out.append(
+            f"{stage:<24}{_ms(q('tidewire_turn_stage_seconds', 0.5, stage=stage)):>10}"
+            f"{_ms(q('tidewire_turn_stage_seconds', 0.99, stage=stage)):>10}{n:>9.0f}"
+        )
+    for name, label in (
+        ("tidewire_checkpoint_append_seconds", "checkpoint append"),
+        ("tidewire_tool_call_seconds", "tool call"),
+    ):
         n = total(cur, name + "_count")
         if n:
             out.append(f"{label:<24}{_ms(q(name, 0.5)):>10}{_ms(q(name, 0.99)):>10}{n:>9.0f}")
@@ -197,7 +221,7 @@ def render_services(status: Mapping[str, Any], now: float | None = None) -> list
         head += f" — status not refreshed for {_ago(now - updated)} (is `tidewire dev` still running?)"
     out = [head, f"{'service':<18}{'pid':>8}  {'state':<13}{'up':>6}{'restarts':>10}  last exit"]
     services = status.get("services")
-    for name, svc in (services.items() if isinstance(services, Mapping) else []):
+    for name, svc in services.items() if isinstance(services, Mapping) else []:
         up_since = svc.get("up_since")
         up = _ago(now - float(up_since)) if up_since else "—"
         state = str(svc.get("state", "?"))
@@ -206,7 +230,9 @@ def render_services(status: Mapping[str, Any], now: float | None = None) -> list
         last = svc.get("last_exit") or "—"
         if svc.get("last_exit_at"):
             last += f" ({_ago(now - float(svc['last_exit_at']))} ago)"
-        out.append(f"{name:<18}{svc.get('pid') or '—':>8}  {state:<13}{up:>6}{svc.get('restarts', 0):>10}  {last}")
+        out.append(
+            f"{name:<18}{svc.get('pid') or '—':>8}  {state:<13}{up:>6}{svc.get('restarts', 0):>10}  {last}"
+        )
     return out
 
 
@@ -241,8 +267,12 @@ def targets_from(config: Mapping[str, object]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tidewire top", description=__doc__.split("\n\n")[0])
-    p.add_argument("--metrics", action="append", default=[],
-                   help="a /metrics URL to scrape (repeat for several; default: .tidewire/dev.json)")
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        help="a /metrics URL to scrape (repeat for several; default: .tidewire/dev.json)",
+    )
     p.add_argument("--url", help="gateway base URL (its /metrics is scraped)")
     p.add_argument("--state-dir", default=".tidewire", help="where `tidewire dev` wrote dev.json")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")

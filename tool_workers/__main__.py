@@ -26,8 +26,12 @@ log = logging.getLogger("tool_workers")
 
 def nats_connect_retry() -> AsyncRetrying:
     """Start-up only: NATS may come up after us (compose, k8s); give it half a minute."""
-    return AsyncRetrying(retry=retry_if_exception_type(Exception), stop=stop_after_delay(30),
-                         wait=wait_fixed(0.5), reraise=True)
+    return AsyncRetrying(
+        retry=retry_if_exception_type(Exception),
+        stop=stop_after_delay(30),
+        wait=wait_fixed(0.5),
+        reraise=True,
+    )
 
 
 async def run(settings: ToolWorkerSettings) -> None:
@@ -36,8 +40,11 @@ async def run(settings: ToolWorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     bus: Bus = await nats_connect_retry()(
-        Bus.connect, settings.nats_url, name=f"tool-worker-{os.getpid()}", timeout_s=settings.nats_timeout_seconds,
-        replicas=settings.nats_replicas
+        Bus.connect,
+        settings.nats_url,
+        name=f"tool-worker-{os.getpid()}",
+        timeout_s=settings.nats_timeout_seconds,
+        replicas=settings.nats_replicas,
     )
     async with bus:
         runner: web.AppRunner | None = None
@@ -55,8 +62,10 @@ async def run(settings: ToolWorkerSettings) -> None:
 
 def main() -> None:
     settings = from_env(ToolWorkerSettings)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
+    )
     runtime.run(run(settings))
 
 

@@ -65,7 +65,9 @@ class Tool(ToolDef[ArgsT]):
     run: Callable[[ArgsT, ToolContext], Awaitable[str]]
 
     @classmethod
-    def implementing(cls, spec: ToolDef[ArgsT], run: Callable[[ArgsT, ToolContext], Awaitable[str]]) -> Tool[ArgsT]:
+    def implementing(
+        cls, spec: ToolDef[ArgsT], run: Callable[[ArgsT, ToolContext], Awaitable[str]]
+    ) -> Tool[ArgsT]:
         return cls(**{f.name: getattr(spec, f.name) for f in fields(spec)}, run=run)
 
 
@@ -76,13 +78,17 @@ class ToolRegistry(ToolCatalogue[Tool[Any]]):
 def _implementations() -> dict[str, Tool[Any]]:
     from tool_workers.tools import calculator, clock, flaky, http_get, send_email, slow_lookup  # noqa: PLC0415
 
-    return {t.name: t for t in (clock.TOOL, calculator.TOOL, slow_lookup.TOOL, http_get.TOOL, flaky.TOOL,
-                                send_email.TOOL)}
+    return {
+        t.name: t
+        for t in (clock.TOOL, calculator.TOOL, slow_lookup.TOOL, http_get.TOOL, flaky.TOOL, send_email.TOOL)
+    }
 
 
 def default_registry(settings: ToolWorkerSettings | None = None) -> ToolRegistry:
     """The built-in tools the catalogue offers under these settings, each with its implementation."""
     settings = from_env(ToolWorkerSettings) if settings is None else settings
     impls = _implementations()
-    chosen = offered(CatalogueSettings(http_get_enabled=settings.http_get_enabled, test_tools=settings.test_tools))
+    chosen = offered(
+        CatalogueSettings(http_get_enabled=settings.http_get_enabled, test_tools=settings.test_tools)
+    )
     return ToolRegistry(impls[spec.name] for spec in chosen)

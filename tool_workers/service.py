@@ -63,8 +63,11 @@ _job_decoder = msgspec.msgpack.Decoder(busproto.ToolJob)
 
 _meter = telemetry.meter("tidewire.tool_worker")
 _run_seconds = _meter.create_histogram(
-    "tidewire_tool_run_seconds", unit="s", description="Tool job handling time on the worker, by tool and outcome",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S)
+    "tidewire_tool_run_seconds",
+    unit="s",
+    description="Tool job handling time on the worker, by tool and outcome",
+    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
+)
 _jobs = _meter.create_counter("tidewire_tool_jobs", description="Tool jobs handled, by tool and outcome")
 _timeouts = _meter.create_counter("tidewire_tool_timeouts", description="Tool runs that hit their time limit")
 
@@ -129,14 +132,18 @@ class ToolWorker:
         if not self.pools:
             raise RuntimeError(f"no known pool in {self._settings.pools}; known: {self._registry.pools()}")
         telemetry.setup("tool-worker", f"tool-worker-{os.getpid()}")
-        telemetry.observe("tidewire_tool_worker_running", lambda: self.running_calls,
-                          description="Tool calls running on this worker")
+        telemetry.observe(
+            "tidewire_tool_worker_running",
+            lambda: self.running_calls,
+            description="Tool calls running on this worker",
+        )
         await self._bus.ensure_streams()
         self._ledger = await CallLedger.open(self._bus, ttl_s=self._settings.call_ledger_ttl_seconds)
         subs: dict[str, PullSubscription] = {}
         for pool in self.pools:
-            await self._tools.declare_pool(pool, ack_wait_s=self._settings.ack_wait_seconds,
-                                           max_deliver=self._settings.max_deliver)
+            await self._tools.declare_pool(
+                pool, ack_wait_s=self._settings.ack_wait_seconds, max_deliver=self._settings.max_deliver
+            )
             subs[pool] = await self._tools.pool_subscription(pool)
         cancel_sub = await self._tools.subscribe_cancels(self._on_cancel)
         try:
@@ -144,9 +151,12 @@ class ToolWorker:
                 for pool, sub in subs.items():
                     tg.create_task(self._fetch_loop(tg, pool, sub), name=f"fetch:{pool}")
                 self.ready = True
-                log.info("tool worker ready pools=%s tools=%s concurrency=%d", ",".join(self.pools),
-                         ",".join(t.name for t in self._registry if t.pool in self.pools),
-                         self._settings.concurrency)
+                log.info(
+                    "tool worker ready pools=%s tools=%s concurrency=%d",
+                    ",".join(self.pools),
+                    ",".join(t.name for t in self._registry if t.pool in self.pools),
+                    self._settings.concurrency,
+                )
                 await stop.wait()
                 await self._drain()
         finally:
@@ -214,8 +224,11 @@ class ToolWorker:
         outcome = "crashed"
         t0 = time.perf_counter()
         span = telemetry.tracer.start_span(
-            "tool.run", context=telemetry.extract(msg.headers), kind=telemetry.SpanKind.CONSUMER,
-            attributes={"tool": job.name, "call_id": job.call_id, "attempt": msg.metadata.num_delivered})
+            "tool.run",
+            context=telemetry.extract(msg.headers),
+            kind=telemetry.SpanKind.CONSUMER,
+            attributes={"tool": job.name, "call_id": job.call_id, "attempt": msg.metadata.num_delivered},
+        )
         try:
             with trace.use_span(span, end_on_exit=False):
                 result = await self._process(job, msg.metadata.num_delivered)
@@ -251,16 +264,26 @@ class ToolWorker:
         limit_chars = self._settings.max_result_chars
 
         def result(ok: bool, text: str, *, timed_out: bool = False) -> busproto.ToolResultMsg:
-            return busproto.ToolResultMsg(session_id=job.session_id, turn_id=job.turn_id, call_id=job.call_id,
-                                          ok=ok, text=text[:limit_chars], attempt=attempt, timed_out=timed_out)
+            return busproto.ToolResultMsg(
+                session_id=job.session_id,
+                turn_id=job.turn_id,
+                call_id=job.call_id,
+                ok=ok,
+                text=text[:limit_chars],
+                attempt=attempt,
+                timed_out=timed_out,
+            )
 
         key = call_key(job.turn_id, job.call_id)
         tool = self._registry.get(job.name)
         if tool is None:
             return result(False, f"unknown tool {job.name!r}")
         if job.schema_version != tool.schema_version:
-            return result(False, f"{tool.name}: argument schema v{job.schema_version} is not the worker's "
-                                 f"v{tool.schema_version}")
+            return result(
+                False,
+                f"{tool.name}: argument schema v{job.schema_version} is not the worker's "
+                f"v{tool.schema_version}",
+            )
         if key in self._cancelled:
             log.info("skipping cancelled call %s", job.call_id)
             return result(False, f"{tool.name} was cancelled")
@@ -279,7 +302,9 @@ class ToolWorker:
             record = await ledger.get(key)
         except Exception as exc:  # noqa: BLE001
             if not tool.idempotent:
-                log.warning("call %s: ledger unavailable (%r); not running a non-idempotent tool", job.call_id, exc)
+                log.warning(
+                    "call %s: ledger unavailable (%r); not running a non-idempotent tool", job.call_id, exc
+                )
                 return HandBack(delay=1.0)
             record = None
         if record is not None and record.state == "done":
@@ -294,8 +319,11 @@ class ToolWorker:
                 log.warning("call %s: could not record the start (%r); handing it back", job.call_id, exc)
                 return HandBack(delay=1.0)
             if not first:
-                log.warning("call %s (%s) was started before and is not idempotent: not retried",
-                            job.call_id, tool.name)
+                log.warning(
+                    "call %s (%s) was started before and is not idempotent: not retried",
+                    job.call_id,
+                    tool.name,
+                )
                 refused = result(False, interrupted_text(tool.name))
                 await self._remember(ledger, key, tool, refused)
                 return refused
@@ -305,11 +333,23 @@ class ToolWorker:
             await self._remember(ledger, key, tool, res)
         return res
 
-    async def _run(self, job: busproto.ToolJob, tool: Tool[Any], args: Any, attempt: int, limit: float,
-                   result: Callable[..., busproto.ToolResultMsg]) -> busproto.ToolResultMsg | HandBack:
+    async def _run(
+        self,
+        job: busproto.ToolJob,
+        tool: Tool[Any],
+        args: Any,
+        attempt: int,
+        limit: float,
+        result: Callable[..., busproto.ToolResultMsg],
+    ) -> busproto.ToolResultMsg | HandBack:
         key = call_key(job.turn_id, job.call_id)
-        ctx = ToolContext(session_id=job.session_id, turn_id=job.turn_id, call_id=job.call_id, attempt=attempt,
-                          settings=self._settings)
+        ctx = ToolContext(
+            session_id=job.session_id,
+            turn_id=job.turn_id,
+            call_id=job.call_id,
+            attempt=attempt,
+            settings=self._settings,
+        )
         run_task = asyncio.create_task(self._invoke(tool, args, ctx), name=f"tool:{tool.name}:{job.call_id}")
         entry = _Running(task=run_task, call_id=job.call_id)
         self._running[key] = entry
@@ -354,10 +394,17 @@ class ToolWorker:
             return False, f"{tool.name} failed with an internal error"
         return True, text
 
-    async def _remember(self, ledger: CallLedger, key: str, tool: Tool[Any],
-                        res: busproto.ToolResultMsg) -> None:
-        record = CallRecord(state="done", name=tool.name, ok=res.ok, text=res.text, timed_out=res.timed_out,
-                            attempt=res.attempt)
+    async def _remember(
+        self, ledger: CallLedger, key: str, tool: Tool[Any], res: busproto.ToolResultMsg
+    ) -> None:
+        record = CallRecord(
+            state="done",
+            name=tool.name,
+            ok=res.ok,
+            text=res.text,
+            timed_out=res.timed_out,
+            attempt=res.attempt,
+        )
         try:
             await ledger.mark_done(key, record)
         except Exception as exc:  # noqa: BLE001 - the reply still goes out
@@ -394,8 +441,10 @@ HEALTH_BUS: web.AppKey[Bus] = web.AppKey("bus", Bus)
 async def _healthz(request: web.Request) -> web.Response:
     worker, bus = request.app[HEALTH_WORKER], request.app[HEALTH_BUS]
     healthy = worker.ready and bus.connected
-    return web.json_response({"ok": healthy, "pools": list(worker.pools), "running": worker.running_calls},
-                             status=200 if healthy else 503)
+    return web.json_response(
+        {"ok": healthy, "pools": list(worker.pools), "running": worker.running_calls},
+        status=200 if healthy else 503,
+    )
 
 
 async def _metrics(request: web.Request) -> web.Response:

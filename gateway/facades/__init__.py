@@ -15,5 +15,9 @@ from gateway.facades.errors import in_openai_shape
 def register(app: web.Application) -> None:
     """Adds the facade routes to a gateway app (called once by `gateway.app.create_app`)."""
     app[SETTINGS] = facade_settings()
-    app.add_routes([web.route(r.method, r.path, in_openai_shape(r.handler), **r.kwargs)
-                    for r in (*responses.ROUTES, *chat_completions.ROUTES, *ai_sdk.ROUTES)])
+    app.add_routes(
+        [
+            web.route(r.method, r.path, in_openai_shape(r.handler), **r.kwargs)
+            for r in (*responses.ROUTES, *chat_completions.ROUTES, *ai_sdk.ROUTES)
+        ]
+    )

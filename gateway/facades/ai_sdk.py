@@ -115,16 +115,36 @@ class UiChunks:
         if isinstance(ev, client.Status):
             return [{"type": "data-status", "id": f"status-{ev.seq}", "data": {"text": ev.text}}]
         if isinstance(ev, client.ToolCall):
-            return self._close() + [{"type": "tool-input-available", "toolCallId": ev.call_id, "toolName": ev.name,
-                                     "input": ev.args, "dynamic": True}]
+            return self._close() + [
+                {
+                    "type": "tool-input-available",
+                    "toolCallId": ev.call_id,
+                    "toolName": ev.name,
+                    "input": ev.args,
+                    "dynamic": True,
+                }
+            ]
         if isinstance(ev, client.ToolResult):
             if ev.ok:
-                return [{"type": "tool-output-available", "toolCallId": ev.call_id, "output": ev.text,
-                         "dynamic": True}]
-            return [{"type": "tool-output-error", "toolCallId": ev.call_id, "errorText": ev.text, "dynamic": True}]
+                return [
+                    {
+                        "type": "tool-output-available",
+                        "toolCallId": ev.call_id,
+                        "output": ev.text,
+                        "dynamic": True,
+                    }
+                ]
+            return [
+                {"type": "tool-output-error", "toolCallId": ev.call_id, "errorText": ev.text, "dynamic": True}
+            ]
         if isinstance(ev, client.TurnEnd):
-            out = self._close() + [{"type": "data-turn-end", "id": f"end-{ev.turn_id}",
-                                    "data": {"status": ev.status, "turn_id": ev.turn_id}}]
+            out = self._close() + [
+                {
+                    "type": "data-turn-end",
+                    "id": f"end-{ev.turn_id}",
+                    "data": {"status": ev.status, "turn_id": ev.turn_id},
+                }
+            ]
             if ev.status == "failed":
                 out.append({"type": "error", "errorText": "the turn failed"})
             out.append({"type": "finish", "finishReason": _FINISH[ev.status]})
@@ -132,7 +152,9 @@ class UiChunks:
         return []
 
 
-async def _stream_turn(request: web.Request, subject: str, sid: str, turn_id: str, user_seq: int) -> web.StreamResponse:
+async def _stream_turn(
+    request: web.Request, subject: str, sid: str, turn_id: str, user_seq: int
+) -> web.StreamResponse:
     async def produce(write: Any) -> None:
         chunks = UiChunks(turn_id)
 

@@ -84,14 +84,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     headers = {SESSION_HEADER: sid}
     if body.get("stream"):
         include_usage = isinstance(body.get("stream_options"), dict) and bool(
-            body["stream_options"].get("include_usage"))
+            body["stream_options"].get("include_usage")
+        )
 
         async def produce(write: Any) -> None:
             def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-                obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "system_fingerprint": None,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                       **extra}
+                obj = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    **extra,
+                }
                 return b"data: " + json_encode(obj) + b"\n\n"
 
             await write(chunk({"role": "assistant", "content": ""}))
@@ -100,13 +106,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     await write(chunk({"content": ev.text}))
                 elif isinstance(ev, client.TurnEnd):
                     if ev.status == "failed":
-                        await write(b"data: " + json_encode(error_body(Internal("the turn failed"))) + b"\n\n")
+                        await write(
+                            b"data: " + json_encode(error_body(Internal("the turn failed"))) + b"\n\n"
+                        )
                     else:
                         tail = chunk({}, _FINISH[ev.status], tidewire_status=ev.status)
                         if include_usage:
-                            tail += b"data: " + json_encode({
-                                "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [], "usage": _usage(text, ev.text)}) + b"\n\n"
+                            tail += (
+                                b"data: "
+                                + json_encode(
+                                    {
+                                        "id": cid,
+                                        "object": "chat.completion.chunk",
+                                        "created": created,
+                                        "model": model,
+                                        "choices": [],
+                                        "usage": _usage(text, ev.text),
+                                    }
+                                )
+                                + b"\n\n"
+                            )
                         await write(tail)
                     await write(b"data: [DONE]\n\n")
 
@@ -125,12 +144,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     assert end is not None
     if end.status == "failed":
         return openai_error(Internal("the turn failed"))
-    return web.json_response({
-        "id": cid, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": end.text, "refusal": None},
-                     "logprobs": None, "finish_reason": _FINISH[end.status]}],
-        "usage": _usage(text, end.text), "tidewire_status": end.status,
-    }, headers=headers, dumps=lambda o: json_encode(o).decode())
+    return web.json_response(
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": end.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": _FINISH[end.status],
+                }
+            ],
+            "usage": _usage(text, end.text),
+            "tidewire_status": end.status,
+        },
+        headers=headers,
+        dumps=lambda o: json_encode(o).decode(),
+    )
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -138,8 +172,15 @@ async def list_models(request: web.Request) -> web.StreamResponse:
         caller(request)
     except TidewireError as e:
         return openai_error(e)
-    return web.json_response({"object": "list", "data": [
-        {"id": m, "object": "model", "created": 0, "owned_by": "tidewire"} for m in request.app[SETTINGS].models]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "tidewire"}
+                for m in request.app[SETTINGS].models
+            ],
+        }
+    )
 
 
 ROUTES = [

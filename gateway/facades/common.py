@@ -108,12 +108,16 @@ def idempotency_key(request: web.Request) -> str | None:
 # ---- turns -----------------------------------------------------------------------------------------
 
 
-async def send_turn(request: web.Request, subject: str, sid: str, client_msg_id: str, text: str) -> client.Ack:
+async def send_turn(
+    request: web.Request, subject: str, sid: str, client_msg_id: str, text: str
+) -> client.Ack:
     """One facade call = one turn, through the ordinary send path and the same edge checks as
     `POST /v1/sessions/{sid}/messages`: shedding (`degraded`) and the subject's message rate."""
     deps = request.app[DEPS]
     await request.app[EDGE].admit_send(subject, None, client_msg_id, text)
-    return await commands.send_message(deps, subject, sid, client.SendRequest(client_msg_id=client_msg_id, text=text))
+    return await commands.send_message(
+        deps, subject, sid, client.SendRequest(client_msg_id=client_msg_id, text=text)
+    )
 
 
 async def new_session(request: web.Request, subject: str, model: str | None = None) -> str:
@@ -147,8 +151,9 @@ def facade_store(request: web.Request) -> FacadeStore:
     return FacadeStore(request.app[DEPS].checkpoints, ttl_s=request.app[SETTINGS].record_ttl_s)
 
 
-async def session_for_key(request: web.Request, subject: str, scope: str, key: str,
-                          model: str | None = None) -> str:
+async def session_for_key(
+    request: web.Request, subject: str, scope: str, key: str, model: str | None = None
+) -> str:
     """The session an Idempotency-Key first created (so a retried call starts no second turn), or a
     new one recorded under the key. Two racing first calls may leave one empty session behind."""
     store = facade_store(request)
@@ -190,8 +195,9 @@ _record_decoder = msgspec.json.Decoder(TurnRecord)
 async def save_record(request: web.Request, record: TurnRecord, *, replace: bool = False) -> TurnRecord:
     """Stores the record unless one is there (a duplicate send keeps the first call's record)."""
     try:
-        raw = await facade_store(request).save_record(record.session_id, record.turn_id,
-                                                      msgspec.json.encode(record), replace=replace)
+        raw = await facade_store(request).save_record(
+            record.session_id, record.turn_id, msgspec.json.encode(record), replace=replace
+        )
     except Exception as e:  # noqa: BLE001 - the turn is durable; the record only adds metadata
         log.warning("facade record not stored: %s", e)
         return record
@@ -206,12 +212,19 @@ async def load_record(request: web.Request, sid: str, turn_id: str) -> TurnRecor
         raw = await facade_store(request).record(sid, turn_id)
     if raw is not None:
         return _record_decoder.decode(raw)
-    user = next((m for m in await deps.eventlog.history(sid) if m.role == "user" and m.turn_id == turn_id), None)
+    user = next(
+        (m for m in await deps.eventlog.history(sid) if m.role == "user" and m.turn_id == turn_id), None
+    )
     if user is None:
         raise NotFound("no such response")
     row = await deps.eventlog.get_session(sid)
-    return TurnRecord(session_id=sid, turn_id=turn_id, user_seq=user.seq, text=user.text,
-                      created_at=int(row.created_at) if row else 0)
+    return TurnRecord(
+        session_id=sid,
+        turn_id=turn_id,
+        user_seq=user.seq,
+        text=user.text,
+        created_at=int(row.created_at) if row else 0,
+    )
 
 
 async def active_turn(request: web.Request, sid: str) -> str | None:
@@ -246,8 +259,9 @@ class TurnNotEnded(TidewireError):
     http_status = 504
 
 
-async def turn_events(request: web.Request, sid: str, turn_id: str, user_seq: int, *,
-                      live: bool = True) -> AsyncIterator[Event]:
+async def turn_events(
+    request: web.Request, sid: str, turn_id: str, user_seq: int, *, live: bool = True
+) -> AsyncIterator[Event]:
     """The turn's events after its user message, in seq order, each exactly once, ending with its
     `turn_end`. Subscribes first, then reads pages from the stores; with nothing new it waits for a
     live wake-up (or `reread_s`), clearing the flag before each read so no arrival is missed.
@@ -305,9 +319,12 @@ async def stored_events(request: web.Request, sid: str, turn_id: str, user_seq: 
 # ---- SSE output ------------------------------------------------------------------------------------
 
 
-async def stream_sse(request: web.Request, headers: dict[str, str],
-                     produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
-                     subject: str) -> web.StreamResponse:
+async def stream_sse(
+    request: web.Request,
+    headers: dict[str, str],
+    produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
+    subject: str,
+) -> web.StreamResponse:
     """Writes what `produce` gives to an SSE response, with a comment line as heartbeat, holding one
     of the subject's connection slots. A stream that `produce` finished ends cleanly; any other end
     (drain, timeout, store outage, a write that failed) closes the connection without a clean end,
@@ -315,8 +332,14 @@ async def stream_sse(request: web.Request, headers: dict[str, str],
     deps = request.app[DEPS]
     edge = request.app[EDGE]
     async with edge.subjects.connection(subject):
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", **headers})
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **headers,
+            }
+        )
         await resp.prepare(request)
         stopper = StreamStop()
         request.app[SSE_STREAMS].add(stopper)  # a drain sets stopper.stop: the stream ends, not cleanly
@@ -341,6 +364,7 @@ async def stream_sse(request: web.Request, headers: dict[str, str],
         try:
             async with asyncio.TaskGroup() as tg:
                 beat = tg.create_task(heartbeat())
+
                 async def producer() -> None:
                     await produce(write)
 

@@ -30,8 +30,14 @@ _TYPES = {
 
 
 def error_body(e: TidewireError) -> dict[str, object]:
-    return {"error": {"message": e.message, "type": _TYPES.get(e.code, "server_error"), "code": e.code,
-                      "param": None}}
+    return {
+        "error": {
+            "message": e.message,
+            "type": _TYPES.get(e.code, "server_error"),
+            "code": e.code,
+            "param": None,
+        }
+    }
 
 
 def openai_error(e: TidewireError) -> web.Response:
@@ -43,8 +49,9 @@ def openai_error(e: TidewireError) -> web.Response:
         headers["retry-after-ms"] = str(retry_ms)
         headers["Retry-After"] = str(max(1, round(retry_ms / 1000)))
     status = 503 if e.code == "degraded" and e.http_status != 504 else e.http_status
-    return web.Response(status=status, body=json_encode(error_body(e)), content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        status=status, body=json_encode(error_body(e)), content_type="application/json", headers=headers
+    )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -65,7 +65,7 @@ def response_id(sid: str, turn_id: str) -> str:
 def parse_response_id(rid: str) -> tuple[str, str]:
     if not rid.startswith(RESPONSE_PREFIX) or "." not in rid:
         raise NotFound("no such response")
-    sid, _, turn_id = rid[len(RESPONSE_PREFIX):].partition(".")
+    sid, _, turn_id = rid[len(RESPONSE_PREFIX) :].partition(".")
     if not sid or not turn_id:
         raise NotFound("no such response")
     return sid, turn_id
@@ -77,7 +77,7 @@ def _cut(text: str) -> tuple[list[str], str]:
     start = 0
     for i, ch in enumerate(text):
         if ch.isspace() or i - start + 1 >= CHUNK_MAX:
-            out.append(text[start:i + 1])
+            out.append(text[start : i + 1])
             start = i + 1
     return out, text[start:]
 
@@ -109,18 +109,34 @@ class ResponsesMapper:
 
     def response(self) -> dict[str, Any]:
         r = self.record
-        text = "".join(p.get("text", "") for item in self.output if item["type"] == "message"
-                       for p in item["content"])
+        text = "".join(
+            p.get("text", "") for item in self.output if item["type"] == "message" for p in item["content"]
+        )
         return {
-            "id": self.rid, "object": "response", "created_at": r.created_at, "status": self.status,
-            "background": r.background, "error": self.error, "incomplete_details": self.incomplete,
-            "instructions": r.instructions, "max_output_tokens": None, "model": r.model,
-            "output": copy.deepcopy(self.output), "parallel_tool_calls": False,
+            "id": self.rid,
+            "object": "response",
+            "created_at": r.created_at,
+            "status": self.status,
+            "background": r.background,
+            "error": self.error,
+            "incomplete_details": self.incomplete,
+            "instructions": r.instructions,
+            "max_output_tokens": None,
+            "model": r.model,
+            "output": copy.deepcopy(self.output),
+            "parallel_tool_calls": False,
             "previous_response_id": r.previous_response_id,
             "conversation": {"id": r.session_id} if r.conversation else None,
-            "store": r.store, "temperature": None, "top_p": None, "tool_choice": "auto", "tools": [],
-            "text": {"format": {"type": "text"}}, "truncation": "disabled", "usage": None,
-            "metadata": r.metadata or {}, "output_text": text,
+            "store": r.store,
+            "temperature": None,
+            "top_p": None,
+            "tool_choice": "auto",
+            "tools": [],
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "usage": None,
+            "metadata": r.metadata or {},
+            "output_text": text,
             "tidewire": {"session_id": r.session_id, "turn_id": r.turn_id},
         }
 
@@ -155,16 +171,29 @@ class ResponsesMapper:
         if self._msg is None:
             index = len(self.output)
             self._items += 1
-            item: dict[str, Any] = {"id": f"msg_{self.record.turn_id}_{self._items}", "type": "message", "status": "in_progress",
-                    "role": "assistant", "content": []}
+            item: dict[str, Any] = {
+                "id": f"msg_{self.record.turn_id}_{self._items}",
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
             self._msg, self._msg_text, self._pending = item, "", ""
             self.output.append(item)
-            out.append(self._ev("response.output_item.added", output_index=index,
-                                item={**item, "content": []}))
+            out.append(
+                self._ev("response.output_item.added", output_index=index, item={**item, "content": []})
+            )
             part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             item["content"] = [part]
-            out.append(self._ev("response.content_part.added", item_id=item["id"], output_index=index,
-                                content_index=0, part=dict(part)))
+            out.append(
+                self._ev(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    part=dict(part),
+                )
+            )
         chunks, self._pending = _cut(self._pending + text)
         for chunk in chunks:
             out.append(self._delta(chunk))
@@ -174,8 +203,14 @@ class ResponsesMapper:
         assert self._msg is not None
         self._msg_text += chunk
         self._msg["content"][0]["text"] = self._msg_text
-        return self._ev("response.output_text.delta", item_id=self._msg["id"], output_index=len(self.output) - 1,
-                        content_index=0, delta=chunk, logprobs=[])
+        return self._ev(
+            "response.output_text.delta",
+            item_id=self._msg["id"],
+            output_index=len(self.output) - 1,
+            content_index=0,
+            delta=chunk,
+            logprobs=[],
+        )
 
     def _close_text(self, status: str = "completed") -> list[dict[str, Any]]:
         item = self._msg
@@ -187,13 +222,33 @@ class ResponsesMapper:
             self._pending = ""
         index = len(self.output) - 1
         part = dict(item["content"][0])
-        out.append(self._ev("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                            text=self._msg_text, logprobs=[]))
-        out.append(self._ev("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                            part=part))
+        out.append(
+            self._ev(
+                "response.output_text.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                text=self._msg_text,
+                logprobs=[],
+            )
+        )
+        out.append(
+            self._ev(
+                "response.content_part.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part=part,
+            )
+        )
         item["status"] = status
-        out.append(self._ev("response.output_item.done", output_index=index,
-                            item={**item, "content": [dict(p) for p in item["content"]]}))
+        out.append(
+            self._ev(
+                "response.output_item.done",
+                output_index=index,
+                item={**item, "content": [dict(p) for p in item["content"]]},
+            )
+        )
         self._msg = None
         return out
 
@@ -201,13 +256,24 @@ class ResponsesMapper:
         out = self._close_text()
         index = len(self.output)
         args = json.dumps(ev.args, ensure_ascii=False, sort_keys=True)
-        item = {"id": f"mcp_{ev.call_id}", "type": "mcp_call", "server_label": "tidewire", "name": ev.name,
-                "arguments": args, "output": None, "error": None, "status": "in_progress"}
+        item = {
+            "id": f"mcp_{ev.call_id}",
+            "type": "mcp_call",
+            "server_label": "tidewire",
+            "name": ev.name,
+            "arguments": args,
+            "output": None,
+            "error": None,
+            "status": "in_progress",
+        }
         self.output.append(item)
         self._tools[ev.call_id] = index
         out.append(self._ev("response.output_item.added", output_index=index, item=dict(item)))
-        out.append(self._ev("response.mcp_call_arguments.done", item_id=item["id"], output_index=index,
-                            arguments=args))
+        out.append(
+            self._ev(
+                "response.mcp_call_arguments.done", item_id=item["id"], output_index=index, arguments=args
+            )
+        )
         out.append(self._ev("response.mcp_call.in_progress", item_id=item["id"], output_index=index))
         return out
 
@@ -321,7 +387,7 @@ def _conversation(body: dict[str, Any]) -> str | None:
     if isinstance(conv, dict):
         conv = conv.get("id")
     if not isinstance(conv, str) or not conv:
-        raise BadFrame("conversation must be a session id or {\"id\": session_id}")
+        raise BadFrame('conversation must be a session id or {"id": session_id}')
     return conv
 
 
@@ -350,11 +416,23 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             sid = await new_session(request, principal.subject, model)
         cmid = f"idem:{key}" if key is not None else commands.new_id("oa_")
         ack = await send_turn(request, principal.subject, sid, cmid, text)
-        record = await save_record(request, TurnRecord(
-            session_id=sid, turn_id=ack.turn_id, user_seq=ack.seq, created_at=int(time.time()), text=text,
-            model=model, instructions=_opt_str(body, "instructions"), metadata=_metadata(body),
-            background=bool(body.get("background")), store=body.get("store") is not False,
-            previous_response_id=previous, conversation=conversation is not None))
+        record = await save_record(
+            request,
+            TurnRecord(
+                session_id=sid,
+                turn_id=ack.turn_id,
+                user_seq=ack.seq,
+                created_at=int(time.time()),
+                text=text,
+                model=model,
+                instructions=_opt_str(body, "instructions"),
+                metadata=_metadata(body),
+                background=bool(body.get("background")),
+                store=body.get("store") is not False,
+                previous_response_id=previous,
+                conversation=conversation is not None,
+            ),
+        )
     except TidewireError as e:
         return openai_error(e)
     headers = {"X-Tidewire-Session": sid}
@@ -386,8 +464,9 @@ async def _replayed(request: web.Request, record: TurnRecord) -> ResponsesMapper
     return mapper
 
 
-async def _stream(request: web.Request, record: TurnRecord, starting_after: int, headers: dict[str, str],
-                  subject: str) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, record: TurnRecord, starting_after: int, headers: dict[str, str], subject: str
+) -> web.StreamResponse:
     async def produce(write: Any) -> None:
         mapper = ResponsesMapper(record)
 
@@ -459,10 +538,17 @@ async def list_input_items(request: web.Request) -> web.StreamResponse:
         _, record = await _owned_record(request, deps)
     except TidewireError as e:
         return openai_error(e)
-    item = {"id": f"msg_{record.turn_id}_in", "type": "message", "role": "user", "status": "completed",
-            "content": [{"type": "input_text", "text": record.text}]}
-    return web.json_response({"object": "list", "data": [item], "first_id": item["id"], "last_id": item["id"],
-                              "has_more": False}, dumps=_dumps)
+    item = {
+        "id": f"msg_{record.turn_id}_in",
+        "type": "message",
+        "role": "user",
+        "status": "completed",
+        "content": [{"type": "input_text", "text": record.text}],
+    }
+    return web.json_response(
+        {"object": "list", "data": [item], "first_id": item["id"], "last_id": item["id"], "has_more": False},
+        dumps=_dumps,
+    )
 
 
 async def delete_response(request: web.Request) -> web.StreamResponse:

@@ -109,13 +109,22 @@ class OpenAISettings:
 
 
 def to_openai_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
-    return [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                              "parameters": t.parameters}} for t in tools]
+    return [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in tools
+    ]
 
 
-def to_openai_messages(messages: Sequence[ChatMessage], *, continue_from: str = "",
-                       continuation: str = "instruction",
-                       known_args: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def to_openai_messages(
+    messages: Sequence[ChatMessage],
+    *,
+    continue_from: str = "",
+    continuation: str = "instruction",
+    known_args: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """Chat messages in OpenAI's shape; see the module docstring for the synthesised tool-call
     message and for `continue_from`."""
     known_args = known_args or {}
@@ -134,8 +143,13 @@ def to_openai_messages(messages: Sequence[ChatMessage], *, continue_from: str = 
         calls = []
         for n, t in enumerate(run):
             call_id = t.tool_call_id or f"call_{n}"
-            calls.append({"id": call_id, "type": "function",
-                          "function": {"name": t.name or "tool", "arguments": known_args.get(call_id, "{}")}})
+            calls.append(
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": t.name or "tool", "arguments": known_args.get(call_id, "{}")},
+                }
+            )
         prev = out[-1] if out else None
         if prev is not None and prev["role"] == "assistant" and "tool_calls" not in prev:
             prev["tool_calls"] = calls
@@ -193,7 +207,7 @@ class PrefixStripper:
             self._held = held
             return ""
         self._held, self._done = "", True
-        return held[len(self._prefix):] if held.startswith(self._prefix) else held
+        return held[len(self._prefix) :] if held.startswith(self._prefix) else held
 
     def flush(self) -> str:
         held, self._held, self._done = self._held, "", True
@@ -242,7 +256,9 @@ class ToolCallAssembler:
                 raise ValueError(f"tool call {call.name!r} has malformed arguments: {exc}") from exc
             if not isinstance(args, dict):
                 raise ValueError(f"tool call {call.name!r} arguments are not a JSON object")
-            call_id = call.call_id or "call_" + hashlib.sha256(f"{id_seed}\x1f{index}".encode()).hexdigest()[:16]
+            call_id = (
+                call.call_id or "call_" + hashlib.sha256(f"{id_seed}\x1f{index}".encode()).hexdigest()[:16]
+            )
             out.append((ToolCallRequest(call_id=call_id, name=call.name, args=args), raw))
         return out
 
@@ -265,8 +281,13 @@ Outcome = Literal["aborted", "finished", "failed"]
 class OpenAIProvider:
     """The OpenAI-compatible model behind the `Provider` interface, with stream accounting."""
 
-    def __init__(self, settings: OpenAISettings | None = None, *, name: str = "openai",
-                 client: AsyncOpenAI | None = None) -> None:
+    def __init__(
+        self,
+        settings: OpenAISettings | None = None,
+        *,
+        name: str = "openai",
+        client: AsyncOpenAI | None = None,
+    ) -> None:
         self.name = name
         self.settings = OpenAISettings() if settings is None else settings
         self._client = client
@@ -297,9 +318,11 @@ class OpenAIProvider:
             s = self.settings
             read = max(s.first_token_timeout_s, s.idle_timeout_s) * 2  # backstop; ours fire first
             self._client = AsyncOpenAI(
-                base_url=s.base_url, max_retries=0,
+                base_url=s.base_url,
+                max_retries=0,
                 api_key=s.api_key or os.environ.get("OPENAI_API_KEY") or "sk-no-key-required",
-                timeout=Timeout(read, connect=s.connect_timeout_s))
+                timeout=Timeout(read, connect=s.connect_timeout_s),
+            )
         return self._client
 
     async def close(self) -> None:
@@ -310,7 +333,7 @@ class OpenAIProvider:
         """`request.model` may be a bare model or a route (`openai:gpt-4o-mini`)."""
         model = request.model or self.settings.model
         prefix = self.name + ":"
-        return model[len(prefix):] if model.startswith(prefix) else model
+        return model[len(prefix) :] if model.startswith(prefix) else model
 
     def _remember_args(self, call_id: str, raw: str) -> None:
         self._call_args[call_id] = raw
@@ -322,8 +345,12 @@ class OpenAIProvider:
         s = self.settings
         body: dict[str, Any] = {
             "model": self.model_for(request),
-            "messages": to_openai_messages(request.messages, continue_from=request.continue_from,
-                                           continuation=s.continuation, known_args=self._call_args),
+            "messages": to_openai_messages(
+                request.messages,
+                continue_from=request.continue_from,
+                continuation=s.continuation,
+                known_args=self._call_args,
+            ),
             "stream": True,
         }
         if request.tools:
@@ -353,12 +380,16 @@ class OpenAIProvider:
                 async with asyncio.timeout_at(first_deadline):
                     response = await self.client.chat.completions.create(**body)
             except TimeoutError as exc:
-                raise _error(f"no response within {s.first_token_timeout_s:g} s", retryable=True,
-                             upstream_fault=True) from exc
+                raise _error(
+                    f"no response within {s.first_token_timeout_s:g} s", retryable=True, upstream_fault=True
+                ) from exc
             except openai.APIStatusError as exc:
                 transient = exc.status_code in _TRANSIENT_STATUS or exc.status_code >= 500
-                raise _error(f"upstream answered HTTP {exc.status_code}: {_short(exc)}", retryable=transient,
-                             upstream_fault=transient) from exc
+                raise _error(
+                    f"upstream answered HTTP {exc.status_code}: {_short(exc)}",
+                    retryable=transient,
+                    upstream_fault=transient,
+                ) from exc
             except openai.APIConnectionError as exc:  # includes APITimeoutError
                 raise _error(f"upstream unreachable: {exc}", retryable=True, upstream_fault=True) from exc
 
@@ -379,18 +410,25 @@ class OpenAIProvider:
                 except StopAsyncIteration:
                     break
                 except TimeoutError as exc:
-                    what = (f"stalled for {s.idle_timeout_s:g} s" if got_content
-                            else f"no first token within {s.first_token_timeout_s:g} s")
+                    what = (
+                        f"stalled for {s.idle_timeout_s:g} s"
+                        if got_content
+                        else f"no first token within {s.first_token_timeout_s:g} s"
+                    )
                     raise _error(f"upstream {what}", retryable=not emitted, upstream_fault=True) from exc
                 except openai.APIError as exc:  # an error event in the stream, or the connection broke
-                    raise _error(f"upstream failed mid-stream: {exc}", retryable=not emitted,
-                                 upstream_fault=True) from exc
+                    raise _error(
+                        f"upstream failed mid-stream: {exc}", retryable=not emitted, upstream_fault=True
+                    ) from exc
                 except ValueError as exc:  # a chunk that is not JSON: the server is broken, not us
-                    raise _error(f"upstream sent a malformed chunk: {exc}", retryable=not emitted,
-                                 upstream_fault=True) from exc
+                    raise _error(
+                        f"upstream sent a malformed chunk: {exc}", retryable=not emitted, upstream_fault=True
+                    ) from exc
                 if getattr(chunk, "usage", None) is not None:
-                    usage = Usage(prompt_tokens=int(chunk.usage.prompt_tokens or 0),
-                                  completion_tokens=int(chunk.usage.completion_tokens or 0))
+                    usage = Usage(
+                        prompt_tokens=int(chunk.usage.prompt_tokens or 0),
+                        completion_tokens=int(chunk.usage.completion_tokens or 0),
+                    )
                 for choice in chunk.choices or ():
                     if choice.index not in (0, None):
                         continue
@@ -423,7 +461,9 @@ class OpenAIProvider:
                     yield call
             if usage is None:  # a server without stream_options support: estimate, never omit
                 prompt = sum(len(m.text) for m in request.messages) + len(request.continue_from)
-                usage = Usage(prompt_tokens=_estimate_tokens(prompt), completion_tokens=_estimate_tokens(chars))
+                usage = Usage(
+                    prompt_tokens=_estimate_tokens(prompt), completion_tokens=_estimate_tokens(chars)
+                )
             outcome = "finished"
             self.finished += 1  # counted before the last yield: closing after Usage is normal
             yield usage

@@ -65,10 +65,14 @@ NATS_RESYNC_FIXED = os.environ.get("TIDEWIRE_CHAOS_NATS_RESYNC_FIXED", "1") == "
 # asynchronous, so a failover can take back seqs clients have seen. Set to 1 once the appends wait for
 # the replica (WAIT 1) before publishing.
 REDIS_WAIT_FIXED = os.environ.get("TIDEWIRE_CHAOS_REDIS_WAIT_FIXED", "1") == "1"
-REDIS_LAG_REASON = ("async Redis replication: events the primary accepted and the orchestrator published, "
-                    "but the replica never received, are lost on failover and their seqs re-issued")
-NATS_STALL_REASON = ("gateway does not resync its sessions from the stores after a NATS reconnect: a live "
-                     "event lost while reconnecting (a turn_end) stalls the session until the client reconnects")
+REDIS_LAG_REASON = (
+    "async Redis replication: events the primary accepted and the orchestrator published, "
+    "but the replica never received, are lost on failover and their seqs re-issued"
+)
+NATS_STALL_REASON = (
+    "gateway does not resync its sessions from the stores after a NATS reconnect: a live "
+    "event lost while reconnecting (a turn_end) stalls the session until the client reconnects"
+)
 
 
 class TimedEvents(list):  # type: ignore[type-arg]
@@ -95,8 +99,9 @@ class TimedClient(DrillClient):
             raise
 
 
-def pause_report(rec: FaultRecord, until: float, clients: list[TimedClient],
-                 probes: list[tuple[float, float, TimedClient]]) -> dict[str, Any]:
+def pause_report(
+    rec: FaultRecord, until: float, clients: list[TimedClient], probes: list[tuple[float, float, TimedClient]]
+) -> dict[str, Any]:
     """For each client streaming when the fault hit (an event in the second before it): the longest
     gap between two of its events that started from just before the fault to just before the next one
     (`until`), so a pause is counted for the fault that caused it; and the longest send→turn_end of the
@@ -108,17 +113,27 @@ def pause_report(rec: FaultRecord, until: float, clients: list[TimedClient],
         times = c.events.times  # type: ignore[attr-defined]
         if not any(rec.at - 1.0 <= t < rec.at for t in times):
             continue
-        gaps = [(b - a, a, i) for i, (a, b) in enumerate(zip(times, times[1:], strict=False))
-                if rec.at - GAP_LEAD_S <= a < until - GAP_LEAD_S and b > rec.at]
+        gaps = [
+            (b - a, a, i)
+            for i, (a, b) in enumerate(zip(times, times[1:], strict=False))
+            if rec.at - GAP_LEAD_S <= a < until - GAP_LEAD_S and b > rec.at
+        ]
         if gaps:
             gap, start, i = max(gaps)
             pauses.append(gap)
             if gap > MAX_PAUSE_S:  # evidence: which session, which events, what ended the stall
                 ended_by = next((e for t, e in c.errors if t >= start), None)
-                stalls.append({"session": c.session_id, "after_fault_s": round(start - rec.at, 3),
-                               "stall_s": round(gap, 3), "last_event": type(c.events[i]).__name__,
-                               "last_seq": c.events[i].seq, "next_event": type(c.events[i + 1]).__name__,
-                               "ended_by": ended_by})
+                stalls.append(
+                    {
+                        "session": c.session_id,
+                        "after_fault_s": round(start - rec.at, 3),
+                        "stall_s": round(gap, 3),
+                        "last_event": type(c.events[i]).__name__,
+                        "last_seq": c.events[i].seq,
+                        "next_event": type(c.events[i + 1]).__name__,
+                        "ended_by": ended_by,
+                    }
+                )
         for t, e in c.errors:
             if rec.at <= t < until:
                 key = e.split(":", 1)[0] if "send refused" not in e else e
@@ -129,12 +144,18 @@ def pause_report(rec: FaultRecord, until: float, clients: list[TimedClient],
         for t, e in p.errors:
             if rec.at <= t < until and start <= t:
                 errors["probe " + e[:60]] = errors.get("probe " + e[:60], 0) + 1
-    return {"fault": rec.kind, "target": rec.target, "heal_s": rec.heal_seconds, **rec.detail,
-            "streaming_clients": len(pauses),
-            "pause_p50_ms": round(statistics.median(pauses) * 1000) if pauses else None,
-            "pause_max_ms": round(pauses[-1] * 1000) if pauses else None,
-            "probe_turn_max_ms": round(max(probe_turns) * 1000) if probe_turns else None,
-            "client_errors": errors, "stalls": stalls}
+    return {
+        "fault": rec.kind,
+        "target": rec.target,
+        "heal_s": rec.heal_seconds,
+        **rec.detail,
+        "streaming_clients": len(pauses),
+        "pause_p50_ms": round(statistics.median(pauses) * 1000) if pauses else None,
+        "pause_max_ms": round(pauses[-1] * 1000) if pauses else None,
+        "probe_turn_max_ms": round(max(probe_turns) * 1000) if probe_turns else None,
+        "client_errors": errors,
+        "stalls": stalls,
+    }
 
 
 async def probe_loop(url: str, stop: asyncio.Event, out: list[tuple[float, float, TimedClient]]) -> None:
@@ -166,8 +187,10 @@ def cluster() -> Iterator[Cluster]:
 
 
 async def run_drill(cluster: Cluster, faults: list[str]) -> tuple[list[TimedClient], list[dict[str, Any]]]:
-    clients = [TimedClient(cluster.url, make_token(f"cluster-{i}"), turns=TURNS, text=TEXT, events=TimedEvents())
-               for i in range(SESSIONS)]
+    clients = [
+        TimedClient(cluster.url, make_token(f"cluster-{i}"), turns=TURNS, text=TEXT, events=TimedEvents())
+        for i in range(SESSIONS)
+    ]
     work = asyncio.gather(*(c.run() for c in clients))
     probes: list[tuple[float, float, TimedClient]] = []
     stop_probes = asyncio.Event()
@@ -183,7 +206,9 @@ async def run_drill(cluster: Cluster, faults: list[str]) -> tuple[list[TimedClie
         elif kind == "gateway-drain":
             rec = await asyncio.to_thread(cluster.drain_gateway, cluster.busiest_gateway())
         elif kind == "orchestrator":
-            rec = await asyncio.to_thread(cluster.kill_orchestrator, rng.choice(cluster.nodes("orchestrator")).name)
+            rec = await asyncio.to_thread(
+                cluster.kill_orchestrator, rng.choice(cluster.nodes("orchestrator")).name
+            )
         elif kind == "nats":
             rec = await asyncio.to_thread(cluster.kill_nats, await asyncio.to_thread(cluster.busiest_nats))
         elif kind == "redis-primary":
@@ -200,11 +225,21 @@ async def run_drill(cluster: Cluster, faults: list[str]) -> tuple[list[TimedClie
     for rec in records:
         await asyncio.to_thread(cluster.wait_healed, rec, 90)
     ends = [r.at for r in records[1:]] + [time.monotonic()]
-    reports = [pause_report(rec, min(until, rec.at + PAUSE_WINDOW_S), clients, probes)
-               for rec, until in zip(records, ends, strict=True)]
+    reports = [
+        pause_report(rec, min(until, rec.at + PAUSE_WINDOW_S), clients, probes)
+        for rec, until in zip(records, ends, strict=True)
+    ]
     out = cluster.state_dir / "drill.json"
-    out.write_text(json.dumps({"faults": reports, "supervisor": [(round(t, 2), e) for t, e in cluster.events],
-                               "reconnects": sum(c.reconnects for c in clients)}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "faults": reports,
+                "supervisor": [(round(t, 2), e) for t, e in cluster.events],
+                "reconnects": sum(c.reconnects for c in clients),
+            },
+            indent=2,
+        )
+    )
     print("\n" + "\n".join(json.dumps(r) for r in reports))
     print(f"reconnects: {sum(c.reconnects for c in clients)}, probe turns: {len(probes)}; details in {out}")
     return clients + [p for _, _, p in probes], reports
@@ -216,25 +251,43 @@ async def dump_session(cluster: Cluster, c: TimedClient, why: str) -> None:
     from shared import redis_connect
 
     t0 = cluster.faults[0].at if cluster.faults else 0.0
-    received = [(e.seq, type(e).__name__, round(t - t0, 3), getattr(e, "turn_id", None))
-                for e, t in zip(c.events, c.events.times, strict=False)]  # type: ignore[attr-defined]
+    received = [
+        (e.seq, type(e).__name__, round(t - t0, 3), getattr(e, "turn_id", None))
+        for e, t in zip(c.events, c.events.times, strict=False)
+    ]  # type: ignore[attr-defined]
     r = redis_connect.client(cluster.redis_url, timeout_s=2)
     try:
-        log = [(k.decode(), v[b"e"][:80].decode(errors="replace"))
-               for k, v in await r.xrange(f"tw:{{{c.session_id}}}:log")]
+        log = [
+            (k.decode(), v[b"e"][:80].decode(errors="replace"))
+            for k, v in await r.xrange(f"tw:{{{c.session_id}}}:log")
+        ]
         seq = await r.get(f"tw:{{{c.session_id}}}:seq")
     finally:
         await r.aclose()
     conn = await asyncpg.connect(cluster.postgres_dsn)
     try:
-        rows = [(x["seq"], x["first_seq"], x["type"]) for x in await conn.fetch(
-            "SELECT seq, first_seq, type FROM events WHERE session_id=$1 ORDER BY seq", c.session_id)]
+        rows = [
+            (x["seq"], x["first_seq"], x["type"])
+            for x in await conn.fetch(
+                "SELECT seq, first_seq, type FROM events WHERE session_id=$1 ORDER BY seq", c.session_id
+            )
+        ]
     finally:
         await conn.close()
-    (cluster.state_dir / f"failed-{c.session_id}.json").write_text(json.dumps({
-        "why": why, "received": received, "errors": [(round(t - t0, 3), e) for t, e in c.errors],
-        "faults": [(f.kind, f.target, round(f.at - t0, 3)) for f in cluster.faults],
-        "redis_seq": seq.decode() if seq else None, "redis_log": log, "postgres_events": rows}, indent=1))
+    (cluster.state_dir / f"failed-{c.session_id}.json").write_text(
+        json.dumps(
+            {
+                "why": why,
+                "received": received,
+                "errors": [(round(t - t0, 3), e) for t, e in c.errors],
+                "faults": [(f.kind, f.target, round(f.at - t0, 3)) for f in cluster.faults],
+                "redis_seq": seq.decode() if seq else None,
+                "redis_log": log,
+                "postgres_events": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 async def _check_without_seqs(c: TimedClient, http: aiohttp.ClientSession) -> None:
@@ -242,23 +295,29 @@ async def _check_without_seqs(c: TimedClient, http: aiohttp.ClientSession) -> No
     if len(c.acks) != c.turns:
         raise invariants.InvariantError(f"{len(c.acks)} of {c.turns} messages acknowledged")
     turns = invariants.check_turns(c.events)
-    async with http.get(f"{c.url}/v1/sessions/{c.session_id}",
-                        headers={"Authorization": f"Bearer {c.token}"}) as r:
+    async with http.get(
+        f"{c.url}/v1/sessions/{c.session_id}", headers={"Authorization": f"Bearer {c.token}"}
+    ) as r:
         body = await r.json()
     by_turn = {(m["role"], m["turn_id"]): m for m in body["messages"]}
     for ack in c.acks:
         user = by_turn.get(("user", ack.turn_id))
         if user is None or user["seq"] != ack.seq:
-            raise invariants.InvariantError(f"acknowledged message {ack.client_msg_id} is not durable at {ack.seq}")
+            raise invariants.InvariantError(
+                f"acknowledged message {ack.client_msg_id} is not durable at {ack.seq}"
+            )
         view, stored = turns[ack.turn_id], by_turn.get(("assistant", ack.turn_id))
         if not view.ends or view.ends[0].status != "completed":
             raise invariants.InvariantError(f"turn {ack.turn_id} did not complete")
         if stored is None or stored["text"] != view.text:
-            raise invariants.InvariantError(f"turn {ack.turn_id}: client text differs from the durable history")
+            raise invariants.InvariantError(
+                f"turn {ack.turn_id}: client text differs from the durable history"
+            )
 
 
-async def check_invariants(cluster: Cluster, clients: list[TimedClient],
-                           merged: list[str] | None = None) -> list[str]:
+async def check_invariants(
+    cluster: Cluster, clients: list[TimedClient], merged: list[str] | None = None
+) -> list[str]:
     """Every guarantee, per session, against the durable history (through HAProxy and in Postgres
     directly); the failures as text (empty: all held). Seq jumps that are merged deltas (a client
     that fell behind) go to `merged`."""
@@ -290,13 +349,18 @@ async def check_invariants(cluster: Cluster, clients: list[TimedClient],
         for c in clients:
             for ack in c.acks:
                 t = await conn.fetchrow("SELECT text FROM turns WHERE turn_id=$1", ack.turn_id)
-                stored = await conn.fetch("SELECT payload FROM events WHERE session_id=$1 AND turn_id=$2"
-                                          " AND type='delta' ORDER BY seq", c.session_id, ack.turn_id)
+                stored = await conn.fetch(
+                    "SELECT payload FROM events WHERE session_id=$1 AND turn_id=$2"
+                    " AND type='delta' ORDER BY seq",
+                    c.session_id,
+                    ack.turn_id,
+                )
                 text = "".join(client.event_decoder.decode(r["payload"]).text for r in stored)
                 if t is None or text != t["text"]:
                     failures.append(f"{c.session_id}: stored deltas of {ack.turn_id} differ from turns.text")
-        n_turns = await conn.fetchval("SELECT count(*) FROM turns WHERE session_id = ANY($1)",
-                                      [c.session_id for c in clients])
+        n_turns = await conn.fetchval(
+            "SELECT count(*) FROM turns WHERE session_id = ANY($1)", [c.session_id for c in clients]
+        )
         sent = sum(c.turns for c in clients)
         if n_turns != sent:
             failures.append(f"{n_turns} turns stored for {sent} sent: a turn ran twice or not at all")
@@ -317,8 +381,11 @@ async def check_sse_and_poll_through_haproxy(cluster: Cluster) -> dict[str, floa
         end_text: list[str] = []
 
         async def read_sse() -> None:
-            async with http.get(f"{cluster.url}/v1/sessions/{sid}/events?after=0", headers=auth,
-                                timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            async with http.get(
+                f"{cluster.url}/v1/sessions/{sid}/events?after=0",
+                headers=auth,
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as resp:
                 assert resp.status == 200
                 kind = ""
                 async for raw in resp.content:
@@ -333,8 +400,11 @@ async def check_sse_and_poll_through_haproxy(cluster: Cluster) -> dict[str, floa
 
         reader = asyncio.create_task(read_sse())
         await asyncio.sleep(0.5)
-        async with http.post(f"{cluster.url}/v1/sessions/{sid}/messages", headers=auth,
-                             json={"client_msg_id": "sse-1", "text": "/sim tokens=60 rate=40\nsse"}) as r:
+        async with http.post(
+            f"{cluster.url}/v1/sessions/{sid}/messages",
+            headers=auth,
+            json={"client_msg_id": "sse-1", "text": "/sim tokens=60 rate=40\nsse"},
+        ) as r:
             assert r.status == 200, await r.text()
         await asyncio.wait_for(reader, 60)
         async with http.get(f"{cluster.url}/v1/sessions/{sid}/poll?after=0&wait_s=1", headers=auth) as r:
@@ -349,7 +419,8 @@ async def check_sse_and_poll_through_haproxy(cluster: Cluster) -> dict[str, floa
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 async def test_cluster_loses_nothing_when_a_gateway_orchestrator_nats_node_redis_and_postgres_primaries_die(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     clients, reports = await run_drill(cluster, FAULTS)
     merged: list[str] = []
     failures = await check_invariants(cluster, clients, merged)
@@ -371,11 +442,19 @@ async def test_cluster_loses_nothing_when_a_gateway_orchestrator_nats_node_redis
     assert not nats_stalls, f"clients stalled > {MAX_PAUSE_S} s after the NATS fault: {nats_stalls}"
 
 
-async def _watch(url: str, token: str, session_id: str | None, events: list[client.Event],
-                 ready: asyncio.Future[str] | None = None, send: str | None = None) -> None:
+async def _watch(
+    url: str,
+    token: str,
+    session_id: str | None,
+    events: list[client.Event],
+    ready: asyncio.Future[str] | None = None,
+    send: str | None = None,
+) -> None:
     """One WebSocket watching a session (replay from seq 1, then live) until it is cancelled."""
-    async with aiohttp.ClientSession() as http, \
-            http.ws_connect(url.replace("http", "ws", 1) + f"/v1/ws?access_token={token}") as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url.replace("http", "ws", 1) + f"/v1/ws?access_token={token}") as ws,
+    ):
         await ws.send_str(json.dumps({"type": "hello", "session_id": session_id, "last_seen_seq": None}))
         async for msg in ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
@@ -412,7 +491,8 @@ def _ended(events: list[client.Event]) -> bool:
 # reconnect (cause not identified; no resync path exists in the gateway)
 @pytest.mark.xfail(not NATS_RESYNC_FIXED, strict=False, reason=NATS_STALL_REASON)
 async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was_unreachable(
-        cluster: Cluster) -> None:
+    cluster: Cluster,
+) -> None:
     """Deterministic version of the drill's NATS stall. One session is watched through each of the
     three gateways; mid-turn, the NATS node of a gateway that is not on the turn's orchestrator's node
     is frozen (SIGSTOP) until the turn has ended (the other gateways deliver turn_end: the control),
@@ -428,11 +508,23 @@ async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was
     views: dict[str, list[client.Event]] = {g.name: [] for g in gateways}
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     first = gateways[0]
-    tasks = [asyncio.create_task(_watch(f"http://127.0.0.1:{first.port}", token, None, views[first.name], ready,
-                                        send="/sim tokens=160 rate=40\nstall"))]
+    tasks = [
+        asyncio.create_task(
+            _watch(
+                f"http://127.0.0.1:{first.port}",
+                token,
+                None,
+                views[first.name],
+                ready,
+                send="/sim tokens=160 rate=40\nstall",
+            )
+        )
+    ]
     sid = await asyncio.wait_for(ready, 30)
-    tasks += [asyncio.create_task(_watch(f"http://127.0.0.1:{g.port}", token, sid, views[g.name]))
-              for g in gateways[1:]]
+    tasks += [
+        asyncio.create_task(_watch(f"http://127.0.0.1:{g.port}", token, sid, views[g.name]))
+        for g in gateways[1:]
+    ]
     try:
         deadline = time.monotonic() + 30
         while not all(sum(isinstance(e, client.Delta) for e in v) >= 3 for v in views.values()):
@@ -448,7 +540,9 @@ async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was
         gw_nodes = {g.name: await asyncio.to_thread(_nats_node_of, cluster, g.name) for g in gateways}
         victims = [g for g, n in gw_nodes.items() if n is not None and n != owner_node]
         if not owner_node or not victims:
-            pytest.skip(f"every gateway shares the NATS node of the turn's orchestrator: {gw_nodes}, {owner_node}")
+            pytest.skip(
+                f"every gateway shares the NATS node of the turn's orchestrator: {gw_nodes}, {owner_node}"
+            )
         node = gw_nodes[victims[0]]
         assert node is not None
         stalled = [g for g, n in gw_nodes.items() if n == node]
@@ -469,10 +563,14 @@ async def test_a_gateway_delivers_the_turn_end_it_missed_while_its_nats_node_was
                 break
             await asyncio.sleep(0.1)
         missing = [g for g in stalled if not _ended(views[g])]
-        print(f"\nowner {owner} on {owner_node}; gateways {gw_nodes}; froze {node}; stalled {stalled}; "
-              f"after the kill: {[(g, views[g][-1].seq) for g in views]}")
-        assert not missing, (f"{missing} (on {node}) never delivered turn_end after reconnecting; last seq "
-                             f"{[views[g][-1].seq for g in missing]} vs {views[controls[0]][-1].seq} on {controls[0]}")
+        print(
+            f"\nowner {owner} on {owner_node}; gateways {gw_nodes}; froze {node}; stalled {stalled}; "
+            f"after the kill: {[(g, views[g][-1].seq) for g in views]}"
+        )
+        assert not missing, (
+            f"{missing} (on {node}) never delivered turn_end after reconnecting; last seq "
+            f"{[views[g][-1].seq for g in missing]} vs {views[controls[0]][-1].seq} on {controls[0]}"
+        )
     finally:
         for t in tasks:
             t.cancel()
@@ -497,8 +595,13 @@ async def test_a_redis_failover_with_a_lagging_replica_reissues_no_seq_a_client_
 
     from shared import redis_connect
 
-    c = TimedClient(cluster.url, make_token("lag"), turns=1, text="/sim tokens=2000 rate=200\nlagging replica",
-                    events=TimedEvents())
+    c = TimedClient(
+        cluster.url,
+        make_token("lag"),
+        turns=1,
+        text="/sim tokens=2000 rate=200\nlagging replica",
+        events=TimedEvents(),
+    )
     task = asyncio.create_task(c.run())
     deadline = time.monotonic() + 30
     while sum(isinstance(e, client.Delta) for e in c.events) < 20:
@@ -525,10 +628,13 @@ async def test_a_redis_failover_with_a_lagging_replica_reissues_no_seq_a_client_
     finally:
         await r.aclose()
     await asyncio.wait_for(task, 120)
-    print(f"\nclient had seen seq {seen_at_cut} when replication stopped and {seen_before_kill} when the primary"
-          f" died (primary's counter {primary_seq}); the promoted replica's counter: {promoted_seq}")
+    print(
+        f"\nclient had seen seq {seen_at_cut} when replication stopped and {seen_before_kill} when the primary"
+        f" died (primary's counter {primary_seq}); the promoted replica's counter: {promoted_seq}"
+    )
     async with aiohttp.ClientSession() as http:
         await check(c, http)  # holds with the simulator (identical re-issued events): see the docstring
     assert promoted_seq >= seen_before_kill, (
         f"the promoted primary's seq counter ({promoted_seq}) is behind what the client had seen "
-        f"({seen_before_kill}): seqs {promoted_seq + 1}..{seen_before_kill} were issued a second time")
+        f"({seen_before_kill}): seqs {promoted_seq + 1}..{seen_before_kill} were issued a second time"
+    )

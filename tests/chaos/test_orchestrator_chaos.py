@@ -24,8 +24,9 @@ TURNS = 3
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_orchestrators_and_a_gateway_sigkilled_mid_stream_lose_nothing(infra, tmp_path) -> None:
-    stack = Stack(infra_env=stack_env(infra, TIDEWIRE_SIM_RATE="40"), log_dir=tmp_path, orchestrators=3,
-                  tool_workers=0)
+    stack = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_SIM_RATE="40"), log_dir=tmp_path, orchestrators=3, tool_workers=0
+    )
     stack.start()
     kills = 0
     try:
@@ -49,9 +50,16 @@ async def test_orchestrators_and_a_gateway_sigkilled_mid_stream_lose_nothing(inf
                 gateway_killed = True
                 await asyncio.sleep(0.5)
                 await asyncio.to_thread(stack.add_gateway, "gateway", stack.http_port)
-        await within(work, timeout=60, what=f"all {SESSIONS} drill clients finishing their {TURNS} turns",
-                     seen=lambda: {"acked turns": sum(len(c.acks) for c in clients),
-                                   "of": SESSIONS * TURNS, "reconnects": sum(c.reconnects for c in clients)})
+        await within(
+            work,
+            timeout=60,
+            what=f"all {SESSIONS} drill clients finishing their {TURNS} turns",
+            seen=lambda: {
+                "acked turns": sum(len(c.acks) for c in clients),
+                "of": SESSIONS * TURNS,
+                "reconnects": sum(c.reconnects for c in clients),
+            },
+        )
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             for c in clients:
                 await check(c, http)  # acked => durable; exact text == history; seqs gap-free
@@ -65,11 +73,16 @@ async def test_orchestrators_and_a_gateway_sigkilled_mid_stream_lose_nothing(inf
         for c in clients:
             for ack in c.acks:
                 t = await conn.fetchrow("SELECT text FROM turns WHERE turn_id=$1", ack.turn_id)
-                stored = await conn.fetch("SELECT payload FROM events WHERE session_id=$1 AND turn_id=$2"
-                                          " AND type='delta' ORDER BY seq", c.session_id, ack.turn_id)
+                stored = await conn.fetch(
+                    "SELECT payload FROM events WHERE session_id=$1 AND turn_id=$2"
+                    " AND type='delta' ORDER BY seq",
+                    c.session_id,
+                    ack.turn_id,
+                )
                 assert "".join(client.event_decoder.decode(r["payload"]).text for r in stored) == t["text"]
-        n_turns = await conn.fetchval("SELECT count(*) FROM turns WHERE session_id = ANY($1)",
-                                      [c.session_id for c in clients])
+        n_turns = await conn.fetchval(
+            "SELECT count(*) FROM turns WHERE session_id = ANY($1)", [c.session_id for c in clients]
+        )
         assert n_turns == SESSIONS * TURNS, "a turn ran twice or not at all"
     finally:
         await conn.close()

@@ -20,17 +20,30 @@ def make_token(subject: str = "alice", **kw: float) -> str:
 
 # Limits are tested in test_edge.py with small values; elsewhere they must not get in the way of the
 # guarantee under test (e.g. 200 connections of one user watching a hot session).
-GENEROUS_LIMITS = {"TIDEWIRE_SHED_PICKUP_DELAY_MS": "-1", "TIDEWIRE_SHED_LOOP_LAG_MS": "-1",
-                   "TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT": "10000", "TIDEWIRE_MSG_RATE_PER_S": "1000",
-                   "TIDEWIRE_MSG_BURST": "1000", "TIDEWIRE_SUBJECT_MSG_RATE_PER_S": "1000",
-                   "TIDEWIRE_SUBJECT_MSG_BURST": "1000", "TIDEWIRE_FRAME_RATE_PER_S": "10000",
-                   "TIDEWIRE_FRAME_BURST": "10000"}
+GENEROUS_LIMITS = {
+    "TIDEWIRE_SHED_PICKUP_DELAY_MS": "-1",
+    "TIDEWIRE_SHED_LOOP_LAG_MS": "-1",
+    "TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT": "10000",
+    "TIDEWIRE_MSG_RATE_PER_S": "1000",
+    "TIDEWIRE_MSG_BURST": "1000",
+    "TIDEWIRE_SUBJECT_MSG_RATE_PER_S": "1000",
+    "TIDEWIRE_SUBJECT_MSG_BURST": "1000",
+    "TIDEWIRE_FRAME_RATE_PER_S": "10000",
+    "TIDEWIRE_FRAME_BURST": "10000",
+}
 
 
 def stack_env(infra: Infrastructure, **extra: str) -> dict[str, str]:
-    return {**infra.endpoints.as_env(), **GENEROUS_LIMITS, "TIDEWIRE_JWT_SECRET": SECRET, "TIDEWIRE_TEST_TOOLS": "1",
-            "TIDEWIRE_SIM_RATE": "400", "TIDEWIRE_LOG_LEVEL": "INFO",
-            "TIDEWIRE_FAULT_POISON_MARKER": "POISON-PILL", **extra}
+    return {
+        **infra.endpoints.as_env(),
+        **GENEROUS_LIMITS,
+        "TIDEWIRE_JWT_SECRET": SECRET,
+        "TIDEWIRE_TEST_TOOLS": "1",
+        "TIDEWIRE_SIM_RATE": "400",
+        "TIDEWIRE_LOG_LEVEL": "INFO",
+        "TIDEWIRE_FAULT_POISON_MARKER": "POISON-PILL",
+        **extra,
+    }
 
 
 async def lease_owner(infra: Infrastructure, session_id: str) -> str | None:

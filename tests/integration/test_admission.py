@@ -33,8 +33,12 @@ CODE_FOR = {401: "unauthorized", 403: "forbidden", 404: "not_found", 429: "rate_
 @pytest.fixture(scope="module")
 def gateway(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("admission")
-    env = stack_env(infra, TIDEWIRE_ALLOWED_ORIGINS=ALLOWED_ORIGIN,
-                    TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT=str(MAX_CONNECTIONS), TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="-1")
+    env = stack_env(
+        infra,
+        TIDEWIRE_ALLOWED_ORIGINS=ALLOWED_ORIGIN,
+        TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT=str(MAX_CONNECTIONS),
+        TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="-1",
+    )
     s = Stack(infra_env=env, log_dir=folder / "logs", orchestrators=0, tool_workers=0)
     s.start()
     try:
@@ -54,7 +58,10 @@ def _subject(prefix: str) -> str:
 
 
 def _headers(token: str | None, origin: str | None) -> dict[str, str]:
-    return {**({"Authorization": f"Bearer {token}"} if token else {}), **({"Origin": origin} if origin else {})}
+    return {
+        **({"Authorization": f"Bearer {token}"} if token else {}),
+        **({"Origin": origin} if origin else {}),
+    }
 
 
 async def _new_session(http: aiohttp.ClientSession, base: str, token: str) -> str:
@@ -63,8 +70,13 @@ async def _new_session(http: aiohttp.ClientSession, base: str, token: str) -> st
         return str((await r.json())["session_id"])
 
 
-async def _ws(http: aiohttp.ClientSession, base: str, token: str | None, hello: dict[str, Any],
-              origin: str | None = None) -> client.ServerFrame | int:
+async def _ws(
+    http: aiohttp.ClientSession,
+    base: str,
+    token: str | None,
+    hello: dict[str, Any],
+    origin: str | None = None,
+) -> client.ServerFrame | int:
     """The first answer to `hello`: a frame, or the close code."""
     url = base.replace("http", "ws", 1) + "/v1/ws" + (f"?access_token={token}" if token else "")
     async with http.ws_connect(url, headers=_headers(None, origin)) as ws:
@@ -79,8 +91,14 @@ async def _ws(http: aiohttp.ClientSession, base: str, token: str | None, hello: 
         return ws.close_code
 
 
-async def _sse(http: aiohttp.ClientSession, base: str, token: str | None, sid: str, after: int | None = None,
-               origin: str | None = None) -> client.Ready | tuple[int, str]:
+async def _sse(
+    http: aiohttp.ClientSession,
+    base: str,
+    token: str | None,
+    sid: str,
+    after: int | None = None,
+    origin: str | None = None,
+) -> client.Ready | tuple[int, str]:
     """The `ready` record of an SSE stream, or the refusal's (status, error.code)."""
     q = "" if after is None else f"?after={after}"
     async with http.get(f"{base}/v1/sessions/{sid}/events{q}", headers=_headers(token, origin)) as r:
@@ -94,22 +112,39 @@ async def _sse(http: aiohttp.ClientSession, base: str, token: str | None, sid: s
     return ready
 
 
-async def _poll(http: aiohttp.ClientSession, base: str, token: str | None, sid: str, after: int | None = None,
-                origin: str | None = None) -> dict[str, Any] | tuple[int, str]:
+async def _poll(
+    http: aiohttp.ClientSession,
+    base: str,
+    token: str | None,
+    sid: str,
+    after: int | None = None,
+    origin: str | None = None,
+) -> dict[str, Any] | tuple[int, str]:
     q = "?wait_s=0" + ("" if after is None else f"&after={after}")
     async with http.get(f"{base}/v1/sessions/{sid}/poll{q}", headers=_headers(token, origin)) as r:
         body = await r.json()
         return body if r.status == 200 else (r.status, body["code"])
 
 
-async def _refused_alike(http: aiohttp.ClientSession, base: str, token: str | None, sid: str, status: int,
-                         origin: str | None = None) -> None:
+async def _refused_alike(
+    http: aiohttp.ClientSession,
+    base: str,
+    token: str | None,
+    sid: str,
+    status: int,
+    origin: str | None = None,
+) -> None:
     """All three transports refuse the same input with the same outcome."""
-    outcomes = {"ws": await _ws(http, base, token, {"session_id": sid}, origin),
-                "sse": await _sse(http, base, token, sid, origin=origin),
-                "poll": await _poll(http, base, token, sid, origin=origin)}
-    assert outcomes == {"ws": CLOSE_FOR[status], "sse": (status, CODE_FOR[status]),
-                        "poll": (status, CODE_FOR[status])}
+    outcomes = {
+        "ws": await _ws(http, base, token, {"session_id": sid}, origin),
+        "sse": await _sse(http, base, token, sid, origin=origin),
+        "poll": await _poll(http, base, token, sid, origin=origin),
+    }
+    assert outcomes == {
+        "ws": CLOSE_FOR[status],
+        "sse": (status, CODE_FOR[status]),
+        "poll": (status, CODE_FOR[status]),
+    }
 
 
 async def test_no_token_is_refused_alike_on_every_transport(gateway, http) -> None:
@@ -143,23 +178,37 @@ async def test_the_token_is_checked_before_the_session(gateway, http) -> None:
 
 
 async def test_a_resume_point_past_last_seq_is_a_reset_on_every_transport_and_a_negative_one_on_the_websocket(
-        gateway, http) -> None:
+    gateway, http
+) -> None:
     token = make_token(_subject("reset"))
     sid = await _new_session(http, gateway.url, token)
     for after in (5, -1):  # a WebSocket's last_seen_seq below 0 resets too (HTTP answers 400: test_fuzz)
         ws = await _ws(http, gateway.url, token, {"session_id": sid, "last_seen_seq": after})
         assert ws == client.Ready(session_id=sid, last_seq=0, reset=True), (after, ws)
     after = 5
-    assert await _sse(http, gateway.url, token, sid, after=after) == client.Ready(session_id=sid, last_seq=0,
-                                                                                   reset=True)
-    assert await _poll(http, gateway.url, token, sid, after=after) == {"events": [], "last_seq": 0, "reset": True}
+    assert await _sse(http, gateway.url, token, sid, after=after) == client.Ready(
+        session_id=sid, last_seq=0, reset=True
+    )
+    assert await _poll(http, gateway.url, token, sid, after=after) == {
+        "events": [],
+        "last_seq": 0,
+        "reset": True,
+    }
     # and a point within the history is honoured exactly, with no reset (an SSE stream the client
     # left holds its slot until the server's next write fails, hence the poll first)
-    assert await _poll(http, gateway.url, token, sid, after=0) == {"events": [], "last_seq": 0, "reset": False}
-    assert await _sse(http, gateway.url, token, sid, after=0) == client.Ready(session_id=sid, last_seq=0, reset=False)
+    assert await _poll(http, gateway.url, token, sid, after=0) == {
+        "events": [],
+        "last_seq": 0,
+        "reset": False,
+    }
+    assert await _sse(http, gateway.url, token, sid, after=0) == client.Ready(
+        session_id=sid, last_seq=0, reset=False
+    )
 
 
-async def test_ownership_is_checked_before_the_slot_and_a_refused_socket_creates_no_session(gateway, http) -> None:
+async def test_ownership_is_checked_before_the_slot_and_a_refused_socket_creates_no_session(
+    gateway, http
+) -> None:
     token = make_token(_subject("slots"))
     sid = await _new_session(http, gateway.url, token)
     foreign = await _new_session(http, gateway.url, make_token(_subject("other")))

@@ -15,13 +15,21 @@ FAKES = [f"synthetic-orchestrator-{i}" for i in range(3)]
 
 
 async def test_sends_are_shed_while_turns_wait_too_long_to_start_and_accepted_after(infra, tmp_path) -> None:
-    env = stack_env(infra, TIDEWIRE_SHED_PICKUP_DELAY_MS="1000", TIDEWIRE_SHED_LOOP_LAG_MS="-1",
-                    TIDEWIRE_SHED_RETRY_AFTER_MS="300")
+    env = stack_env(
+        infra,
+        TIDEWIRE_SHED_PICKUP_DELAY_MS="1000",
+        TIDEWIRE_SHED_LOOP_LAG_MS="-1",
+        TIDEWIRE_SHED_RETRY_AFTER_MS="300",
+    )
     stack = Stack(infra_env=env, log_dir=tmp_path / "logs", orchestrators=2, tool_workers=0).start()
     store = CheckpointStore.connect(infra.endpoints.redis_url)
     try:
-        reports = await eventually(lambda: store.read_load(fresh_ms=2000), timeout=10, ok=lambda r: len(r) >= 2,
-                                   what="both orchestrators to report their load")
+        reports = await eventually(
+            lambda: store.read_load(fresh_ms=2000),
+            timeout=10,
+            ok=lambda r: len(r) >= 2,
+            what="both orchestrators to report their load",
+        )
         assert all(delay < 1000 for delay, _ in reports), reports
         async with WsTestClient(stack.url, make_token("admission")) as c:
             await c.connect()
@@ -30,21 +38,34 @@ async def test_sends_are_shed_while_turns_wait_too_long_to_start_and_accepted_af
 
             async def send_answer() -> client.ServerFrame:
                 cmid = await c.send_message("/sim tokens=3 rate=0\nduring")
-                return await c.until(lambda f: isinstance(f, client.Error) or
-                                     (isinstance(f, client.Ack) and f.client_msg_id == cmid), 10, "an answer")
+                return await c.until(
+                    lambda f: (
+                        isinstance(f, client.Error) or (isinstance(f, client.Ack) and f.client_msg_id == cmid)
+                    ),
+                    10,
+                    "an answer",
+                )
 
             async def overloaded() -> client.ServerFrame:
                 for name in FAKES:  # three slow reports outvote the two healthy ones
                     await store.report_load(name, 5000, 0)
                 return await send_answer()
 
-            shed = await eventually(overloaded, timeout=10, what="a send refused while turns wait 5 s to start",
-                                    ok=lambda f: isinstance(f, client.Error))
+            shed = await eventually(
+                overloaded,
+                timeout=10,
+                what="a send refused while turns wait 5 s to start",
+                ok=lambda f: isinstance(f, client.Error),
+            )
             assert shed.code == "degraded" and shed.retry_after_ms == 300, shed
             for name in FAKES:
                 await store.withdraw_load(name)
-            accepted = await eventually(send_answer, timeout=10, what="a send accepted once the reports are normal",
-                                        ok=lambda f: isinstance(f, client.Ack))
+            accepted = await eventually(
+                send_answer,
+                timeout=10,
+                what="a send accepted once the reports are normal",
+                ok=lambda f: isinstance(f, client.Ack),
+            )
             assert isinstance(accepted, client.Ack)
             await c.until_turn_end(accepted.turn_id, 30)
     finally:

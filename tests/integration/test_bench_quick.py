@@ -29,10 +29,16 @@ def _finite_positive(value: Any, what: str) -> None:
 @pytest.mark.timeout(180)
 def test_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    docs_before = (REPO / "docs" / "benchmarks.md").read_bytes() if (REPO / "docs" / "benchmarks.md").exists() else None
+    docs_before = (
+        (REPO / "docs" / "benchmarks.md").read_bytes() if (REPO / "docs" / "benchmarks.md").exists() else None
+    )
     proc = run_process(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=170,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=170,
         what="bench.run --quick",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -60,8 +66,13 @@ def test_bench_quick(tmp_path: Path) -> None:
 
     idle = scenarios["idle"]
     assert idle["ws_opened"] > 0 and idle["sse_opened"] > 0
-    for key in ("ws_kib_per_conn", "ws_fds_per_conn", "sse_kib_per_conn", "sse_fds_per_conn",
-                "baseline_ws_kib_per_conn"):
+    for key in (
+        "ws_kib_per_conn",
+        "ws_fds_per_conn",
+        "sse_kib_per_conn",
+        "sse_fds_per_conn",
+        "baseline_ws_kib_per_conn",
+    ):
         _finite_positive(idle[key], f"idle {key}")
     assert idle["ws_idle_cpu_pct"]["gateway"] >= 0
 
@@ -81,5 +92,7 @@ def test_bench_quick(tmp_path: Path) -> None:
 
     assert results["summary"] and all("metric" in row for row in results["summary"])
     assert len(list(out.glob("*.png"))) >= 4
-    after = (REPO / "docs" / "benchmarks.md").read_bytes() if (REPO / "docs" / "benchmarks.md").exists() else None
+    after = (
+        (REPO / "docs" / "benchmarks.md").read_bytes() if (REPO / "docs" / "benchmarks.md").exists() else None
+    )
     assert after == docs_before, "a quick run with --out must not rewrite docs/benchmarks.md"

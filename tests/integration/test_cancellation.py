@@ -19,6 +19,7 @@ async def _lost_cancels(op: Callable[[], Awaitable[object]]) -> int:
     never cancelled."""
     lost = 0
     for i in range(TRIES):
+
         async def worker() -> bool:
             await op()
             return True  # reached only if the cancel was lost
@@ -44,8 +45,9 @@ async def test_a_cancel_during_a_redis_command_is_never_lost(infra) -> None:
         lost_pipe = await _lost_cancels(lambda: store.set_watchers("cancel-probe", "gw/1", 1))
     finally:
         await store.close()
-    assert (lost_cmd, lost_pipe) == (0, 0), \
+    assert (lost_cmd, lost_pipe) == (0, 0), (
         f"cancels lost: {lost_cmd} of {TRIES} during a command, {lost_pipe} of {TRIES} during a pipeline"
+    )
 
 
 async def test_a_cancel_during_a_nats_publish_is_never_lost(infra) -> None:

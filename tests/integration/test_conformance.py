@@ -38,7 +38,7 @@ kosoku = pytest.importorskip("kosoku", reason="kosoku (the Autobahn runner) is n
 # case -> why it may fail; empty while every selected case passes
 KNOWN_FAILURES: dict[str, str] = {
     "7.9.5": "close code 1012 was reserved when the suite was written; IANA has since registered it "
-             "(Service Restart), aiohttp accepts it, and it is the code our own protocol sends on drain",
+    "(Service Restart), aiohttp accepts it, and it is the code our own protocol sends on drain",
 }
 EXCLUDED = ["9.*", "12.*", "13.*"]
 
@@ -47,11 +47,24 @@ EXCLUDED = ["9.*", "12.*", "13.*"]
 def gateway(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One gateway (no orchestrator: no case starts a turn) with the limits as deployed (the defaults,
     not the generous ones of the other integration stacks)."""
-    defaults = {f"TIDEWIRE_{name.upper()}": str(getattr(GatewaySettings(), name))
-                for name in ("frame_rate_per_s", "frame_burst", "msg_rate_per_s", "msg_burst", "subject_msg_rate_per_s",
-                             "subject_msg_burst", "max_connections_per_subject")}
-    s = Stack(infra_env=stack_env(infra, **defaults), log_dir=tmp_path_factory.mktemp("conformance-logs"),
-              orchestrators=0, tool_workers=0)
+    defaults = {
+        f"TIDEWIRE_{name.upper()}": str(getattr(GatewaySettings(), name))
+        for name in (
+            "frame_rate_per_s",
+            "frame_burst",
+            "msg_rate_per_s",
+            "msg_burst",
+            "subject_msg_rate_per_s",
+            "subject_msg_burst",
+            "max_connections_per_subject",
+        )
+    }
+    s = Stack(
+        infra_env=stack_env(infra, **defaults),
+        log_dir=tmp_path_factory.mktemp("conformance-logs"),
+        orchestrators=0,
+        tool_workers=0,
+    )
     s.start()
     try:
         yield s
@@ -85,7 +98,9 @@ def _install_frame_count_comparison() -> None:
     autobahn_case = importlib.import_module("case")
 
     def compare(self: Any, received: Any, expected: Any) -> bool:
-        return pickle.dumps(_normalise(received, received=True)) == pickle.dumps(_normalise(expected, received=False))
+        return pickle.dumps(_normalise(received, received=True)) == pickle.dumps(
+            _normalise(expected, received=False)
+        )
 
     autobahn_case.Case.compare = compare
 
@@ -97,13 +112,20 @@ async def test_autobahn_cases_pass_against_the_websocket_endpoint(gateway) -> No
     url = gateway.url.replace("http", "ws", 1) + f"/v1/ws?access_token={make_token('autobahn')}"
     t0 = time.monotonic()
     try:
-        results = await within(kosoku.run_fuzzingclient(url, None, EXCLUDED, concurrency=4), timeout=170,
-                               what="the Autobahn fuzzing client (kosoku) finishing every selected case")
+        results = await within(
+            kosoku.run_fuzzingclient(url, None, EXCLUDED, concurrency=4),
+            timeout=170,
+            what="the Autobahn fuzzing client (kosoku) finishing every selected case",
+        )
     except kosoku.FailureError as failure:
         results = failure.results
     elapsed = time.monotonic() - t0
-    failed = {r.case_id: f"{r.behavior.value}/{r.behavior_close.value}: {r.result} / {r.result_close} "
-                         f"(close {r.remote_close_code})" for r in results if not r.passed}
+    failed = {
+        r.case_id: f"{r.behavior.value}/{r.behavior_close.value}: {r.result} / {r.result_close} "
+        f"(close {r.remote_close_code})"
+        for r in results
+        if not r.passed
+    }
     print(f"autobahn: {len(results)} cases in {elapsed:.1f} s, {len(failed)} not passed")
     assert len(results) >= 240
     unexpected = {k: v for k, v in failed.items() if k not in KNOWN_FAILURES}
@@ -125,8 +147,9 @@ def test_schemathesis_finds_no_server_error_and_no_ignored_auth(gateway, tmp_pat
     token = make_token("schemathesis")
     import urllib.request
 
-    req = urllib.request.Request(f"{gateway.url}/v1/sessions", method="POST", data=b"",
-                                 headers={"Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(
+        f"{gateway.url}/v1/sessions", method="POST", data=b"", headers={"Authorization": f"Bearer {token}"}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         sid = json.loads(r.read())["session_id"]
     config = tmp_path / "schemathesis.toml"
@@ -164,14 +187,37 @@ checks = {{ positive_data_acceptance = {{ expected-statuses = ["2xx", "401", "40
     t0 = time.monotonic()
     proc = run_process(
         # SSE and WebSocket are streams, not request/response: covered by test_edge and test_fuzz
-        [exe, "--config-file", str(config), "run", f"{gateway.url}/openapi.json",
-         "--exclude-operation-id", "streamEvents", "--exclude-operation-id", "websocket",
-         "-H", f"Authorization: Bearer {token}", "--phases", "examples,coverage,fuzzing",
-         "--max-time", "60", "--seed", "1", "--report", "json", "--report-json-path", str(report),
-         "--no-color"],
-        capture_output=True, text=True, timeout=200, env={**os.environ, "NO_COLOR": "1"},
+        [
+            exe,
+            "--config-file",
+            str(config),
+            "run",
+            f"{gateway.url}/openapi.json",
+            "--exclude-operation-id",
+            "streamEvents",
+            "--exclude-operation-id",
+            "websocket",
+            "-H",
+            f"Authorization: Bearer {token}",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--max-time",
+            "60",
+            "--seed",
+            "1",
+            "--report",
+            "json",
+            "--report-json-path",
+            str(report),
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env={**os.environ, "NO_COLOR": "1"},
         cwd=tmp_path,  # its cache folder (.schemathesis/) lands there, not in the repository
-        what="schemathesis (--max-time 60) finishing its run")
+        what="schemathesis (--max-time 60) finishing its run",
+    )
     elapsed = time.monotonic() - t0
     print(f"schemathesis: exit {proc.returncode} in {elapsed:.1f} s\n{proc.stdout[-3000:]}")
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]

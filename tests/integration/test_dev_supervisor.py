@@ -46,9 +46,25 @@ class DevProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_")}
         with open(self.out_path, "wb") as out:  # a file, not a pipe: nobody has to keep reading it
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tidewire.cli", "dev", "--state-dir", str(self.state),
-                 "--gateways", "2", "--orchestrators", "2", "--tool-workers", "1"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+                [
+                    sys.executable,
+                    "-m",
+                    "tidewire.cli",
+                    "dev",
+                    "--state-dir",
+                    str(self.state),
+                    "--gateways",
+                    "2",
+                    "--orchestrators",
+                    "2",
+                    "--tool-workers",
+                    "1",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+            )
         self.seen: dict[int, psutil.Process] = {}
 
     def output(self) -> str:
@@ -69,19 +85,29 @@ class DevProcess:
         except psutil.Error:
             pass
 
-    async def eventually(self, what: str, timeout: float, probe: Callable[[], T | None],
-                         interval: float = 0.1, while_running: bool = True) -> T:
+    async def eventually(
+        self,
+        what: str,
+        timeout: float,
+        probe: Callable[[], T | None],
+        interval: float = 0.1,
+        while_running: bool = True,
+    ) -> T:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    assert not while_running or self.proc.poll() is None, f"tidewire dev exited while awaiting {what}:\n{self.output()}"
+                    assert not while_running or self.proc.poll() is None, (
+                        f"tidewire dev exited while awaiting {what}:\n{self.output()}"
+                    )
                     value = probe()
                     if value is not None:
                         return value
                     await asyncio.sleep(interval)
         except TimeoutError:
-            raise AssertionError(f"timed out after {timeout:.0f} s awaiting {what}\n"
-                                 f"status: {self.status()}\noutput:\n{self.output()}") from None
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s awaiting {what}\n"
+                f"status: {self.status()}\noutput:\n{self.output()}"
+            ) from None
 
 
 def _ready(port: int) -> bool | None:
@@ -126,15 +152,21 @@ SERVICES = {"gateway", "gateway-2", "orchestrator-1", "orchestrator-2", "tool-wo
 
 
 @pytest.mark.timeout(420)
-async def test_tidewire_dev_restarts_killed_orchestrators_and_the_answer_completes_exactly(tmp_path: Path) -> None:
+async def test_tidewire_dev_restarts_killed_orchestrators_and_the_answer_completes_exactly(
+    tmp_path: Path,
+) -> None:
     dev = DevProcess(tmp_path)
     try:
         await _heal_under_fire(dev)
         t_int = time.monotonic()
         dev.remember_children()
         dev.proc.send_signal(signal.SIGINT)
-        await dev.eventually("tidewire dev to exit after SIGINT", STOP_TIMEOUT_S,
-                             lambda: True if dev.proc.poll() is not None else None, while_running=False)
+        await dev.eventually(
+            "tidewire dev to exit after SIGINT",
+            STOP_TIMEOUT_S,
+            lambda: True if dev.proc.poll() is not None else None,
+            while_running=False,
+        )
         stop_s = time.monotonic() - t_int
         assert dev.proc.returncode == 0, dev.output()
         print(f"stopped {stop_s:.1f} s after SIGINT")
@@ -164,8 +196,12 @@ async def test_tidewire_dev_restarts_killed_orchestrators_and_the_answer_complet
 
 async def _heal_under_fire(dev: DevProcess) -> None:
     # dev-status.json is first written after dev.json is complete
-    status = await dev.eventually("every service running in dev-status.json", UP_TIMEOUT_S,
-                                  lambda: _all_running(dev.status(), SERVICES), interval=0.3)
+    status = await dev.eventually(
+        "every service running in dev-status.json",
+        UP_TIMEOUT_S,
+        lambda: _all_running(dev.status(), SERVICES),
+        interval=0.3,
+    )
     info = json.loads((dev.state / "dev.json").read_text())
     dev.remember_children()
     assert info["url"] == info["gateways"][0] and len(info["gateways"]) == 2
@@ -186,11 +222,15 @@ async def _heal_under_fire(dev: DevProcess) -> None:
         ack = await c.ack_for(cmid)
         reader = asyncio.create_task(c.until_turn_end(ack.turn_id, timeout=150))
         try:
-            await dev.eventually("the first deltas", 30,
-                                 lambda: True if sum(isinstance(e, client.Delta) for e in c.events) >= 10 else None)
+            await dev.eventually(
+                "the first deltas",
+                30,
+                lambda: True if sum(isinstance(e, client.Delta) for e in c.events) >= 10 else None,
+            )
             ports = {n: s["port"] for n, s in status["services"].items() if s["module"] == "orchestrator"}
-            owner = await dev.eventually("one orchestrator to report owning the session", 15,
-                                         lambda: _owner(ports), interval=0.2)
+            owner = await dev.eventually(
+                "one orchestrator to report owning the session", 15, lambda: _owner(ports), interval=0.2
+            )
             # the owner first: it dies mid-answer for sure; the other, which took the turn over, next
             victims = [owner, *(n for n in sorted(ports) if n != owner)]
             restart_s: dict[str, float] = {}
@@ -200,12 +240,19 @@ async def _heal_under_fire(dev: DevProcess) -> None:
                 streaming_at_kill[name] = not reader.done()
                 os.kill(before["pid"], signal.SIGKILL)
                 t_kill = time.monotonic()
-                after = await dev.eventually(f"{name} (pid {before['pid']}) to be restarted", RESTART_TIMEOUT_S,
-                                             functools.partial(_restarted, dev, name, before))
+                after = await dev.eventually(
+                    f"{name} (pid {before['pid']}) to be restarted",
+                    RESTART_TIMEOUT_S,
+                    functools.partial(_restarted, dev, name, before),
+                )
                 assert after["last_exit"] == "SIGKILL", after
                 dev.remember_children()
-                await dev.eventually(f"restarted {name} ready on :{after['port']}", RESTART_TIMEOUT_S,
-                                     functools.partial(_ready, after["port"]), interval=0.2)
+                await dev.eventually(
+                    f"restarted {name} ready on :{after['port']}",
+                    RESTART_TIMEOUT_S,
+                    functools.partial(_ready, after["port"]),
+                    interval=0.2,
+                )
                 restart_s[name] = time.monotonic() - t_kill
             async with asyncio.timeout(150):
                 end = await reader
@@ -231,14 +278,23 @@ async def _heal_under_fire(dev: DevProcess) -> None:
     assert final is not None
     restarts = {name: s["restarts"] for name, s in final["services"].items()}
     logs = {n: (dev.state / "logs" / f"{n}.log").read_text(errors="replace")[-3000:] for n in restarts}
-    assert restarts == {"gateway": 0, "gateway-2": 0, "orchestrator-1": 1, "orchestrator-2": 1,
-                        "tool-worker-1": 0}, f"{restarts}\n{dev.output()}\n{logs}"
+    assert restarts == {
+        "gateway": 0,
+        "gateway-2": 0,
+        "orchestrator-1": 1,
+        "orchestrator-2": 1,
+        "tool-worker-1": 0,
+    }, f"{restarts}\n{dev.output()}\n{logs}"
     out = dev.output()
     for name in ("orchestrator-1", "orchestrator-2"):
         assert f"{name} restarted (pid {final['services'][name]['pid']}, restart #1)" in out, out
     shown = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "tidewire.cli", "dev", "status", "--state-dir", str(dev.state)],
-        capture_output=True, text=True, timeout=30)
+        subprocess.run,
+        [sys.executable, "-m", "tidewire.cli", "dev", "status", "--state-dir", str(dev.state)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert shown.returncode == 0, shown.stderr
     assert "orchestrator-1" in shown.stdout and "SIGKILL" in shown.stdout, shown.stdout
 
@@ -286,11 +342,14 @@ def _lines(path: Path) -> list[str]:
 
 
 def test_supervisor_backoff_doubles_to_its_cap_and_resets_after_a_long_run(tmp_path: Path) -> None:
-    stack = _stand_in_stack(tmp_path, {
-        "crasher": (None, {"STAND_IN_LIFE_S": "0", "STAND_IN_EXIT": "3"}),
-        "long-runner": (None, {"STAND_IN_LIFE_S": "1.2", "STAND_IN_EXIT": "1"}),
-        "steady": (None, {}),
-    })
+    stack = _stand_in_stack(
+        tmp_path,
+        {
+            "crasher": (None, {"STAND_IN_LIFE_S": "0", "STAND_IN_EXIT": "3"}),
+            "long-runner": (None, {"STAND_IN_LIFE_S": "1.2", "STAND_IN_EXIT": "1"}),
+            "steady": (None, {}),
+        },
+    )
     out = io.StringIO()
     policy = RestartPolicy(initial_s=0.1, cap_s=0.4, reset_after_s=1.0)
     supervisor = Supervisor(stack, policy=policy, status_path=tmp_path / "status.json", poll_s=0.02, out=out)
@@ -312,7 +371,9 @@ def test_supervisor_backoff_doubles_to_its_cap_and_resets_after_a_long_run(tmp_p
     assert "crasher (pid" in text and "exit code 3" in text
     assert set(delays("long-runner")) == {"0.1"} and len(delays("long-runner")) >= 2, text
     services = status["services"]
-    assert services["crasher"]["restarts"] >= 5 and services["crasher"]["last_exit"] == "exit code 3", services
+    assert services["crasher"]["restarts"] >= 5 and services["crasher"]["last_exit"] == "exit code 3", (
+        services
+    )
     assert services["steady"]["restarts"] == 0 and services["steady"]["state"] == "running", services
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "stopped"
     assert all(not svc.alive() for svc in stack.services)
@@ -320,14 +381,23 @@ def test_supervisor_backoff_doubles_to_its_cap_and_resets_after_a_long_run(tmp_p
 
 def test_ordered_stop_terminates_gateways_then_orchestrators_then_tool_workers(tmp_path: Path) -> None:
     drain = {"STAND_IN_DRAIN_S": "0.3"}
-    stack = _stand_in_stack(tmp_path, {
-        "tool-worker-1": ("tool_workers", drain), "orchestrator-1": ("orchestrator", drain),
-        "gateway": ("gateway", drain), "orchestrator-2": ("orchestrator", drain), "gateway-2": ("gateway", drain),
-    })
+    stack = _stand_in_stack(
+        tmp_path,
+        {
+            "tool-worker-1": ("tool_workers", drain),
+            "orchestrator-1": ("orchestrator", drain),
+            "gateway": ("gateway", drain),
+            "orchestrator-2": ("orchestrator", drain),
+            "gateway-2": ("gateway", drain),
+        },
+    )
     stack.stop(ordered=True)
     assert all(not svc.alive() for svc in stack.services)
-    term = {name: float(t) for name, t in (line.split() for line in _lines(tmp_path / "record.txt"))
-            if t != "ready"}
+    term = {
+        name: float(t)
+        for name, t in (line.split() for line in _lines(tmp_path / "record.txt"))
+        if t != "ready"
+    }
     assert set(term) == {s.name for s in stack.services}, term
     tiers = [["gateway", "gateway-2"], ["orchestrator-1", "orchestrator-2"], ["tool-worker-1"]]
     for earlier, later in itertools.pairwise(tiers):

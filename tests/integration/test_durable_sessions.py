@@ -68,7 +68,9 @@ async def test_resume_on_another_gateway_process(stack, infra) -> None:
         end = await c2.until_turn_end(ack.turn_id)
         all_events = seen + c2.events
     invariants.check_seqs(all_events)
-    assert invariants.check_turns(all_events)[ack.turn_id].text == end.text == await _pg_turn(infra, ack.turn_id)
+    assert (
+        invariants.check_turns(all_events)[ack.turn_id].text == end.text == await _pg_turn(infra, ack.turn_id)
+    )
     second.terminate()
 
 
@@ -87,8 +89,12 @@ async def test_duplicate_send_is_acked_with_original_seq_and_starts_no_second_tu
     assert (first.seq, first.turn_id) == (again.seq, again.turn_id) == (third.seq, third.turn_id)
     conn = await asyncpg.connect(infra.endpoints.postgres_dsn)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM events WHERE session_id=$1 AND type='message'",
-                                   ready.session_id) == 1
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM events WHERE session_id=$1 AND type='message'", ready.session_id
+            )
+            == 1
+        )
         assert await conn.fetchval("SELECT count(*) FROM turns WHERE session_id=$1", ready.session_id) == 1
     finally:
         await conn.close()
@@ -98,8 +104,12 @@ async def test_send_retried_after_gateway_killed_between_persist_and_ack(infra, 
     from tests.integration.conftest import stack_env
     from tidewire.stack import Stack
 
-    s = Stack(infra_env=stack_env(infra, TIDEWIRE_FAULT_KILL_AFTER_PERSIST="KILL-ME-NOW"),
-              log_dir=tmp_path, orchestrators=1, tool_workers=0)
+    s = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_FAULT_KILL_AFTER_PERSIST="KILL-ME-NOW"),
+        log_dir=tmp_path,
+        orchestrators=1,
+        tool_workers=0,
+    )
     s.start()
     try:
         token = make_token()
@@ -121,9 +131,15 @@ async def test_send_retried_after_gateway_killed_between_persist_and_ack(infra, 
             await c2.until_turn_end(ack.turn_id)
         conn = await asyncpg.connect(infra.endpoints.postgres_dsn)
         try:
-            assert await conn.fetchval("SELECT count(*) FROM events WHERE session_id=$1 AND type='message'",
-                                       ready.session_id) == 1
-            assert await conn.fetchval("SELECT count(*) FROM turns WHERE session_id=$1", ready.session_id) == 1
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM events WHERE session_id=$1 AND type='message'", ready.session_id
+                )
+                == 1
+            )
+            assert (
+                await conn.fetchval("SELECT count(*) FROM turns WHERE session_id=$1", ready.session_id) == 1
+            )
         finally:
             await conn.close()
     finally:
@@ -160,7 +176,7 @@ async def test_replay_from_postgres_after_redis_keys_deleted(stack, infra) -> No
         await c3.until_turn_end(ack.turn_id)
         rest = [e for e in c3.events if isinstance(e, client.Delta)]
     assert rest[0].offset == mid.offset + len(mid.text)
-    assert end.text[:rest[0].offset] + "".join(d.text for d in rest) == end.text
+    assert end.text[: rest[0].offset] + "".join(d.text for d in rest) == end.text
 
 
 async def test_every_connection_gets_every_event_including_other_devices_messages(stack) -> None:
@@ -184,13 +200,18 @@ async def test_ready_reset_when_last_seen_seq_is_ahead(stack) -> None:
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-@given(drops=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=3),
-       dup_after_reconnect=st.booleans(), use_second_gateway=st.booleans(), pause_s=st.sampled_from([0.0, 0.5]))
+@given(
+    drops=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=3),
+    dup_after_reconnect=st.booleans(),
+    use_second_gateway=st.booleans(),
+    pause_s=st.sampled_from([0.0, 0.5]),
+)
 # The fresh-clone hang: the turn ended while the client was away, so on reconnect the replayed
 # turn_end came before the duplicate's ack, and the old test then waited for events that never come.
 @example(drops=[16, 23, 37], dup_after_reconnect=True, use_second_gateway=False, pause_s=0.5)
-async def test_random_disconnects_and_duplicate_sends_keep_invariants(stack, infra, drops, dup_after_reconnect,
-                                                                       use_second_gateway, pause_s) -> None:
+async def test_random_disconnects_and_duplicate_sends_keep_invariants(
+    stack, infra, drops, dup_after_reconnect, use_second_gateway, pause_s
+) -> None:
     urls = [stack.url]
     gws = [s for s in stack.services if s.module == "gateway" and s.alive()]
     urls += [f"http://127.0.0.1:{g.env['port']}" for g in gws if g.name != "gateway"]
@@ -240,11 +261,16 @@ async def test_hot_session_costs_one_subscription_per_gateway_process(stack, inf
             await asyncio.gather(*(w.connect(ready.session_id, last_seen_seq=0) for w in watchers))
             monitor = getattr(infra, "nats_monitor_url", None)
             if monitor:
-                async with aiohttp.ClientSession() as http, http.get(
-                        f"{monitor}/subsz?subs=1&test=tw.session.{ready.session_id}", timeout=5) as r:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"{monitor}/subsz?subs=1&test=tw.session.{ready.session_id}", timeout=5) as r,
+                ):
                     subs = json.loads(await r.text())
-                matching = [s for s in subs.get("subscriptions_list", [])
-                            if s.get("subject") == f"tw.session.{ready.session_id}"]
+                matching = [
+                    s
+                    for s in subs.get("subscriptions_list", [])
+                    if s.get("subject") == f"tw.session.{ready.session_id}"
+                ]
                 assert len(matching) == 1, matching
             ack = await owner.ack_for(await owner.send_message("/sim tokens=30\nfan out"))
             end = await owner.until_turn_end(ack.turn_id)

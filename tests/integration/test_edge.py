@@ -55,14 +55,32 @@ def edge(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Two gateways with small, separately tuned limits and a JWKS file; no orchestrator."""
     folder = tmp_path_factory.mktemp("edge")
     jwks = folder / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [_jwk(RSA_KEY.public_key(), "rsa-1", "RS256"),
-                                         _jwk(EC_KEY.public_key(), "ec-1", "ES256")]}))
-    env = stack_env(infra, TIDEWIRE_JWKS_FILE=str(jwks), TIDEWIRE_ALLOWED_ORIGINS=ALLOWED_ORIGIN,
-                    TIDEWIRE_MAX_FRAME_BYTES=str(MAX_FRAME), TIDEWIRE_MSG_RATE_PER_S="2", TIDEWIRE_MSG_BURST="3",
-                    TIDEWIRE_FRAME_RATE_PER_S="20", TIDEWIRE_FRAME_BURST="30",
-                    TIDEWIRE_SUBJECT_MSG_RATE_PER_S="1", TIDEWIRE_SUBJECT_MSG_BURST="5",
-                    TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT="3", TIDEWIRE_CONNECTION_LEASE_S=str(LEASE_S),
-                    TIDEWIRE_MAX_SESSIONS_PER_SUBJECT="3", TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="-1")
+    jwks.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    _jwk(RSA_KEY.public_key(), "rsa-1", "RS256"),
+                    _jwk(EC_KEY.public_key(), "ec-1", "ES256"),
+                ]
+            }
+        )
+    )
+    env = stack_env(
+        infra,
+        TIDEWIRE_JWKS_FILE=str(jwks),
+        TIDEWIRE_ALLOWED_ORIGINS=ALLOWED_ORIGIN,
+        TIDEWIRE_MAX_FRAME_BYTES=str(MAX_FRAME),
+        TIDEWIRE_MSG_RATE_PER_S="2",
+        TIDEWIRE_MSG_BURST="3",
+        TIDEWIRE_FRAME_RATE_PER_S="20",
+        TIDEWIRE_FRAME_BURST="30",
+        TIDEWIRE_SUBJECT_MSG_RATE_PER_S="1",
+        TIDEWIRE_SUBJECT_MSG_BURST="5",
+        TIDEWIRE_MAX_CONNECTIONS_PER_SUBJECT="3",
+        TIDEWIRE_CONNECTION_LEASE_S=str(LEASE_S),
+        TIDEWIRE_MAX_SESSIONS_PER_SUBJECT="3",
+        TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="-1",
+    )
     s = Stack(infra_env=env, log_dir=folder / "logs", orchestrators=0, tool_workers=0)
     s.start()
     s.add_gateway("gateway-2")
@@ -92,8 +110,13 @@ async def _new_session(http: aiohttp.ClientSession, base: str, token: str) -> st
         return str((await r.json())["session_id"])
 
 
-async def _ws_outcome(http: aiohttp.ClientSession, base: str, token: str, hello: dict[str, Any] | None = None,
-                      headers: dict[str, str] | None = None) -> client.ServerFrame | int:
+async def _ws_outcome(
+    http: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    hello: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> client.ServerFrame | int:
     """The first answer of a WebSocket: a frame, or the close code if the server closed it."""
     url = base.replace("http", "ws", 1) + f"/v1/ws?access_token={token}"
     async with http.ws_connect(url, headers=headers or {}) as ws:
@@ -101,7 +124,9 @@ async def _ws_outcome(http: aiohttp.ClientSession, base: str, token: str, hello:
             await ws.send_str(json.dumps({"type": "hello", **(hello or {})}))
         except (ConnectionError, RuntimeError):
             pass  # already closed by the server: the close code tells why
-        msg = await within(ws.receive(), timeout=10, what=f"the first answer (frame or close) to hello {hello or {}}")
+        msg = await within(
+            ws.receive(), timeout=10, what=f"the first answer (frame or close) to hello {hello or {}}"
+        )
         if msg.type == aiohttp.WSMsgType.TEXT:
             return client.server_frame_decoder.decode(msg.data)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING), msg
@@ -118,7 +143,9 @@ async def _error(c: WsTestClient, timeout: float = 10) -> client.Error:
 async def _pong_follows(c: WsTestClient) -> None:
     """The connection is still usable: a ping is answered."""
     await c.send({"type": "ping"})
-    await c.until(lambda f: isinstance(f, client.Pong), 10, "the pong to a ping (is the connection still usable?)")
+    await c.until(
+        lambda f: isinstance(f, client.Pong), 10, "the pong to a ping (is the connection still usable?)"
+    )
 
 
 # ---- authentication ----------------------------------------------------------------------------
@@ -149,7 +176,9 @@ def _forged(alg: str, key: bytes | None, kid: str | None = None) -> str:
     return f"{signing_input}.{b64(sig)}"
 
 
-RSA_PEM = RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+RSA_PEM = RSA_KEY.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
 ATTACKS = {
     "alg_none": _forged("none", None),
     "alg_none_with_kid": _forged("none", None, "rsa-1"),
@@ -171,10 +200,19 @@ async def test_bad_tokens_are_refused_on_http_and_websocket(edge, http, attack: 
     assert await _ws_outcome(http, edge.url, token) == 4401
 
 
-@pytest.mark.parametrize("method,path", [("POST", "/v1/sessions"), ("GET", "/v1/sessions"),
-                                         ("GET", "/v1/sessions/abc"), ("POST", "/v1/sessions/abc/messages"),
-                                         ("POST", "/v1/sessions/abc/stop"), ("PATCH", "/v1/sessions/abc/flags"),
-                                         ("GET", "/v1/sessions/abc/events"), ("GET", "/v1/sessions/abc/poll")])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("POST", "/v1/sessions"),
+        ("GET", "/v1/sessions"),
+        ("GET", "/v1/sessions/abc"),
+        ("POST", "/v1/sessions/abc/messages"),
+        ("POST", "/v1/sessions/abc/stop"),
+        ("PATCH", "/v1/sessions/abc/flags"),
+        ("GET", "/v1/sessions/abc/events"),
+        ("GET", "/v1/sessions/abc/poll"),
+    ],
+)
 async def test_every_api_route_needs_a_token(edge, http, method: str, path: str) -> None:
     async with http.request(method, edge.url + path, json={}) as r:
         assert r.status == 401, (method, path, r.status)
@@ -195,8 +233,13 @@ async def test_token_expiring_on_an_open_socket_closes_it_with_4401(edge) -> Non
         await c.connect()
         t0 = time.monotonic()
         deadline = t0 + 15
-        while await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
-                           what="the close (4401) when the 3 s token expires") is not None:
+        while (
+            await c.recv(
+                timeout=max(deadline - time.monotonic(), 0.01),
+                what="the close (4401) when the 3 s token expires",
+            )
+            is not None
+        ):
             pass
         assert c.close_code == 4401
         assert time.monotonic() - t0 < 6
@@ -211,9 +254,14 @@ async def test_another_subjects_session_is_refused_on_every_path(edge, http) -> 
     base = f"{edge.url}/v1/sessions/{sid}"
     for gw in ("gateway", "gateway-2"):
         assert await _ws_outcome(http, _url(edge, gw), intruder, {"session_id": sid}) == 4403
-    checks = [("GET", base, None), ("GET", f"{base}/events", None), ("GET", f"{base}/poll?wait_s=0", None),
-              ("POST", f"{base}/messages", {"client_msg_id": "x1", "text": "hi"}), ("POST", f"{base}/stop", {}),
-              ("PATCH", f"{base}/flags", {"double_text_policy": "reject"})]
+    checks = [
+        ("GET", base, None),
+        ("GET", f"{base}/events", None),
+        ("GET", f"{base}/poll?wait_s=0", None),
+        ("POST", f"{base}/messages", {"client_msg_id": "x1", "text": "hi"}),
+        ("POST", f"{base}/stop", {}),
+        ("PATCH", f"{base}/flags", {"double_text_policy": "reject"}),
+    ]
     for method, url, body in checks:
         async with http.request(method, url, json=body, headers=_auth(intruder)) as r:
             assert r.status == 403, (method, url, r.status)
@@ -244,12 +292,17 @@ async def test_bad_origin_is_refused_on_websocket_and_sse(edge, http) -> None:
         assert r.status == 403 and (await r.json())["code"] == "forbidden"
     async with http.get(f"{edge.url}/v1/sessions/{sid}/poll?wait_s=0", headers=_auth(token, **evil)) as r:
         assert r.status == 403
-    async with http.post(f"{edge.url}/v1/sessions/{sid}/messages", headers=_auth(token, **evil),
-                         json={"client_msg_id": "o1", "text": "csrf?"}) as r:
+    async with http.post(
+        f"{edge.url}/v1/sessions/{sid}/messages",
+        headers=_auth(token, **evil),
+        json={"client_msg_id": "o1", "text": "csrf?"},
+    ) as r:
         assert r.status == 403
     ready = await _ws_outcome(http, edge.url, token, headers={"Origin": ALLOWED_ORIGIN})
     assert isinstance(ready, client.Ready)
-    async with http.get(f"{edge.url}/v1/sessions/{sid}/events", headers=_auth(token, Origin=ALLOWED_ORIGIN)) as r:
+    async with http.get(
+        f"{edge.url}/v1/sessions/{sid}/events", headers=_auth(token, Origin=ALLOWED_ORIGIN)
+    ) as r:
         assert r.status == 200
         assert (await r.content.readuntil(b"\n\n")).startswith(b"event: ready")
 
@@ -272,7 +325,10 @@ async def test_per_connection_message_rate_limits_then_recovers(edge) -> None:
 
 async def test_per_subject_message_rate_spans_gateways_then_recovers(edge) -> None:
     token = make_token(_subject("subjrate"))
-    async with WsTestClient(_url(edge, "gateway"), token) as a, WsTestClient(_url(edge, "gateway-2"), token) as b:
+    async with (
+        WsTestClient(_url(edge, "gateway"), token) as a,
+        WsTestClient(_url(edge, "gateway-2"), token) as b,
+    ):
         await a.connect()
         await b.connect()
         for i in range(3):
@@ -291,8 +347,11 @@ async def test_http_sends_share_the_subjects_rate(edge, http) -> None:
     sid = await _new_session(http, edge.url, token)
     statuses = []
     for i in range(7):
-        async with http.post(f"{edge.url}/v1/sessions/{sid}/messages", headers=_auth(token),
-                             json={"client_msg_id": f"h{i}", "text": "hello"}) as r:
+        async with http.post(
+            f"{edge.url}/v1/sessions/{sid}/messages",
+            headers=_auth(token),
+            json={"client_msg_id": f"h{i}", "text": "hello"},
+        ) as r:
             statuses.append(r.status)
             if r.status == 429:
                 body = await r.json()
@@ -301,8 +360,11 @@ async def test_http_sends_share_the_subjects_rate(edge, http) -> None:
                 retry_ms = body["retry_after_ms"]
     assert statuses[:5] == [200] * 5 and 429 in statuses[5:]
     await asyncio.sleep(retry_ms / 1000 + 0.05)
-    async with http.post(f"{edge.url}/v1/sessions/{sid}/messages", headers=_auth(token),
-                         json={"client_msg_id": "h-after", "text": "hello"}) as r:
+    async with http.post(
+        f"{edge.url}/v1/sessions/{sid}/messages",
+        headers=_auth(token),
+        json={"client_msg_id": "h-after", "text": "hello"},
+    ) as r:
         assert r.status == 200
 
 
@@ -313,8 +375,10 @@ async def test_frame_flood_is_answered_rate_limited_and_recovers(edge) -> None:
         n = 60
         for _ in range(n):
             await c.ws.send_str('{"type":"ping"}')
-        answers = [await c.recv(timeout=10, what=f"the answer (pong or rate_limited) to ping {i + 1} of {n}")
-                   for i in range(n)]
+        answers = [
+            await c.recv(timeout=10, what=f"the answer (pong or rate_limited) to ping {i + 1} of {n}")
+            for i in range(n)
+        ]
         pongs = sum(isinstance(f, client.Pong) for f in answers)
         limited = [f for f in answers if isinstance(f, client.Error) and f.code == "rate_limited"]
         assert pongs + len(limited) == n and pongs >= 25 and limited
@@ -334,8 +398,13 @@ async def test_oversized_frames_get_too_large_and_giant_ones_a_1009_close(edge) 
         await _pong_follows(c)
         await c.ws.send_str("y" * (MAX_FRAME * 4 + 1))  # over aiohttp's max_msg_size: the connection fails
         deadline = time.monotonic() + 10
-        while await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
-                           what="the 1009 close after a frame over 4 * max_frame_bytes") is not None:
+        while (
+            await c.recv(
+                timeout=max(deadline - time.monotonic(), 0.01),
+                what="the 1009 close after a frame over 4 * max_frame_bytes",
+            )
+            is not None
+        ):
             pass
         assert c.close_code == 1009
 
@@ -343,8 +412,11 @@ async def test_oversized_frames_get_too_large_and_giant_ones_a_1009_close(edge) 
 async def test_oversized_http_body_is_413(edge, http) -> None:
     token = make_token(_subject("bigbody"))
     sid = await _new_session(http, edge.url, token)
-    async with http.post(f"{edge.url}/v1/sessions/{sid}/messages", headers=_auth(token),
-                         data=json.dumps({"client_msg_id": "b", "text": "z" * MAX_FRAME})) as r:
+    async with http.post(
+        f"{edge.url}/v1/sessions/{sid}/messages",
+        headers=_auth(token),
+        data=json.dumps({"client_msg_id": "b", "text": "z" * MAX_FRAME}),
+    ) as r:
         assert r.status == 413 and (await r.json())["code"] == "too_large"
 
 
@@ -378,9 +450,13 @@ async def test_connections_per_subject_span_gateways_refuse_with_4429_and_recove
             async with http.get(f"{g1}/v1/sessions/{sid}/poll?wait_s=0", headers=_auth(token)) as r:
                 assert r.status == 429
         await b.drop()
-        await eventually(lambda: _ws_outcome(http, g2, token, {"session_id": sid}), timeout=5, interval=0.1,
-                         ok=lambda o: isinstance(o, client.Ready),
-                         what="a new connection accepted (ready) after one of the subject's connections closed")
+        await eventually(
+            lambda: _ws_outcome(http, g2, token, {"session_id": sid}),
+            timeout=5,
+            interval=0.1,
+            ok=lambda o: isinstance(o, client.Ready),
+            what="a new connection accepted (ready) after one of the subject's connections closed",
+        )
 
 
 async def test_limit_scripts_are_atomic_and_clocked_by_redis(infra) -> None:
@@ -392,11 +468,21 @@ async def test_limit_scripts_are_atomic_and_clocked_by_redis(infra) -> None:
 
     r = aioredis.Redis.from_url(infra.endpoints.redis_url)
     try:
-        limits = SubjectLimits(r, GatewaySettings(subject_msg_rate_per_s=0.5, subject_msg_burst=10,
-                                                  max_connections_per_subject=4, limits_timeout_s=5),
-                               "unit-gw", EdgeCounters())
+        limits = SubjectLimits(
+            r,
+            GatewaySettings(
+                subject_msg_rate_per_s=0.5,
+                subject_msg_burst=10,
+                max_connections_per_subject=4,
+                limits_timeout_s=5,
+            ),
+            "unit-gw",
+            EdgeCounters(),
+        )
         subject = _subject("lua")
-        results = await asyncio.gather(*(limits.take_message(subject) for _ in range(30)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(limits.take_message(subject) for _ in range(30)), return_exceptions=True
+        )
         assert sum(1 for x in results if x is None) == 10
         slots = await asyncio.gather(*(limits.acquire(subject) for _ in range(12)), return_exceptions=True)
         taken = [s for s in slots if not isinstance(s, BaseException)]
@@ -419,9 +505,13 @@ async def test_slots_of_a_dead_gateway_lapse_after_the_lease(edge, http) -> None
         assert await _ws_outcome(http, g1, token) == 4429
         edge.by_name("gateway-2").kill()
         t0 = time.monotonic()
-        await eventually(lambda: _ws_outcome(http, g1, token, {"session_id": sid}), timeout=LEASE_S * 3, interval=0.2,
-                         ok=lambda o: o != 4429,
-                         what=f"the killed gateway's connection slots to lapse (lease {LEASE_S} s) and 4429 to stop")
+        await eventually(
+            lambda: _ws_outcome(http, g1, token, {"session_id": sid}),
+            timeout=LEASE_S * 3,
+            interval=0.2,
+            ok=lambda o: o != 4429,
+            what=f"the killed gateway's connection slots to lapse (lease {LEASE_S} s) and 4429 to stop",
+        )
         assert time.monotonic() - t0 >= LEASE_S * 0.5
     finally:
         for c in clients:
@@ -436,8 +526,12 @@ async def test_slots_of_a_dead_gateway_lapse_after_the_lease(edge, http) -> None
 @pytest.fixture(scope="module")
 def shedding(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("shed")
-    s = Stack(infra_env=stack_env(infra, TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="0"), log_dir=folder,
-              orchestrators=0, tool_workers=0)
+    s = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="0"),
+        log_dir=folder,
+        orchestrators=0,
+        tool_workers=0,
+    )
     s.start()
     try:
         yield s
@@ -458,21 +552,30 @@ async def test_shedding_answers_degraded_within_50_ms(shedding, http) -> None:
             latencies.append(time.perf_counter() - t0)
             assert err.code == "degraded" and err.retry_after_ms and err.retry_after_ms > 0
     t0 = time.perf_counter()
-    async with http.post(f"{shedding.url}/v1/sessions/{ready.session_id}/messages", headers=_auth(token),
-                         json={"client_msg_id": "h", "text": "hello"}) as r:
+    async with http.post(
+        f"{shedding.url}/v1/sessions/{ready.session_id}/messages",
+        headers=_auth(token),
+        json={"client_msg_id": "h", "text": "hello"},
+    ) as r:
         http_latency = time.perf_counter() - t0
         assert r.status == 503 and (await r.json())["code"] == "degraded" and "Retry-After" in r.headers
     latencies.sort()
-    print(f"degraded latency: ws median {latencies[5] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms, "
-          f"http {http_latency * 1000:.1f} ms")
+    print(
+        f"degraded latency: ws median {latencies[5] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms, "
+        f"http {http_latency * 1000:.1f} ms"
+    )
     assert latencies[-1] < 0.05
     assert http_latency < 0.05
 
 
 async def test_shedding_on_queue_depth_recovers_when_orchestrators_catch_up(infra, tmp_path_factory) -> None:
     folder = tmp_path_factory.mktemp("shed-recover")
-    s = Stack(infra_env=stack_env(infra, TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="3", TIDEWIRE_SHED_SAMPLE_MS="100"),
-              log_dir=folder, orchestrators=0, tool_workers=0)
+    s = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="3", TIDEWIRE_SHED_SAMPLE_MS="100"),
+        log_dir=folder,
+        orchestrators=0,
+        tool_workers=0,
+    )
     s.start()
     try:
         async with WsTestClient(s.url, make_token(_subject("deep"))) as c:
@@ -480,7 +583,9 @@ async def test_shedding_on_queue_depth_recovers_when_orchestrators_catch_up(infr
             shed = None
             for i in range(12):
                 cmid = await c.send_message(f"/sim tokens=3\nqueue {i}")
-                f = await c.until(lambda f: isinstance(f, client.Ack | client.Error), 10, f"the ack or error of send {i}")
+                f = await c.until(
+                    lambda f: isinstance(f, client.Ack | client.Error), 10, f"the ack or error of send {i}"
+                )
                 if isinstance(f, client.Error):
                     shed = f
                     break
@@ -490,11 +595,19 @@ async def test_shedding_on_queue_depth_recovers_when_orchestrators_catch_up(infr
 
             async def resend() -> client.ServerFrame:
                 await c.send_message("/sim tokens=3\nafter", cmid)
-                return await c.until(lambda f: isinstance(f, client.Ack | client.Error), 10,
-                                     f"the ack or error of a resend of {cmid}")
+                return await c.until(
+                    lambda f: isinstance(f, client.Ack | client.Error),
+                    10,
+                    f"the ack or error of a resend of {cmid}",
+                )
 
-            await eventually(resend, timeout=60, interval=0.3, ok=lambda f: isinstance(f, client.Ack),
-                             what="the shed send to be accepted once an orchestrator drains the turn queue")
+            await eventually(
+                resend,
+                timeout=60,
+                interval=0.3,
+                ok=lambda f: isinstance(f, client.Ack),
+                what="the shed send to be accepted once an orchestrator drains the turn queue",
+            )
     finally:
         s.stop()
 
@@ -506,37 +619,66 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return cert_path, key_path
 
 
 async def test_gateway_serves_https_and_wss_itself(infra, spawn, tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     port = free_port()
-    gw = spawn("gateway", {**stack_env(infra), "TIDEWIRE_HTTP_PORT": str(port), "TIDEWIRE_GATEWAY_ID": "gw-tls",
-                           "TIDEWIRE_TLS_CERT": str(cert), "TIDEWIRE_TLS_KEY": str(key)}, name="gateway-tls")
+    gw = spawn(
+        "gateway",
+        {
+            **stack_env(infra),
+            "TIDEWIRE_HTTP_PORT": str(port),
+            "TIDEWIRE_GATEWAY_ID": "gw-tls",
+            "TIDEWIRE_TLS_CERT": str(cert),
+            "TIDEWIRE_TLS_KEY": str(key),
+        },
+        name="gateway-tls",
+    )
     ctx = ssl.create_default_context(cafile=str(cert))
     base = f"https://127.0.0.1:{port}"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                     timeout=aiohttp.ClientTimeout(total=30)) as https:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=ctx), timeout=aiohttp.ClientTimeout(total=30)
+    ) as https:
+
         async def readyz() -> int:
             assert gw.alive, gw.log_text()[-2000:]
             async with https.get(f"{base}/readyz") as r:
                 return r.status
 
-        await eventually(readyz, timeout=60, interval=0.2, ok=lambda status: status == 200,
-                         retry_on=(aiohttp.ClientError,), what=f"the TLS gateway's {base}/readyz to answer 200")
+        await eventually(
+            readyz,
+            timeout=60,
+            interval=0.2,
+            ok=lambda status: status == 200,
+            retry_on=(aiohttp.ClientError,),
+            what=f"the TLS gateway's {base}/readyz to answer 200",
+        )
         token = make_token(_subject("tls"))
         sid = await _new_session(https, base, token)
         async with https.ws_connect(f"wss://127.0.0.1:{port}/v1/ws?access_token={token}") as ws:

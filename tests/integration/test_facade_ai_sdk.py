@@ -40,14 +40,23 @@ def _text(chunks: list[Any]) -> str:
     return "".join(c["delta"] for c in chunks if isinstance(c, dict) and c["type"] == "text-delta")
 
 
-async def _post(http: aiohttp.ClientSession, url: str, token: str, chat_id: str, msg_id: str,
-                text: str) -> tuple[str, list[Any]]:
-    body = {"id": chat_id, "trigger": "submit-message", "messageId": None,
-            "messages": [{"id": msg_id, "role": "user", "parts": [{"type": "text", "text": text}]}]}
-    async with http.post(f"{url}/v1/ai-sdk/chat", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+async def _post(
+    http: aiohttp.ClientSession, url: str, token: str, chat_id: str, msg_id: str, text: str
+) -> tuple[str, list[Any]]:
+    body = {
+        "id": chat_id,
+        "trigger": "submit-message",
+        "messageId": None,
+        "messages": [{"id": msg_id, "role": "user", "parts": [{"type": "text", "text": text}]}],
+    }
+    async with http.post(
+        f"{url}/v1/ai-sdk/chat", json=body, headers={"Authorization": f"Bearer {token}"}
+    ) as r:
         assert r.status == 200, await r.text()
         assert r.headers["x-vercel-ai-ui-message-stream"] == "v1"
-        return r.headers["X-Tidewire-Session"], await within(_chunks(r), timeout=60, what="the UI message stream")
+        return r.headers["X-Tidewire-Session"], await within(
+            _chunks(r), timeout=60, what="the UI message stream"
+        )
 
 
 async def test_ui_message_stream_format_repost_and_resume(stack) -> None:
@@ -70,10 +79,14 @@ async def test_ui_message_stream_format_repost_and_resume(stack) -> None:
         r = await http.get(f"{stack.url}/v1/ai-sdk/chat/chat-raw-1/stream", headers=hdr)
         assert r.status == 204
         # an active turn: replayed from its start, then live, to the same text
-        posting = asyncio.create_task(_post(http, stack.url, token, "chat-raw-1", "u2",
-                                            "/sim tokens=600 rate=100\nlonger"))
-        await eventually(lambda: posting.done() or _active(http, stack.url, hdr, sid), timeout=20,
-                         what="the second turn to be active")
+        posting = asyncio.create_task(
+            _post(http, stack.url, token, "chat-raw-1", "u2", "/sim tokens=600 rate=100\nlonger")
+        )
+        await eventually(
+            lambda: posting.done() or _active(http, stack.url, hdr, sid),
+            timeout=20,
+            what="the second turn to be active",
+        )
         assert not posting.done(), posting.result()
         async with http.get(f"{stack.url}/v1/ai-sdk/chat/chat-raw-1/stream", headers=hdr) as resumed:
             assert resumed.status == 200
@@ -100,9 +113,14 @@ async def test_ai_sdk_stop_is_the_sessions_stop_and_a_session_id_is_a_chat_id(st
     async with aiohttp.ClientSession() as http:
         r = await http.post(f"{stack.url}/v1/sessions", headers=hdr)
         own = (await r.json())["session_id"]
-        posting = asyncio.create_task(_post(http, stack.url, token, own, "s1", "/sim tokens=3000 rate=50\nstop me"))
-        await eventually(lambda: posting.done() or _active_turn(http, stack.url, hdr, own), timeout=20,
-                         what="the turn to produce text")
+        posting = asyncio.create_task(
+            _post(http, stack.url, token, own, "s1", "/sim tokens=3000 rate=50\nstop me")
+        )
+        await eventually(
+            lambda: posting.done() or _active_turn(http, stack.url, hdr, own),
+            timeout=20,
+            what="the turn to produce text",
+        )
         r = await http.post(f"{stack.url}/v1/sessions/{own}/stop", headers=hdr)
         assert r.status == 202 and (await r.json())["stopped"] is True
         sid, chunks = await within(posting, timeout=30, what="the stream to end after the stop")
@@ -122,14 +140,25 @@ async def _active_turn(http: aiohttp.ClientSession, url: str, hdr: dict[str, str
 def test_ai_package_chat_send_and_resume_after_gateway_kill(stack) -> None:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js (node and npm) is not installed: the AI SDK client test needs it")
-    ci = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
-                        timeout=300)
+    ci = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True, timeout=300
+    )
     assert ci.returncode == 0, f"npm ci failed:\n{ci.stdout[-2000:]}\n{ci.stderr[-2000:]}"
     gateway = stack.by_name("gateway")
-    env = {**os.environ, "TIDEWIRE_URL": stack.url, "TIDEWIRE_TOKEN": make_token("ai-node"),
-           "TIDEWIRE_GATEWAY_PID": str(gateway.pid)}
-    node = subprocess.Popen(["node", "--test", "--test-reporter=spec", "test/"], cwd=NODE_DIR, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "TIDEWIRE_URL": stack.url,
+        "TIDEWIRE_TOKEN": make_token("ai-node"),
+        "TIDEWIRE_GATEWAY_PID": str(gateway.pid),
+    }
+    node = subprocess.Popen(
+        ["node", "--test", "--test-reporter=spec", "test/"],
+        cwd=NODE_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     restarted = False
     try:

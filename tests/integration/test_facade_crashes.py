@@ -18,7 +18,9 @@ from tidewire.stack import Stack
 
 async def test_orchestrator_killed_mid_response_the_stream_goes_on_exactly(stack, infra) -> None:
     oa = _client(stack, "oa-crash-orch")
-    stream = await oa.responses.create(model="tidewire", input="/sim tokens=400 rate=80\nsurvive", stream=True)
+    stream = await oa.responses.create(
+        model="tidewire", input="/sim tokens=400 rate=80\nsurvive", stream=True
+    )
     events: list[Any] = []
     await _collect(stream, events, until_deltas=15)
     rid = events[0].response.id
@@ -39,8 +41,9 @@ async def test_orchestrator_killed_mid_response_the_stream_goes_on_exactly(stack
 
 async def test_gateway_killed_mid_stream_retrieve_starting_after_continues_at_n_plus_1(stack) -> None:
     oa = _client(stack, "oa-crash-gw")
-    stream = await oa.responses.create(model="tidewire", input="/sim tokens=600 rate=100\nkill my gateway",
-                                       stream=True, background=True)
+    stream = await oa.responses.create(
+        model="tidewire", input="/sim tokens=600 rate=100\nkill my gateway", stream=True, background=True
+    )
     first: list[Any] = []
     await _collect(stream, first, until_deltas=20)
     rid = first[0].response.id
@@ -67,8 +70,12 @@ async def test_gateway_killed_mid_stream_retrieve_starting_after_continues_at_n_
 
 
 async def test_shedding_answers_503_with_retry_after_ms_in_openai_shape(infra, tmp_path) -> None:
-    s = Stack(infra_env=stack_env(infra, TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="0"), log_dir=tmp_path,
-              orchestrators=1, tool_workers=0)
+    s = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_TURN_QUEUE_SHED_THRESHOLD="0"),
+        log_dir=tmp_path,
+        orchestrators=1,
+        tool_workers=0,
+    )
     s.start()
     try:
         oa = _client(s, "oa-shed")
@@ -79,9 +86,14 @@ async def test_shedding_answers_503_with_retry_after_ms_in_openai_shape(infra, t
             assert e.status_code == 503
             assert int(e.response.headers["retry-after-ms"]) > 0
             assert e.body["type"] == "server_error" and e.body["code"] == "degraded"
-        async with aiohttp.ClientSession() as http, http.post(
-                f"{s.url}/v1/chat/completions", headers={"Authorization": f"Bearer {make_token('oa-shed')}"},
-                json={"model": "tidewire", "messages": [{"role": "user", "content": "shed"}]}) as r:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{s.url}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {make_token('oa-shed')}"},
+                json={"model": "tidewire", "messages": [{"role": "user", "content": "shed"}]},
+            ) as r,
+        ):
             assert r.status == 503 and "retry-after-ms" in r.headers
             assert (await r.json())["error"]["code"] == "degraded"
     finally:

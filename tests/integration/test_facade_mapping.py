@@ -14,7 +14,9 @@ TEXT_A = "Hello there, 👩‍👩‍👧 family! " + "x" * 40 + " 日本語の�
 TEXT_B = "The clock says noon. Bye"
 
 
-def _turn(chunks_a: list[str], chunks_b: list[str], end: client.TurnStatus = "completed") -> list[client.Event]:
+def _turn(
+    chunks_a: list[str], chunks_b: list[str], end: client.TurnStatus = "completed"
+) -> list[client.Event]:
     events: list[client.Event] = []
     seq = 2
     offset = 0
@@ -42,7 +44,7 @@ def _split(text: str, rng: random.Random) -> list[str]:
     out, i = [], 0
     while i < len(text):
         n = rng.randint(1, 12)
-        out.append(text[i:i + n])
+        out.append(text[i : i + n])
         i += n
     return out
 
@@ -89,7 +91,7 @@ def test_a_prefix_of_the_events_gives_a_prefix_of_the_translation() -> None:
     whole, _ = _translate(events)
     for k in range(len(events)):
         part, _ = _translate(events[:k])
-        assert whole[:len(part)] == part
+        assert whole[: len(part)] == part
 
 
 def test_response_id_names_session_and_turn() -> None:

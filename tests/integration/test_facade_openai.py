@@ -17,7 +17,9 @@ LONG = "/sim tokens=200 rate=100 ttft_ms=0\n"
 
 
 def _client(stack: Any, subject: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=make_token(subject), max_retries=0, timeout=60)
+    return openai.AsyncOpenAI(
+        base_url=f"{stack.url}/v1", api_key=make_token(subject), max_retries=0, timeout=60
+    )
 
 
 def _sid(response_id: str) -> str:
@@ -25,8 +27,12 @@ def _sid(response_id: str) -> str:
 
 
 async def _history(stack: Any, subject: str, sid: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(
-            f"{stack.url}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {make_token(subject)}"}) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{stack.url}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {make_token(subject)}"}
+        ) as r,
+    ):
         assert r.status == 200, await r.text()
         return await r.json()
 
@@ -36,8 +42,11 @@ async def _answer(stack: Any, subject: str, sid: str, turn_id: str) -> str:
 
     async def ended() -> str | None:
         msgs = (await _history(stack, subject, sid))["messages"]
-        done = [m for m in msgs if m["role"] == "assistant" and m["turn_id"] == turn_id
-                and m["status"] != "in_progress"]
+        done = [
+            m
+            for m in msgs
+            if m["role"] == "assistant" and m["turn_id"] == turn_id and m["status"] != "in_progress"
+        ]
         return str(done[0]["text"]) if done else None
 
     text = await eventually(ended, timeout=20, interval=0.1, what=f"the stored answer of turn {turn_id}")
@@ -51,13 +60,18 @@ async def _collect(stream: Any, events: list[Any], *, until_deltas: int | None =
     async def read() -> None:
         async for ev in stream:
             events.append(ev)
-            if until_deltas is not None and sum(e.type == "response.output_text.delta" for e in events) >= until_deltas:
+            if (
+                until_deltas is not None
+                and sum(e.type == "response.output_text.delta" for e in events) >= until_deltas
+            ):
                 return
             if ev.type in ("response.completed", "response.failed", "response.incomplete"):
                 return
 
     what = f"{until_deltas} text deltas" if until_deltas else "the response's terminal event"
-    await within(read(), timeout=60, what=what, seen=lambda: [(e.sequence_number, e.type) for e in events[-5:]])
+    await within(
+        read(), timeout=60, what=what, seen=lambda: [(e.sequence_number, e.type) for e in events[-5:]]
+    )
 
 
 def _text(events: list[Any]) -> str:
@@ -70,7 +84,9 @@ def _dump(ev: Any) -> dict[str, Any]:
 
 async def test_responses_stream_drop_then_retrieve_starting_after_gives_exact_text(stack) -> None:
     oa = _client(stack, "oa-resume")
-    stream = await oa.responses.create(model="tidewire", input=LONG + "resume me", stream=True, background=True)
+    stream = await oa.responses.create(
+        model="tidewire", input=LONG + "resume me", stream=True, background=True
+    )
     first: list[Any] = []
     await _collect(stream, first, until_deltas=25)
     await stream.close()  # the client drops mid-answer
@@ -102,7 +118,9 @@ async def test_responses_stream_drop_then_retrieve_starting_after_gives_exact_te
 
 async def test_responses_cancel_mid_answer_keeps_partial_text_and_ends_open_stream(stack) -> None:
     oa = _client(stack, "oa-cancel")
-    created = await oa.responses.create(model="tidewire", input="/sim tokens=2000 rate=50\nstop me", background=True)
+    created = await oa.responses.create(
+        model="tidewire", input="/sim tokens=2000 rate=50\nstop me", background=True
+    )
     assert created.status == "in_progress"
     watching = await oa.responses.retrieve(created.id, stream=True)
     seen: list[Any] = []
@@ -123,12 +141,16 @@ async def test_previous_response_id_continues_the_session(stack) -> None:
     oa = _client(stack, "oa-chain")
     r1 = await oa.responses.create(model="tidewire", input="/sim tokens=10 rate=0\nfirst")
     assert r1.status == "completed" and r1.output_text
-    r2 = await oa.responses.create(model="tidewire", input=[{"role": "user", "content": "/sim tokens=10 rate=0\nsecond"}],
-                                   previous_response_id=r1.id)
+    r2 = await oa.responses.create(
+        model="tidewire",
+        input=[{"role": "user", "content": "/sim tokens=10 rate=0\nsecond"}],
+        previous_response_id=r1.id,
+    )
     assert r2.status == "completed" and r2.previous_response_id == r1.id
     assert _sid(r1.id) == _sid(r2.id)
-    r3 = await oa.responses.create(model="tidewire", input="/sim tokens=5 rate=0\nthird",
-                                   conversation=_sid(r1.id))
+    r3 = await oa.responses.create(
+        model="tidewire", input="/sim tokens=5 rate=0\nthird", conversation=_sid(r1.id)
+    )
     assert _sid(r3.id) == _sid(r1.id)
     msgs = (await _history(stack, "oa-chain", _sid(r1.id)))["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
@@ -148,10 +170,18 @@ async def test_same_idempotency_key_twice_gives_one_turn(stack) -> None:
     hdr = {"Idempotency-Key": "key-456"}
     first: list[Any] = []
     second: list[Any] = []
-    await _collect(await oa.responses.create(model="tidewire", input=LONG + "stream once", stream=True,
-                                             extra_headers=hdr), first)
-    await _collect(await oa.responses.create(model="tidewire", input=LONG + "stream once", stream=True,
-                                             extra_headers=hdr), second)
+    await _collect(
+        await oa.responses.create(
+            model="tidewire", input=LONG + "stream once", stream=True, extra_headers=hdr
+        ),
+        first,
+    )
+    await _collect(
+        await oa.responses.create(
+            model="tidewire", input=LONG + "stream once", stream=True, extra_headers=hdr
+        ),
+        second,
+    )
     assert [_dump(e) for e in first] == [_dump(e) for e in second]
     sid = _sid(first[0].response.id)
     msgs = (await _history(stack, "oa-idem", sid))["messages"]
@@ -159,7 +189,9 @@ async def test_same_idempotency_key_twice_gives_one_turn(stack) -> None:
 
 
 async def test_another_subjects_response_is_refused_and_errors_have_openai_shape(stack) -> None:
-    mine = await _client(stack, "oa-owner").responses.create(model="tidewire", input="/sim tokens=5 rate=0\nmine")
+    mine = await _client(stack, "oa-owner").responses.create(
+        model="tidewire", input="/sim tokens=5 rate=0\nmine"
+    )
     thief = _client(stack, "oa-thief")
     with pytest.raises(openai.PermissionDeniedError) as denied:
         await thief.responses.retrieve(mine.id)
@@ -169,7 +201,9 @@ async def test_another_subjects_response_is_refused_and_errors_have_openai_shape
     with pytest.raises(openai.NotFoundError):
         await thief.responses.retrieve("resp_nosuchsession.t_nothing")
     with pytest.raises(openai.AuthenticationError):
-        await openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="not-a-token", max_retries=0).models.list()
+        await openai.AsyncOpenAI(
+            base_url=f"{stack.url}/v1", api_key="not-a-token", max_retries=0
+        ).models.list()
     with pytest.raises(openai.BadRequestError) as bad:
         await thief.responses.create(model="tidewire", input=[])
     assert bad.value.body["type"] == "invalid_request_error"
@@ -178,7 +212,8 @@ async def test_another_subjects_response_is_refused_and_errors_have_openai_shape
 async def test_chat_completions_stream_and_non_stream(stack) -> None:
     oa = _client(stack, "oa-chat")
     raw = await oa.chat.completions.with_raw_response.create(
-        model="tidewire", messages=[{"role": "user", "content": "/sim tokens=40 rate=0\nno stream"}])
+        model="tidewire", messages=[{"role": "user", "content": "/sim tokens=40 rate=0\nno stream"}]
+    )
     sid = raw.headers["x-tidewire-session"]
     done = raw.parse()
     assert done.choices[0].finish_reason == "stop" and done.choices[0].message.content
@@ -186,8 +221,11 @@ async def test_chat_completions_stream_and_non_stream(stack) -> None:
     assert done.choices[0].message.content == await _answer(stack, "oa-chat", sid, turn_id)
 
     stream = await oa.chat.completions.create(
-        model="tidewire", stream=True, extra_headers={"X-Tidewire-Session": sid},
-        messages=[{"role": "user", "content": "/sim tokens=150 rate=200\nstream please"}])
+        model="tidewire",
+        stream=True,
+        extra_headers={"X-Tidewire-Session": sid},
+        messages=[{"role": "user", "content": "/sim tokens=150 rate=200\nstream please"}],
+    )
     parts: list[str] = []
     finish = None
 
@@ -209,13 +247,17 @@ async def test_chat_completions_stream_and_non_stream(stack) -> None:
     assert [m["role"] for m in msgs] == ["user", "assistant"] * 2  # the same session, two turns
     with pytest.raises(openai.PermissionDeniedError):
         await _client(stack, "oa-chat-thief").chat.completions.create(
-            model="tidewire", extra_headers={"X-Tidewire-Session": sid},
-            messages=[{"role": "user", "content": "let me in"}])
+            model="tidewire",
+            extra_headers={"X-Tidewire-Session": sid},
+            messages=[{"role": "user", "content": "let me in"}],
+        )
     models = await oa.models.list()
     assert "tidewire" in [m.id for m in models.data]
 
 
-async def test_tool_activity_is_an_mcp_call_item_and_status_lines_pass_through_the_stream_helper(stack) -> None:
+async def test_tool_activity_is_an_mcp_call_item_and_status_lines_pass_through_the_stream_helper(
+    stack,
+) -> None:
     oa = _client(stack, "oa-tools")
     kinds: list[str] = []
 
@@ -225,8 +267,9 @@ async def test_tool_activity_is_an_mcp_call_item_and_status_lines_pass_through_t
                 kinds.append(ev.type)
             return await stream.get_final_response()
 
-    final = await within(run(), timeout=60, what="the helper stream of a tool-using response",
-                         seen=lambda: kinds[-5:])
+    final = await within(
+        run(), timeout=60, what="the helper stream of a tool-using response", seen=lambda: kinds[-5:]
+    )
     calls = [item for item in final.output if item.type == "mcp_call"]
     assert calls and calls[0].name == "clock" and calls[0].status == "completed" and calls[0].output
     assert "tidewire.status" in kinds and "response.mcp_call.completed" in kinds

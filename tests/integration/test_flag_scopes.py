@@ -31,10 +31,16 @@ async def test_double_text_policy_from_a_scope_flag_is_enforced_by_the_gateway(s
             first = await c.ack_for(await c.send_message(SLOW + "first"))
             await c.until(lambda f: isinstance(f, client.Delta), 30, "the first turn's first delta")
             cmid = await c.send_message("second")
-            err = await c.until(lambda f: isinstance(f, client.Error) or
-                                (isinstance(f, client.Ack) and f.client_msg_id == cmid), 15, "the answer to the second send")
-            assert isinstance(err, client.Error) and err.code == "conflict", \
+            err = await c.until(
+                lambda f: (
+                    isinstance(f, client.Error) or (isinstance(f, client.Ack) and f.client_msg_id == cmid)
+                ),
+                15,
+                "the answer to the second send",
+            )
+            assert isinstance(err, client.Error) and err.code == "conflict", (
                 f"a second send during a running turn under a {scope}-scope reject was not refused: {err}"
+            )
             await c.send({"type": "stop", "turn_id": first.turn_id})
             await c.until_turn_end(first.turn_id, 30)
     finally:

@@ -89,7 +89,8 @@ async def test_flags_merge_deployment_tenant_session_row_and_operator_session(ev
         got = await resolver.resolve(sid, tenant)
         assert got[name] == "tenant" and got["tw_test_only_deployment"] == 1
         assert parse_route(got["model"], default_provider="simulated") == parse_route(
-            "openai:gpt-4o-mini", default_provider="simulated")
+            "openai:gpt-4o-mini", default_provider="simulated"
+        )
         # the owner's PATCHed flags beat deployment and tenant; an operator's session scope beats all
         got = await resolver.resolve(sid, tenant, {name: "row", "disconnect_policy": "continue"})
         assert got[name] == "row" and got["disconnect_policy"] == "continue"
@@ -106,7 +107,9 @@ async def test_flags_merge_deployment_tenant_session_row_and_operator_session(ev
         await eventlog.set_flag("deployment", "tw_test_only_deployment", None)
 
 
-async def test_a_flag_flip_applies_after_the_ttl_and_flipping_back_is_the_rollback(eventlog: EventLog) -> None:
+async def test_a_flag_flip_applies_after_the_ttl_and_flipping_back_is_the_rollback(
+    eventlog: EventLog,
+) -> None:
     tenant, sid = f"tenant-{uid()}", f"s-{uid()}"
     scope = f"tenant:{tenant}"
     await eventlog.set_flag(scope, "system_prompt_version", "v1")
@@ -139,16 +142,29 @@ async def test_concurrent_turns_share_one_query_per_scope(eventlog: EventLog) ->
 
 def _flags_cli(infra: Infrastructure, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **infra.endpoints.as_env()}
-    return run_process([sys.executable, "-m", "orchestrator.flags", *args], env=env, cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=60, what=f"orchestrator.flags {' '.join(args)}")
+    return run_process(
+        [sys.executable, "-m", "orchestrator.flags", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        what=f"orchestrator.flags {' '.join(args)}",
+    )
 
 
-async def test_operator_cli_sets_gets_and_refuses_bad_values(infra: Infrastructure, eventlog: EventLog) -> None:
+async def test_operator_cli_sets_gets_and_refuses_bad_values(
+    infra: Infrastructure, eventlog: EventLog
+) -> None:
     scope = f"tenant:cli-{uid()}"
     done = await asyncio.to_thread(_flags_cli, infra, "set", scope, "model", '"openai:gpt-4o-mini"')
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"scope": scope, "name": "model", "value": "openai:gpt-4o-mini",
-                                       "previous": None}
+    assert json.loads(done.stdout) == {
+        "scope": scope,
+        "name": "model",
+        "value": "openai:gpt-4o-mini",
+        "previous": None,
+    }
     got = await asyncio.to_thread(_flags_cli, infra, "get", scope)
     assert json.loads(got.stdout) == {"model": "openai:gpt-4o-mini"}
     assert await eventlog.flags_for([scope]) == {"model": "openai:gpt-4o-mini"}
@@ -172,15 +188,22 @@ def test_tool_set_selects_the_offered_tools() -> None:
 async def _count_rows(dsn: str, turn_ids: list[str]) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval("SELECT count(*) FROM turn_analytics WHERE turn_id = ANY($1)", turn_ids))
+        return int(
+            await conn.fetchval("SELECT count(*) FROM turn_analytics WHERE turn_id = ANY($1)", turn_ids)
+        )
     finally:
         await conn.close()
 
 
-async def _turn(provider: SimulatedProvider, turn_id: str, tokens: int, rate: float) -> tuple[list[float], str]:
+async def _turn(
+    provider: SimulatedProvider, turn_id: str, tokens: int, rate: float
+) -> tuple[list[float], str]:
     """Stream one simulated turn; the arrival time of each delta and the text."""
-    req = ProviderRequest(session_id="s-analytics", turn_id=turn_id,
-                          messages=[ChatMessage(role="user", text=f"/sim tokens={tokens} rate={rate}\nhello")])
+    req = ProviderRequest(
+        session_id="s-analytics",
+        turn_id=turn_id,
+        messages=[ChatMessage(role="user", text=f"/sim tokens={tokens} rate={rate}\nhello")],
+    )
     times: list[float] = []
     text = ""
     async with contextlib.aclosing(provider.stream(req)) as stream:
@@ -192,9 +215,12 @@ async def _turn(provider: SimulatedProvider, turn_id: str, tokens: int, rate: fl
 
 
 async def test_analytics_rows_arrive_after_turns_while_a_slow_writer_never_delays_deltas(
-        infra: Infrastructure, bus: Bus, spawn: Any) -> None:
+    infra: Infrastructure, bus: Bus, spawn: Any
+) -> None:
     delay = 3.0
-    writer = spawn("orchestrator.analytics", {"TIDEWIRE_ANALYTICS_WRITE_DELAY_S": str(delay)}, name="analytics")
+    writer = spawn(
+        "orchestrator.analytics", {"TIDEWIRE_ANALYTICS_WRITE_DELAY_S": str(delay)}, name="analytics"
+    )
     await writer.wait_for_log_async("analytics writer ready", timeout=30)
     publisher = AnalyticsPublisher(bus)
     pub_task = asyncio.create_task(publisher.run())
@@ -206,23 +232,43 @@ async def test_analytics_rows_arrive_after_turns_while_a_slow_writer_never_delay
         async def short_turns() -> None:
             for turn_id in turn_ids[1:]:
                 _, text = await _turn(provider, turn_id, 10, 200)
-                assert publisher.offer(busproto.TurnAnalytics(
-                    session_id="s-analytics", turn_id=turn_id, status="completed", ttft_ms=1.0,
-                    duration_ms=50.0, completion_chars=len(text), tool_calls=0))
+                assert publisher.offer(
+                    busproto.TurnAnalytics(
+                        session_id="s-analytics",
+                        turn_id=turn_id,
+                        status="completed",
+                        ttft_ms=1.0,
+                        duration_ms=50.0,
+                        completion_chars=len(text),
+                        tool_calls=0,
+                    )
+                )
 
         long_turn = asyncio.create_task(_turn(provider, turn_ids[0], 100, 100))
         await short_turns()
         times, text = await long_turn
-        publisher.offer(busproto.TurnAnalytics(session_id="s-analytics", turn_id=turn_ids[0], status="completed",
-                                               ttft_ms=2.0, duration_ms=(time.monotonic() - t0) * 1000,
-                                               completion_chars=len(text), tool_calls=1))
+        publisher.offer(
+            busproto.TurnAnalytics(
+                session_id="s-analytics",
+                turn_id=turn_ids[0],
+                status="completed",
+                ttft_ms=2.0,
+                duration_ms=(time.monotonic() - t0) * 1000,
+                completion_chars=len(text),
+                tool_calls=1,
+            )
+        )
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         # every turn is over, its deltas paced as asked (~10 ms), before the slow writer wrote anything
         assert await _count_rows(infra.endpoints.postgres_dsn, turn_ids) == 0
         assert max(gaps) < delay / 6, f"a delta waited {max(gaps):.3f} s"
-        await eventually(lambda: _count_rows(infra.endpoints.postgres_dsn, turn_ids), timeout=30, interval=0.2,
-                         ok=lambda n: n == len(turn_ids),
-                         what=f"all {len(turn_ids)} turn_analytics rows written by the slow ({delay:g} s) writer")
+        await eventually(
+            lambda: _count_rows(infra.endpoints.postgres_dsn, turn_ids),
+            timeout=30,
+            interval=0.2,
+            ok=lambda n: n == len(turn_ids),
+            what=f"all {len(turn_ids)} turn_analytics rows written by the slow ({delay:g} s) writer",
+        )
         conn = await asyncpg.connect(infra.endpoints.postgres_dsn)
         try:
             row = await conn.fetchrow("SELECT * FROM turn_analytics WHERE turn_id = $1", turn_ids[0])
@@ -249,9 +295,19 @@ async def test_publisher_drops_and_counts_instead_of_blocking_when_jetstream_sta
     task = asyncio.create_task(publisher.run())
     await asyncio.sleep(0)
     t0 = time.perf_counter()
-    accepted = [publisher.offer(busproto.TurnAnalytics(session_id="s", turn_id=f"t{i}", status="completed",
-                                                       ttft_ms=None, duration_ms=1.0, completion_chars=0))
-                for i in range(50)]
+    accepted = [
+        publisher.offer(
+            busproto.TurnAnalytics(
+                session_id="s",
+                turn_id=f"t{i}",
+                status="completed",
+                ttft_ms=None,
+                duration_ms=1.0,
+                completion_chars=0,
+            )
+        )
+        for i in range(50)
+    ]
     assert time.perf_counter() - t0 < 0.05  # offer never waits
     assert sum(accepted) == 5 and publisher.dropped == 45
     task.cancel()
@@ -276,13 +332,28 @@ async def test_writer_acks_only_after_the_commit_so_a_failed_write_is_redelivere
     writer = AnalyticsWriter(bus, sink, AnalyticsSettings(batch=64, fetch_timeout_s=0.2))
     publisher = AnalyticsPublisher(bus)
     pub_task = asyncio.create_task(publisher.run())
-    publisher.offer(busproto.TurnAnalytics(session_id="s", turn_id=turn_id, status="failed", ttft_ms=None,
-                                           duration_ms=5.0, completion_chars=3))
+    publisher.offer(
+        busproto.TurnAnalytics(
+            session_id="s",
+            turn_id=turn_id,
+            status="failed",
+            ttft_ms=None,
+            duration_ms=5.0,
+            completion_chars=3,
+        )
+    )
     run = asyncio.create_task(writer.run())
     try:
-        await eventually(lambda: {"rows": [r[0] for r in sink.rows], "failed_batches": writer.failed_batches,
-                                  "sink_calls": sink.calls}, timeout=20, ok=lambda seen: turn_id in seen["rows"],
-                         what=f"the analytics row of {turn_id} redelivered after a failed write")
+        await eventually(
+            lambda: {
+                "rows": [r[0] for r in sink.rows],
+                "failed_batches": writer.failed_batches,
+                "sink_calls": sink.calls,
+            },
+            timeout=20,
+            ok=lambda seen: turn_id in seen["rows"],
+            what=f"the analytics row of {turn_id} redelivered after a failed write",
+        )
         assert writer.failed_batches >= 1 and sink.calls >= 2
     finally:
         for t in (run, pub_task):
@@ -321,7 +392,9 @@ def _auth(subject: str) -> dict[str, str]:
 async def test_media_upload_round_trips_by_reference(media_app: tuple[str, media.MediaStore]) -> None:
     url, store = media_app
     async with aiohttp.ClientSession() as http:
-        r = await http.post(f"{url}/v1/media", data=PNG, headers={**_auth("alice"), "Content-Type": "image/png"})
+        r = await http.post(
+            f"{url}/v1/media", data=PNG, headers={**_auth("alice"), "Content-Type": "image/png"}
+        )
         assert r.status == 201, await r.text()
         info = await r.json()
         assert info["content_type"] == "image/png" and info["size"] == len(PNG)
@@ -331,8 +404,11 @@ async def test_media_upload_round_trips_by_reference(media_app: tuple[str, media
         assert r.headers["Content-Type"] == "image/png" and r.headers["X-Content-Type-Options"] == "nosniff"
         assert await r.read() == PNG
         text = "naïve 東京 👩‍💻\n".encode()
-        r = await http.post(f"{url}/v1/media", data=text,
-                            headers={**_auth("alice"), "Content-Type": "text/plain; charset=utf-8"})
+        r = await http.post(
+            f"{url}/v1/media",
+            data=text,
+            headers={**_auth("alice"), "Content-Type": "text/plain; charset=utf-8"},
+        )
         assert r.status == 201
         r = await http.get(f"{url}/v1/media/{(await r.json())['media_id']}", headers=_auth("alice"))
         assert await r.read() == text
@@ -350,12 +426,13 @@ async def test_oversized_media_is_refused_with_413_too_large(media_app: tuple[st
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: caught while streaming
         for i in range(0, len(big), 65536):
-            yield big[i:i + 65536]
+            yield big[i : i + 65536]
 
     async with aiohttp.ClientSession() as http:
         for body in (big, chunked()):
-            r = await http.post(f"{url}/v1/media", data=body,
-                                headers={**_auth("alice"), "Content-Type": "application/pdf"})
+            r = await http.post(
+                f"{url}/v1/media", data=body, headers={**_auth("alice"), "Content-Type": "application/pdf"}
+            )
             assert r.status == 413
             assert (await r.json())["code"] == "too_large"
 
@@ -363,7 +440,9 @@ async def test_oversized_media_is_refused_with_413_too_large(media_app: tuple[st
 async def test_media_is_served_to_its_owner_only(media_app: tuple[str, media.MediaStore]) -> None:
     url, _ = media_app
     async with aiohttp.ClientSession() as http:
-        r = await http.post(f"{url}/v1/media", data=PNG, headers={**_auth("alice"), "Content-Type": "image/png"})
+        r = await http.post(
+            f"{url}/v1/media", data=PNG, headers={**_auth("alice"), "Content-Type": "image/png"}
+        )
         media_id = (await r.json())["media_id"]
         r = await http.get(f"{url}/v1/media/{media_id}", headers=_auth("bob"))
         assert r.status == 403 and (await r.json())["code"] == "forbidden"
@@ -376,14 +455,19 @@ async def test_media_is_served_to_its_owner_only(media_app: tuple[str, media.Med
 
 
 async def test_media_types_outside_the_allowlist_or_mislabelled_are_refused(
-        media_app: tuple[str, media.MediaStore]) -> None:
+    media_app: tuple[str, media.MediaStore],
+) -> None:
     url, _ = media_app
     async with aiohttp.ClientSession() as http:
-        for data, ctype in ((b"<html><script>alert(1)</script>", "text/html"),
-                            (b"<svg onload=alert(1)>", "image/svg+xml"),
-                            (b"<html>not a png</html>", "image/png"),
-                            (b"\xff\xfe\x00bad", "text/plain")):
-            r = await http.post(f"{url}/v1/media", data=data, headers={**_auth("alice"), "Content-Type": ctype})
+        for data, ctype in (
+            (b"<html><script>alert(1)</script>", "text/html"),
+            (b"<svg onload=alert(1)>", "image/svg+xml"),
+            (b"<html>not a png</html>", "image/png"),
+            (b"\xff\xfe\x00bad", "text/plain"),
+        ):
+            r = await http.post(
+                f"{url}/v1/media", data=data, headers={**_auth("alice"), "Content-Type": ctype}
+            )
             assert r.status == 400, ctype
             assert (await r.json())["code"] == "bad_frame"
 
@@ -399,13 +483,21 @@ async def upstream() -> AsyncIterator[ReplayServer]:
 
 
 @pytest.fixture(scope="module")
-async def openai_stack(infra: Infrastructure, upstream: ReplayServer,
-                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def openai_stack(
+    infra: Infrastructure, upstream: ReplayServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
     pytest.importorskip("openai")
-    env = stack_env(infra, TIDEWIRE_PROVIDER="openai", TIDEWIRE_OPENAI_BASE_URL=upstream.base_url,
-                    TIDEWIRE_OPENAI_MODEL="replay-model", TIDEWIRE_OPENAI_FIRST_TOKEN_TIMEOUT_S="5",
-                    TIDEWIRE_OPENAI_IDLE_TIMEOUT_S="1.5")
-    stack = Stack(infra_env=env, log_dir=tmp_path_factory.mktemp("openai-stack"), orchestrators=1, tool_workers=1)
+    env = stack_env(
+        infra,
+        TIDEWIRE_PROVIDER="openai",
+        TIDEWIRE_OPENAI_BASE_URL=upstream.base_url,
+        TIDEWIRE_OPENAI_MODEL="replay-model",
+        TIDEWIRE_OPENAI_FIRST_TOKEN_TIMEOUT_S="5",
+        TIDEWIRE_OPENAI_IDLE_TIMEOUT_S="1.5",
+    )
+    stack = Stack(
+        infra_env=env, log_dir=tmp_path_factory.mktemp("openai-stack"), orchestrators=1, tool_workers=1
+    )
     await asyncio.to_thread(stack.start)  # the replay server keeps serving on this loop meanwhile
     try:
         yield stack
@@ -433,8 +525,9 @@ async def test_text_streams_through_the_whole_stack(openai_stack: Stack, upstrea
     assert {t["function"]["name"] for t in body["tools"]} >= {"calculator", "clock"}
 
 
-async def test_tool_calls_run_on_workers_and_the_answer_follows(openai_stack: Stack,
-                                                                upstream: ReplayServer) -> None:
+async def test_tool_calls_run_on_workers_and_the_answer_follows(
+    openai_stack: Stack, upstream: ReplayServer
+) -> None:
     c, end = await _stack_turn(openai_stack, "scenario=tool_call what is 6*7, and what time is it?")
     assert (end.status, end.text) == ("completed", recorded_text("text"))
     calls = {e.call_id: e for e in c.events if isinstance(e, client.ToolCall)}
@@ -449,7 +542,9 @@ async def test_tool_calls_run_on_workers_and_the_answer_follows(openai_stack: St
     assert "42" in tool_msgs[0]["content"]
 
 
-async def test_http_500_before_the_first_token_is_retried(openai_stack: Stack, upstream: ReplayServer) -> None:
+async def test_http_500_before_the_first_token_is_retried(
+    openai_stack: Stack, upstream: ReplayServer
+) -> None:
     before = len(upstream.requests)
     _, end = await _stack_turn(openai_stack, "scenario=flaky please")
     assert (end.status, end.text) == ("completed", recorded_text("text"))
@@ -462,23 +557,28 @@ async def test_stop_closes_the_upstream_connection(openai_stack: Stack, upstream
         ack = await c.ack_for(await c.send_message("scenario=long go on and on"))
         deadline = time.monotonic() + 30
         while (got := sum(isinstance(e, client.Delta) for e in c.events)) < 5:
-            assert await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
-                                what=f"delta {got + 1} of 5 of the endless 'long' scenario") is not None
+            assert (
+                await c.recv(
+                    timeout=max(deadline - time.monotonic(), 0.01),
+                    what=f"delta {got + 1} of 5 of the endless 'long' scenario",
+                )
+                is not None
+            )
         await c.send({"type": "stop", "turn_id": ack.turn_id})
         end = await c.until_turn_end(ack.turn_id)
     assert end.status == "cancelled" and end.text.startswith("word1 word2 ")
     await upstream.wait_for("dropped", "long", timeout=10)
 
 
-async def test_a_stall_after_tokens_fails_the_turn_keeping_its_text(openai_stack: Stack,
-                                                                    upstream: ReplayServer) -> None:
+async def test_a_stall_after_tokens_fails_the_turn_keeping_its_text(
+    openai_stack: Stack, upstream: ReplayServer
+) -> None:
     _, end = await _stack_turn(openai_stack, "scenario=stall think hard")
     assert end.status == "failed"
     # the runner's grapheme buffer holds back the last cluster ("g") and does not flush it when the
     # step fails; once `_stream_step` flushes on a non-retried error this is exactly "Thinking"
     assert end.text in ("Thinking", "Thinkin")
     await upstream.wait_for("dropped", "stall", timeout=10)
-
 
 
 async def test_breaker_state_round_trips_through_real_redis(infra) -> None:

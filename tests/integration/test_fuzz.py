@@ -35,16 +35,31 @@ BATCH = 50
 def fuzz_stack(infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A gateway whose rate limits are out of the way (so every frame reaches the parser), one
     orchestrator for the well-behaved client, and a second gateway with the default limits (floods)."""
-    limits = ("frame_rate_per_s", "frame_burst", "msg_rate_per_s", "msg_burst", "subject_msg_rate_per_s",
-              "subject_msg_burst", "max_connections_per_subject")
+    limits = (
+        "frame_rate_per_s",
+        "frame_burst",
+        "msg_rate_per_s",
+        "msg_burst",
+        "subject_msg_rate_per_s",
+        "subject_msg_burst",
+        "max_connections_per_subject",
+    )
     unlimited = {f"TIDEWIRE_{name.upper()}": "1000000" for name in limits}
     defaults = {f"TIDEWIRE_{name.upper()}": str(getattr(GatewaySettings(), name)) for name in limits}
-    s = Stack(infra_env=stack_env(infra), extra_env=unlimited, log_dir=tmp_path_factory.mktemp("fuzz-logs"),
-              orchestrators=1, tool_workers=0)
+    s = Stack(
+        infra_env=stack_env(infra),
+        extra_env=unlimited,
+        log_dir=tmp_path_factory.mktemp("fuzz-logs"),
+        orchestrators=1,
+        tool_workers=0,
+    )
     s.start()
     port = free_port()
-    flood = s.service("gateway-flood", "gateway", {"TIDEWIRE_HTTP_PORT": str(port),
-                                                   "TIDEWIRE_GATEWAY_ID": "gateway-flood", **defaults})
+    flood = s.service(
+        "gateway-flood",
+        "gateway",
+        {"TIDEWIRE_HTTP_PORT": str(port), "TIDEWIRE_GATEWAY_ID": "gateway-flood", **defaults},
+    )
     flood.env["port"] = str(port)
     wait_http(f"http://127.0.0.1:{port}/readyz", proc=flood)
     try:
@@ -78,7 +93,9 @@ async def _open(http: aiohttp.ClientSession, base: str, token: str) -> aiohttp.C
     return ws
 
 
-async def _answers_until_pong(ws: aiohttp.ClientWebSocketResponse, timeout: float = 30) -> list[client.ServerFrame]:
+async def _answers_until_pong(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = 30
+) -> list[client.ServerFrame]:
     """Sends a ping marker and returns every frame received before its pong."""
     await ws.send_str('{"type":"ping"}')
     out: list[client.ServerFrame] = []
@@ -92,8 +109,10 @@ async def _answers_until_pong(ws: aiohttp.ClientWebSocketResponse, timeout: floa
                     return out
                 out.append(frame)
     except TimeoutError:
-        raise AssertionError(f"no pong to the marker ping within {timeout:g} s; {len(out)} frames before it, "
-                             f"last: {[type(f).__name__ for f in out[-5:]]}") from None
+        raise AssertionError(
+            f"no pong to the marker ping within {timeout:g} s; {len(out)} frames before it, "
+            f"last: {[type(f).__name__ for f in out[-5:]]}"
+        ) from None
 
 
 async def _closed_with(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> int | None:
@@ -106,8 +125,9 @@ async def _closed_with(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10)
                     return ws.close_code
                 seen.append(str(msg.data)[:80])
     except TimeoutError:
-        raise AssertionError(f"the server did not close the connection within {timeout:g} s; "
-                             f"got instead: {seen[-5:]}") from None
+        raise AssertionError(
+            f"the server did not close the connection within {timeout:g} s; got instead: {seen[-5:]}"
+        ) from None
 
 
 def _codes(frames: list[client.ServerFrame]) -> list[str]:
@@ -123,9 +143,29 @@ async def _healthy(http: aiohttp.ClientSession, stack: Stack) -> None:
 
 # ---- each kind of bad input, with its defined answer ---------------------------------------------
 
-MALFORMED = ["", " ", "{", "}", "[", '{"type":', '{"type":"send"', "null", "true", "42", '"str"', "[]", "{}",
-             "{'type': 'ping'}", '{"type":"ping",}', "\u00ff\u00fe", "ping", '{"type":"ping"}{"type":"ping"}',
-             '{"type": NaN}', "\x00", "\ufeff{}"]
+MALFORMED = [
+    "",
+    " ",
+    "{",
+    "}",
+    "[",
+    '{"type":',
+    '{"type":"send"',
+    "null",
+    "true",
+    "42",
+    '"str"',
+    "[]",
+    "{}",
+    "{'type': 'ping'}",
+    '{"type":"ping",}',
+    "\u00ff\u00fe",
+    "ping",
+    '{"type":"ping"}{"type":"ping"}',
+    '{"type": NaN}',
+    "\x00",
+    "\ufeff{}",
+]
 WRONG_TYPES = [
     {"type": "send", "client_msg_id": 1, "text": "x"},
     {"type": "send", "client_msg_id": "a", "text": None},
@@ -142,8 +182,24 @@ WRONG_TYPES = [
     {"type": ["ping"]},
     {"kind": "ping"},
 ]
-UNKNOWN = [{"type": t} for t in ("pingg", "PING", "Ping", "message", "ack", "ready", "error", "delta", "", " ping",
-                                 "x" * 1000, "__proto__", "constructor")]
+UNKNOWN = [
+    {"type": t}
+    for t in (
+        "pingg",
+        "PING",
+        "Ping",
+        "message",
+        "ack",
+        "ready",
+        "error",
+        "delta",
+        "",
+        " ping",
+        "x" * 1000,
+        "__proto__",
+        "constructor",
+    )
+]
 BAD_VALUES = [
     {"type": "send", "client_msg_id": "", "text": "x"},
     {"type": "send", "client_msg_id": "c" * 129, "text": "x"},
@@ -173,10 +229,12 @@ async def test_malformed_mistyped_and_unknown_frames_get_bad_frame(fuzz_stack, h
 async def test_escaped_lone_surrogates_are_bad_frames(fuzz_stack, http) -> None:
     ws = await _open(http, fuzz_stack.url, make_token())
     try:
-        samples = ['{"type":"send","client_msg_id":"a","text":"\\ud800"}',
-                   '{"type":"send","client_msg_id":"a","text":"x\\udc00y"}',
-                   '{"type":"send","client_msg_id":"\\udbff","text":"x"}',
-                   '{"type":"hello","session_id":"\\ud83d"}']
+        samples = [
+            '{"type":"send","client_msg_id":"a","text":"\\ud800"}',
+            '{"type":"send","client_msg_id":"a","text":"x\\udc00y"}',
+            '{"type":"send","client_msg_id":"\\udbff","text":"x"}',
+            '{"type":"hello","session_id":"\\ud83d"}',
+        ]
         for raw in samples:
             await ws.send_str(raw)
         assert _codes(await _answers_until_pong(ws)) == ["bad_frame"] * len(samples)
@@ -190,7 +248,9 @@ async def test_deeply_nested_json_is_a_bad_frame(fuzz_stack, http) -> None:
         for depth in (5_000, 10_000):  # the deepest still fits in max_frame_bytes
             await ws.send_str("[" * depth + "]" * depth)
             await ws.send_str('{"type":"ping","x":' + "[" * depth + "]" * depth + "}")
-            await ws.send_str('{"type":"send","client_msg_id":' + '{"a":' * depth + "1" + "}" * depth + ',"text":"x"}')
+            await ws.send_str(
+                '{"type":"send","client_msg_id":' + '{"a":' * depth + "1" + "}" * depth + ',"text":"x"}'
+            )
         assert _codes(await _answers_until_pong(ws)) == ["bad_frame"] * 6
     finally:
         await ws.close()
@@ -212,7 +272,9 @@ async def test_huge_strings_get_too_large_or_a_1009_close(fuzz_stack, http) -> N
     try:
         for n in (MAX_FRAME + 1, MAX_FRAME * 2, MAX_FRAME * 4 - 100):
             await ws.send_str(json.dumps({"type": "send", "client_msg_id": "a", "text": "h" * n}))
-        await ws.send_str(json.dumps({"type": "send", "client_msg_id": "a", "text": "h" * 40_000}))  # > max_text_chars
+        await ws.send_str(
+            json.dumps({"type": "send", "client_msg_id": "a", "text": "h" * 40_000})
+        )  # > max_text_chars
         assert _codes(await _answers_until_pong(ws)) == ["too_large"] * 4
         await ws.send_str("z" * (MAX_FRAME * 4 + 1))
         assert await _closed_with(ws) == 1009
@@ -247,16 +309,33 @@ async def test_bad_http_bodies_are_400_never_500(fuzz_stack, http) -> None:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     async with http.post(f"{fuzz_stack.url}/v1/sessions", headers=headers) as r:
         sid = (await r.json())["session_id"]
-    bodies = [b"{", b"null", b"[]", b'"x"', b"\xff\xfe", b'{"client_msg_id":"a","text":"\xed\xa0\x80"}',
-              b'{"client_msg_id":"a","text":"\\ud800"}', b'{"client_msg_id":"a","text":"\\u0000"}',
-              b"[" * 20_000 + b"]" * 20_000, b'{"client_msg_id":1,"text":"x"}', b'{"client_msg_id":"a"}',
-              b'{"client_msg_id":"a","text":"   "}']
+    bodies = [
+        b"{",
+        b"null",
+        b"[]",
+        b'"x"',
+        b"\xff\xfe",
+        b'{"client_msg_id":"a","text":"\xed\xa0\x80"}',
+        b'{"client_msg_id":"a","text":"\\ud800"}',
+        b'{"client_msg_id":"a","text":"\\u0000"}',
+        b"[" * 20_000 + b"]" * 20_000,
+        b'{"client_msg_id":1,"text":"x"}',
+        b'{"client_msg_id":"a"}',
+        b'{"client_msg_id":"a","text":"   "}',
+    ]
     for body in bodies:
         async with http.post(f"{fuzz_stack.url}/v1/sessions/{sid}/messages", data=body, headers=headers) as r:
             assert r.status == 400, (body[:60], r.status, await r.text())
             assert (await r.json())["code"] == "bad_frame"
-    flag_bodies = [b"[1]", b'{"double_text_policy": 3}', b'{"nope": 1}', b'{"disconnect_policy": "cancel_after=x"}',
-                   b'{"model": {"a": 1}}', b"\xc3\x28", b"{" * 50_000]
+    flag_bodies = [
+        b"[1]",
+        b'{"double_text_policy": 3}',
+        b'{"nope": 1}',
+        b'{"disconnect_policy": "cancel_after=x"}',
+        b'{"model": {"a": 1}}',
+        b"\xc3\x28",
+        b"{" * 50_000,
+    ]
     for body in flag_bodies:
         async with http.patch(f"{fuzz_stack.url}/v1/sessions/{sid}/flags", data=body, headers=headers) as r:
             assert r.status == 400, (body[:60], r.status, await r.text())
@@ -279,8 +358,9 @@ async def test_a_frame_flood_is_rate_limited_answered_and_the_connection_recover
             for _ in range(n // 2):
                 await ws.send_str('{"type":"nonsense"}')
                 await ws.send_bytes(b"\x00")
-            answers = _codes([await _frame(ws, f"the answer to flood frame {i + 1} of {n}")
-                              for i in range(n)])  # every frame is answered, in order
+            answers = _codes(
+                [await _frame(ws, f"the answer to flood frame {i + 1} of {n}") for i in range(n)]
+            )  # every frame is answered, in order
             limited = answers.count("rate_limited")
             assert limited >= n - 260 and answers.count("bad_frame") == n - limited
             await asyncio.sleep(0.5)
@@ -323,7 +403,9 @@ async def test_one_flooding_connection_does_not_starve_the_others(fuzz_stack, ht
         latencies = []
         deadline = time.monotonic() + 90
         while answered < n:
-            assert time.monotonic() < deadline, f"probing for 90 s; only {answered} of {n} flood frames answered"
+            assert time.monotonic() < deadline, (
+                f"probing for 90 s; only {answered} of {n} flood frames answered"
+            )
             t0 = time.perf_counter()
             await neighbour.send_str('{"type":"ping"}')
             f = await _frame(neighbour, f"the neighbour's pong during the flood ({answered} of {n} answered)")
@@ -338,8 +420,10 @@ async def test_one_flooding_connection_does_not_starve_the_others(fuzz_stack, ht
         await flooder.close()
         await neighbour.close()
     latencies.sort()
-    print(f"neighbour pong latency during a {n}-frame flood: median {latencies[len(latencies) // 2] * 1000:.1f} ms, "
-          f"max {latencies[-1] * 1000:.1f} ms over {len(latencies)} pings")
+    print(
+        f"neighbour pong latency during a {n}-frame flood: median {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+        f"max {latencies[-1] * 1000:.1f} ms over {len(latencies)} pings"
+    )
     assert len(latencies) >= 3
     assert latencies[len(latencies) // 2] < 0.1 and latencies[-1] < 1.0
 
@@ -348,10 +432,15 @@ async def test_one_flooding_connection_does_not_starve_the_others(fuzz_stack, ht
 
 _text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=200)
 _json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _text
-_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_text, inner, max_size=5),
-                     max_leaves=20)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(_text, inner, max_size=5),
+    max_leaves=20,
+)
 _VALID_TYPES = {"hello", "send", "stop", "ping"}
-_not_str = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.lists(_text, max_size=3)
+_not_str = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.lists(_text, max_size=3)
+)
 
 
 @dataclass(frozen=True)
@@ -366,28 +455,50 @@ def _dump(obj: object) -> str:
 
 bad_frames = st.one_of(
     _text.map(lambda s: Bad("text", s)),
-    _json.filter(lambda v: not (isinstance(v, dict) and str(v.get("type")) in _VALID_TYPES))
-         .map(lambda v: Bad("json", _dump(v))),
-    st.builds(lambda t, extra: Bad("unknown_type", _dump({**extra, "type": t})),
-              _text.filter(lambda t: t not in _VALID_TYPES), st.dictionaries(_text, _json_leaf, max_size=3)),
-    st.builds(lambda cmid, text: Bad("send_wrong_types", _dump({"type": "send", "client_msg_id": cmid, "text": text})),
-              _not_str | _text, _not_str),
-    st.builds(lambda cmid: Bad("send_bad_id", _dump({"type": "send", "client_msg_id": cmid, "text": "x"})),
-              st.just("") | st.integers(min_value=129, max_value=400).map(lambda n: "c" * n)),
-    st.builds(lambda ws: Bad("send_blank", _dump({"type": "send", "client_msg_id": "b", "text": ws})),
-              st.text(alphabet=" \t\n\r\u3000\u2003", max_size=20)),
-    st.builds(lambda seq, delivery: Bad("hello_wrong", _dump({"type": "hello", "last_seen_seq": seq,
-                                                               "delivery": delivery})),
-              _not_str.filter(lambda v: not isinstance(v, int) or isinstance(v, bool)) | st.integers(), _text),
-    st.builds(lambda v: Bad("stop_wrong", _dump({"type": "stop", "turn_id": v})),
-              st.integers() | st.booleans() | st.lists(_text, max_size=2)),
+    _json.filter(lambda v: not (isinstance(v, dict) and str(v.get("type")) in _VALID_TYPES)).map(
+        lambda v: Bad("json", _dump(v))
+    ),
+    st.builds(
+        lambda t, extra: Bad("unknown_type", _dump({**extra, "type": t})),
+        _text.filter(lambda t: t not in _VALID_TYPES),
+        st.dictionaries(_text, _json_leaf, max_size=3),
+    ),
+    st.builds(
+        lambda cmid, text: Bad(
+            "send_wrong_types", _dump({"type": "send", "client_msg_id": cmid, "text": text})
+        ),
+        _not_str | _text,
+        _not_str,
+    ),
+    st.builds(
+        lambda cmid: Bad("send_bad_id", _dump({"type": "send", "client_msg_id": cmid, "text": "x"})),
+        st.just("") | st.integers(min_value=129, max_value=400).map(lambda n: "c" * n),
+    ),
+    st.builds(
+        lambda ws: Bad("send_blank", _dump({"type": "send", "client_msg_id": "b", "text": ws})),
+        st.text(alphabet=" \t\n\r\u3000\u2003", max_size=20),
+    ),
+    st.builds(
+        lambda seq, delivery: Bad(
+            "hello_wrong", _dump({"type": "hello", "last_seen_seq": seq, "delivery": delivery})
+        ),
+        _not_str.filter(lambda v: not isinstance(v, int) or isinstance(v, bool)) | st.integers(),
+        _text,
+    ),
+    st.builds(
+        lambda v: Bad("stop_wrong", _dump({"type": "stop", "turn_id": v})),
+        st.integers() | st.booleans() | st.lists(_text, max_size=2),
+    ),
     st.integers(min_value=1, max_value=5000).map(
-        lambda d: Bad("nested", '{"type":"send","client_msg_id":' + "[" * d + "]" * d + ',"text":"x"}')),
+        lambda d: Bad("nested", '{"type":"send","client_msg_id":' + "[" * d + "]" * d + ',"text":"x"}')
+    ),
     st.integers(min_value=1001, max_value=40_000).map(lambda d: Bad("deep", "[" * d + "]" * d)),
     st.sampled_from(["\\ud800", "\\udfff", "x\\ud834y", "\\u0000"]).map(
-        lambda s: Bad("surrogate", '{"type":"send","client_msg_id":"s","text":"' + s + '"}')),
+        lambda s: Bad("surrogate", '{"type":"send","client_msg_id":"s","text":"' + s + '"}')
+    ),
     st.integers(min_value=MAX_FRAME + 1, max_value=MAX_FRAME + 4096).map(
-        lambda n: Bad("huge", _dump({"type": "send", "client_msg_id": "h", "text": "h" * n}))),
+        lambda n: Bad("huge", _dump({"type": "send", "client_msg_id": "h", "text": "h" * n}))
+    ),
     st.binary(max_size=300).map(lambda b: Bad("binary", b)),
 )
 
@@ -396,8 +507,13 @@ def generate_bad_frames(n: int) -> list[Bad]:
     """`n` or more frames from the strategy above (hypothesis generates; nothing is sent yet)."""
     out: list[Bad] = []
 
-    @settings(max_examples=n // 5 + 50, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n // 5 + 50,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.lists(bad_frames, min_size=5, max_size=8))
     def collect(frames: list[Bad]) -> None:
         out.extend(frames)
@@ -418,7 +534,9 @@ async def test_hypothesis_fuzz_thousands_of_bad_frames_while_a_good_client_strea
     async def good_client() -> invariants.TurnView:
         async with WsTestClient(fuzz_stack.url, make_token(f"good-{uuid.uuid4().hex[:6]}")) as c:
             await c.connect()
-            ack = await c.ack_for(await c.send_message("/sim tokens=400 rate=120\na long answer while fuzzed"))
+            ack = await c.ack_for(
+                await c.send_message("/sim tokens=400 rate=120\na long answer while fuzzed")
+            )
             end = await c.until_turn_end(ack.turn_id, timeout=120)
             assert end.status == "completed"
             # merged=True: a gateway kept busy by the fuzz may fall behind and merge deltas (text exact)
@@ -431,7 +549,7 @@ async def test_hypothesis_fuzz_thousands_of_bad_frames_while_a_good_client_strea
         codes: list[str] = []
         try:
             for start in range(0, len(share), BATCH):
-                batch = share[start:start + BATCH]
+                batch = share[start : start + BATCH]
                 for bad in batch:
                     if isinstance(bad.payload, bytes):
                         await ws.send_bytes(bad.payload)
@@ -447,13 +565,17 @@ async def test_hypothesis_fuzz_thousands_of_bad_frames_while_a_good_client_strea
         return sent, answered, codes
 
     shares = [frames[i::FUZZ_CONNECTIONS] for i in range(FUZZ_CONNECTIONS)]
-    good, *results = await asyncio.gather(good_client(), *(fuzz_connection(i, s) for i, s in enumerate(shares)))
+    good, *results = await asyncio.gather(
+        good_client(), *(fuzz_connection(i, s) for i, s in enumerate(shares))
+    )
     elapsed = time.monotonic() - t0
     sent = sum(r[0] for r in results)
     answered = sum(r[1] for r in results)
     codes = [c for r in results for c in r[2]]
-    print(f"fuzz: {sent} bad frames over {FUZZ_CONNECTIONS} connections in {elapsed:.1f} s, {answered} errors "
-          f"({ {c: codes.count(c) for c in sorted(set(codes))} }); good turn {len(good.text)} chars exact")
+    print(
+        f"fuzz: {sent} bad frames over {FUZZ_CONNECTIONS} connections in {elapsed:.1f} s, {answered} errors "
+        f"({ {c: codes.count(c) for c in sorted(set(codes))} }); good turn {len(good.text)} chars exact"
+    )
     assert sent >= FUZZ_FRAMES and answered >= sent
     assert "internal" not in codes
     assert set(codes) <= {"bad_frame", "too_large"}

@@ -51,8 +51,13 @@ def _page(port: str | int) -> promtext.Exposition:
 
 async def _pages(stack: Stack) -> dict[str, promtext.Exposition]:
     ports = {"gateway": stack.http_port}
-    ports.update({svc.name: svc.env["port"] for svc in stack.services
-                  if svc.module in ("orchestrator", "tool_workers") and svc.alive()})
+    ports.update(
+        {
+            svc.name: svc.env["port"]
+            for svc in stack.services
+            if svc.module in ("orchestrator", "tool_workers") and svc.alive()
+        }
+    )
     assert any(n.startswith("orch") for n in ports) and any(n.startswith("tool") for n in ports), ports
     return {name: await asyncio.to_thread(_page, port) for name, port in ports.items()}
 
@@ -80,25 +85,31 @@ async def served(stack: Stack) -> dict[str, set[str]]:
 def test_docs_write_metric_names_in_full() -> None:
     fragments = {name: where for name, where in documented().items() if name.endswith("_")}
     assert not fragments, "metric names written as fragments (write each name in full): " + "; ".join(
-        f"{name} at {', '.join(where)}" for name, where in sorted(fragments.items()))
+        f"{name} at {', '.join(where)}" for name, where in sorted(fragments.items())
+    )
 
 
 async def test_every_documented_metric_is_served(served: dict[str, set[str]]) -> None:
-    missing = {name: where for name, where in documented().items() if name not in served and not name.endswith("_")}
+    missing = {
+        name: where for name, where in documented().items() if name not in served and not name.endswith("_")
+    }
     assert not missing, "documented but served by no process: " + "; ".join(
-        f"{name} ({', '.join(where)})" for name, where in sorted(missing.items()))
+        f"{name} ({', '.join(where)})" for name, where in sorted(missing.items())
+    )
 
 
 async def test_every_served_metric_is_documented(served: dict[str, set[str]]) -> None:
     docs = documented()
     families = {name for name in served if name.startswith("tidewire_")}
     undocumented = {
-        name for name in families
-        if name not in docs and not any(name == base + suffix for base in docs
-                                        for suffix in ("_bucket", "_sum", "_count"))
+        name
+        for name in families
+        if name not in docs
+        and not any(name == base + suffix for base in docs for suffix in ("_bucket", "_sum", "_count"))
     }
     assert not undocumented, "served but documented nowhere in README.md or docs/: " + "; ".join(
-        f"{name} (on {', '.join(sorted(served[name]))})" for name in sorted(undocumented))
+        f"{name} (on {', '.join(sorted(served[name]))})" for name in sorted(undocumented)
+    )
 
 
 # ---- load shedding on the orchestrators' breakers -----------------------------------------------
@@ -115,13 +126,18 @@ async def redis_client(infra) -> AsyncIterator[aioredis.Redis]:
 
 async def _answer(c: WsTestClient, text: str, cmid: str) -> client.Ack | client.Error:
     await c.send_message(text, cmid)
-    f = await c.until(lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid) or isinstance(f, client.Error),
-                      15, f"the answer to {cmid}")
+    f = await c.until(
+        lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid) or isinstance(f, client.Error),
+        15,
+        f"the answer to {cmid}",
+    )
     assert isinstance(f, client.Ack | client.Error)
     return f
 
 
-async def _until_answer(c: WsTestClient, text: str, want: type, timeout: float = 10) -> client.Ack | client.Error:
+async def _until_answer(
+    c: WsTestClient, text: str, want: type, timeout: float = 10
+) -> client.Ack | client.Error:
     """Resends one message (same client_msg_id) until the gateway answers it with `want`."""
     cmid = uuid.uuid4().hex
     async with asyncio.timeout(timeout):
@@ -143,8 +159,11 @@ async def test_sends_are_shed_while_every_upstreams_breaker_is_open(stack: Stack
         raise ValueError(f"{name}: this router only publishes breaker state")
 
     cooldown_s = 20.0
-    router = UpstreamRouter(SimulatedProvider(SimulatedSettings(rate=0, tokens=1)), factory=no_other_provider,
-                            settings_for=lambda n: GateSettings(failure_threshold=1, cooldown_s=cooldown_s))
+    router = UpstreamRouter(
+        SimulatedProvider(SimulatedSettings(rate=0, tokens=1)),
+        factory=no_other_provider,
+        settings_for=lambda n: GateSettings(failure_threshold=1, cooldown_s=cooldown_s),
+    )
     gate = router.gate("simulated")  # the stack's only route, so it is every route
     shed_before = (await asyncio.to_thread(_page, stack.http_port)).value("tidewire_gateway_shed_sends")
     try:

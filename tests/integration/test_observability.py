@@ -36,8 +36,13 @@ def traced(infra: Infrastructure, tmp_path_factory: pytest.TempPathFactory) -> I
     log_dir = tmp_path_factory.mktemp("traced-stack")
     spans = log_dir / "spans"
     spans.mkdir()
-    s = Stack(infra_env=stack_env(infra), log_dir=log_dir, orchestrators=1, tool_workers=0,
-              extra_env={"TIDEWIRE_TRACE_EXPORTER": f"file:{spans}/spans-{{service}}-{{pid}}.jsonl"})
+    s = Stack(
+        infra_env=stack_env(infra),
+        log_dir=log_dir,
+        orchestrators=1,
+        tool_workers=0,
+        extra_env={"TIDEWIRE_TRACE_EXPORTER": f"file:{spans}/spans-{{service}}-{{pid}}.jsonl"},
+    )
     s.start()
     try:
         port = free_port()
@@ -68,7 +73,9 @@ async def _trace_of(folder: Path, turn_id: str, until: set[str], timeout: float 
     deadline = time.monotonic() + timeout
     while True:
         spans = _spans(folder)
-        roots = [s for s in spans if s["name"] == "gateway.send" and s["attributes"].get("turn_id") == turn_id]
+        roots = [
+            s for s in spans if s["name"] == "gateway.send" and s["attributes"].get("turn_id") == turn_id
+        ]
         if roots:
             trace = [s for s in spans if s["trace_id"] == roots[0]["trace_id"]]
             if until <= {s["name"] for s in trace}:
@@ -87,7 +94,9 @@ async def test_a_tool_turn_is_one_trace_across_gateway_orchestrator_and_tool_wor
         end = await c.until_turn_end(ack.turn_id)
     assert end.status == "completed"
     assert any(isinstance(e, client.ToolCall) and e.name == "clock" for e in c.events)
-    trace = await _trace_of(folder, ack.turn_id, until={"tool.run", "orchestrator.turn", "gateway.first_byte"})
+    trace = await _trace_of(
+        folder, ack.turn_id, until={"tool.run", "orchestrator.turn", "gateway.first_byte"}
+    )
 
     assert len({s["trace_id"] for s in trace}) == 1
     services = {s["service"] for s in trace}
@@ -95,10 +104,23 @@ async def test_a_tool_turn_is_one_trace_across_gateway_orchestrator_and_tool_wor
     by_name: dict[str, list[dict[str, Any]]] = {}
     for s in sorted(trace, key=lambda s: s["start_ns"]):
         by_name.setdefault(s["name"], []).append(s)
-    expected = ["gateway.send", "checkpoint.append_user", "eventlog.append_user", "bus.publish_turn",
-                "orchestrator.pickup", "orchestrator.turn", "session.fetch", "context.pack", "retrieval",
-                "model.queue", "upstream.first_token", "tool.call", "tool.run", "eventlog.append_turn",
-                "gateway.first_byte"]
+    expected = [
+        "gateway.send",
+        "checkpoint.append_user",
+        "eventlog.append_user",
+        "bus.publish_turn",
+        "orchestrator.pickup",
+        "orchestrator.turn",
+        "session.fetch",
+        "context.pack",
+        "retrieval",
+        "model.queue",
+        "upstream.first_token",
+        "tool.call",
+        "tool.run",
+        "eventlog.append_turn",
+        "gateway.first_byte",
+    ]
     missing = [n for n in expected if n not in by_name]
     assert not missing, f"missing spans {missing}; have {sorted(by_name)}"
 
@@ -106,8 +128,19 @@ async def test_a_tool_turn_is_one_trace_across_gateway_orchestrator_and_tool_wor
         return by_name[name][0]
 
     # The stages happen in this order (start times; one host, one clock).
-    order = ["gateway.send", "checkpoint.append_user", "bus.publish_turn", "orchestrator.turn", "session.fetch",
-             "context.pack", "retrieval", "model.queue", "upstream.first_token", "tool.call", "tool.run"]
+    order = [
+        "gateway.send",
+        "checkpoint.append_user",
+        "bus.publish_turn",
+        "orchestrator.turn",
+        "session.fetch",
+        "context.pack",
+        "retrieval",
+        "model.queue",
+        "upstream.first_token",
+        "tool.call",
+        "tool.run",
+    ]
     starts = [first(n)["start_ns"] for n in order]
     assert starts == sorted(starts), list(zip(order, starts, strict=True))
     # After the tool: the second model call, then the first byte written to the client.
@@ -125,8 +158,17 @@ async def test_a_tool_turn_is_one_trace_across_gateway_orchestrator_and_tool_wor
     assert first("gateway.first_byte")["parent_span_id"] == send["span_id"]
     assert first("tool.run")["parent_span_id"] == first("tool.call")["span_id"]
     turn = first("orchestrator.turn")
-    for name in ("session.fetch", "context.pack", "retrieval", "model.queue", "upstream.first_token", "tool.call"):
-        assert first(name)["parent_span_id"] in {s["span_id"] for s in trace if s["service"] == "orchestrator"}
+    for name in (
+        "session.fetch",
+        "context.pack",
+        "retrieval",
+        "model.queue",
+        "upstream.first_token",
+        "tool.call",
+    ):
+        assert first(name)["parent_span_id"] in {
+            s["span_id"] for s in trace if s["service"] == "orchestrator"
+        }
     # Queue wait is measured from the gateway's receipt to the pickup.
     pickup = first("orchestrator.pickup")
     assert pickup["start_ns"] <= first("bus.publish_turn")["start_ns"]
@@ -148,8 +190,12 @@ async def _deltas(c: WsTestClient, turn_id: str, n: int, timeout: float = 30) ->
     while (got := sum(isinstance(e, client.Delta) and e.turn_id == turn_id for e in c.events)) < n:
         if any(isinstance(e, client.TurnEnd) and e.turn_id == turn_id for e in c.events):
             return
-        f = await c.recv(timeout=max(deadline - time.monotonic(), 0.01), what=f"delta {got + 1} of {n} of {turn_id}")
-        assert f is not None, f"closed ({c.close_code}) after {got} of {n} deltas; last: {frames_tail(c.frames)}"
+        f = await c.recv(
+            timeout=max(deadline - time.monotonic(), 0.01), what=f"delta {got + 1} of {n} of {turn_id}"
+        )
+        assert f is not None, (
+            f"closed ({c.close_code}) after {got} of {n} deltas; last: {frames_tail(c.frames)}"
+        )
 
 
 async def test_metrics_move_on_gateway_orchestrator_and_tool_worker(traced, infra) -> None:
@@ -185,19 +231,28 @@ async def test_metrics_move_on_gateway_orchestrator_and_tool_worker(traced, infr
     infra.kill("postgres")  # a store outage is answered `degraded`
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            r = await http.get(f"{stack.url}/v1/sessions/{ready.session_id}",
-                               headers={"Authorization": f"Bearer {token}"})
+            r = await http.get(
+                f"{stack.url}/v1/sessions/{ready.session_id}", headers={"Authorization": f"Bearer {token}"}
+            )
             assert r.status == 503, await r.text()
     finally:
         infra.restart("postgres")
     for port in (gw, orch):
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz", 60.0)
-    gauges = ("tidewire_turn_queue_pending", "tidewire_turn_queue_waiting", "tidewire_turn_queue_ack_pending",
-              "tidewire_dead_letter_messages")
+    gauges = (
+        "tidewire_turn_queue_pending",
+        "tidewire_turn_queue_waiting",
+        "tidewire_turn_queue_ack_pending",
+        "tidewire_dead_letter_messages",
+    )
     # the queue gauges are sampled once a second: poll for them rather than sleep
-    o1 = await eventually(lambda: asyncio.to_thread(scrape, orch), timeout=10, interval=0.5,
-                          ok=lambda m: all(g in m for g in gauges),
-                          what=f"the orchestrator's queue gauges {gauges} to be exposed")
+    o1 = await eventually(
+        lambda: asyncio.to_thread(scrape, orch),
+        timeout=10,
+        interval=0.5,
+        ok=lambda m: all(g in m for g in gauges),
+        what=f"the orchestrator's queue gauges {gauges} to be exposed",
+    )
     g1, t1 = scrape(gw), scrape(tw)
 
     # gateway
@@ -214,8 +269,14 @@ async def test_metrics_move_on_gateway_orchestrator_and_tool_worker(traced, infr
     assert _moved(g0, g1, "tidewire_gateway_degraded") >= 1
     assert _moved(g0, g1, "tidewire_gateway_sends") >= 4
     # orchestrator
-    for stage in ("queue_wait", "session_fetch", "context_pack", "retrieval", "model_queue",
-                  "upstream_first_token"):
+    for stage in (
+        "queue_wait",
+        "session_fetch",
+        "context_pack",
+        "retrieval",
+        "model_queue",
+        "upstream_first_token",
+    ):
         assert _moved(o0, o1, f'tidewire_turn_stage_seconds_count{{stage="{stage}"}}') >= 3, stage
     assert _moved(o0, o1, "tidewire_orchestrator_cancel_requests") >= 1
     assert _moved(o0, o1, "tidewire_orchestrator_cancel_success") >= 1
@@ -227,9 +288,15 @@ async def test_metrics_move_on_gateway_orchestrator_and_tool_worker(traced, infr
     assert _moved(o0, o1, 'tidewire_turn_seconds_count{status="completed"}') >= 3
     assert _moved(o0, o1, 'tidewire_tool_call_seconds_count{outcome="ok",tool="clock"}') >= 1
     assert _moved(o0, o1, 'tidewire_tool_call_seconds_count{outcome="timeout",tool="slow_lookup"}') >= 1
-    for name in ("tidewire_turn_queue_pending", "tidewire_turn_queue_waiting", "tidewire_turn_queue_ack_pending",
-                 "tidewire_dead_letter_messages", "tidewire_orchestrator_stale_rejections",
-                 "tidewire_orchestrator_lease_lost", "tidewire_orchestrator_sessions_owned"):
+    for name in (
+        "tidewire_turn_queue_pending",
+        "tidewire_turn_queue_waiting",
+        "tidewire_turn_queue_ack_pending",
+        "tidewire_dead_letter_messages",
+        "tidewire_orchestrator_stale_rejections",
+        "tidewire_orchestrator_lease_lost",
+        "tidewire_orchestrator_sessions_owned",
+    ):
         assert name in o1, name
     # tool worker
     assert _moved(t0, t1, 'tidewire_tool_jobs{outcome="ok",tool="clock"}') >= 1
@@ -273,8 +340,11 @@ def test_prometheus_rendering_of_histograms_and_observed_values() -> None:
 
 def test_top_shows_ttft_quantiles_sockets_and_queue_of_the_live_stack(traced, capsys) -> None:
     stack, _ = traced
-    urls = [f"{stack.url}/metrics", f"http://127.0.0.1:{_port(stack, 'orchestrator')}/metrics",
-            f"http://127.0.0.1:{_port(stack, 'tool_workers')}/metrics"]
+    urls = [
+        f"{stack.url}/metrics",
+        f"http://127.0.0.1:{_port(stack, 'orchestrator')}/metrics",
+        f"http://127.0.0.1:{_port(stack, 'tool_workers')}/metrics",
+    ]
     top.main([*(a for u in urls for a in ("--metrics", u)), "--once", "--interval", "0.2"])
     view = capsys.readouterr().out
     assert "3/3 endpoints up" in view
@@ -284,10 +354,18 @@ def test_top_shows_ttft_quantiles_sockets_and_queue_of_the_live_stack(traced, ca
 
 
 def test_top_quantiles_follow_prometheus_interpolation() -> None:
-    text = "\n".join([
-        "# TYPE h histogram",
-        'h_bucket{le="0.1"} 50', 'h_bucket{le="0.2"} 90', 'h_bucket{le="1"} 100', 'h_bucket{le="+Inf"} 100',
-        "h_count 100", 'g{a="x"} 2', 'g{a="y"} 3'])
+    text = "\n".join(
+        [
+            "# TYPE h histogram",
+            'h_bucket{le="0.1"} 50',
+            'h_bucket{le="0.2"} 90',
+            'h_bucket{le="1"} 100',
+            'h_bucket{le="+Inf"} 100',
+            "h_count 100",
+            'g{a="x"} 2',
+            'g{a="y"} 3',
+        ]
+    )
     samples = top.parse(text)
     assert top.total(samples, "g") == 5 and top.total(samples, "g", a="y") == 3
     b = top.buckets(samples, "h")
@@ -295,5 +373,7 @@ def test_top_quantiles_follow_prometheus_interpolation() -> None:
     assert top.quantile(0.7, b) == pytest.approx(0.15)
     assert top.quantile(0.99, b) == pytest.approx(0.2 + 0.8 * 0.9)
     assert top.quantile(0.5, []) is None
-    assert top.targets_from({"url": "http://g:1", "metrics": ["http://o:2/metrics"]}) == ["http://o:2/metrics"]
+    assert top.targets_from({"url": "http://g:1", "metrics": ["http://o:2/metrics"]}) == [
+        "http://o:2/metrics"
+    ]
     assert top.targets_from({"url": "http://g:1/"}) == ["http://g:1/metrics"]

@@ -34,7 +34,9 @@ async def test_a_gone_orchestrators_sessions_are_claimed_through_the_peer_link(i
             else:
                 assert victim.proc is not None
                 victim.proc.terminate()
-                await eventually(lambda: not victim.alive(), timeout=10, what=f"the SIGTERMed {owner} to exit")
+                await eventually(
+                    lambda: not victim.alive(), timeout=10, what=f"the SIGTERMed {owner} to exit"
+                )
             end = await c.until_turn_end(ack.turn_id, timeout=15)  # well inside the 20 s lease
         assert end.status == "completed", end
         invariants.check_seqs(c.events)

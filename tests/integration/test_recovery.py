@@ -35,7 +35,9 @@ async def _deltas(c: WsTestClient, n: int, timeout: float = 30) -> None:
         if any(isinstance(e, client.TurnEnd) for e in c.events):
             return
         f = await c.recv(timeout=max(deadline - time.monotonic(), 0.01), what=f"delta {got + 1} of {n}")
-        assert f is not None, f"closed ({c.close_code}) after {got} of {n} deltas; last: {frames_tail(c.frames)}"
+        assert f is not None, (
+            f"closed ({c.close_code}) after {got} of {n} deltas; last: {frames_tail(c.frames)}"
+        )
 
 
 def _orchestrators(stack):
@@ -71,8 +73,11 @@ async def test_stop_over_http_without_turn_id(stack, infra) -> None:
         ack = await c.ack_for(await c.send_message(SLOW + "stop me over http"))
         await _deltas(c, 3)
         async with aiohttp.ClientSession() as http:
-            r = await http.post(f"{stack.url}/v1/sessions/{ready.session_id}/stop",
-                                headers={"Authorization": f"Bearer {token}"}, json={})
+            r = await http.post(
+                f"{stack.url}/v1/sessions/{ready.session_id}/stop",
+                headers={"Authorization": f"Bearer {token}"},
+                json={},
+            )
             assert r.status == 202 and (await r.json())["turn_id"] == ack.turn_id
         end = await c.until_turn_end(ack.turn_id)
     assert end.status == "cancelled"
@@ -80,15 +85,20 @@ async def test_stop_over_http_without_turn_id(stack, infra) -> None:
 
 async def _set_flags(stack, token: str, sid: str, **flags: str) -> None:
     async with aiohttp.ClientSession() as http:
-        r = await http.patch(f"{stack.url}/v1/sessions/{sid}/flags", headers={"Authorization": f"Bearer {token}"},
-                             json=flags)
+        r = await http.patch(
+            f"{stack.url}/v1/sessions/{sid}/flags", headers={"Authorization": f"Bearer {token}"}, json=flags
+        )
         assert r.status == 200, await r.text()
 
 
 async def _wait_turn_row(infra, turn_id: str, timeout: float = 30):
-    return await eventually(lambda: _pg(infra, "SELECT status, text FROM turns WHERE turn_id=$1", turn_id),
-                            timeout=timeout, interval=0.1, ok=lambda row: row is not None,
-                            what=f"the turns row of {turn_id} in Postgres")
+    return await eventually(
+        lambda: _pg(infra, "SELECT status, text FROM turns WHERE turn_id=$1", turn_id),
+        timeout=timeout,
+        interval=0.1,
+        ok=lambda row: row is not None,
+        what=f"the turns row of {turn_id} in Postgres",
+    )
 
 
 async def test_disconnect_policy_continue_finishes_the_answer(stack, infra) -> None:
@@ -196,20 +206,32 @@ async def test_stale_owner_woken_after_takeover_injects_nothing(stack, infra) ->
         finally:
             victim.proc.send_signal(18)  # SIGCONT
         end = await c.until_turn_end(ack.turn_id)
-        m = await eventually(lambda: asyncio.to_thread(scrape, victim.env["port"]), timeout=10, interval=0.2,
-                             ok=lambda m: m.get("tidewire_orchestrator_stale_rejections", 0)
-                             + m.get("tidewire_orchestrator_lease_lost", 0) > 0,
-                             what=f"the woken stale owner {owner} to count a stale rejection or a lost lease")
+        m = await eventually(
+            lambda: asyncio.to_thread(scrape, victim.env["port"]),
+            timeout=10,
+            interval=0.2,
+            ok=lambda m: (
+                m.get("tidewire_orchestrator_stale_rejections", 0)
+                + m.get("tidewire_orchestrator_lease_lost", 0)
+                > 0
+            ),
+            what=f"the woken stale owner {owner} to count a stale rejection or a lost lease",
+        )
     assert end.status == "completed"
     invariants.check_seqs(c.events)
     assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
-    assert m.get("tidewire_orchestrator_stale_rejections", 0) + m.get("tidewire_orchestrator_lease_lost", 0) > 0
+    assert (
+        m.get("tidewire_orchestrator_stale_rejections", 0) + m.get("tidewire_orchestrator_lease_lost", 0) > 0
+    )
     row = await _pg(infra, "SELECT text FROM turns WHERE turn_id=$1", ack.turn_id)
     assert row["text"] == end.text
 
 
 async def test_poison_turn_goes_to_dead_letter_and_others_are_unaffected(stack, infra) -> None:
-    async with WsTestClient(stack.url, make_token("victim")) as bad, WsTestClient(stack.url, make_token()) as good:
+    async with (
+        WsTestClient(stack.url, make_token("victim")) as bad,
+        WsTestClient(stack.url, make_token()) as good,
+    ):
         await bad.connect()
         await good.connect()
         p = await bad.ack_for(await bad.send_message("POISON-PILL please"))
@@ -245,9 +267,13 @@ async def test_store_restart_mid_stream_keeps_text_exact(stack, infra, server) -
             await c2.connect(ready.session_id, last_seen_seq=0)
             return await c2.until_turn_end(ack.turn_id, timeout=20), c2.events
 
-    end, events = await eventually(replay, timeout=60, interval=1,
-                                   retry_on=(ConnectionError, TimeoutError, AssertionError, aiohttp.ClientError),
-                                   what=f"a full replay up to the turn_end of {ack.turn_id} after {server} restarted")
+    end, events = await eventually(
+        replay,
+        timeout=60,
+        interval=1,
+        retry_on=(ConnectionError, TimeoutError, AssertionError, aiohttp.ClientError),
+        what=f"a full replay up to the turn_end of {ack.turn_id} after {server} restarted",
+    )
     assert end.status in ("completed", "failed")
     invariants.check_seqs(events, merged=True)
     assert invariants.check_turns(events)[ack.turn_id].text == end.text
@@ -257,8 +283,12 @@ async def test_gateway_sigterm_closes_sockets_with_1012_and_exits_within_grace(i
     from tests.integration.conftest import stack_env
     from tidewire.stack import Stack
 
-    s = Stack(infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"), log_dir=tmp_path, orchestrators=1,
-              tool_workers=0)
+    s = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"),
+        log_dir=tmp_path,
+        orchestrators=1,
+        tool_workers=0,
+    )
     s.start()
     try:
         async with WsTestClient(s.url, make_token()) as c:
@@ -269,12 +299,22 @@ async def test_gateway_sigterm_closes_sockets_with_1012_and_exits_within_grace(i
             t0 = time.monotonic()
             gw.proc.terminate()
             deadline = time.monotonic() + 10
-            while await c.recv(timeout=max(deadline - time.monotonic(), 0.01),
-                               what="the 1012 close of a SIGTERMed gateway") is not None:
+            while (
+                await c.recv(
+                    timeout=max(deadline - time.monotonic(), 0.01),
+                    what="the 1012 close of a SIGTERMed gateway",
+                )
+                is not None
+            ):
                 pass
             assert c.close_code == 1012
-            await asyncio.to_thread(wait_process, gw.proc, timeout=10, log=gw.log_path,
-                                    what="the SIGTERMed gateway to exit (drain 5 s)")
+            await asyncio.to_thread(
+                wait_process,
+                gw.proc,
+                timeout=10,
+                log=gw.log_path,
+                what="the SIGTERMed gateway to exit (drain 5 s)",
+            )
             assert time.monotonic() - t0 < 6
             other = s.add_gateway("gateway-2")
             url2 = f"http://127.0.0.1:{other.env['port']}"
@@ -297,8 +337,11 @@ async def test_sends_get_degraded_not_a_hang_while_postgres_is_down(stack, infra
         try:
             t0 = time.monotonic()
             await c.send_message("/sim tokens=5\nwhile the database is down")
-            f = await c.until(lambda f: isinstance(f, (client.Ack, client.Error)), 30,
-                              "the ack or (degraded) error of a send while Postgres is down")
+            f = await c.until(
+                lambda f: isinstance(f, (client.Ack, client.Error)),
+                30,
+                "the ack or (degraded) error of a send while Postgres is down",
+            )
             assert isinstance(f, client.Error) and f.code == "degraded" and f.retry_after_ms
             assert time.monotonic() - t0 < 15
         finally:
@@ -312,8 +355,12 @@ async def test_gateway_sigterm_ends_sse_streams_promptly(infra, tmp_path) -> Non
     from tests.integration.conftest import stack_env
     from tidewire.stack import Stack
 
-    s = Stack(infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"), log_dir=tmp_path, orchestrators=0,
-              tool_workers=0)
+    s = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"),
+        log_dir=tmp_path,
+        orchestrators=0,
+        tool_workers=0,
+    )
     s.start()
     try:
         token = make_token()
@@ -322,13 +369,19 @@ async def test_gateway_sigterm_ends_sse_streams_promptly(infra, tmp_path) -> Non
             sid = (await r.json())["session_id"]
             resp = await http.get(f"{s.url}/v1/sessions/{sid}/events?access_token={token}")
             assert resp.status == 200
-            assert b"event: ready" in await within(resp.content.readuntil(b"\n\n"), timeout=10,
-                                                   what="the first SSE record (ready)")
+            assert b"event: ready" in await within(
+                resp.content.readuntil(b"\n\n"), timeout=10, what="the first SSE record (ready)"
+            )
             gw = s.by_name("gateway")
             t0 = time.monotonic()
             gw.proc.terminate()
-            await asyncio.to_thread(wait_process, gw.proc, timeout=10, log=gw.log_path,
-                                    what="the SIGTERMed gateway to exit with an SSE stream open (drain 5 s)")
+            await asyncio.to_thread(
+                wait_process,
+                gw.proc,
+                timeout=10,
+                log=gw.log_path,
+                what="the SIGTERMed gateway to exit with an SSE stream open (drain 5 s)",
+            )
             assert time.monotonic() - t0 < 4
             assert gw.proc.returncode == 0
             assert "Error handling request" not in gw.log_path.read_text()

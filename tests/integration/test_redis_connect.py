@@ -72,7 +72,9 @@ async def test_sentinel_client_writes_to_the_primary_with_a_bounded_pool(redis_h
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_client_reconnects_to_the_promoted_replica_after_the_primary_is_killed(redis_ha: Cluster) -> None:
+async def test_client_reconnects_to_the_promoted_replica_after_the_primary_is_killed(
+    redis_ha: Cluster,
+) -> None:
     r = redis_connect.client(redis_ha.redis_url, max_connections=8, timeout_s=1.0)
     try:
         await r.set("rc:before", "kept")
@@ -102,8 +104,10 @@ async def test_client_reconnects_to_the_promoted_replica_after_the_primary_is_ki
             await asyncio.sleep(0.2)
         await r.set("rc:later", "ok")
         assert await r.execute_command("WAIT", 1, 2000) == 1
-        print(f"\nredis failover: writes refused for {write_pause:.2f} s ({errors} failed attempts), "
-              f"sentinel promotion after {fault.heal_seconds} s")
+        print(
+            f"\nredis failover: writes refused for {write_pause:.2f} s ({errors} failed attempts), "
+            f"sentinel promotion after {fault.heal_seconds} s"
+        )
     finally:
         await r.aclose()
 
@@ -123,7 +127,9 @@ async def _in_sync(port: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_failover_forgets_an_acknowledged_write_the_replica_missed_and_wait_1_tells(redis_ha: Cluster) -> None:
+async def test_failover_forgets_an_acknowledged_write_the_replica_missed_and_wait_1_tells(
+    redis_ha: Cluster,
+) -> None:
     """The hazard of asynchronous replication, made deterministic: the replica is cut off (stopped,
     its link closed by the primary), a write is acknowledged by the primary alone, the primary dies,
     the replica is promoted, and the write is gone. For the checkpoint store that is a seq a client

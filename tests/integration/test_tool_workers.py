@@ -49,8 +49,11 @@ async def bus(infra: Infrastructure) -> AsyncIterator[Bus]:
 
 @pytest.fixture
 async def dispatcher(bus: Bus) -> AsyncIterator[ToolDispatcher]:
-    d = ToolDispatcher(bus, registry=default_registry(ToolWorkerSettings(test_tools=True)),
-                       settings=ToolDispatchSettings(extra_grace_seconds=2.0))
+    d = ToolDispatcher(
+        bus,
+        registry=default_registry(ToolWorkerSettings(test_tools=True)),
+        settings=ToolDispatchSettings(extra_grace_seconds=2.0),
+    )
     await d.start()
     yield d
     await d.close()
@@ -66,8 +69,12 @@ def side_effects(tmp_path: Path) -> Path:
 @pytest.fixture
 def start_worker(spawn: Callable[..., ServiceProcess], side_effects: Path) -> Callable[..., ServiceProcess]:
     def _start(name: str = "tool-worker", **env: str) -> ServiceProcess:
-        full = {"TIDEWIRE_TEST_TOOLS": "1", "TIDEWIRE_TOOL_SIDE_EFFECT_DIR": str(side_effects),
-                "TIDEWIRE_LOG_LEVEL": "INFO", **env}
+        full = {
+            "TIDEWIRE_TEST_TOOLS": "1",
+            "TIDEWIRE_TOOL_SIDE_EFFECT_DIR": str(side_effects),
+            "TIDEWIRE_LOG_LEVEL": "INFO",
+            **env,
+        }
         return spawn("tool_workers", full, name=name)
 
     return _start
@@ -101,16 +108,21 @@ async def test_concurrent_calls_overlap_in_time(dispatcher: ToolDispatcher, star
     await worker.wait_for_log_async(READY)
     turn = new_turn()
     async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(dispatcher.call("s1", turn, f"c{i}", "slow_lookup", {"query": f"q{i}", "seconds": 1.5}))
-                 for i in range(3)]
+        tasks = [
+            tg.create_task(
+                dispatcher.call("s1", turn, f"c{i}", "slow_lookup", {"query": f"q{i}", "seconds": 1.5})
+            )
+            for i in range(3)
+        ]
     outcomes = [t.result() for t in tasks]
     assert all(o.ok for o in outcomes), outcomes
     runs = [json.loads(o.text) for o in outcomes]
     assert max(r["started_at"] for r in runs) < min(r["finished_at"] for r in runs)
 
 
-async def test_a_tool_past_its_limit_yields_the_explicit_timeout_text(dispatcher: ToolDispatcher,
-                                                                     start_worker: Any) -> None:
+async def test_a_tool_past_its_limit_yields_the_explicit_timeout_text(
+    dispatcher: ToolDispatcher, start_worker: Any
+) -> None:
     worker = start_worker()
     await worker.wait_for_log_async(READY)
     outcome = await dispatcher.call("s1", new_turn(), "late", "slow_lookup", {"query": "q", "seconds": 30})
@@ -118,12 +130,14 @@ async def test_a_tool_past_its_limit_yields_the_explicit_timeout_text(dispatcher
     await worker.wait_for_log_async("timed out call late")
 
 
-async def test_cancelling_a_call_cancels_the_running_tool_on_the_worker(dispatcher: ToolDispatcher,
-                                                                        start_worker: Any) -> None:
+async def test_cancelling_a_call_cancels_the_running_tool_on_the_worker(
+    dispatcher: ToolDispatcher, start_worker: Any
+) -> None:
     worker = start_worker()
     await worker.wait_for_log_async(READY)
-    call = asyncio.create_task(dispatcher.call("s1", new_turn(), "stopme", "slow_lookup",
-                                               {"query": "q", "seconds": 30}))
+    call = asyncio.create_task(
+        dispatcher.call("s1", new_turn(), "stopme", "slow_lookup", {"query": "q", "seconds": 30})
+    )
     await started_on([worker], "stopme")
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -131,11 +145,13 @@ async def test_cancelling_a_call_cancels_the_running_tool_on_the_worker(dispatch
     await worker.wait_for_log_async("cancelled call stopme", timeout=5)
 
 
-async def test_a_call_cancelled_before_it_starts_never_runs(dispatcher: ToolDispatcher, start_worker: Any,
-                                                            side_effects: Path) -> None:
+async def test_a_call_cancelled_before_it_starts_never_runs(
+    dispatcher: ToolDispatcher, start_worker: Any, side_effects: Path
+) -> None:
     turn = new_turn()
-    call = asyncio.create_task(dispatcher.call("s1", turn, "never", "send_email",
-                                               {"to": "a@example.org", "subject": "hi"}))
+    call = asyncio.create_task(
+        dispatcher.call("s1", turn, "never", "send_email", {"to": "a@example.org", "subject": "hi"})
+    )
     await asyncio.sleep(0.5)  # queued, no worker yet
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -145,13 +161,15 @@ async def test_a_call_cancelled_before_it_starts_never_runs(dispatcher: ToolDisp
     assert emails_sent(side_effects, "never") == 0
 
 
-async def test_idempotent_call_on_a_killed_worker_is_completed_by_another(dispatcher: ToolDispatcher,
-                                                                          start_worker: Any) -> None:
+async def test_idempotent_call_on_a_killed_worker_is_completed_by_another(
+    dispatcher: ToolDispatcher, start_worker: Any
+) -> None:
     workers = [start_worker("tool-worker-a"), start_worker("tool-worker-b")]
     for w in workers:
         await w.wait_for_log_async(READY)
-    call = asyncio.create_task(dispatcher.call("s1", new_turn(), "crashy", "slow_lookup",
-                                               {"query": "q", "seconds": 2.5}))
+    call = asyncio.create_task(
+        dispatcher.call("s1", new_turn(), "crashy", "slow_lookup", {"query": "q", "seconds": 2.5})
+    )
     victim = await started_on(workers, "crashy")
     victim.kill()
     survivor = next(w for w in workers if w is not victim)
@@ -162,44 +180,57 @@ async def test_idempotent_call_on_a_killed_worker_is_completed_by_another(dispat
     assert result["attempt"] >= 2
 
 
-async def test_non_idempotent_call_on_a_killed_worker_is_not_retried(dispatcher: ToolDispatcher,
-                                                                     start_worker: Any,
-                                                                     side_effects: Path) -> None:
+async def test_non_idempotent_call_on_a_killed_worker_is_not_retried(
+    dispatcher: ToolDispatcher, start_worker: Any, side_effects: Path
+) -> None:
     workers = [start_worker("tool-worker-a"), start_worker("tool-worker-b")]
     for w in workers:
         await w.wait_for_log_async(READY)
-    call = asyncio.create_task(dispatcher.call("s1", new_turn(), "mail1", "send_email",
-                                               {"to": "a@example.org", "subject": "hi", "delay_seconds": 5}))
+    call = asyncio.create_task(
+        dispatcher.call(
+            "s1",
+            new_turn(),
+            "mail1",
+            "send_email",
+            {"to": "a@example.org", "subject": "hi", "delay_seconds": 5},
+        )
+    )
     victim = await started_on(workers, "mail1")
     victim.kill()
     outcome = await call
-    assert outcome == ToolOutcome(ok=False, text="send_email was interrupted and was not retried because it is "
-                                                 "not idempotent")
+    assert outcome == ToolOutcome(
+        ok=False, text="send_email was interrupted and was not retried because it is not idempotent"
+    )
     assert emails_sent(side_effects, "mail1") == 1
 
 
 async def test_non_idempotent_call_runs_once_and_a_repeat_gets_the_stored_result(
-        dispatcher: ToolDispatcher, start_worker: Any, side_effects: Path) -> None:
+    dispatcher: ToolDispatcher, start_worker: Any, side_effects: Path
+) -> None:
     worker = start_worker()
     await worker.wait_for_log_async(READY)
     turn = new_turn()
     args = {"to": "a@example.org", "subject": "hi"}
     first = await dispatcher.call("s1", turn, "mail2", "send_email", args)
-    again = await dispatcher.call("s1", turn, "mail2", "send_email", args)  # e.g. the turn re-run after a crash
+    again = await dispatcher.call(
+        "s1", turn, "mail2", "send_email", args
+    )  # e.g. the turn re-run after a crash
     assert first == again == ToolOutcome(ok=True, text="email to a@example.org sent")
     assert emails_sent(side_effects, "mail2") == 1
 
 
-async def test_transient_failures_of_an_idempotent_tool_are_retried(dispatcher: ToolDispatcher,
-                                                                    start_worker: Any) -> None:
+async def test_transient_failures_of_an_idempotent_tool_are_retried(
+    dispatcher: ToolDispatcher, start_worker: Any
+) -> None:
     worker = start_worker()
     await worker.wait_for_log_async(READY)
     outcome = await dispatcher.call("s1", new_turn(), "fl", "flaky", {"failures": 2})
     assert outcome == ToolOutcome(ok=True, text="flaky succeeded on run 3 after 2 transient failures")
 
 
-async def test_invalid_args_give_a_validation_message(dispatcher: ToolDispatcher, bus: Bus,
-                                                      start_worker: Any) -> None:
+async def test_invalid_args_give_a_validation_message(
+    dispatcher: ToolDispatcher, bus: Bus, start_worker: Any
+) -> None:
     missing = await dispatcher.call("s1", new_turn(), "bad1", "slow_lookup", {"seconds": 1})
     assert not missing.ok
     assert missing.text == "invalid arguments for slow_lookup: Object missing required field `query`"
@@ -213,13 +244,22 @@ async def test_invalid_args_give_a_validation_message(dispatcher: ToolDispatcher
     await worker.wait_for_log_async(READY)
     turn = new_turn()
     inbox = await bus.nc.subscribe(subjects.tool_result_subject(turn))
-    job = busproto.ToolJob(session_id="s1", turn_id=turn, call_id="raw", name="slow_lookup",
-                           args={"query": "q", "bogus": 1}, deadline_ms=2**53,
-                           reply_subject=subjects.tool_result_subject(turn))
+    job = busproto.ToolJob(
+        session_id="s1",
+        turn_id=turn,
+        call_id="raw",
+        name="slow_lookup",
+        args={"query": "q", "bogus": 1},
+        deadline_ms=2**53,
+        reply_subject=subjects.tool_result_subject(turn),
+    )
     await bus.js.publish(subjects.tool_subject("slow"), busproto.bus_encoder.encode(job))
-    msg = await within(inbox.next_msg(timeout=None), timeout=10,
-                       what="the worker's reply to a job with an unknown argument (it should refuse it)",
-                       seen=lambda: worker.log_text()[-1500:])
+    msg = await within(
+        inbox.next_msg(timeout=None),
+        timeout=10,
+        what="the worker's reply to a job with an unknown argument (it should refuse it)",
+        seen=lambda: worker.log_text()[-1500:],
+    )
     reply = msgspec.msgpack.decode(msg.data, type=busproto.ToolResultMsg)
     await inbox.unsubscribe()
     assert not reply.ok
@@ -248,7 +288,9 @@ async def test_call_ledger_starts_a_call_once_and_a_forestalled_call_never(bus: 
     assert await ledger.get(forestalled) == cancelled
 
 
-async def test_calculator_rejects_code_and_huge_exponents(dispatcher: ToolDispatcher, start_worker: Any) -> None:
+async def test_calculator_rejects_code_and_huge_exponents(
+    dispatcher: ToolDispatcher, start_worker: Any
+) -> None:
     worker = start_worker()
     await worker.wait_for_log_async(READY)
     turn = new_turn()
@@ -266,8 +308,9 @@ async def test_calculator_rejects_code_and_huge_exponents(dispatcher: ToolDispat
 async def test_sigterm_lets_a_running_tool_finish(dispatcher: ToolDispatcher, start_worker: Any) -> None:
     worker = start_worker()
     await worker.wait_for_log_async(READY)
-    call = asyncio.create_task(dispatcher.call("s1", new_turn(), "graceful", "slow_lookup",
-                                               {"query": "q", "seconds": 1.5}))
+    call = asyncio.create_task(
+        dispatcher.call("s1", new_turn(), "graceful", "slow_lookup", {"query": "q", "seconds": 1.5})
+    )
     await started_on([worker], "graceful")
     code = await asyncio.to_thread(worker.terminate, 15.0)
     outcome = await call
@@ -277,7 +320,8 @@ async def test_sigterm_lets_a_running_tool_finish(dispatcher: ToolDispatcher, st
 
 
 async def test_sigterm_hands_a_tool_that_outlives_the_grace_period_to_another_worker(
-        dispatcher: ToolDispatcher, start_worker: Any) -> None:
+    dispatcher: ToolDispatcher, start_worker: Any
+) -> None:
     leaving = start_worker("tool-worker-leaving", TIDEWIRE_SHUTDOWN_GRACE_SECONDS="0.3")
     staying = start_worker("tool-worker-staying")
     await leaving.wait_for_log_async(READY)
@@ -287,8 +331,9 @@ async def test_sigterm_hands_a_tool_that_outlives_the_grace_period_to_another_wo
     # expiry, so the call can only land on `leaving`.
     staying.stop()
     await asyncio.sleep(FETCH_WAIT_S + 0.5)
-    call = asyncio.create_task(dispatcher.call("s1", new_turn(), "handoff", "slow_lookup",
-                                               {"query": "q", "seconds": 2}))
+    call = asyncio.create_task(
+        dispatcher.call("s1", new_turn(), "handoff", "slow_lookup", {"query": "q", "seconds": 2})
+    )
     await started_on([leaving], "handoff")
     staying.cont()
     assert await asyncio.to_thread(leaving.terminate, 15.0) == 0
@@ -303,8 +348,12 @@ async def test_concurrency_is_capped_per_pool(dispatcher: ToolDispatcher, start_
     await worker.wait_for_log_async(READY)
     turn = new_turn()
     async with asyncio.TaskGroup() as tg:
-        slow = [tg.create_task(dispatcher.call("s1", turn, f"one{i}", "slow_lookup", {"query": "q", "seconds": 0.5}))
-                for i in range(2)]
+        slow = [
+            tg.create_task(
+                dispatcher.call("s1", turn, f"one{i}", "slow_lookup", {"query": "q", "seconds": 0.5})
+            )
+            for i in range(2)
+        ]
         fast = tg.create_task(dispatcher.call("s1", turn, "calc", "calculator", {"expression": "1+1"}))
     runs = sorted((json.loads(t.result().text) for t in slow), key=lambda r: r["started_at"])
     assert runs[0]["finished_at"] <= runs[1]["started_at"]  # one slot in the slow pool...
@@ -317,8 +366,10 @@ async def test_health_endpoint_reports_a_ready_worker(start_worker: Any) -> None
         port = s.getsockname()[1]
     worker = start_worker(TIDEWIRE_HEALTH_PORT=str(port))
     await worker.wait_for_log_async(READY)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
-            http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.get(f"http://127.0.0.1:{port}/healthz") as resp,
+    ):
         assert resp.status == 200
         body = await resp.json()
     assert body["ok"] is True and set(body["pools"]) == {"fast", "slow"}
@@ -347,8 +398,11 @@ async def test_http_get_reaches_only_allowlisted_hosts_within_its_limits(bus: Bu
     d = ToolDispatcher(bus, registry=default_registry(settings))
     await d.start()
     try:
-        worker = start_worker(TIDEWIRE_HTTP_GET_ENABLED="1", TIDEWIRE_HTTP_GET_ALLOWLIST="127.0.0.1",
-                              TIDEWIRE_HTTP_GET_MAX_BYTES="1000")
+        worker = start_worker(
+            TIDEWIRE_HTTP_GET_ENABLED="1",
+            TIDEWIRE_HTTP_GET_ALLOWLIST="127.0.0.1",
+            TIDEWIRE_HTTP_GET_MAX_BYTES="1000",
+        )
         await worker.wait_for_log_async(READY)
         turn = new_turn()
 
@@ -358,7 +412,11 @@ async def test_http_get_reaches_only_allowlisted_hosts_within_its_limits(bus: Bu
         ok = await get("h1", f"http://127.0.0.1:{port}/page")
         assert ok.ok and ok.text.endswith("\nhello from the page")
         truncated = await get("h2", f"http://127.0.0.1:{port}/big")
-        assert truncated.ok and "(truncated)" in truncated.text and truncated.text.split("\n", 1)[1] == "x" * 1000
+        assert (
+            truncated.ok
+            and "(truncated)" in truncated.text
+            and truncated.text.split("\n", 1)[1] == "x" * 1000
+        )
         elsewhere = await get("h3", f"http://localhost:{port}/page")
         assert elsewhere == ToolOutcome(ok=False, text="http_get: host 'localhost' is not on the allowlist")
         redirected = await get("h4", f"http://127.0.0.1:{port}/hop")

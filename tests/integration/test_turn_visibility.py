@@ -36,8 +36,11 @@ async def _new_session(http: aiohttp.ClientSession, url: str, token: str) -> str
 
 
 async def _post(http: aiohttp.ClientSession, url: str, token: str, sid: str, text: str) -> client.Ack:
-    r = await http.post(f"{url}/v1/sessions/{sid}/messages", headers=_auth(token),
-                        json={"client_msg_id": uuid.uuid4().hex, "text": text})
+    r = await http.post(
+        f"{url}/v1/sessions/{sid}/messages",
+        headers=_auth(token),
+        json={"client_msg_id": uuid.uuid4().hex, "text": text},
+    )
     assert r.status == 200, await r.text()
     ack = client.server_frame_decoder.decode(await r.read())
     assert isinstance(ack, client.Ack), ack
@@ -52,14 +55,18 @@ async def _history(http: aiohttp.ClientSession, url: str, token: str, sid: str) 
 
 def assert_in_history(hist: client.SessionHistory, end: client.TurnEnd, how: str) -> None:
     row = next((m for m in hist.messages if m.role == "assistant" and m.turn_id == end.turn_id), None)
-    assert row is not None, f"{how}: turn_end of {end.turn_id} delivered, but the history has no answer: {hist}"
-    assert (row.text, row.status, row.seq) == (end.text, end.status, end.seq), \
+    assert row is not None, (
+        f"{how}: turn_end of {end.turn_id} delivered, but the history has no answer: {hist}"
+    )
+    assert (row.text, row.status, row.seq) == (end.text, end.status, end.seq), (
         f"{how}: the history's answer differs from the delivered turn_end: {row} vs {end}"
+    )
     assert hist.last_seq >= end.seq, f"{how}: history last_seq {hist.last_seq} < delivered seq {end.seq}"
 
 
-async def _poll_until_end(http: aiohttp.ClientSession, url: str, token: str, sid: str, after: int,
-                          turn_id: str) -> tuple[list[client.Event], client.TurnEnd]:
+async def _poll_until_end(
+    http: aiohttp.ClientSession, url: str, token: str, sid: str, after: int, turn_id: str
+) -> tuple[list[client.Event], client.TurnEnd]:
     events: list[client.Event] = []
     async with asyncio.timeout(30):
         while True:
@@ -73,14 +80,17 @@ async def _poll_until_end(http: aiohttp.ClientSession, url: str, token: str, sid
                     return events, ev
 
 
-async def _sse_until_end(http: aiohttp.ClientSession, url: str, token: str, sid: str, after: int,
-                         turn_id: str) -> client.TurnEnd:
+async def _sse_until_end(
+    http: aiohttp.ClientSession, url: str, token: str, sid: str, after: int, turn_id: str
+) -> client.TurnEnd:
     async with http.get(f"{url}/v1/sessions/{sid}/events?after={after}", headers=_auth(token)) as resp:
         assert resp.status == 200
         async with asyncio.timeout(30):
             while True:
                 record = (await resp.content.readuntil(b"\n\n")).decode()
-                fields = dict(line.split(": ", 1) for line in record.strip().splitlines() if not line.startswith(":"))
+                fields = dict(
+                    line.split(": ", 1) for line in record.strip().splitlines() if not line.startswith(":")
+                )
                 if fields.get("event") != "turn_end":
                     continue
                 ev = client.event_decoder.decode(fields["data"])
@@ -99,8 +109,11 @@ async def test_turn_end_delivered_on_any_transport_is_already_in_the_history(sta
             if transport == "poll":
                 _, end = await _poll_until_end(http, stack.url, token, sid, after, ack.turn_id)
             elif transport == "sse":
-                end = await within(_sse_until_end(http, stack.url, token, sid, after, ack.turn_id), timeout=30,
-                                   what=f"turn_end of {ack.turn_id} over SSE")
+                end = await within(
+                    _sse_until_end(http, stack.url, token, sid, after, ack.turn_id),
+                    timeout=30,
+                    what=f"turn_end of {ack.turn_id} over SSE",
+                )
             else:
                 async with WsTestClient(stack.url, token) as ws:
                     await ws.connect(sid, last_seen_seq=after)
@@ -125,12 +138,18 @@ async def test_text_being_streamed_is_in_the_history_as_in_progress(stack) -> No
         assert_in_history(await _history(http, stack.url, token, ready.session_id), end, "after the turn")
 
 
-async def test_orchestrator_killed_between_turn_end_checkpoint_and_commit_ends_the_turn_once(infra, tmp_path) -> None:
+async def test_orchestrator_killed_between_turn_end_checkpoint_and_commit_ends_the_turn_once(
+    infra, tmp_path
+) -> None:
     """The fault hook SIGKILLs the first orchestrator to reach the point between checkpointing
     turn_end and committing it; the survivor takes over and commits. Meanwhile pollers never see
     the turn_end before the history has it, and every client sees it exactly once."""
-    stack = Stack(infra_env=stack_env(infra, TIDEWIRE_FAULT_KILL_BEFORE_COMMIT=KILL), log_dir=tmp_path / "logs",
-                  orchestrators=2, tool_workers=0).start()
+    stack = Stack(
+        infra_env=stack_env(infra, TIDEWIRE_FAULT_KILL_BEFORE_COMMIT=KILL),
+        log_dir=tmp_path / "logs",
+        orchestrators=2,
+        tool_workers=0,
+    ).start()
     try:
         token = make_token("vis-crash")
         async with WsTestClient(stack.url, token) as ws, aiohttp.ClientSession() as http:
@@ -141,15 +160,18 @@ async def test_orchestrator_killed_between_turn_end_checkpoint_and_commit_ends_t
             async def poller() -> client.TurnEnd:
                 after = 0
                 while True:
-                    r = await http.get(f"{stack.url}/v1/sessions/{sid}/poll?after={after}&wait_s=1",
-                                       headers=_auth(token))
+                    r = await http.get(
+                        f"{stack.url}/v1/sessions/{sid}/poll?after={after}&wait_s=1", headers=_auth(token)
+                    )
                     assert r.status == 200, await r.text()
                     body = json.loads(await r.read())
                     for raw in body["events"]:
                         ev = client.event_decoder.decode(json.dumps(raw))
                         after = ev.seq
                         if isinstance(ev, client.TurnEnd):
-                            assert_in_history(await _history(http, stack.url, token, sid), ev, "poll during a crash")
+                            assert_in_history(
+                                await _history(http, stack.url, token, sid), ev, "poll during a crash"
+                            )
                             return ev
 
             polled = await within(poller(), timeout=45, what=f"turn_end of {ack.turn_id} over long-poll")
@@ -193,4 +215,3 @@ async def _pg_turns(infra, sid: str) -> list[tuple[str, str, str]]:
     finally:
         await conn.close()
     return [(r["turn_id"], r["text"], r["status"]) for r in rows]
-

@@ -30,8 +30,9 @@ async def test_answer_streams_and_deltas_concatenate_to_turn_end(stack, infra) -
     try:
         row = await conn.fetchrow("SELECT text, status FROM turns WHERE turn_id = $1", ack.turn_id)
         assert row["text"] == end.text and row["status"] == "completed"
-        user = await conn.fetchval("SELECT count(*) FROM events WHERE session_id = $1 AND client_msg_id = $2",
-                                   ready.session_id, cmid)
+        user = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE session_id = $1 AND client_msg_id = $2", ready.session_id, cmid
+        )
         assert user == 1
     finally:
         await conn.close()
@@ -46,8 +47,11 @@ async def test_user_message_row_exists_before_ack(stack, infra) -> None:
             for i in range(5):
                 cmid = await c.send_message(f"message {i}")
                 ack = await c.ack_for(cmid)
-                seq = await conn.fetchval("SELECT seq FROM events WHERE session_id = $1 AND client_msg_id = $2",
-                                          ready.session_id, cmid)
+                seq = await conn.fetchval(
+                    "SELECT seq FROM events WHERE session_id = $1 AND client_msg_id = $2",
+                    ready.session_id,
+                    cmid,
+                )
                 assert seq == ack.seq
                 await c.until_turn_end(ack.turn_id)
             invariants.check_seqs(c.events)
@@ -60,7 +64,9 @@ async def test_two_orchestrators_share_the_work(stack) -> None:
     from tests.integration.conftest import scrape
 
     orchestrators = [s for s in stack.services if s.module == "orchestrator" and s.alive()]
-    before = {o.name: scrape(o.env["port"]).get("tidewire_orchestrator_turns_completed", 0) for o in orchestrators}
+    before = {
+        o.name: scrape(o.env["port"]).get("tidewire_orchestrator_turns_completed", 0) for o in orchestrators
+    }
 
     async def one(i: int) -> str:
         async with WsTestClient(stack.url, make_token(f"user{i}")) as c:
@@ -71,7 +77,9 @@ async def test_two_orchestrators_share_the_work(stack) -> None:
 
     turn_ids = await asyncio.gather(*(one(i) for i in range(16)))
     assert len(set(turn_ids)) == 16
-    after = {o.name: scrape(o.env["port"]).get("tidewire_orchestrator_turns_completed", 0) for o in orchestrators}
+    after = {
+        o.name: scrape(o.env["port"]).get("tidewire_orchestrator_turns_completed", 0) for o in orchestrators
+    }
     done = {name: after[name] - before[name] for name in after}
     assert sum(done.values()) >= 16
     assert all(n > 0 for n in done.values()), f"one orchestrator did all the work: {done}"
@@ -81,9 +89,14 @@ def test_tidewire_chat_streams_an_answer_from_piped_input(stack, infra) -> None:
     import sys
 
     token = make_token("chatter")
-    out = run_process([sys.executable, "-m", "tidewire.cli", "chat", "--url", stack.url, "--token", token],
-                      input="/sim tokens=25\nhello from the terminal\n", capture_output=True, text=True,
-                      timeout=60, what="tidewire chat answering one piped message and exiting at EOF")
+    out = run_process(
+        [sys.executable, "-m", "tidewire.cli", "chat", "--url", stack.url, "--token", token],
+        input="/sim tokens=25\nhello from the terminal\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        what="tidewire chat answering one piped message and exiting at EOF",
+    )
     assert out.returncode == 0, out.stderr
     answer = out.stdout.strip()
     assert answer
@@ -92,7 +105,8 @@ def test_tidewire_chat_streams_an_answer_from_piped_input(stack, infra) -> None:
         conn = await asyncpg.connect(infra.endpoints.postgres_dsn)
         try:
             return await conn.fetchval(
-                "SELECT t.text FROM turns t JOIN sessions s USING (session_id) WHERE s.subject = 'chatter'")
+                "SELECT t.text FROM turns t JOIN sessions s USING (session_id) WHERE s.subject = 'chatter'"
+            )
         finally:
             await conn.close()
 
@@ -111,8 +125,13 @@ def test_stopping_tidewire_dev_leaves_no_process_behind(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEWIRE_")}
     log = tmp_path / "dev.log"  # a file, not a pipe nobody reads while waiting (a full pipe blocks the child)
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tidewire.cli", "dev", "--state-dir", str(tmp_path / "tw")],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tidewire.cli", "dev", "--state-dir", str(tmp_path / "tw")],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
     try:
         dev_json = tmp_path / "tw" / "dev.json"
 
@@ -144,5 +163,10 @@ def test_stopping_tidewire_dev_leaves_no_process_behind(tmp_path) -> None:
                 pass
         return alive
 
-    eventually_sync(left_behind, timeout=10, interval=0.1, ok=lambda alive: not alive,
-                    what="every process tidewire dev started to be gone after it exited")
+    eventually_sync(
+        left_behind,
+        timeout=10,
+        interval=0.1,
+        ok=lambda alive: not alive,
+        what="every process tidewire dev started to be gone after it exited",
+    )

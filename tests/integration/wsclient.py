@@ -35,15 +35,27 @@ class WsTestClient:
 
     @property
     def last_seen_seq(self) -> int:
-        return self.events[-1].seq if self.events else (self.ready.last_seq if self.ready and self.ready.reset else 0)
+        return (
+            self.events[-1].seq
+            if self.events
+            else (self.ready.last_seq if self.ready and self.ready.reset else 0)
+        )
 
-    async def connect(self, session_id: str | None = None, last_seen_seq: int | None = None,
-                      delivery: str = "tokens", headers: dict[str, str] | None = None) -> client.Ready:
+    async def connect(
+        self,
+        session_id: str | None = None,
+        last_seen_seq: int | None = None,
+        delivery: str = "tokens",
+        headers: dict[str, str] | None = None,
+    ) -> client.Ready:
         assert self.session is not None
         url = self.base_url.replace("http", "ws", 1) + f"/v1/ws?access_token={self.token}"
-        self.ws = await self.session.ws_connect(url, headers=headers or {}, timeout=aiohttp.ClientWSTimeout(ws_close=5))
-        await self.send({"type": "hello", "session_id": session_id, "last_seen_seq": last_seen_seq,
-                         "delivery": delivery})
+        self.ws = await self.session.ws_connect(
+            url, headers=headers or {}, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+        )
+        await self.send(
+            {"type": "hello", "session_id": session_id, "last_seen_seq": last_seen_seq, "delivery": delivery}
+        )
         frame = await self.recv(timeout=10, what="ready")
         assert isinstance(frame, client.Ready), frame
         self.ready = frame
@@ -64,8 +76,13 @@ class WsTestClient:
         return cmid
 
     def _tail(self) -> str:
-        return ", ".join(f"{type(f).__name__}{'#' + str(getattr(f, 'seq', '')) if hasattr(f, 'seq') else ''}"
-                         for f in self.frames[-8:]) or "nothing"
+        return (
+            ", ".join(
+                f"{type(f).__name__}{'#' + str(getattr(f, 'seq', '')) if hasattr(f, 'seq') else ''}"
+                for f in self.frames[-8:]
+            )
+            or "nothing"
+        )
 
     async def recv(self, timeout: float = 30, what: str = "a frame") -> client.ServerFrame | None:
         """The next frame, or None when the server closed; a silent server fails the test after
@@ -74,8 +91,9 @@ class WsTestClient:
         try:
             msg = await self.ws.receive(timeout=timeout)
         except TimeoutError:
-            raise AssertionError(f"no frame within {timeout:g} s while awaiting {what}; "
-                                 f"last frames: {self._tail()}") from None
+            raise AssertionError(
+                f"no frame within {timeout:g} s while awaiting {what}; last frames: {self._tail()}"
+            ) from None
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
             self.close_code = self.ws.close_code
             return None
@@ -86,7 +104,9 @@ class WsTestClient:
             self.events.append(frame)  # type: ignore[arg-type]
         return frame
 
-    async def until(self, pred: Any, timeout: float = 30, what: str = "a matching frame") -> client.ServerFrame:
+    async def until(
+        self, pred: Any, timeout: float = 30, what: str = "a matching frame"
+    ) -> client.ServerFrame:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -103,14 +123,20 @@ class WsTestClient:
         for e in self.events:
             if isinstance(e, client.TurnEnd) and (turn_id is None or e.turn_id == turn_id):
                 return e
-        f = await self.until(lambda f: isinstance(f, client.TurnEnd) and (turn_id is None or f.turn_id == turn_id),
-                             timeout, f"turn_end of {turn_id or 'any turn'}")
+        f = await self.until(
+            lambda f: isinstance(f, client.TurnEnd) and (turn_id is None or f.turn_id == turn_id),
+            timeout,
+            f"turn_end of {turn_id or 'any turn'}",
+        )
         assert isinstance(f, client.TurnEnd)
         return f
 
     async def ack_for(self, cmid: str, timeout: float = 15) -> client.Ack:
-        f = await self.until(lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid)
-                             or isinstance(f, client.Error), timeout, f"the ack of {cmid}")
+        f = await self.until(
+            lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid) or isinstance(f, client.Error),
+            timeout,
+            f"the ack of {cmid}",
+        )
         assert isinstance(f, client.Ack), f
         return f
 
@@ -119,8 +145,13 @@ class WsTestClient:
         cmid = uuid.uuid4().hex
         for _ in range(attempts):
             await self.send_message(text, cmid)
-            f = await self.until(lambda f: (isinstance(f, client.Ack) and f.client_msg_id == cmid)
-                                 or isinstance(f, client.Error), 15, f"the ack of {cmid}")
+            f = await self.until(
+                lambda f: (
+                    (isinstance(f, client.Ack) and f.client_msg_id == cmid) or isinstance(f, client.Error)
+                ),
+                15,
+                f"the ack of {cmid}",
+            )
             if isinstance(f, client.Ack):
                 return f
             assert isinstance(f, client.Error) and f.code == "degraded", f

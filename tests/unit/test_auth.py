@@ -33,8 +33,15 @@ def _b64(data: bytes) -> str:
 
 def _claims(**over: object) -> dict[str, object]:
     now = int(time.time())
-    return {"sub": "alice", "iss": "tidewire", "aud": "tidewire", "iat": now, "nbf": now - 1, "exp": now + 600,
-            **over}
+    return {
+        "sub": "alice",
+        "iss": "tidewire",
+        "aud": "tidewire",
+        "iat": now,
+        "nbf": now - 1,
+        "exp": now + 600,
+        **over,
+    }
 
 
 def _forge(header: dict[str, object], claims: dict[str, object], key: bytes | None) -> str:
@@ -45,7 +52,11 @@ def _forge(header: dict[str, object], claims: dict[str, object], key: bytes | No
 
 
 def _jwk(public_key: object, kid: str, alg: str | None) -> dict[str, object]:
-    algo = jwt.algorithms.RSAAlgorithm if isinstance(public_key, rsa.RSAPublicKey) else jwt.algorithms.ECAlgorithm
+    algo = (
+        jwt.algorithms.RSAAlgorithm
+        if isinstance(public_key, rsa.RSAPublicKey)
+        else jwt.algorithms.ECAlgorithm
+    )
     data = algo.to_jwk(public_key, as_dict=True)
     data.update({"kid": kid, "use": "sig"})
     if alg:
@@ -59,12 +70,18 @@ def _jwks(*keys: dict[str, object]) -> dict[str, object]:
 
 RSA_JWK = _jwk(RSA_KEY.public_key(), "rsa-1", "RS256")
 EC_JWK = _jwk(EC_KEY.public_key(), "ec-1", "ES256")
-RSA_PUBLIC_PEM = RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+RSA_PUBLIC_PEM = RSA_KEY.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
 
 
-def _verifier(tmp_path: Path, *, secret: str | None = SECRET, keys: list[dict[str, object]] | None = None,
-              leeway_s: float = 30) -> tokens.Verifier:
+def _verifier(
+    tmp_path: Path,
+    *,
+    secret: str | None = SECRET,
+    keys: list[dict[str, object]] | None = None,
+    leeway_s: float = 30,
+) -> tokens.Verifier:
     path = ""
     if keys is not None:
         f = tmp_path / "jwks.json"
@@ -246,28 +263,38 @@ def test_the_dev_secret_is_ignored_once_a_jwks_file_is_configured(tmp_path: Path
 def test_authenticate_reads_header_or_query(tmp_path: Path) -> None:
     settings = GatewaySettings(jwt_secret=SECRET)
     token = tokens.mint("alice", SECRET)
-    assert auth.authenticate(make_mocked_request("GET", "/", headers={"Authorization": f"Bearer {token}"}),
-                             settings).subject == "alice"
-    assert auth.authenticate(make_mocked_request("GET", f"/?access_token={token}"), settings).subject == "alice"
+    assert (
+        auth.authenticate(
+            make_mocked_request("GET", "/", headers={"Authorization": f"Bearer {token}"}), settings
+        ).subject
+        == "alice"
+    )
+    assert (
+        auth.authenticate(make_mocked_request("GET", f"/?access_token={token}"), settings).subject == "alice"
+    )
     with pytest.raises(Unauthorized, match="missing"):
         auth.authenticate(make_mocked_request("GET", "/"), settings)
     with pytest.raises(Unauthorized, match="too long"):
-        auth.authenticate(make_mocked_request("GET", "/", headers={"Authorization": "Bearer " + "a" * 9000}),
-                          settings)
+        auth.authenticate(
+            make_mocked_request("GET", "/", headers={"Authorization": "Bearer " + "a" * 9000}), settings
+        )
 
 
-@pytest.mark.parametrize("origin,allowed,ok", [
-    (None, (), True),
-    ("http://gw.test:8080", (), True),
-    ("https://gw.test:8080", (), True),
-    ("https://app.example", ("https://app.example",), True),
-    ("https://evil.example", ("https://app.example",), False),
-    ("https://evil.example", ("*",), True),
-    ("http://gw.test:8080.evil.example", (), False),
-    ("http://gw.test:8080/path", (), False),
-    ("null", (), False),
-    ("http://[::1", (), False),
-])
+@pytest.mark.parametrize(
+    "origin,allowed,ok",
+    [
+        (None, (), True),
+        ("http://gw.test:8080", (), True),
+        ("https://gw.test:8080", (), True),
+        ("https://app.example", ("https://app.example",), True),
+        ("https://evil.example", ("https://app.example",), False),
+        ("https://evil.example", ("*",), True),
+        ("http://gw.test:8080.evil.example", (), False),
+        ("http://gw.test:8080/path", (), False),
+        ("null", (), False),
+        ("http://[::1", (), False),
+    ],
+)
 def test_origin_allowlist(origin: str | None, allowed: tuple[str, ...], ok: bool) -> None:
     headers = {"Host": "gw.test:8080"}
     if origin is not None:

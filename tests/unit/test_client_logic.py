@@ -97,7 +97,7 @@ def test_turn_text_is_exact_for_any_split_order_and_overlap(text: str, data: st.
     cuts = sorted(set(data.draw(st.lists(st.integers(1, len(text)), max_size=12)) + [0, len(text)]))
     pieces = [(a, text[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
     # merged deltas: a piece extended over its neighbours, as phrases/batched delivery does
-    merged = [(a, text[a:data.draw(st.integers(a + len(p), len(text)))]) for a, p in pieces]
+    merged = [(a, text[a : data.draw(st.integers(a + len(p), len(text)))]) for a, p in pieces]
     deliveries = pieces + data.draw(st.lists(st.sampled_from(merged), max_size=6))
     deliveries = data.draw(st.permutations(deliveries))
     assembler = TurnAssembler()
@@ -124,10 +124,13 @@ class RecordingSocket:
         return [f for f in self.frames if isinstance(f, client.Send)]
 
 
-def connected_client(**kwargs: object) -> tuple[TidewireClient, RecordingSocket, list[tuple[str, float | None]]]:
+def connected_client(
+    **kwargs: object,
+) -> tuple[TidewireClient, RecordingSocket, list[tuple[str, float | None]]]:
     states: list[tuple[str, float | None]] = []
-    c = TidewireClient("http://gateway.test", "tok", session_id="s1",
-                       on_state=lambda s, r: states.append((s, r)), **kwargs)  # type: ignore[arg-type]
+    c = TidewireClient(
+        "http://gateway.test", "tok", session_id="s1", on_state=lambda s, r: states.append((s, r)), **kwargs
+    )  # type: ignore[arg-type]
     sock = RecordingSocket()
     c._ws = sock  # type: ignore[assignment]
     c._handle_frame(client.Ready(session_id="s1", last_seq=0))
@@ -160,10 +163,16 @@ def test_ws_url_is_derived_from_the_http_base() -> None:
 
 async def test_events_already_seen_are_dropped_once_each() -> None:
     c, _, _ = connected_client()
-    frames = [client.TurnStart(seq=1, turn_id="t1"), delta(2, 0, "ab"), delta(3, 2, "cd"),
-              delta(2, 0, "ab"), delta(3, 2, "cd"),  # replay overlap after a resume
-              delta(5, 4, "ef"),  # merged delta: seq of its last member, a jump is not a gap
-              delta(4, 4, "e"), client.TurnEnd(seq=6, turn_id="t1", status="completed", text="abcdef")]
+    frames = [
+        client.TurnStart(seq=1, turn_id="t1"),
+        delta(2, 0, "ab"),
+        delta(3, 2, "cd"),
+        delta(2, 0, "ab"),
+        delta(3, 2, "cd"),  # replay overlap after a resume
+        delta(5, 4, "ef"),  # merged delta: seq of its last member, a jump is not a gap
+        delta(4, 4, "e"),
+        client.TurnEnd(seq=6, turn_id="t1", status="completed", text="abcdef"),
+    ]
     for f in frames:
         c._handle_frame(f)
     assert [e.seq for e in queued(c)] == [1, 2, 3, 5, 6]
@@ -209,7 +218,9 @@ async def test_send_while_offline_is_written_when_ready() -> None:
     await c._flush_unacked()
     assert [f.client_msg_id for f in sock.sends()] == ["m1"] and c.resends == 0
     c._handle_frame(client.Ack(client_msg_id="m1", seq=1, turn_id="t1", duplicate=False))
-    assert (await within(sending, timeout=1, what="send() returning on the ack of m1 written once ready")).seq == 1
+    assert (
+        await within(sending, timeout=1, what="send() returning on the ack of m1 written once ready")
+    ).seq == 1
 
 
 async def test_an_error_without_ref_belongs_to_the_oldest_unanswered_request() -> None:
@@ -245,11 +256,18 @@ async def test_degraded_waits_retry_after_then_resends_the_same_id() -> None:
     c._handle_frame(client.Error(code="degraded", message="shedding load", retry_after_ms=20))
     await settle()
     assert len(sock.sends()) == 1  # not before retry_after_ms
-    await eventually(lambda: [f.client_msg_id for f in sock.sends()], timeout=2, interval=0.01,
-                     ok=lambda ids: len(ids) >= 2, what="the resend of m1 once retry_after_ms (20 ms) passed")
+    await eventually(
+        lambda: [f.client_msg_id for f in sock.sends()],
+        timeout=2,
+        interval=0.01,
+        ok=lambda ids: len(ids) >= 2,
+        what="the resend of m1 once retry_after_ms (20 ms) passed",
+    )
     assert [f.client_msg_id for f in sock.sends()] == ["m1", "m1"] and c.resends == 1
     c._handle_frame(client.Ack(client_msg_id="m1", seq=1, turn_id="t1", duplicate=False))
-    assert (await within(sending, timeout=1, what="send() returning on the ack after a resend")).turn_id == "t1"
+    assert (
+        await within(sending, timeout=1, what="send() returning on the ack after a resend")
+    ).turn_id == "t1"
 
 
 async def test_retryable_errors_give_up_after_a_bounded_number_of_resends() -> None:

@@ -27,10 +27,13 @@ PRIVATE_ATTRS = frozenset({"_pool"})  # fine on self/cls (an adapter's own field
 
 # Dev-only modules: they start and probe servers for `tidewire dev` / the cluster topology and are
 # never imported by a service at run time, so they may talk to the drivers directly.
-DEV_ONLY = frozenset({
-    "tidewire/cluster.py",  # starts the clustered topology (NATS nodes, Redis Sentinels, Postgres standby)
-    "tidewire/cluster_shim.py",  # patches connection set-up for that topology until the services do it
-})
+DEV_ONLY = frozenset(
+    {
+        "tidewire/cluster.py",  # starts the clustered topology (NATS nodes, Redis Sentinels, Postgres standby)
+        "tidewire/cluster_shim.py",  # patches connection set-up for that topology until the services do it
+    }
+)
+
 
 def _modules() -> Iterator[tuple[str, ast.Module]]:
     for top in SCANNED:
@@ -63,7 +66,8 @@ def violations() -> list[tuple[str, int, str]]:
                 if node.attr in DRIVER_ATTRS:
                     found.append((rel, node.lineno, f".{node.attr}"))
                 elif node.attr in PRIVATE_ATTRS and not (
-                        isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                ):
                     found.append((rel, node.lineno, f".{node.attr}"))
     return sorted(found)
 
@@ -79,9 +83,20 @@ def test_drivers_are_reached_only_through_shared_adapters() -> None:
 
 def test_the_scan_sees_imports_inside_functions_and_attribute_access() -> None:
     tree = ast.parse("def f(bus):\n    import nats.js.api\n    return bus.js, bus.store._pool, self._pool\n")
-    kinds = sorted({what for node in ast.walk(tree) for what in
-                    ([f"import {n.split('.')[0]}" for n in _imported(node)]
-                     + ([f".{node.attr}"] if isinstance(node, ast.Attribute)
-                        and node.attr in DRIVER_ATTRS | PRIVATE_ATTRS
-                        and not (isinstance(node.value, ast.Name) and node.value.id == "self") else []))})
+    kinds = sorted(
+        {
+            what
+            for node in ast.walk(tree)
+            for what in (
+                [f"import {n.split('.')[0]}" for n in _imported(node)]
+                + (
+                    [f".{node.attr}"]
+                    if isinstance(node, ast.Attribute)
+                    and node.attr in DRIVER_ATTRS | PRIVATE_ATTRS
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+                    else []
+                )
+            )
+        }
+    )
     assert kinds == ["._pool", ".js", "import nats"]

@@ -42,7 +42,9 @@ def test_bucket_with_rate_zero_is_disabled() -> None:
 
 
 def test_connection_limits_answer_rate_limited_with_retry_after_and_recover() -> None:
-    limits = ConnectionLimits(GatewaySettings(msg_rate_per_s=10, msg_burst=2, frame_rate_per_s=1000, frame_burst=5))
+    limits = ConnectionLimits(
+        GatewaySettings(msg_rate_per_s=10, msg_burst=2, frame_rate_per_s=1000, frame_burst=5)
+    )
     limits.message()
     limits.message()
     with pytest.raises(RateLimited) as e:
@@ -169,12 +171,19 @@ async def test_sampler_runs_in_the_background_at_its_interval() -> None:
     t0 = time.monotonic()
     task = asyncio.create_task(shedder.run_forever())
     try:
-        await eventually(lambda: deps.bus.calls, timeout=5, interval=0.01, ok=lambda n: n >= 4,
-                         what="four samples of the background sampler (every 50 ms)")
+        await eventually(
+            lambda: deps.bus.calls,
+            timeout=5,
+            interval=0.01,
+            ok=lambda n: n >= 4,
+            what="four samples of the background sampler (every 50 ms)",
+        )
     finally:
         task.cancel()
     elapsed = time.monotonic() - t0
-    assert deps.bus.calls <= elapsed / 0.05 + 2, f"{deps.bus.calls} samples in {elapsed:.2f} s: faster than every 50 ms"
+    assert deps.bus.calls <= elapsed / 0.05 + 2, (
+        f"{deps.bus.calls} samples in {elapsed:.2f} s: faster than every 50 ms"
+    )
 
 
 class NullSubjects(SubjectLimits):
@@ -197,8 +206,19 @@ async def test_admit_send_refuses_cheapest_first_and_spends_nothing_when_sheddin
         await edge.admit_send("alice", conn, "c1", "nul\x00byte")
 
 
-@pytest.mark.parametrize("sid,ok", [("AbC_-09", True), ("x" * 128, True), ("", False), ("x" * 129, False),
-                                    ("a/b", False), ("a\x00", False), ("é", False), ("a b", False)])
+@pytest.mark.parametrize(
+    "sid,ok",
+    [
+        ("AbC_-09", True),
+        ("x" * 128, True),
+        ("", False),
+        ("x" * 129, False),
+        ("a/b", False),
+        ("a\x00", False),
+        ("é", False),
+        ("a b", False),
+    ],
+)
 def test_session_ids(sid: str, ok: bool) -> None:
     if ok:
         assert check_session_id(sid) == sid
@@ -207,8 +227,17 @@ def test_session_ids(sid: str, ok: bool) -> None:
             check_session_id(sid)
 
 
-@pytest.mark.parametrize("text,ok", [("hello", True), ("emoji 🙂 and 中文", True), ("a\x00b", False),
-                                     ("lone \ud800", False), ("\udfff", False), ("tab\tnewline\n", True)])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ("hello", True),
+        ("emoji 🙂 and 中文", True),
+        ("a\x00b", False),
+        ("lone \ud800", False),
+        ("\udfff", False),
+        ("tab\tnewline\n", True),
+    ],
+)
 def test_text_the_stores_cannot_hold_is_refused(text: str, ok: bool) -> None:
     if ok:
         check_text("text", text)
@@ -224,8 +253,12 @@ def test_overload_is_the_median_orchestrators_delay_or_lag_or_the_gateways_own_l
     assert overload([], 0, **kw) is None
     assert overload([(200, 20), (300, 30)], 10, **kw) is None
     assert overload([(5000, 20)], 10, **kw) == "turns wait 5000 ms to start"
-    assert overload([(5000, 20), (100, 10), (120, 10)], 10, **kw) is None, "one slow orchestrator shed everything"
-    assert overload([(100, 900), (100, 800), (100, 10)], 10, **kw) == "the orchestrators' event loops lag 800 ms"
+    assert overload([(5000, 20), (100, 10), (120, 10)], 10, **kw) is None, (
+        "one slow orchestrator shed everything"
+    )
+    assert (
+        overload([(100, 900), (100, 800), (100, 10)], 10, **kw) == "the orchestrators' event loops lag 800 ms"
+    )
     assert overload([], 700, **kw) == "this gateway's event loop lags 700 ms"
     assert overload([(10**6, 10**6)], 10**6, pickup_delay_ms=-1, loop_lag_ms=-1) is None
 

@@ -20,26 +20,29 @@ def _text_logging_off() -> Iterator[None]:
     logs._log_message_text = before
 
 
-@pytest.mark.parametrize("line,secret,marker", [
-    ("mail from alice.smith+tag@example.co.uk failed", "alice.smith+tag@example.co.uk", "[email]"),
-    ("contact BOB@Mail.Example.org", "BOB@Mail.Example.org", "[email]"),
-    ("call +1 (415) 555-2671 now", "415) 555-2671", "[phone]"),
-    ("call +44 20 7946 0958", "20 7946 0958", "[phone]"),
-    ("call 415-555-2671", "415-555-2671", "[phone]"),
-    ("call (415) 555-2671", "555-2671", "[phone]"),
-    ("call 415.555.2671", "415.555.2671", "[phone]"),
-    ("visa 4111 1111 1111 1111 declined", "4111 1111 1111 1111", "[card]"),
-    ("mc 5555-5555-5555-4444", "5555-5555-5555-4444", "[card]"),
-    ("amex 378282246310005", "378282246310005", "[card]"),
-    ("header Authorization: Bearer abc.def-ghi_jkl", "abc.def-ghi_jkl", "Bearer [redacted]"),
-    ("authorization: bearer XYZ123token", "XYZ123token", "Bearer [redacted]"),
-    ("Authorization: Basic YWxpY2U6c2VjcmV0", "YWxpY2U6c2VjcmV0", "Basic [redacted]"),
-    ("GET /v1/ws?access_token=s3cr3t&x=1", "s3cr3t", "access_token=[redacted]"),
-    ("GET /cb?code=1&refresh_token=r-tok", "r-tok", "refresh_token=[redacted]"),
-    ("db password=hunter2 rejected", "hunter2", "password=[redacted]"),
-    ('{"api_key": "AKIA-123", "x": 1}', "AKIA-123", '"api_key": "[redacted]"'),
-    ('{"authorization": "Token abc"}', "Token abc", '"authorization": "[redacted]"'),
-])
+@pytest.mark.parametrize(
+    "line,secret,marker",
+    [
+        ("mail from alice.smith+tag@example.co.uk failed", "alice.smith+tag@example.co.uk", "[email]"),
+        ("contact BOB@Mail.Example.org", "BOB@Mail.Example.org", "[email]"),
+        ("call +1 (415) 555-2671 now", "415) 555-2671", "[phone]"),
+        ("call +44 20 7946 0958", "20 7946 0958", "[phone]"),
+        ("call 415-555-2671", "415-555-2671", "[phone]"),
+        ("call (415) 555-2671", "555-2671", "[phone]"),
+        ("call 415.555.2671", "415.555.2671", "[phone]"),
+        ("visa 4111 1111 1111 1111 declined", "4111 1111 1111 1111", "[card]"),
+        ("mc 5555-5555-5555-4444", "5555-5555-5555-4444", "[card]"),
+        ("amex 378282246310005", "378282246310005", "[card]"),
+        ("header Authorization: Bearer abc.def-ghi_jkl", "abc.def-ghi_jkl", "Bearer [redacted]"),
+        ("authorization: bearer XYZ123token", "XYZ123token", "Bearer [redacted]"),
+        ("Authorization: Basic YWxpY2U6c2VjcmV0", "YWxpY2U6c2VjcmV0", "Basic [redacted]"),
+        ("GET /v1/ws?access_token=s3cr3t&x=1", "s3cr3t", "access_token=[redacted]"),
+        ("GET /cb?code=1&refresh_token=r-tok", "r-tok", "refresh_token=[redacted]"),
+        ("db password=hunter2 rejected", "hunter2", "password=[redacted]"),
+        ('{"api_key": "AKIA-123", "x": 1}', "AKIA-123", '"api_key": "[redacted]"'),
+        ('{"authorization": "Token abc"}', "Token abc", '"authorization": "[redacted]"'),
+    ],
+)
 def test_each_kind_of_pii_is_scrubbed(line: str, secret: str, marker: str) -> None:
     out = logs.scrub(line)
     assert secret not in out
@@ -54,14 +57,17 @@ def test_jwts_are_scrubbed_anywhere() -> None:
     assert logs.scrub(f"raw {token} here") == "raw [jwt] here"
 
 
-@pytest.mark.parametrize("line", [
-    "turn t_abc123 took 1234 ms",
-    "received_at_ns=1718000000123456789",  # a 19-digit timestamp is not a card
-    "seq 4111111111111112 jumped",  # fails the Luhn check
-    "session 7b9fZ-Ak_0 on gw-1a2b3c4d",
-    "version 1.2.3 on 127.0.0.1:8080",
-    "orchestrator-1:42 renewed the lease",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "turn t_abc123 took 1234 ms",
+        "received_at_ns=1718000000123456789",  # a 19-digit timestamp is not a card
+        "seq 4111111111111112 jumped",  # fails the Luhn check
+        "session 7b9fZ-Ak_0 on gw-1a2b3c4d",
+        "version 1.2.3 on 127.0.0.1:8080",
+        "orchestrator-1:42 renewed the lease",
+    ],
+)
 def test_ordinary_ids_and_numbers_survive(line: str) -> None:
     assert logs.scrub(line) == line
 
@@ -70,7 +76,9 @@ def test_message_text_is_not_logged_by_default() -> None:
     line = "TurnRequest(session_id='s1', turn_id='t1', text='my diagnosis is private', subject='alice')"
     out = logs.scrub(line)
     assert "diagnosis" not in out and "text=[text]" in out and "turn_id='t1'" in out
-    assert "private" not in logs.scrub('payload {"type":"message","seq":3,"text":"private \\"quoted\\" words"}')
+    assert "private" not in logs.scrub(
+        'payload {"type":"message","seq":3,"text":"private \\"quoted\\" words"}'
+    )
     assert logs.user_text("private words") == "[13 chars]"
 
 
@@ -101,8 +109,15 @@ def test_formatter_scrubs_message_and_exception() -> None:
     except ValueError:
         import sys
 
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "card %s text=%r", ("4111-1111-1111-1111", "secret"),
-                                   sys.exc_info())
+        record = logging.LogRecord(
+            "x",
+            logging.ERROR,
+            __file__,
+            1,
+            "card %s text=%r",
+            ("4111-1111-1111-1111", "secret"),
+            sys.exc_info(),
+        )
     out = json.loads(fmt.format(record))
     assert out["service"] == "gateway" and out["level"] == "error"
     assert out["msg"] == "card [card] text=[text]"

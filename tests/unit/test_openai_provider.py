@@ -36,8 +36,11 @@ from proto.state import ChatMessage  # noqa: E402
 from tests.fixtures.openai_streams.replay_server import ReplayServer, recorded_text  # noqa: E402
 from tests.waits import within  # noqa: E402
 
-CALC = ToolSpec(name="calculator", description="arithmetic",
-                parameters={"type": "object", "properties": {"expression": {"type": "string"}}})
+CALC = ToolSpec(
+    name="calculator",
+    description="arithmetic",
+    parameters={"type": "object", "properties": {"expression": {"type": "string"}}},
+)
 
 
 @pytest.fixture
@@ -50,8 +53,9 @@ async def server() -> AsyncIterator[ReplayServer]:
 
 
 def provider(url: str, **kw: Any) -> OpenAIProvider:
-    settings = OpenAISettings(base_url=url, model="replay-model", **{"first_token_timeout_s": 5.0,
-                                                                    "idle_timeout_s": 5.0, **kw})
+    settings = OpenAISettings(
+        base_url=url, model="replay-model", **{"first_token_timeout_s": 5.0, "idle_timeout_s": 5.0, **kw}
+    )
     return OpenAIProvider(settings)
 
 
@@ -83,8 +87,10 @@ async def test_streams_text_and_usage_with_a_split_surrogate_pair_joined(server:
     body = server.requests[-1]
     assert body["model"] == "replay-model" and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
-    assert body["tools"][0] == {"type": "function", "function": {
-        "name": "calculator", "description": "arithmetic", "parameters": CALC.parameters}}
+    assert body["tools"][0] == {
+        "type": "function",
+        "function": {"name": "calculator", "description": "arithmetic", "parameters": CALC.parameters},
+    }
     assert (p.started, p.finished, p.failed, p.aborted, p.orphaned) == (1, 1, 0, 0, 0)
     await p.close()
 
@@ -100,25 +106,43 @@ async def test_assembles_parallel_tool_calls_from_fragments(server: ReplayServer
     p = provider(server.url_for("tool_call"))
     events = await collect(p, request("what is 6*7 and the time", tools=[CALC]))
     calls = [e for e in events if isinstance(e, ToolCallRequest)]
-    assert calls == [ToolCallRequest(call_id="call_calc_1", name="calculator", args={"expression": "6*7"}),
-                     ToolCallRequest(call_id="call_clock_2", name="clock", args={})]
+    assert calls == [
+        ToolCallRequest(call_id="call_calc_1", name="calculator", args={"expression": "6*7"}),
+        ToolCallRequest(call_id="call_clock_2", name="clock", args={}),
+    ]
     assert isinstance(events[-1], Usage) and events[-1].completion_tokens == 24
     # the follow-up step carries the results; the assistant message that asked is synthesised,
     # with the arguments this provider remembers having been sent
     follow = request("what is 6*7 and the time", tools=[CALC])
-    follow = ProviderRequest(session_id="s1", turn_id="t1", tools=[CALC], messages=[
-        *follow.messages,
-        ChatMessage(role="tool", text="42", tool_call_id="call_calc_1", name="calculator"),
-        ChatMessage(role="tool", text="12:00", tool_call_id="call_clock_2", name="clock")])
+    follow = ProviderRequest(
+        session_id="s1",
+        turn_id="t1",
+        tools=[CALC],
+        messages=[
+            *follow.messages,
+            ChatMessage(role="tool", text="42", tool_call_id="call_calc_1", name="calculator"),
+            ChatMessage(role="tool", text="12:00", tool_call_id="call_clock_2", name="clock"),
+        ],
+    )
     events = await collect(p, follow)
     assert text_of(events) == recorded_text("text")
     sent = server.requests[-1]["messages"]
-    assert sent[2] == {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_calc_1", "type": "function",
-         "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}},
-        {"id": "call_clock_2", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]}
-    assert sent[3:] == [{"role": "tool", "tool_call_id": "call_calc_1", "content": "42"},
-                        {"role": "tool", "tool_call_id": "call_clock_2", "content": "12:00"}]
+    assert sent[2] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_calc_1",
+                "type": "function",
+                "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'},
+            },
+            {"id": "call_clock_2", "type": "function", "function": {"name": "clock", "arguments": "{}"}},
+        ],
+    }
+    assert sent[3:] == [
+        {"role": "tool", "tool_call_id": "call_calc_1", "content": "42"},
+        {"role": "tool", "tool_call_id": "call_clock_2", "content": "12:00"},
+    ]
     await p.close()
 
 
@@ -136,7 +160,9 @@ async def test_cancel_closes_the_http_stream_and_the_server_sees_it(server: Repl
                         five.set()
 
     task = asyncio.create_task(consume())
-    await within(five.wait(), timeout=10, what="five text deltas of the endless 'long' stream", seen=lambda: got)
+    await within(
+        five.wait(), timeout=10, what="five text deltas of the endless 'long' stream", seen=lambda: got
+    )
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -182,7 +208,8 @@ async def test_no_first_token_times_out_and_is_retryable(server: ReplayServer) -
 
 
 async def test_http_errors_before_the_first_token_are_retryable_only_when_transient(
-        server: ReplayServer) -> None:
+    server: ReplayServer,
+) -> None:
     p = provider(server.url_for("text"))
     server.fail_next.extend([500, 429, 400])
     for status, retryable in ((500, True), (429, True), (400, False)):
@@ -220,19 +247,30 @@ async def test_continue_from_sends_the_partial_answer_and_strips_a_restart(serve
     p = provider(server.url_for("text"))
     # the model "restarts" its answer: the replayed text begins with what was already delivered
     events = await collect(p, request(continue_from="Hello from"))
-    assert text_of(events) == recorded_text("text")[len("Hello from"):]
+    assert text_of(events) == recorded_text("text")[len("Hello from") :]
     sent = server.requests[-1]["messages"]
-    assert sent[-2:] == [{"role": "assistant", "content": "Hello from"},
-                         {"role": "user", "content": CONTINUE_INSTRUCTION}]
+    assert sent[-2:] == [
+        {"role": "assistant", "content": "Hello from"},
+        {"role": "user", "content": CONTINUE_INSTRUCTION},
+    ]
     await p.close()
 
 
 def test_settings_from_env() -> None:
-    s = OpenAISettings.from_env({"TIDEWIRE_OPENAI_BASE_URL": "http://127.0.0.1:11434/v1",
-                                 "TIDEWIRE_OPENAI_MODEL": "llama3.2", "TIDEWIRE_OPENAI_IDLE_TIMEOUT_S": "7.5",
-                                 "TIDEWIRE_OPENAI_INCLUDE_USAGE": "0"})
+    s = OpenAISettings.from_env(
+        {
+            "TIDEWIRE_OPENAI_BASE_URL": "http://127.0.0.1:11434/v1",
+            "TIDEWIRE_OPENAI_MODEL": "llama3.2",
+            "TIDEWIRE_OPENAI_IDLE_TIMEOUT_S": "7.5",
+            "TIDEWIRE_OPENAI_INCLUDE_USAGE": "0",
+        }
+    )
     assert (s.base_url, s.model, s.idle_timeout_s, s.include_usage) == (
-        "http://127.0.0.1:11434/v1", "llama3.2", 7.5, False)
+        "http://127.0.0.1:11434/v1",
+        "llama3.2",
+        7.5,
+        False,
+    )
     with pytest.raises(ValueError):
         OpenAISettings(first_token_timeout_s=0)
 
@@ -241,11 +279,17 @@ def test_settings_from_env() -> None:
 
 
 def test_tool_messages_attach_to_the_preceding_assistant_text() -> None:
-    msgs = [ChatMessage(role="user", text="q"), ChatMessage(role="assistant", text="Let me see."),
-            ChatMessage(role="tool", text="r", tool_call_id="c1", name="clock")]
+    msgs = [
+        ChatMessage(role="user", text="q"),
+        ChatMessage(role="assistant", text="Let me see."),
+        ChatMessage(role="tool", text="r", tool_call_id="c1", name="clock"),
+    ]
     out = to_openai_messages(msgs)
-    assert out[1] == {"role": "assistant", "content": "Let me see.", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]}
+    assert out[1] == {
+        "role": "assistant",
+        "content": "Let me see.",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}],
+    }
     assert out[2] == {"role": "tool", "tool_call_id": "c1", "content": "r"}
     prefill = to_openai_messages(msgs[:1], continue_from="Par", continuation="prefill")
     assert prefill[-1] == {"role": "assistant", "content": "Par"}
@@ -270,7 +314,7 @@ def test_prefix_stripper() -> None:
 def test_assembler_rejects_malformed_arguments_and_synthesises_ids() -> None:
     a = ToolCallAssembler()
     a.feed(0, None, "clock", "")
-    (call, raw), = a.finish("seed")
+    ((call, raw),) = a.finish("seed")
     assert call.call_id.startswith("call_") and call.args == {} and raw == "{}"
     b = ToolCallAssembler()
     b.feed(0, "c", "calculator", '{"expression": ')
@@ -341,8 +385,9 @@ async def test_breaker_opens_on_error_ratio_and_ignores_non_upstream_errors() ->
     from orchestrator.upstream import GateSettings, UpstreamGate
 
     clock = FakeClock()
-    gate = UpstreamGate("u", GateSettings(failure_threshold=100, error_ratio=0.5, min_calls=4, window_s=30),
-                        clock=clock)
+    gate = UpstreamGate(
+        "u", GateSettings(failure_threshold=100, error_ratio=0.5, min_calls=4, window_s=30), clock=clock
+    )
     poison = ProviderError("bad request", retryable=False)
     for _ in range(10):  # a poison turn is the request's fault, not the upstream's
         gate.record_outcome(poison)
@@ -371,7 +416,8 @@ async def test_router_sends_each_route_to_its_upstream_through_its_gate(server: 
     from shared import promtext, telemetry
 
     waits_before = promtext.parse(telemetry.render_prometheus()).value(
-        "tidewire_upstream_queue_wait_seconds_count", upstream="openai")
+        "tidewire_upstream_queue_wait_seconds_count", upstream="openai"
+    )
     router = UpstreamRouter(sim, factory=factory, settings_for=lambda n: GateSettings(max_concurrency=4))
     assert router.name == "simulated"
     assert text_of(await collect(router, request())) == sim.full_answer(request())  # type: ignore[arg-type]

@@ -43,13 +43,19 @@ def test_each_error_maps_to_its_code_status_and_close_code(cls: type[errors.Tide
 
 def test_close_codes_are_the_protocols() -> None:
     assert {c.name: int(c) for c in CloseCode} == {
-        "UNAUTHORIZED": 4401, "FORBIDDEN": 4403, "HEARTBEAT_TIMEOUT": 4408, "TOO_SLOW": 4410,
-        "TOO_MANY_CONNECTIONS": 4429, "RESTARTING": 1012}
+        "UNAUTHORIZED": 4401,
+        "FORBIDDEN": 4403,
+        "HEARTBEAT_TIMEOUT": 4408,
+        "TOO_SLOW": 4410,
+        "TOO_MANY_CONNECTIONS": 4429,
+        "RESTARTING": 1012,
+    }
 
 
 @pytest.mark.parametrize("cls", list(TABLE), ids=lambda c: c.__name__)
 def test_a_refused_connection_closes_with_the_close_code_else_gets_an_error_frame(
-        cls: type[errors.TidewireError]) -> None:
+    cls: type[errors.TidewireError],
+) -> None:
     _, _, close = TABLE[cls]
     refused = outcome(cls("no"), admitted=False)
     if close is None:
@@ -59,7 +65,9 @@ def test_a_refused_connection_closes_with_the_close_code_else_gets_an_error_fram
 
 
 @pytest.mark.parametrize("cls", list(TABLE), ids=lambda c: c.__name__)
-def test_an_error_about_one_frame_never_closes_an_admitted_connection(cls: type[errors.TidewireError]) -> None:
+def test_an_error_about_one_frame_never_closes_an_admitted_connection(
+    cls: type[errors.TidewireError],
+) -> None:
     assert outcome(cls("no"), admitted=True) == cls("no").frame()
 
 

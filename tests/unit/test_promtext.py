@@ -36,8 +36,9 @@ def test_samples_keep_sorted_labels_values_and_timestamps() -> None:
     page = parse(PAGE)
     jobs = list(page.select("tidewire_tool_jobs"))
     assert jobs[0].labels == (("outcome", "ok"), ("tool", "clock"))
-    assert jobs[1] == promtext.Sample("tidewire_tool_jobs", (("outcome", "error"), ("tool", "clock")), 1.0,
-                                      1700000000000)
+    assert jobs[1] == promtext.Sample(
+        "tidewire_tool_jobs", (("outcome", "error"), ("tool", "clock")), 1.0, 1700000000000
+    )
     assert page.value("tidewire_gateway_sends") == 42
     assert page.value("tidewire_tool_jobs", tool="clock") == 4
     assert page.value("tidewire_tool_jobs", outcome="ok") == 5
@@ -56,8 +57,13 @@ def test_label_values_are_unescaped_and_may_hold_braces_and_commas() -> None:
 
 def test_families_fold_histogram_series_into_their_metric() -> None:
     page = parse(PAGE)
-    assert page.families() == {"tidewire_ttft_seconds", "tidewire_gateway_sends", "tidewire_tool_jobs", "weird",
-                               "untyped_nan"}
+    assert page.families() == {
+        "tidewire_ttft_seconds",
+        "tidewire_gateway_sends",
+        "tidewire_tool_jobs",
+        "weird",
+        "untyped_nan",
+    }
     # without a TYPE line a _count is a metric of its own
     assert parse("x_count 1\n").families() == {"x_count"}
 
@@ -81,17 +87,20 @@ h_count{stage="b"} 4
     assert page.histogram("nope") is None
 
 
-@pytest.mark.parametrize("line", [
-    "no_value",
-    'bad{le="1} 2',
-    'bad{1le="x"} 2',
-    'bad{a="x" b="y"} 2',
-    'bad{a="x",a="y"} 2',
-    "bad 1 2 3",
-    "bad notanumber",
-    "bad 1 1.5",
-    "{} 1",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "no_value",
+        'bad{le="1} 2',
+        'bad{1le="x"} 2',
+        'bad{a="x" b="y"} 2',
+        'bad{a="x",a="y"} 2',
+        "bad 1 2 3",
+        "bad notanumber",
+        "bad 1 1.5",
+        "{} 1",
+    ],
+)
 def test_malformed_lines_raise_when_strict_and_are_counted_otherwise(line: str) -> None:
     with pytest.raises(PromTextError):
         parse(f"ok 1\n{line}\n")
@@ -121,13 +130,16 @@ POSITIVE = [(0.1, 50), (0.2, 70), (1.0, 110), (math.inf, 120)]
 NEGATIVE = [(-0.2, 10), (-0.1, 20), (0.3, 20), (math.inf, 30)]
 
 
-@pytest.mark.parametrize(("q", "positive", "negative"), [
-    (0.0, 0.0, -0.2),
-    (0.2, 0.048, -0.2),
-    (0.5, 0.15, -0.15),
-    (0.8, 0.72, 0.3),
-    (1.0, 1.0, 0.3),
-])
+@pytest.mark.parametrize(
+    ("q", "positive", "negative"),
+    [
+        (0.0, 0.0, -0.2),
+        (0.2, 0.048, -0.2),
+        (0.5, 0.15, -0.15),
+        (0.8, 0.72, 0.3),
+        (1.0, 1.0, 0.3),
+    ],
+)
 def test_quantiles_match_prometheus(q: float, positive: float, negative: float) -> None:
     assert histogram_quantile(q, POSITIVE) == pytest.approx(positive)
     assert histogram_quantile(q, NEGATIVE) == pytest.approx(negative)
@@ -139,12 +151,15 @@ def test_out_of_range_quantiles_are_infinite_and_nan_is_nan() -> None:
     assert math.isnan(histogram_quantile(math.nan, POSITIVE))
 
 
-@pytest.mark.parametrize("buckets", [
-    [],
-    [(math.inf, 5)],                      # fewer than two buckets
-    [(0.1, 1), (1.0, 2)],                 # no +Inf bucket
-    [(0.1, 0), (1.0, 0), (math.inf, 0)],  # no observation
-])
+@pytest.mark.parametrize(
+    "buckets",
+    [
+        [],
+        [(math.inf, 5)],  # fewer than two buckets
+        [(0.1, 1), (1.0, 2)],  # no +Inf bucket
+        [(0.1, 0), (1.0, 0), (math.inf, 0)],  # no observation
+    ],
+)
 def test_no_answer_is_nan(buckets: list[tuple[float, float]]) -> None:
     assert math.isnan(histogram_quantile(0.5, buckets))
 
@@ -155,7 +170,9 @@ def test_a_rank_past_the_last_finite_bucket_answers_that_bound() -> None:
 
 def test_empty_buckets_before_the_rank_are_skipped() -> None:
     # nothing in (0.1, 0.5]: the median of 4 observations sits in (0.5, 1] and interpolates there
-    assert histogram_quantile(0.5, [(0.1, 1), (0.5, 1), (1.0, 4), (math.inf, 4)]) == pytest.approx(0.5 + 0.5 / 3)
+    assert histogram_quantile(0.5, [(0.1, 1), (0.5, 1), (1.0, 4), (math.inf, 4)]) == pytest.approx(
+        0.5 + 0.5 / 3
+    )
 
 
 def test_q_zero_with_an_empty_first_bucket_is_nan_as_in_prometheus() -> None:
@@ -170,13 +187,19 @@ def test_order_duplicates_and_non_monotonic_counts_are_repaired_like_prometheus(
     assert histogram_quantile(0.5, split) == pytest.approx(0.15)
     # a count that goes down is raised to the running maximum
     dip = [(0.1, 50), (0.2, 40), (1.0, 110), (math.inf, 120)]
-    assert histogram_quantile(0.5, dip) == pytest.approx(histogram_quantile(0.5, [(0.1, 50), (0.2, 50), (1.0, 110),
-                                                                                   (math.inf, 120)]))
+    assert histogram_quantile(0.5, dip) == pytest.approx(
+        histogram_quantile(0.5, [(0.1, 50), (0.2, 50), (1.0, 110), (math.inf, 120)])
+    )
 
 
-@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), min_size=1, max_size=200),
-       st.floats(min_value=0, max_value=1), st.floats(min_value=0, max_value=1))
-def test_quantiles_are_monotonic_and_within_the_finite_range(values: list[float], q1: float, q2: float) -> None:
+@given(
+    st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), min_size=1, max_size=200),
+    st.floats(min_value=0, max_value=1),
+    st.floats(min_value=0, max_value=1),
+)
+def test_quantiles_are_monotonic_and_within_the_finite_range(
+    values: list[float], q1: float, q2: float
+) -> None:
     bounds = [0.5, 1, 2.5, 5, 10, 25, 50, math.inf]
     buckets = [(b, float(sum(v <= b for v in values))) for b in bounds]
     lo, hi = sorted((q1, q2))
@@ -188,13 +211,18 @@ def test_quantiles_are_monotonic_and_within_the_finite_range(values: list[float]
 def test_reads_what_telemetry_renders() -> None:
     """The parser and the renderer agree: an instrument recorded here comes back with its buckets."""
     hist = telemetry.meter("test.promtext").create_histogram(
-        "tidewire_test_promtext_seconds", explicit_bucket_boundaries_advisory=(0.1, 1.0))
+        "tidewire_test_promtext_seconds", explicit_bucket_boundaries_advisory=(0.1, 1.0)
+    )
     for v in (0.05, 0.5, 0.5, 5.0):
         hist.record(v, {"route": 'x"y'})
     page = parse(telemetry.render_prometheus())
     h = page.histogram("tidewire_test_promtext_seconds", route='x"y')
     assert h is not None
-    assert h.buckets == ((0.1, 1.0), (1.0, 3.0), (math.inf, 4.0)) and h.count == 4 and h.sum == pytest.approx(6.05)
+    assert (
+        h.buckets == ((0.1, 1.0), (1.0, 3.0), (math.inf, 4.0))
+        and h.count == 4
+        and h.sum == pytest.approx(6.05)
+    )
     assert "tidewire_test_promtext_seconds" in page.families()
     assert h.quantile(0.5) == pytest.approx(0.1 + 0.9 * 1 / 2)
 
@@ -215,5 +243,7 @@ def test_a_failing_metric_source_is_left_out_and_logged_once(caplog: pytest.LogC
         broken = False
         assert parse(telemetry.render_prometheus()).value("tidewire_test_promtext_flaky") == 7
     messages = [r.getMessage() for r in caplog.records if "tidewire_test_promtext_flaky" in r.getMessage()]
-    assert messages == ["metric tidewire_test_promtext_flaky is not served while its source fails",
-                        "metric tidewire_test_promtext_flaky is served again"]
+    assert messages == [
+        "metric tidewire_test_promtext_flaky is not served while its source fails",
+        "metric tidewire_test_promtext_flaky is served again",
+    ]

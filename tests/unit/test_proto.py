@@ -25,8 +25,23 @@ def test_committed_schema_is_not_stale() -> None:
 
 def test_schema_covers_every_protocol_frame() -> None:
     defs = json.loads(schema.render())["$defs"]
-    for name in ("Hello", "Send", "Stop", "Ping", "Ready", "Ack", "Pong", "Error", "Message", "TurnStart",
-                 "Delta", "Status", "ToolCall", "ToolResult", "TurnEnd"):
+    for name in (
+        "Hello",
+        "Send",
+        "Stop",
+        "Ping",
+        "Ready",
+        "Ack",
+        "Pong",
+        "Error",
+        "Message",
+        "TurnStart",
+        "Delta",
+        "Status",
+        "ToolCall",
+        "ToolResult",
+        "TurnEnd",
+    ):
         assert name in defs
 
 
@@ -38,10 +53,15 @@ def test_unknown_fields_are_ignored_and_unknown_types_refused() -> None:
 
 
 def test_ack_always_carries_duplicate_and_message_carries_role() -> None:
-    ack = json.loads(client.json_encoder.encode(client.Ack(client_msg_id="c", seq=3, turn_id="t", duplicate=False)))
+    ack = json.loads(
+        client.json_encoder.encode(client.Ack(client_msg_id="c", seq=3, turn_id="t", duplicate=False))
+    )
     assert ack == {"type": "ack", "client_msg_id": "c", "seq": 3, "turn_id": "t", "duplicate": False}
-    msg = json.loads(client.json_encoder.encode(
-        client.Message(seq=1, turn_id="t", client_msg_id="c", role="user", text="x")))
+    msg = json.loads(
+        client.json_encoder.encode(
+            client.Message(seq=1, turn_id="t", client_msg_id="c", role="user", text="x")
+        )
+    )
     assert msg["role"] == "user"
 
 
@@ -49,7 +69,8 @@ def test_ack_always_carries_duplicate_and_message_carries_role() -> None:
 def test_seq_placeholder_substitution_matches_encoding(text: str, seq: int) -> None:
     placeholder = client.json_encoder.encode(client.Delta(seq=0, turn_id="t", offset=5, text=text))
     assert with_seq(placeholder, seq) == client.json_encoder.encode(
-        client.Delta(seq=seq, turn_id="t", offset=5, text=text))
+        client.Delta(seq=seq, turn_id="t", offset=5, text=text)
+    )
 
 
 @given(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=30), st.integers(0, 29))
@@ -85,8 +106,9 @@ def test_readme_configuration_table_is_current() -> None:
     from tidewire import settings_doc
 
     text = (ROOT / "README.md").read_text()
-    assert settings_doc.BEGIN + "\n" + settings_doc.render() + settings_doc.END in text, \
+    assert settings_doc.BEGIN + "\n" + settings_doc.render() + settings_doc.END in text, (
         "run `python -m tidewire.settings_doc` and commit README.md"
+    )
 
 
 def test_dependency_failures_are_degraded_not_internal() -> None:
@@ -95,8 +117,12 @@ def test_dependency_failures_are_degraded_not_internal() -> None:
 
     from shared.errors import from_dependency
 
-    for e in (redis.exceptions.ConnectionError("pool"), asyncpg.exceptions.CannotConnectNowError("x"),
-              TimeoutError(), ConnectionRefusedError()):
+    for e in (
+        redis.exceptions.ConnectionError("pool"),
+        asyncpg.exceptions.CannotConnectNowError("x"),
+        TimeoutError(),
+        ConnectionRefusedError(),
+    ):
         d = from_dependency(e)
         assert d is not None and d.code == "degraded" and d.retry_after_ms
     assert from_dependency(ValueError("bug")) is None

@@ -103,7 +103,14 @@ async def test_calculator_tool_turns_errors_into_tool_errors() -> None:
 
 def test_default_registry_offers_test_and_network_tools_only_when_asked() -> None:
     assert default_registry(ToolWorkerSettings()).names() == ["calculator", "clock", "slow_lookup"]
-    assert default_registry(ALL).names() == ["calculator", "clock", "flaky", "http_get", "send_email", "slow_lookup"]
+    assert default_registry(ALL).names() == [
+        "calculator",
+        "clock",
+        "flaky",
+        "http_get",
+        "send_email",
+        "slow_lookup",
+    ]
     assert all(t.test_only == (t.name in ("flaky", "send_email")) for t in default_registry(ALL))
 
 
@@ -180,9 +187,15 @@ def test_http_get_allowlist_matches_hosts_not_suffixes() -> None:
 
 
 def test_worker_settings_read_from_env() -> None:
-    s = from_env(ToolWorkerSettings, env={"TIDEWIRE_POOLS": "fast, slow", "TIDEWIRE_TEST_TOOLS": "1",
-                                          "TIDEWIRE_HTTP_GET_ALLOWLIST": "example.org",
-                                          "TIDEWIRE_SLOW_LOOKUP_SECONDS": "0.5"})
+    s = from_env(
+        ToolWorkerSettings,
+        env={
+            "TIDEWIRE_POOLS": "fast, slow",
+            "TIDEWIRE_TEST_TOOLS": "1",
+            "TIDEWIRE_HTTP_GET_ALLOWLIST": "example.org",
+            "TIDEWIRE_SLOW_LOOKUP_SECONDS": "0.5",
+        },
+    )
     assert s.pools == ("fast", "slow")
     assert s.test_tools and not s.http_get_enabled
     assert s.http_get_allowlist == ("example.org",)

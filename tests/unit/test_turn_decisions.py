@@ -22,10 +22,17 @@ from proto.state import ChatMessage, SessionState
 from shared.checkpoints import TurnSnapshot
 
 
-def snap(*, request: bytes | None = b"{}", state: tuple[str, str] | None = None, starts: int = 1,
-         failures: int = 0, cancelled: bool = False) -> TurnSnapshot:
-    return TurnSnapshot(request=request, state=state, starts=starts, failures=failures, cancelled=cancelled,
-                        turn_id="t1")
+def snap(
+    *,
+    request: bytes | None = b"{}",
+    state: tuple[str, str] | None = None,
+    starts: int = 1,
+    failures: int = 0,
+    cancelled: bool = False,
+) -> TurnSnapshot:
+    return TurnSnapshot(
+        request=request, state=state, starts=starts, failures=failures, cancelled=cancelled, turn_id="t1"
+    )
 
 
 def start(s: TurnSnapshot) -> object:
@@ -46,7 +53,9 @@ def test_a_turn_already_done_is_finished_with_its_status() -> None:
 
 
 def test_a_done_turn_is_skipped_even_when_cancelled_or_poisoned() -> None:
-    assert start(snap(state=("done", "cancelled"), failures=9, starts=99, cancelled=True)) == Skip("cancelled")
+    assert start(snap(state=("done", "cancelled"), failures=9, starts=99, cancelled=True)) == Skip(
+        "cancelled"
+    )
 
 
 def test_a_turn_without_its_request_is_finished_failed() -> None:
@@ -58,7 +67,9 @@ def test_dead_letter_after_max_turn_attempts_failures() -> None:
     d = start(snap(failures=3, starts=4))
     assert isinstance(d, DeadLetter)
     assert d.reason == "failed 3 times, started 3 times"
-    assert d.outcome == Outcome("failed", "dead-lettered", "This message could not be processed after 3 attempts.")
+    assert d.outcome == Outcome(
+        "failed", "dead-lettered", "This message could not be processed after 3 attempts."
+    )
 
 
 def test_dead_letter_after_max_turn_starts_counts_the_starts_before_this_one() -> None:
@@ -78,7 +89,9 @@ def test_cancelled_before_it_started_ends_without_the_model() -> None:
 
 
 # ---- the outcome of generation ---------------------------------------------------------------------
-def outcome(*, finished: bool, error: BaseException | None = None, cancel_reason: str | None = None) -> Outcome:
+def outcome(
+    *, finished: bool, error: BaseException | None = None, cancel_reason: str | None = None
+) -> Outcome:
     return generation_outcome(finished=finished, error=error, cancel_reason=cancel_reason, timeout_s=2.5)
 
 
@@ -98,8 +111,10 @@ def test_any_other_error_is_not_an_outcome_but_re_raised() -> None:
 
 def test_a_cancel_stops_the_turn_with_its_reason() -> None:
     assert outcome(finished=False, cancel_reason="stop") == Outcome("cancelled", "stop")
-    assert outcome(finished=False, cancel_reason="every client disconnected for 5 s").why == \
-        "every client disconnected for 5 s"
+    assert (
+        outcome(finished=False, cancel_reason="every client disconnected for 5 s").why
+        == "every client disconnected for 5 s"
+    )
 
 
 def test_stopped_without_a_cancel_is_a_timeout() -> None:
@@ -148,8 +163,14 @@ SPECS = [ToolSpec(name=n, description=n, parameters={}) for n in ("clock", "calc
 
 
 def plan(flags: dict[str, object], state: SessionState | None = None) -> TurnPlan:
-    return TurnPlan.build(flags, messages=[ChatMessage(role="user", text="hi", turn_id="t1")], tools=SPECS,
-                          default_provider="simulated", default_disconnect_policy="continue", state=state)
+    return TurnPlan.build(
+        flags,
+        messages=[ChatMessage(role="user", text="hi", turn_id="t1")],
+        tools=SPECS,
+        default_provider="simulated",
+        default_disconnect_policy="continue",
+        state=state,
+    )
 
 
 def test_an_unloaded_plan_records_the_defaults_in_force() -> None:
@@ -163,8 +184,12 @@ def test_the_plan_takes_model_policy_and_tools_from_the_flags() -> None:
     assert p.model == "openai:gpt-4o-mini"
     assert p.disconnect_policy == "cancel_after=2"
     assert [t.name for t in p.tools] == ["clock"]
-    assert p.flags_in_force == {"provider": "openai", "disconnect_policy": "cancel_after=2",
-                                "model": "openai:gpt-4o-mini", "tool_set": ["clock"]}
+    assert p.flags_in_force == {
+        "provider": "openai",
+        "disconnect_policy": "cancel_after=2",
+        "model": "openai:gpt-4o-mini",
+        "tool_set": ["clock"],
+    }
 
 
 def test_without_flags_the_plan_offers_every_tool_on_the_default_route() -> None:
@@ -174,7 +199,9 @@ def test_without_flags_the_plan_offers_every_tool_on_the_default_route() -> None
 
 
 def test_state_after_appends_the_answer_without_touching_the_plan() -> None:
-    state = SessionState(session_id="s1", subject="u1", window=[ChatMessage(role="user", text="hi", turn_id="t1")])
+    state = SessionState(
+        session_id="s1", subject="u1", window=[ChatMessage(role="user", text="hi", turn_id="t1")]
+    )
     p = plan({}, state)
     ended = client.TurnEnd(seq=9, turn_id="t1", status="completed", text="hello")
     after = p.state_after("t1", ended)

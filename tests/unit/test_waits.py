@@ -30,7 +30,9 @@ async def test_eventually_returns_the_first_passing_value_of_a_sync_or_async_che
 
 
 async def test_eventually_fails_naming_what_and_the_last_value() -> None:
-    with pytest.raises(AssertionError, match=r"the queue drains not true within 0.1 s \(\d+ checks\); last value: \[1\]"):
+    with pytest.raises(
+        AssertionError, match=r"the queue drains not true within 0.1 s \(\d+ checks\); last value: \[1\]"
+    ):
         await eventually(lambda: [1], timeout=0.1, interval=0.02, ok=lambda q: not q, what="the queue drains")
 
 
@@ -68,25 +70,37 @@ def test_eventually_sync_fails_naming_what() -> None:
 
 async def test_within_names_what_and_what_was_seen() -> None:
     assert await within(asyncio.sleep(0, "done"), timeout=1, what="nothing") == "done"
-    with pytest.raises(AssertionError, match=r"the pong did not happen within 0.05 s; seen so far: \['ping'\]"):
+    with pytest.raises(
+        AssertionError, match=r"the pong did not happen within 0.05 s; seen so far: \['ping'\]"
+    ):
         await within(asyncio.sleep(5), timeout=0.05, what="the pong", seen=lambda: ["ping"])
 
 
 def test_process_waits_name_the_process_and_show_its_output(tmp_path) -> None:
     log = tmp_path / "child.log"
     with log.open("wb") as out:
-        child = subprocess.Popen([sys.executable, "-c", "print('starting', flush=True); import time; time.sleep(30)"],
-                                 stdout=out)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "print('starting', flush=True); import time; time.sleep(30)"], stdout=out
+        )
     try:
         eventually_sync(lambda: "starting" in log.read_text(), timeout=10, what="the child's first line")
-        with pytest.raises(AssertionError, match=r"the child exiting: pid \d+ still running after 0.1 s(.|\n)*starting"):
+        with pytest.raises(
+            AssertionError, match=r"the child exiting: pid \d+ still running after 0.1 s(.|\n)*starting"
+        ):
             wait_process(child, timeout=0.1, what="the child exiting", log=log)
     finally:
         child.kill()
         child.wait(5)
-    with pytest.raises(AssertionError, match=r"a sleeper: .* still running after 0.2 s(.|\n)*stdout ends with:\nbefore"):
-        run_process([sys.executable, "-c", "print('before', flush=True); import time; time.sleep(30)"],
-                    timeout=0.2, what="a sleeper", capture_output=True, text=True)
+    with pytest.raises(
+        AssertionError, match=r"a sleeper: .* still running after 0.2 s(.|\n)*stdout ends with:\nbefore"
+    ):
+        run_process(
+            [sys.executable, "-c", "print('before', flush=True); import time; time.sleep(30)"],
+            timeout=0.2,
+            what="a sleeper",
+            capture_output=True,
+            text=True,
+        )
 
 
 def test_frames_tail_shows_types_and_seqs() -> None:

@@ -77,7 +77,9 @@ def _eval(node: ast.expr) -> Number:
         if isinstance(result, complex):
             raise CalculatorError("the result is not a real number")
         return _checked(result)
-    raise CalculatorError(f"unsupported syntax: {_describe(node)}; only numbers and + - * / // % ** are allowed")
+    raise CalculatorError(
+        f"unsupported syntax: {_describe(node)}; only numbers and + - * / // % ** are allowed"
+    )
 
 
 def _check_power(base: Number, exponent: Number, symbol: str) -> None:

@@ -14,7 +14,9 @@ async def run(args: ClockArgs, ctx: ToolContext) -> str:
     try:
         zone = ZoneInfo(args.timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ToolError(f"unknown time zone {args.timezone!r}; use an IANA name such as Europe/Paris") from None
+        raise ToolError(
+            f"unknown time zone {args.timezone!r}; use an IANA name such as Europe/Paris"
+        ) from None
     now = datetime.now(UTC).astimezone(zone)
     return f"{now:%A %Y-%m-%d %H:%M:%S} {args.timezone} (UTC{now:%z})"
 

@@ -62,7 +62,9 @@ async def run(args: HttpGetArgs, ctx: ToolContext) -> str:
             for _ in range(MAX_REDIRECTS + 1):
                 async with session.get(url, allow_redirects=False) as resp:
                     if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                        url = _checked_url(urljoin(url, resp.headers["Location"]), settings.http_get_allowlist)
+                        url = _checked_url(
+                            urljoin(url, resp.headers["Location"]), settings.http_get_allowlist
+                        )
                         continue
                     body = await _read_at_most(resp, settings.http_get_max_bytes + 1)
                     truncated = len(body) > settings.http_get_max_bytes

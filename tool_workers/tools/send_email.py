@@ -32,8 +32,14 @@ def _record(directory: str, line: dict[str, object]) -> None:
 
 async def run(args: SendEmailArgs, ctx: ToolContext) -> str:
     if ctx.settings.tool_side_effect_dir:
-        line = {"call_id": ctx.call_id, "turn_id": ctx.turn_id, "to": args.to, "pid": os.getpid(),
-                "attempt": ctx.attempt, "at": time.time()}
+        line = {
+            "call_id": ctx.call_id,
+            "turn_id": ctx.turn_id,
+            "to": args.to,
+            "pid": os.getpid(),
+            "attempt": ctx.attempt,
+            "at": time.time(),
+        }
         await asyncio.to_thread(_record, ctx.settings.tool_side_effect_dir, line)
     await asyncio.sleep(args.delay_seconds)
     return f"email to {args.to} sent"
