@@ -33,6 +33,22 @@ class Listener(Protocol):
         ...
 
 
+class Wake:
+    """A listener that only notes that something arrived (or that the stores must be re-read):
+    readers that answer from the stores (long-poll, the facades) wait on it."""
+
+    __slots__ = ("arrived",)
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+
+    def on_live(self, events: list[Event]) -> None:
+        self.arrived.set()
+
+    def resync(self) -> None:
+        self.arrived.set()
+
+
 class _Entry:
     __slots__ = ("listeners", "sub", "ready")
 

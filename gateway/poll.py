@@ -13,23 +13,12 @@ from aiohttp import web
 
 from gateway.admission import Admitted, open_stream
 from gateway.http_errors import json_response
+from gateway.hub import Wake
 from gateway.keys import HUB, REPLAYER
 from proto import client
-from proto.client import Event
 from shared.errors import BadFrame, Degraded, TidewireError
 
 MAX_WAIT_S = 60.0
-
-
-class _Waiter:
-    def __init__(self) -> None:
-        self.arrived = asyncio.Event()
-
-    def on_live(self, events: list[Event]) -> None:
-        self.arrived.set()
-
-    def resync(self) -> None:
-        self.arrived.set()
 
 
 async def poll_handler(request: web.Request) -> web.StreamResponse:
@@ -50,7 +39,7 @@ async def poll_handler(request: web.Request) -> web.StreamResponse:
 async def _poll(request: web.Request, stream: Admitted, wait_s: float) -> web.Response:
     replayer = request.app[REPLAYER]
     hub = request.app[HUB]
-    waiter = _Waiter()
+    waiter = Wake()
     sid, after, last_seq = stream.session_id, stream.after, stream.last_seq
     try:
         await hub.join(sid, waiter)

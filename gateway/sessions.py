@@ -33,7 +33,7 @@ from shared import sessionstate
 from shared.errors import BadFrame, TooLarge
 
 
-async def _body(request: web.Request) -> bytes:
+async def read_body(request: web.Request) -> bytes:
     """The whole body, at most `max_frame_bytes` (the app's client_max_size) of it."""
     limit = request.app[DEPS].settings.max_frame_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -86,7 +86,7 @@ def _flags(flags: SessionFlags | None) -> dict[str, object]:
 async def create_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     principal = _caller(request)
-    body = await _body(request)
+    body = await read_body(request)
     flags = _flags(_decode(create_session_decoder, body).flags) if body.strip() else {}
     sid = await commands.create_session(deps, principal.subject)
     if flags:
@@ -116,7 +116,7 @@ async def get_session(request: web.Request) -> web.Response:
 async def post_message(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     principal, sid = await _owner(request)
-    req = _decode(client.send_request_decoder, await _body(request))
+    req = _decode(client.send_request_decoder, await read_body(request))
     await request.app[EDGE].admit_send(principal.subject, None, req.client_msg_id, req.text)
     ack = await commands.send_message(deps, principal.subject, sid, req)
     return json_response(ack)
@@ -125,7 +125,7 @@ async def post_message(request: web.Request) -> web.Response:
 async def post_stop(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     _, sid = await _owner(request)
-    body = await _body(request)
+    body = await read_body(request)
     req = _decode(client.stop_request_decoder, body) if body.strip() else client.StopRequest()
     turn_id = await commands.stop_turn(deps, sid, req.turn_id)
     return json_response({"stopped": turn_id is not None, "turn_id": turn_id}, status=202)
@@ -136,7 +136,7 @@ async def patch_flags(request: web.Request) -> web.Response:
     new turns (double_text_policy, disconnect_policy, model, system_prompt_version)."""
     deps = request.app[DEPS]
     _, sid = await _owner(request)
-    flags = _flags(_decode(session_flags_decoder, await _body(request)))
+    flags = _flags(_decode(session_flags_decoder, await read_body(request)))
     await deps.eventlog.set_session_flags(sid, flags)
     deps.flag_cache.pop(sid, None)
     await sessionstate.invalidate(deps.checkpoints, sid)

@@ -24,16 +24,17 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gateway import commands
+from gateway import commands, sessions
 from gateway.auth import Principal, authenticate, check_origin
 from gateway.deps import Deps
+from gateway.hub import Wake
 from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS, StreamStop
 from gateway.limits import EDGE, check_session_id
 from proto import client
 from proto.client import Event
 from shared import sessionstate
 from shared.config import from_env
-from shared.errors import BadFrame, Degraded, NotFound, TidewireError, TooLarge
+from shared.errors import BadFrame, Degraded, NotFound, TidewireError
 from shared.facade_store import FacadeStore
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,7 @@ async def owned_session(deps: Deps, sid: str, subject: str) -> str:
 
 async def read_json(request: web.Request) -> Any:
     """The body as JSON, at most `max_frame_bytes` of it (413 beyond, 400 when it is not JSON)."""
-    limit = request.app[DEPS].settings.max_frame_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise TooLarge(f"body larger than {limit} bytes")
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise TooLarge(f"body larger than {limit} bytes") from e
-    if len(body) > limit:
-        raise TooLarge(f"body larger than {limit} bytes")
+    body = await sessions.read_body(request)
     try:
         value = msgspec.json.decode(body) if body.strip() else {}
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -239,19 +232,6 @@ STORE_RETRY_FIRST_S = 0.25
 STORE_RETRY_MAX_S = 2.0
 
 
-class _Wake:
-    __slots__ = ("arrived",)
-
-    def __init__(self) -> None:
-        self.arrived = asyncio.Event()
-
-    def on_live(self, events: list[Event]) -> None:
-        self.arrived.set()
-
-    def resync(self) -> None:
-        self.arrived.set()
-
-
 class TurnNotEnded(TidewireError):
     """A reader waited `wait_s` and the turn still had not ended."""
 
@@ -268,7 +248,7 @@ async def turn_events(
     `live=False` returns what is stored now. A store outage is retried with backoff until `wait_s`."""
     replayer, hub = request.app[REPLAYER], request.app[HUB]
     settings = request.app[SETTINGS]
-    wake = _Wake()
+    wake = Wake()
     deadline = time.monotonic() + settings.wait_s
     if live:
         await hub.join(sid, wake)
