@@ -48,8 +48,11 @@ class _Conn:
 
     async def run_turn(self, turn_id: str, text: str) -> None:
         await self.emit(client.TurnStart(seq=self.next_seq(), turn_id=turn_id))
-        request = ProviderRequest(session_id=self.session_id, turn_id=turn_id,
-                                  messages=[ChatMessage(role="user", text=text, turn_id=turn_id)])
+        request = ProviderRequest(
+            session_id=self.session_id,
+            turn_id=turn_id,
+            messages=[ChatMessage(role="user", text=text, turn_id=turn_id)],
+        )
         parts: list[str] = []
         offset = 0
         status = "completed"
@@ -57,8 +60,9 @@ class _Conn:
             async with contextlib.aclosing(self.provider.stream(request)) as stream:
                 async for ev in stream:
                     if isinstance(ev, TextDelta) and ev.text:
-                        await self.emit(client.Delta(seq=self.next_seq(), turn_id=turn_id, offset=offset,
-                                                     text=ev.text))
+                        await self.emit(
+                            client.Delta(seq=self.next_seq(), turn_id=turn_id, offset=offset, text=ev.text)
+                        )
                         offset += len(ev.text)
                         parts.append(ev.text)
         except asyncio.CancelledError:
@@ -67,8 +71,14 @@ class _Conn:
             log.warning("turn failed: %s", e)
             status = "failed"
         if not self.ws.closed:
-            await self.emit(client.TurnEnd(seq=self.next_seq(), turn_id=turn_id, status=status,  # type: ignore[arg-type]
-                                           text="".join(parts)))
+            await self.emit(
+                client.TurnEnd(
+                    seq=self.next_seq(),
+                    turn_id=turn_id,
+                    status=status,  # type: ignore[arg-type]
+                    text="".join(parts),
+                )
+            )
 
     async def on_frame(self, frame: client.ClientFrame) -> None:
         if isinstance(frame, client.Ping):
@@ -80,10 +90,14 @@ class _Conn:
         elif isinstance(frame, client.Send):
             seq = self.next_seq()
             turn_id = "t_" + secrets.token_urlsafe(12)
-            await self.emit(client.Ack(client_msg_id=frame.client_msg_id, seq=seq, turn_id=turn_id,
-                                       duplicate=False))
-            await self.emit(client.Message(seq=seq, turn_id=turn_id, client_msg_id=frame.client_msg_id,
-                                           role="user", text=frame.text))
+            await self.emit(
+                client.Ack(client_msg_id=frame.client_msg_id, seq=seq, turn_id=turn_id, duplicate=False)
+            )
+            await self.emit(
+                client.Message(
+                    seq=seq, turn_id=turn_id, client_msg_id=frame.client_msg_id, role="user", text=frame.text
+                )
+            )
             if self.turn is not None and not self.turn.done():
                 await self.turn  # one turn at a time, like a session
             self.turn = asyncio.create_task(self.run_turn(turn_id, frame.text))
@@ -118,15 +132,22 @@ async def healthz(_: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     prov: SimulatedProvider = request.app["provider"]
-    return web.Response(text=json.dumps({"started": prov.started, "finished": prov.finished}),
-                        content_type="application/json")
+    return web.Response(
+        text=json.dumps({"started": prov.started, "finished": prov.finished}), content_type="application/json"
+    )
 
 
 def create_app() -> web.Application:
     app = web.Application()
     app["provider"] = SimulatedProvider()
-    app.add_routes([web.get("/v1/ws", ws_handler), web.get("/healthz", healthz), web.get("/readyz", healthz),
-                    web.get("/stats", stats)])
+    app.add_routes(
+        [
+            web.get("/v1/ws", ws_handler),
+            web.get("/healthz", healthz),
+            web.get("/readyz", healthz),
+            web.get("/stats", stats),
+        ]
+    )
     return app
 
 

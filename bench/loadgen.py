@@ -96,14 +96,18 @@ async def gather_limited(factories: Iterable[Callable[[], Awaitable[Any]]], limi
 
 
 def sim_line(tokens_n: int, rate: float, ttft_ms: float = 0.0) -> str:
-    return f"/sim tokens={tokens_n} rate={rate:g} ttft_ms={ttft_ms:g}\nbenchmark prompt {uuid.uuid4().hex[:8]}"
+    return (
+        f"/sim tokens={tokens_n} rate={rate:g} ttft_ms={ttft_ms:g}\nbenchmark prompt {uuid.uuid4().hex[:8]}"
+    )
 
 
 def new_http(limit_per_host: int = 0) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=limit_per_host, force_close=True,
-                                     enable_cleanup_closed=False)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None,
-                                                                                  sock_connect=CONNECT_TIMEOUT_S))
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=limit_per_host, force_close=True, enable_cleanup_closed=False
+    )
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+    )
 
 
 def errname(e: BaseException) -> str:
@@ -178,14 +182,26 @@ class WsClient:
         assert self.ready is not None
         return self.ready.session_id
 
-    async def open(self, session_id: str | None = None, last_seen_seq: int | None = None,
-                   delivery: str = "tokens", timeout: float = CONNECT_TIMEOUT_S) -> client.Ready:
+    async def open(
+        self,
+        session_id: str | None = None,
+        last_seen_seq: int | None = None,
+        delivery: str = "tokens",
+        timeout: float = CONNECT_TIMEOUT_S,
+    ) -> client.Ready:
         self.delivery = delivery
         async with asyncio.timeout(timeout):
-            self.ws = await self.http.ws_connect(self.url, autoping=True, max_msg_size=0,
-                                                 timeout=aiohttp.ClientWSTimeout(ws_close=3.0))
-            await self.send({"type": "hello", "session_id": session_id, "last_seen_seq": last_seen_seq,
-                             "delivery": delivery})
+            self.ws = await self.http.ws_connect(
+                self.url, autoping=True, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=3.0)
+            )
+            await self.send(
+                {
+                    "type": "hello",
+                    "session_id": session_id,
+                    "last_seen_seq": last_seen_seq,
+                    "delivery": delivery,
+                }
+            )
             while True:
                 frame = await self._read_one()
                 if frame is None:
@@ -205,8 +221,12 @@ class WsClient:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 frame: client.ServerFrame = client.server_frame_decoder.decode(msg.data)
                 return frame
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING,
-                            aiohttp.WSMsgType.ERROR):
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.ERROR,
+            ):
                 return None
 
     async def _read_loop(self) -> None:
@@ -219,7 +239,9 @@ class WsClient:
                 if seq is not None and not isinstance(frame, client.Ack):
                     if seq <= self.last_seq:
                         self.seq_dups += 1
-                    elif seq != self.last_seq + 1 and not isinstance(frame, client.Delta):  # merged deltas skip
+                    elif seq != self.last_seq + 1 and not isinstance(
+                        frame, client.Delta
+                    ):  # merged deltas skip
                         self.seq_gaps += 1
                     self.last_seq = max(self.last_seq, seq)
                 self.queue.put_nowait((time.monotonic(), frame))
@@ -285,8 +307,20 @@ class WsClient:
 
 
 class TurnOutcome:
-    __slots__ = ("ttft_ms", "ack_ms", "total_ms", "deltas", "chars", "text_ok", "status", "error",
-                 "delta_times", "turn_id", "end_seq", "user_seq")
+    __slots__ = (
+        "ttft_ms",
+        "ack_ms",
+        "total_ms",
+        "deltas",
+        "chars",
+        "text_ok",
+        "status",
+        "error",
+        "delta_times",
+        "turn_id",
+        "end_seq",
+        "user_seq",
+    )
 
     def __init__(self) -> None:
         self.ttft_ms: float | None = None
@@ -303,8 +337,13 @@ class TurnOutcome:
         self.user_seq = 0
 
 
-async def run_turn(c: WsClient, text: str, timeout: float = 60.0, keep_times: bool = False,
-                   on_delta: Callable[[int], None] | None = None) -> TurnOutcome:
+async def run_turn(
+    c: WsClient,
+    text: str,
+    timeout: float = 60.0,
+    keep_times: bool = False,
+    on_delta: Callable[[int], None] | None = None,
+) -> TurnOutcome:
     """Send one message, read until its turn_end; check that the deltas rebuild turn_end.text exactly
     (offsets contiguous, nothing missing or repeated)."""
     out = TurnOutcome()
@@ -346,7 +385,9 @@ async def run_turn(c: WsClient, text: str, timeout: float = 60.0, keep_times: bo
                     out.end_seq = f.seq
                     out.text_ok = offsets_ok and "".join(parts) == f.text and f.status == "completed"
                     if not out.text_ok:
-                        out.error = f"text mismatch (status {f.status}, {len(''.join(parts))}/{len(f.text)} cp)"
+                        out.error = (
+                            f"text mismatch (status {f.status}, {len(''.join(parts))}/{len(f.text)} cp)"
+                        )
                     return out
                 elif isinstance(f, client.Error):
                     out.error = f"error frame {f.code}: {f.message}"
@@ -373,8 +414,9 @@ class Ctx:
         return tokens.mint(f"{self.prefix}-{self._n}", self.secret or "x", ttl_s=86_400)
 
 
-async def open_clients(ctx: Ctx, http: aiohttp.ClientSession, base: str, n: int, delivery: str = "tokens",
-                       limit: int = 100) -> tuple[list[WsClient], list[str]]:
+async def open_clients(
+    ctx: Ctx, http: aiohttp.ClientSession, base: str, n: int, delivery: str = "tokens", limit: int = 100
+) -> tuple[list[WsClient], list[str]]:
     """Open n connections, each with a hello on a new session (and its reader task running)."""
     clients = [WsClient(http, base, ctx.token()) for _ in range(n)]
 
@@ -398,8 +440,9 @@ async def scen_ttft(ctx: Ctx) -> dict[str, Any]:
         if not clients:
             raise RuntimeError(f"no connection opened: {open_errors[:3]}")
         # warm-up: one unmeasured turn per session (first-use costs: subscriptions, pools, caches)
-        await gather_limited([lambda c=c: run_turn(c, sim_line(text_tokens, rate), timeout=turn_timeout)
-                              for c in clients], 100)
+        await gather_limited(
+            [lambda c=c: run_turn(c, sim_line(text_tokens, rate), timeout=turn_timeout) for c in clients], 100
+        )
         await ctx.coord.call("mark", tag="start")
         ttft: list[float] = []
         ack: list[float] = []
@@ -436,14 +479,26 @@ async def scen_ttft(ctx: Ctx) -> dict[str, Any]:
         wall = time.monotonic() - t0
         await ctx.coord.call("mark", tag="end")
         await gather_limited([lambda c=c: c.close() for c in clients], 200)
-    return {"sessions": len(clients), "turns": len(ttft), "wall_s": round(wall, 3), "ttft_ms": ttft,
-            "seq_gaps": sum(c.seq_gaps for c in clients), "seq_dups": sum(c.seq_dups for c in clients),
-            "ack_ms": ack, "turn_ms": total, "ping_rtt_ms": rtt, "errors": sum(errors.values()) + len(open_errors),
-            "error_kinds": dict(errors.most_common(5)), "open_errors": open_errors[:5], "text_mismatches": mismatches}
+    return {
+        "sessions": len(clients),
+        "turns": len(ttft),
+        "wall_s": round(wall, 3),
+        "ttft_ms": ttft,
+        "seq_gaps": sum(c.seq_gaps for c in clients),
+        "seq_dups": sum(c.seq_dups for c in clients),
+        "ack_ms": ack,
+        "turn_ms": total,
+        "ping_rtt_ms": rtt,
+        "errors": sum(errors.values()) + len(open_errors),
+        "error_kinds": dict(errors.most_common(5)),
+        "open_errors": open_errors[:5],
+        "text_mismatches": mismatches,
+    }
 
 
-async def probe_ttft(ctx: Ctx, http: aiohttp.ClientSession, base: str, turns: int, text_tokens: int = 8
-                     ) -> dict[str, Any]:
+async def probe_ttft(
+    ctx: Ctx, http: aiohttp.ClientSession, base: str, turns: int, text_tokens: int = 8
+) -> dict[str, Any]:
     """One active session next to whatever else is open: its send->first-delta times."""
     c = WsClient(http, base, ctx.token())
     samples: list[float] = []
@@ -518,8 +573,11 @@ async def scen_idle(ctx: Ctx) -> dict[str, Any]:
         if probe_turns:
             out["ws_probe"] = await probe_ttft(ctx, http, base, probe_turns)
         out["ws_still_open"] = sum(1 for c in clients if c.is_open)
-        out["ws_closed_by_server"] = dict(collections.Counter(
-            str(c.ws.close_code if c.ws is not None else None) for c in clients if not c.is_open).most_common(5))
+        out["ws_closed_by_server"] = dict(
+            collections.Counter(
+                str(c.ws.close_code if c.ws is not None else None) for c in clients if not c.is_open
+            ).most_common(5)
+        )
         sessions = [(c.session_id, c) for c in clients]
         await gather_limited([lambda c=c: c.close() for c in clients], 500)
         if not sse:
@@ -530,16 +588,18 @@ async def scen_idle(ctx: Ctx) -> dict[str, Any]:
         await ctx.coord.call("fresh_gateway", timeout=120)
         # SSE: the same sessions, each with the token of its owner
         tokens_by_sid = {sid: c.url.rsplit("access_token=", 1)[1] for sid, c in sessions}
-        warm = await gather_limited([lambda sid=sid: open_sse(http, base, sid, tokens_by_sid[sid])
-                                     for sid, _ in sessions[:20]], 20)
+        warm = await gather_limited(
+            [lambda sid=sid: open_sse(http, base, sid, tokens_by_sid[sid]) for sid, _ in sessions[:20]], 20
+        )
         for w in warm:
             if isinstance(w, aiohttp.ClientResponse):
                 w.close()
         await asyncio.sleep(settle / 2)
         await ctx.coord.call("snapshot", tag=f"{tag}sse_before")
         t0 = time.monotonic()
-        res = await gather_limited([lambda sid=sid: open_sse(http, base, sid, tokens_by_sid[sid])
-                                    for sid, _ in sessions], limit)
+        res = await gather_limited(
+            [lambda sid=sid: open_sse(http, base, sid, tokens_by_sid[sid]) for sid, _ in sessions], limit
+        )
         streams = [r for r in res if isinstance(r, aiohttp.ClientResponse)]
         sse_errors = [errname(r) for r in res if isinstance(r, BaseException)]
         out["sse_open_s"] = round(time.monotonic() - t0, 3)
@@ -571,29 +631,44 @@ async def scen_throughput(ctx: Ctx) -> dict[str, Any]:
         outcomes: list[TurnOutcome] = []
         t0 = time.monotonic()
         for _ in range(rounds):
-            res = await asyncio.gather(*(run_turn(c, sim_line(text_tokens, 0), timeout=60) for c in clients),
-                                       return_exceptions=True)
+            res = await asyncio.gather(
+                *(run_turn(c, sim_line(text_tokens, 0), timeout=60) for c in clients), return_exceptions=True
+            )
             outcomes.extend(r for r in res if isinstance(r, TurnOutcome))
         wall = time.monotonic() - t0
         await ctx.coord.call("snapshot", tag="end")
         await gather_limited([lambda c=c: c.close() for c in clients], 200)
     ok = [o for o in outcomes if o.text_ok]
     errors = collections.Counter((o.error or "?")[:80] for o in outcomes if not o.text_ok)
-    return {"sessions": len(clients), "rounds": rounds, "delivery": delivery, "tokens_per_turn": text_tokens,
-            "turns_ok": len(ok), "turns_failed": len(outcomes) - len(ok) + (n * rounds - len(outcomes)),
-            "tokens": len(ok) * text_tokens, "frames": sum(o.deltas for o in outcomes),
-            "chars": sum(o.chars for o in ok), "wall_s": round(wall, 3),
-            "tokens_per_s": round(len(ok) * text_tokens / wall, 1) if wall > 0 else None,
-            "turn_ms": [o.total_ms for o in ok if o.total_ms is not None],
-            "seq_gaps": sum(c.seq_gaps for c in clients), "seq_dups": sum(c.seq_dups for c in clients),
-            "error_kinds": dict(errors.most_common(5)), "open_errors": len(open_errors)}
+    return {
+        "sessions": len(clients),
+        "rounds": rounds,
+        "delivery": delivery,
+        "tokens_per_turn": text_tokens,
+        "turns_ok": len(ok),
+        "turns_failed": len(outcomes) - len(ok) + (n * rounds - len(outcomes)),
+        "tokens": len(ok) * text_tokens,
+        "frames": sum(o.deltas for o in outcomes),
+        "chars": sum(o.chars for o in ok),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(len(ok) * text_tokens / wall, 1) if wall > 0 else None,
+        "turn_ms": [o.total_ms for o in ok if o.total_ms is not None],
+        "seq_gaps": sum(c.seq_gaps for c in clients),
+        "seq_dups": sum(c.seq_dups for c in clients),
+        "error_kinds": dict(errors.most_common(5)),
+        "open_errors": len(open_errors),
+    }
 
 
 async def scen_crash(ctx: Ctx) -> dict[str, Any]:
     """Stream a long answer, SIGKILL the orchestrator producing it, measure the client-side pause."""
     p = ctx.p
     base, trials = p["base_url"], int(p["trials"])
-    text_tokens, rate, kill_after = int(p.get("tokens", 250)), float(p.get("rate", 50)), int(p.get("kill_after", 25))
+    text_tokens, rate, kill_after = (
+        int(p.get("tokens", 250)),
+        float(p.get("rate", 50)),
+        int(p.get("kill_after", 25)),
+    )
     results: list[dict[str, Any]] = []
     async with new_http() as http:
         for trial in range(trials):
@@ -607,17 +682,25 @@ async def scen_crash(ctx: Ctx) -> dict[str, Any]:
                     if k >= kill_after:
                         reached.set()
 
-                turn = asyncio.create_task(run_turn(c, sim_line(text_tokens, rate), timeout=120, keep_times=True,
-                                                    on_delta=on_delta))
+                turn = asyncio.create_task(
+                    run_turn(c, sim_line(text_tokens, rate), timeout=120, keep_times=True, on_delta=on_delta)
+                )
                 async with asyncio.timeout(30):
-                    await asyncio.wait([turn, asyncio.ensure_future(reached.wait())],
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        [turn, asyncio.ensure_future(reached.wait())], return_when=asyncio.FIRST_COMPLETED
+                    )
                 if turn.done():
                     raise RuntimeError(f"turn ended before the kill: {turn.result().error}")
                 reply = await ctx.coord.call("kill_owner", session_id=c.session_id, timeout=30)
                 o = await turn
-                rec.update(killed=reply.get("killed"), how=reply.get("how"), exact=o.text_ok, status=o.status,
-                           error=o.error, deltas=o.deltas)
+                rec.update(
+                    killed=reply.get("killed"),
+                    how=reply.get("how"),
+                    exact=o.text_ok,
+                    status=o.status,
+                    error=o.error,
+                    deltas=o.deltas,
+                )
                 times = o.delta_times
                 gaps = [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
                 rec["max_gap_ms"] = round(max(gaps), 2) if gaps else None
@@ -652,10 +735,13 @@ async def scen_storm(ctx: Ctx) -> dict[str, Any]:
     async with new_http() as http:
         t0 = time.monotonic()
         clients, open_errors = await open_clients(ctx, http, base, n)
-        outcomes = await gather_limited([lambda c=c: run_turn(c, sim_line(int(p.get("tokens", 20)), 0))
-                                         for c in clients], int(p.get("setup_concurrency", 100)))
+        outcomes = await gather_limited(
+            [lambda c=c: run_turn(c, sim_line(int(p.get("tokens", 20)), 0)) for c in clients],
+            int(p.get("setup_concurrency", 100)),
+        )
         ready: list[tuple[WsClient, TurnOutcome]] = [
-            (c, o) for c, o in zip(clients, outcomes, strict=True) if isinstance(o, TurnOutcome) and o.text_ok]
+            (c, o) for c, o in zip(clients, outcomes, strict=True) if isinstance(o, TurnOutcome) and o.text_ok
+        ]
         out["setup_s"] = round(time.monotonic() - t0, 3)
         out["clients"] = len(ready)
         out["setup_errors"] = len(open_errors) + (len(clients) - len(ready))
@@ -677,7 +763,7 @@ async def scen_storm(ctx: Ctx) -> dict[str, Any]:
             token = c.url.rsplit("access_token=", 1)[1]
             attempt = 0
             while time.monotonic() - t_drop < deadline_s:
-                await asyncio.sleep(random.uniform(0, min(cap_s, base_s * 2 ** attempt)))
+                await asyncio.sleep(random.uniform(0, min(cap_s, base_s * 2**attempt)))
                 r = WsClient(http, base, token)
                 try:
                     ready_frame = await r.open(session_id=sid, last_seen_seq=o.user_seq)

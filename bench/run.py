@@ -159,8 +159,9 @@ class Bench:
         src = self.workdir / "src"
         for pkg in SRC_PACKAGES:
             if (REPO / pkg).is_dir():
-                shutil.copytree(REPO / pkg, src / pkg,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "results"))
+                shutil.copytree(
+                    REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "results")
+                )
         return src
 
     def start(self) -> None:
@@ -220,13 +221,20 @@ class Bench:
     async def canary(self) -> dict[str, Any]:
         """One session, three short turns: does the stack still answer after the last scenario?"""
         try:
-            res = await self.loadgen("ttft", {"base_url": self.url, "sessions": 1, "turns": 3, "tokens": 8,
-                                              "rate": 0, "turn_timeout": 15}, timeout=120)
+            res = await self.loadgen(
+                "ttft",
+                {"base_url": self.url, "sessions": 1, "turns": 3, "tokens": 8, "rate": 0, "turn_timeout": 15},
+                timeout=120,
+            )
         except Exception as e:  # noqa: BLE001
             return {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
         ok = res["turns"] == 3 and res["errors"] == 0
-        return {"ok": ok, "ttft_p50_ms": summarize(res["ttft_ms"]).get("p50"), "errors": res["errors"],
-                "error_kinds": res["error_kinds"]}
+        return {
+            "ok": ok,
+            "ttft_p50_ms": summarize(res["ttft_ms"]).get("p50"),
+            "errors": res["errors"],
+            "error_kinds": res["error_kinds"],
+        }
 
     @property
     def url(self) -> str:
@@ -244,8 +252,9 @@ class Bench:
         self.orch_seq += 1
         name = f"orchestrator-{self.orch_seq}"
         port = free_port()
-        svc = self.stack.service(name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name,
-                                                        "TIDEWIRE_HEALTH_PORT": str(port)})
+        svc = self.stack.service(
+            name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)}
+        )
         svc.env["health_port"] = str(port)
         wait_http(f"http://127.0.0.1:{port}/readyz", proc=svc)
         return svc
@@ -275,8 +284,9 @@ class Bench:
         comps: dict[str, list[tuple[int, bool]]] = {
             "gateway": [(s.pid, False) for s in gateways],
             "orchestrators": [(s.pid, False) for s in self.orchestrators()],
-            "tool_worker": [(s.pid, False) for s in self.stack.services
-                            if s.module == "tool_workers" and s.alive()],
+            "tool_worker": [
+                (s.pid, False) for s in self.stack.services if s.module == "tool_workers" and s.alive()
+            ],
             "nats": [(pids["nats"], True)] if "nats" in pids else [],
             "postgres": [(pids["postgres"], True)] if "postgres" in pids else [],
             "redis": [(pids["redis"], True)] if "redis" in pids else [],
@@ -300,16 +310,30 @@ class Bench:
         return snap
 
     # ---- driving a load-generator process --------------------------------------------------------
-    async def loadgen(self, scenario: str, params: dict[str, Any],
-                      handler: Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]] | None = None,
-                      timeout: float = 900.0) -> dict[str, Any]:
+    async def loadgen(
+        self,
+        scenario: str,
+        params: dict[str, Any],
+        handler: Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]] | None = None,
+        timeout: float = 900.0,
+    ) -> dict[str, Any]:
         params = {"secret": SECRET, **params}
         err_path = self.log_dir / f"loadgen-{scenario}-{int(time.time() * 1000)}.log"
         with err_path.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.loadgen", scenario, "--params", json.dumps(params),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err, cwd=str(self.src),
-                env={**os.environ, "PYTHONPATH": str(self.src)}, limit=256 * 1024 * 1024)
+                sys.executable,
+                "-m",
+                "bench.loadgen",
+                scenario,
+                "--params",
+                json.dumps(params),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                cwd=str(self.src),
+                env={**os.environ, "PYTHONPATH": str(self.src)},
+                limit=256 * 1024 * 1024,
+            )
         assert proc.stdin is not None and proc.stdout is not None
         try:
             async with asyncio.timeout(timeout):
@@ -317,8 +341,10 @@ class Bench:
                     line = await proc.stdout.readline()
                     if not line:
                         await proc.wait()
-                        raise RuntimeError(f"loadgen {scenario} exited ({proc.returncode}) without a result: "
-                                           f"{err_path.read_text(errors='replace')[-1500:]}")
+                        raise RuntimeError(
+                            f"loadgen {scenario} exited ({proc.returncode}) without a result: "
+                            f"{err_path.read_text(errors='replace')[-1500:]}"
+                        )
                     msg = json.loads(line)
                     if "event" in msg:
                         try:
@@ -342,7 +368,9 @@ class Bench:
                     proc.kill()
                     await proc.wait()
 
-    def snapshot_handler(self, store: dict[str, Any]) -> Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]:
+    def snapshot_handler(
+        self, store: dict[str, Any]
+    ) -> Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]:
         async def handle(msg: dict[str, Any], loadgen_pid: int) -> dict[str, Any]:
             if msg["event"] == "snapshot":
                 tag = msg.get("tag", "")
@@ -355,12 +383,15 @@ class Bench:
                     later = self.snapshot({"loadgen": loadgen_pid})
                     store[tag + ":cpu"] = {
                         k: {"cpu_pct": 100 * (later[k]["cpu_s"] - snap[k]["cpu_s"]) / window}
-                        for k in later if k != "_t" and k in snap}
+                        for k in later
+                        if k != "_t" and k in snap
+                    }
                 return {"ok": True}
             if msg["event"] == "fresh_gateway":
                 await asyncio.to_thread(self.restart_gateway)
                 return {"ok": True}
             raise ValueError(f"unexpected event {msg['event']}")
+
         return handle
 
     # ---- scenarios ------------------------------------------------------------------------------
@@ -372,16 +403,30 @@ class Bench:
                 log(f"ttft: {sessions} sessions x {turns} turns against {who}")
                 marks: dict[str, Any] = {}
 
-                async def mark(msg: dict[str, Any], _: int, who: str = who, marks: dict[str, Any] = marks
-                               ) -> dict[str, Any]:
+                async def mark(
+                    msg: dict[str, Any], _: int, who: str = who, marks: dict[str, Any] = marks
+                ) -> dict[str, Any]:
                     marks[msg.get("tag", "")] = {
                         "wall": dt.datetime.now(dt.UTC),
-                        "hist": await asyncio.to_thread(scrape_histogram, self.url + "/metrics",
-                                                        "tidewire_ttft_seconds") if who == "tidewire" else None}
+                        "hist": await asyncio.to_thread(
+                            scrape_histogram, self.url + "/metrics", "tidewire_ttft_seconds"
+                        )
+                        if who == "tidewire"
+                        else None,
+                    }
                     return {"ok": True}
 
-                res = await self.loadgen("ttft", {"base_url": url, "sessions": sessions, "turns": turns,
-                                                  "tokens": self.cfg["ttft_tokens"], "rate": 0}, mark)
+                res = await self.loadgen(
+                    "ttft",
+                    {
+                        "base_url": url,
+                        "sessions": sessions,
+                        "turns": turns,
+                        "tokens": self.cfg["ttft_tokens"],
+                        "rate": 0,
+                    },
+                    mark,
+                )
                 if who == "tidewire" and "start" in marks and "end" in marks:
                     row["server_side_ttft_ms"] = hist_summary(marks["start"]["hist"], marks["end"]["hist"])
                     row["_window"] = (marks["start"]["wall"], marks["end"]["wall"])
@@ -391,9 +436,13 @@ class Bench:
                     "ack_ms": summarize(res["ack_ms"]),
                     "turn_ms": summarize(res["turn_ms"]),
                     "ping_rtt_ms": summarize(res["ping_rtt_ms"]),
-                    "turns": res["turns"], "errors": res["errors"], "error_kinds": res["error_kinds"],
-                    "text_mismatches": res["text_mismatches"], "seq_gaps": res["seq_gaps"],
-                    "seq_dups": res["seq_dups"], "wall_s": res["wall_s"],
+                    "turns": res["turns"],
+                    "errors": res["errors"],
+                    "error_kinds": res["error_kinds"],
+                    "text_mismatches": res["text_mismatches"],
+                    "seq_gaps": res["seq_gaps"],
+                    "seq_dups": res["seq_dups"],
+                    "wall_s": res["wall_s"],
                 }
             tw, bl = row["tidewire"], row["baseline"]
             for q in ("p50", "p99", "p99_9"):
@@ -405,14 +454,18 @@ class Bench:
             t99 = tw["ttft_ms"].get("p99")
             row["server_side_est_p99_ms"] = r3(t99 - r50) if t99 is not None and r50 is not None else None
             levels.append(row)
-        out: dict[str, Any] = {"levels": levels, "model": "simulated, ttft_ms=0, rate=0 (as fast as possible), "
-                               f"{self.cfg['ttft_tokens']} tokens per answer; closed loop per session",
-                               "measure": "client send -> first delta (upper bound of the server-side figure)"}
+        out: dict[str, Any] = {
+            "levels": levels,
+            "model": "simulated, ttft_ms=0, rate=0 (as fast as possible), "
+            f"{self.cfg['ttft_tokens']} tokens per answer; closed loop per session",
+            "measure": "client send -> first delta (upper bound of the server-side figure)",
+        }
         await asyncio.sleep(2)  # analytics are written asynchronously
         for row in levels:
             window = row.pop("_window", None)
-            row["orchestrator_analytics_ttft_ms"] = (await self._analytics_ttft(*window) if window
-                                                     else "no measurement window")
+            row["orchestrator_analytics_ttft_ms"] = (
+                await self._analytics_ttft(*window) if window else "no measurement window"
+            )
         return out
 
     async def _analytics_ttft(self, start: dt.datetime, end: dt.datetime) -> dict[str, Any] | str:
@@ -423,9 +476,13 @@ class Bench:
 
             conn = await asyncpg.connect(self.env["TIDEWIRE_POSTGRES_DSN"], timeout=5)
             try:
-                rows = await conn.fetch("SELECT ttft_ms FROM turn_analytics WHERE ttft_ms IS NOT NULL"
-                                        " AND recorded_at BETWEEN $1 AND $2", start,
-                                        end + dt.timedelta(seconds=2), timeout=10)
+                rows = await conn.fetch(
+                    "SELECT ttft_ms FROM turn_analytics WHERE ttft_ms IS NOT NULL"
+                    " AND recorded_at BETWEEN $1 AND $2",
+                    start,
+                    end + dt.timedelta(seconds=2),
+                    timeout=10,
+                )
             finally:
                 await conn.close()
         except Exception as e:  # noqa: BLE001
@@ -439,11 +496,20 @@ class Bench:
         await asyncio.to_thread(self.restart_gateway)
         snaps: dict[str, Any] = {}
         log(f"idle: {n} websockets then {n} SSE streams on one gateway")
-        res = await self.loadgen("idle", {"base_url": self.url, "n": n, "sse": True,
-                                          "probe_turns": self.cfg["idle_probe_turns"],
-                                          "cpu_window_s": self.cfg["idle_cpu_window_s"],
-                                          "settle_s": self.cfg["idle_settle_s"], "open_concurrency": 100},
-                                 self.snapshot_handler(snaps), timeout=1200)
+        res = await self.loadgen(
+            "idle",
+            {
+                "base_url": self.url,
+                "n": n,
+                "sse": True,
+                "probe_turns": self.cfg["idle_probe_turns"],
+                "cpu_window_s": self.cfg["idle_cpu_window_s"],
+                "settle_s": self.cfg["idle_settle_s"],
+                "open_concurrency": 100,
+            },
+            self.snapshot_handler(snaps),
+            timeout=1200,
+        )
         out: dict[str, Any] = {"n": n}
 
         def held(after: str, before: str, gauge: str, opened: int) -> int:
@@ -469,8 +535,12 @@ class Bench:
         out["ws_closed_by_server"] = res.get("ws_closed_by_server")
         out["ws_held_by_gateway"] = held("ws_open", "before", "sockets", res.get("ws_opened", 0))
         out["ws_counts_consistent"] = consistent(res.get("ws_open_at_snapshot"), out["ws_held_by_gateway"])
-        out["ws_kib_per_conn"], out["ws_fds_per_conn"] = per_conn("ws_open", "before", out["ws_held_by_gateway"])
-        out["ws_gateway_rss_mib"] = r3(snaps.get("ws_open", {}).get("gateway", {}).get("rss", math.nan) / 2**20)
+        out["ws_kib_per_conn"], out["ws_fds_per_conn"] = per_conn(
+            "ws_open", "before", out["ws_held_by_gateway"]
+        )
+        out["ws_gateway_rss_mib"] = r3(
+            snaps.get("ws_open", {}).get("gateway", {}).get("rss", math.nan) / 2**20
+        )
         out["ws_idle_cpu_pct"] = {k: r3(v["cpu_pct"]) for k, v in snaps.get("ws_open:cpu", {}).items()}
         if "ws_probe" in res:
             out["ws_probe_ttft_ms"] = summarize(res["ws_probe"]["ttft_ms"])
@@ -479,30 +549,46 @@ class Bench:
         out["sse_open_s"] = res.get("sse_open_s")
         out["sse_open_errors"] = res.get("sse_open_errors")
         out["sse_held_by_gateway"] = held("sse_open", "sse_before", "sse_streams", res.get("sse_opened", 0))
-        out["sse_kib_per_conn"], out["sse_fds_per_conn"] = per_conn("sse_open", "sse_before",
-                                                                    out["sse_held_by_gateway"])
+        out["sse_kib_per_conn"], out["sse_fds_per_conn"] = per_conn(
+            "sse_open", "sse_before", out["sse_held_by_gateway"]
+        )
         out["sse_idle_cpu_pct"] = {k: r3(v["cpu_pct"]) for k, v in snaps.get("sse_open:cpu", {}).items()}
         if "sse_probe" in res:
             out["sse_probe_ttft_ms"] = summarize(res["sse_probe"]["ttft_ms"])
             out["sse_probe_errors"] = res["sse_probe"]["errors"]
         out["error_kinds"] = {**res.get("ws_open_error_kinds", {}), **res.get("sse_open_error_kinds", {})}
         out["gateway_snapshots"] = {
-            tag: {"rss_mib": r3(v["gateway"]["rss"] / 2**20), "fds": v["gateway"]["fds"],
-                  **{f"metrics_{k}": g for k, g in v.get("_gateway_metrics", {}).items()}}
-            for tag, v in snaps.items() if not tag.endswith(":cpu") and "gateway" in v}
+            tag: {
+                "rss_mib": r3(v["gateway"]["rss"] / 2**20),
+                "fds": v["gateway"]["fds"],
+                **{f"metrics_{k}": g for k, g in v.get("_gateway_metrics", {}).items()},
+            }
+            for tag, v in snaps.items()
+            if not tag.endswith(":cpu") and "gateway" in v
+        }
 
         log(f"idle: {n} websockets on the bare relay")
         bsnaps: dict[str, Any] = {}
-        bres = await self.loadgen("idle", {"base_url": self.baseline_url, "n": n, "sse": False,
-                                           "probe_turns": self.cfg["idle_probe_turns"],
-                                           "cpu_window_s": self.cfg["idle_cpu_window_s"],
-                                           "settle_s": self.cfg["idle_settle_s"]},
-                                  self.snapshot_handler(bsnaps), timeout=900)
+        bres = await self.loadgen(
+            "idle",
+            {
+                "base_url": self.baseline_url,
+                "n": n,
+                "sse": False,
+                "probe_turns": self.cfg["idle_probe_turns"],
+                "cpu_window_s": self.cfg["idle_cpu_window_s"],
+                "settle_s": self.cfg["idle_settle_s"],
+            },
+            self.snapshot_handler(bsnaps),
+            timeout=900,
+        )
         if "ws_open" in bsnaps and bres.get("ws_opened"):
             a, b = bsnaps["ws_open"]["baseline"], bsnaps["before"]["baseline"]
             out["baseline_ws_kib_per_conn"] = r3((a["rss"] - b["rss"]) / bres["ws_opened"] / 1024)
             out["baseline_ws_fds_per_conn"] = r3((a["fds"] - b["fds"]) / bres["ws_opened"])
-            out["baseline_ws_idle_cpu_pct"] = r3(bsnaps.get("ws_open:cpu", {}).get("baseline", {}).get("cpu_pct"))
+            out["baseline_ws_idle_cpu_pct"] = r3(
+                bsnaps.get("ws_open:cpu", {}).get("baseline", {}).get("cpu_pct")
+            )
         if "ws_probe" in bres:
             out["baseline_ws_probe_ttft_ms"] = summarize(bres["ws_probe"]["ttft_ms"])
         out["ratio_ws_kib"] = ratio(out.get("ws_kib_per_conn"), out.get("baseline_ws_kib_per_conn"))
@@ -511,15 +597,31 @@ class Bench:
     async def _throughput_run(self, url: str, delivery: str, comps: list[str]) -> dict[str, Any]:
         snaps: dict[str, Any] = {}
         t = self.cfg["throughput"]
-        res = await self.loadgen("throughput", {"base_url": url, "delivery": delivery, **t},
-                                 self.snapshot_handler(snaps))
+        res = await self.loadgen(
+            "throughput", {"base_url": url, "delivery": delivery, **t}, self.snapshot_handler(snaps)
+        )
         start, end = snaps["start"], snaps["end"]
         cpu = {c: end[c]["cpu_s"] - start[c]["cpu_s"] for c in comps if c in start and c in end}
         tokens = res["tokens"]
         total = sum(cpu.values())
-        out = {k: res[k] for k in ("sessions", "rounds", "delivery", "tokens_per_turn", "turns_ok", "turns_failed",
-                                   "tokens", "frames", "wall_s", "tokens_per_s", "error_kinds", "seq_gaps",
-                                   "seq_dups")}
+        out = {
+            k: res[k]
+            for k in (
+                "sessions",
+                "rounds",
+                "delivery",
+                "tokens_per_turn",
+                "turns_ok",
+                "turns_failed",
+                "tokens",
+                "frames",
+                "wall_s",
+                "tokens_per_s",
+                "error_kinds",
+                "seq_gaps",
+                "seq_dups",
+            )
+        }
         out["cpu_s"] = {c: r3(v) for c, v in cpu.items()}
         out["cpu_s_per_1k_tokens"] = {c: r3(1000 * v / tokens) if tokens else None for c, v in cpu.items()}
         out["tokens_per_cpu_s"] = round(tokens / total) if total > 0 else None
@@ -531,8 +633,7 @@ class Bench:
 
     async def scen_throughput(self) -> dict[str, Any]:
         comps = ["gateway", "orchestrators", "tool_worker", "nats", "postgres", "redis"]
-        out: dict[str, Any] = {"model": "simulated, rate=0 (as fast as possible)",
-                               "cpu_components": comps}
+        out: dict[str, Any] = {"model": "simulated, rate=0 (as fast as possible)", "cpu_components": comps}
         for delivery in ("tokens", "batched"):
             log(f"throughput: delivery={delivery}")
             out[delivery] = await self._throughput_run(self.url, delivery, comps)
@@ -541,8 +642,9 @@ class Bench:
                 out["profile"] = await self.profile(comps)
         log("throughput: bare relay")
         out["baseline"] = await self._throughput_run(self.baseline_url, "tokens", ["baseline"])
-        out["ratio_tokens_per_cpu_s"] = ratio(out["tokens"]["tokens_per_cpu_s"],
-                                              out["baseline"]["tokens_per_cpu_s"])
+        out["ratio_tokens_per_cpu_s"] = ratio(
+            out["tokens"]["tokens_per_cpu_s"], out["baseline"]["tokens_per_cpu_s"]
+        )
         return out
 
     async def profile(self, comps: list[str]) -> dict[str, Any]:
@@ -558,13 +660,29 @@ class Bench:
         for name, pid in targets.items():
             for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
                 procs[(name, fmt)] = await asyncio.create_subprocess_exec(
-                    pyspy, "record", "--pid", str(pid), "--duration", str(duration), "--rate", "200",
-                    "--format", fmt, "--output", str(prof_dir / f"{name}.{ext}"), "--nonblocking",
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(duration),
+                    "--rate",
+                    "200",
+                    "--format",
+                    fmt,
+                    "--output",
+                    str(prof_dir / f"{name}.{ext}"),
+                    "--nonblocking",
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                )
         t = dict(self.cfg["throughput"])
         t["rounds"] = t["rounds"] * 4
-        load = asyncio.create_task(self.loadgen("throughput", {"base_url": self.url, "delivery": "tokens", **t},
-                                                self.snapshot_handler({})))
+        load = asyncio.create_task(
+            self.loadgen(
+                "throughput", {"base_url": self.url, "delivery": "tokens", **t}, self.snapshot_handler({})
+            )
+        )
         out: dict[str, Any] = {"dir": str(prof_dir), "duration_s": duration}
         for (name, fmt), p in procs.items():
             try:
@@ -600,8 +718,12 @@ class Bench:
                     continue
                 with contextlib.suppress(Exception):
                     text = await asyncio.to_thread(
-                        lambda port=port: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-                        .read().decode())
+                        lambda port=port: (
+                            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+                            .read()
+                            .decode()
+                        )
+                    )
                     m = re.search(r"^tidewire_orchestrator_sessions_owned (\d+)", text, re.M)
                     if m and int(m.group(1)) > 0:
                         owners.append(svc)
@@ -614,8 +736,14 @@ class Bench:
                 victim, how = None, ""
                 if holder:
                     owner = holder.rsplit(":", 1)[0]  # "<id>:<epoch>"; the id may be "<name>/<instance>"
-                    victim = next((s for s in self.orchestrators()
-                                   if owner == s.name or owner.startswith(s.name + "/")), None)
+                    victim = next(
+                        (
+                            s
+                            for s in self.orchestrators()
+                            if owner == s.name or owner.startswith(s.name + "/")
+                        ),
+                        None,
+                    )
                     how = "lease"
                 if victim is None:
                     owners = await owner_by_metrics()
@@ -635,7 +763,9 @@ class Bench:
             raise ValueError(msg["event"])
 
         try:
-            log(f"crash: {c['trials']} trials, {c['tokens']} tokens at {c['rate']} tok/s, SIGKILL of the owner")
+            log(
+                f"crash: {c['trials']} trials, {c['tokens']} tokens at {c['rate']} tok/s, SIGKILL of the owner"
+            )
             res = await self.loadgen("crash", {"base_url": self.url, **c}, handle, timeout=1800)
         finally:
             await cp.close()
@@ -647,10 +777,14 @@ class Bench:
         self.samples["crash"] = [t["gap_ms"] for t in killed]
         gaps = summarize(t["gap_ms"] for t in killed)
         return {
-            "trials": len(trials), "killed_trials": len(killed), "stream_rate_tok_s": c["rate"],
+            "trials": len(trials),
+            "killed_trials": len(killed),
+            "stream_rate_tok_s": c["rate"],
             "normal_gap_ms": round(1000 / c["rate"], 1),
             "pause_ms": gaps,
-            "kill_to_next_delta_ms": summarize(t["kill_to_next_ms"] for t in killed if "kill_to_next_ms" in t),
+            "kill_to_next_delta_ms": summarize(
+                t["kill_to_next_ms"] for t in killed if "kill_to_next_ms" in t
+            ),
             "max_gap_ms": summarize(t["max_gap_ms"] for t in trials if t.get("max_gap_ms") is not None),
             "exact_text_failures": sum(1 for t in trials if not t.get("exact")),
             "trial_errors": [t.get("error") for t in trials if t.get("error")][:5],
@@ -662,14 +796,25 @@ class Bench:
         n = self.cfg["storm_n"]
         snaps: dict[str, Any] = {}
         log(f"storm: {n} clients dropped at once, then resume with full-jitter backoff")
-        res = await self.loadgen("storm", {"base_url": self.url, "n": n, "backoff_base_ms": 250,
-                                           "backoff_cap_ms": 30_000, "deadline_s": 120},
-                                 self.snapshot_handler(snaps), timeout=1200)
+        res = await self.loadgen(
+            "storm",
+            {
+                "base_url": self.url,
+                "n": n,
+                "backoff_base_ms": 250,
+                "backoff_cap_ms": 30_000,
+                "deadline_s": 120,
+            },
+            self.snapshot_handler(snaps),
+            timeout=1200,
+        )
         self.samples["storm"] = res["resume_s"]
         out = {k: v for k, v in res.items() if k != "resume_s"}
         out["resume_s"] = summarize(res["resume_s"])
         if "before" in snaps and "after" in snaps:
-            out["gateway_cpu_s"] = r3(snaps["after"]["gateway"]["cpu_s"] - snaps["before"]["gateway"]["cpu_s"])
+            out["gateway_cpu_s"] = r3(
+                snaps["after"]["gateway"]["cpu_s"] - snaps["before"]["gateway"]["cpu_s"]
+            )
         return out
 
 
@@ -687,7 +832,9 @@ def scrape_histogram(url: str, name: str) -> dict[str, Any] | None:
     for line in text.splitlines():
         if not line.startswith(name):
             continue
-        m = re.match(rf"^{re.escape(name)}(_bucket|_sum|_count)(?:\{{([^}}]*)\}})? ([0-9.eE+-]+|\+Inf|NaN)$", line)
+        m = re.match(
+            rf"^{re.escape(name)}(_bucket|_sum|_count)(?:\{{([^}}]*)\}})? ([0-9.eE+-]+|\+Inf|NaN)$", line
+        )
         if not m:
             continue
         found = True
@@ -714,7 +861,9 @@ def hist_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
         if cum >= rank:
             if math.isinf(bound):
                 return lo_bound  # past the last finite bucket: its upper bound, as Prometheus does
-            return lo_bound + (bound - lo_bound) * ((rank - lo_count) / (cum - lo_count) if cum > lo_count else 0)
+            return lo_bound + (bound - lo_bound) * (
+                (rank - lo_count) / (cum - lo_count) if cum > lo_count else 0
+            )
         lo_bound, lo_count = bound, cum
     return None
 
@@ -791,10 +940,16 @@ def machine() -> dict[str, Any]:
                 break
     commit = ""
     with contextlib.suppress(Exception):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                          text=True, timeout=5).stdout.strip():
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        if subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip():
             commit += "+dirty"
     import aiohttp
 
@@ -827,11 +982,27 @@ def build_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
     s = results["scenarios"]
     rows: list[dict[str, Any]] = []
 
-    def row(metric: str, value: Any, unit: str, target: str = "", met: bool | None = None, floor: Any = None,
-            note: str = "") -> None:
-        rows.append({"metric": metric, "value": value, "unit": unit, "target": target, "met": met,
-                     "floor": floor, "ratio": ratio(value, floor) if isinstance(value, int | float) else None,
-                     "note": note})
+    def row(
+        metric: str,
+        value: Any,
+        unit: str,
+        target: str = "",
+        met: bool | None = None,
+        floor: Any = None,
+        note: str = "",
+    ) -> None:
+        rows.append(
+            {
+                "metric": metric,
+                "value": value,
+                "unit": unit,
+                "target": target,
+                "met": met,
+                "floor": floor,
+                "ratio": ratio(value, floor) if isinstance(value, int | float) else None,
+                "note": note,
+            }
+        )
 
     def le(v: Any, t: float) -> bool | None:
         return None if not isinstance(v, int | float) else v <= t
@@ -840,95 +1011,207 @@ def build_summary(results: dict[str, Any]) -> list[dict[str, Any]]:
     for lvl in ttft.get("levels", []) if isinstance(ttft, dict) else []:
         n = lvl["sessions"]
         tw, bl = lvl["tidewire"]["ttft_ms"], lvl["baseline"]["ttft_ms"]
-        for q, label, tgt in (("p50", "p50", TARGETS["ttft_p50_ms"]), ("p99", "p99", TARGETS["ttft_p99_ms"]),
-                              ("p99_9", "p99.9", None)):
-            row(f"TTFT overhead {label}, {n} active session{'s' if n > 1 else ''} (client send → first delta)",
-                tw.get(q), "ms", f"≤ {tgt:g} ms" if tgt else "", le(tw.get(q), tgt) if tgt else None, bl.get(q),
-                (f"{lvl['tidewire']['turns']} turns, {lvl['tidewire']['errors']} errors, "
-                 f"{lvl['tidewire']['text_mismatches']} inexact texts, {lvl['tidewire'].get('seq_gaps', 0)} seq gaps"
-                 if q == "p50" else ""))
+        for q, label, tgt in (
+            ("p50", "p50", TARGETS["ttft_p50_ms"]),
+            ("p99", "p99", TARGETS["ttft_p99_ms"]),
+            ("p99_9", "p99.9", None),
+        ):
+            row(
+                f"TTFT overhead {label}, {n} active session{'s' if n > 1 else ''} (client send → first delta)",
+                tw.get(q),
+                "ms",
+                f"≤ {tgt:g} ms" if tgt else "",
+                le(tw.get(q), tgt) if tgt else None,
+                bl.get(q),
+                (
+                    f"{lvl['tidewire']['turns']} turns, {lvl['tidewire']['errors']} errors, "
+                    f"{lvl['tidewire']['text_mismatches']} inexact texts, {lvl['tidewire'].get('seq_gaps', 0)} seq gaps"
+                    if q == "p50"
+                    else ""
+                ),
+            )
         hist = lvl.get("server_side_ttft_ms")
         if isinstance(hist, dict):
-            for q, label, tgt in (("p50", "p50", TARGETS["ttft_p50_ms"]), ("p99", "p99", TARGETS["ttft_p99_ms"])):
-                row(f"TTFT server-side {label}, {n} session{'s' if n > 1 else ''} (gateway: receipt of send → "
-                    "first delta written; histogram)", hist.get(q), "ms", f"≤ {tgt:g} ms", le(hist.get(q), tgt),
-                    note=f"mean {hist.get('mean')} ms, n={hist.get('n')}" if q == "p50" else "")
+            for q, label, tgt in (
+                ("p50", "p50", TARGETS["ttft_p50_ms"]),
+                ("p99", "p99", TARGETS["ttft_p99_ms"]),
+            ):
+                row(
+                    f"TTFT server-side {label}, {n} session{'s' if n > 1 else ''} (gateway: receipt of send → "
+                    "first delta written; histogram)",
+                    hist.get(q),
+                    "ms",
+                    f"≤ {tgt:g} ms",
+                    le(hist.get(q), tgt),
+                    note=f"mean {hist.get('mean')} ms, n={hist.get('n')}" if q == "p50" else "",
+                )
         else:
-            row(f"TTFT server-side estimate p50, {n} session{'s' if n > 1 else ''} (client figure − ping RTT)",
-                lvl.get("server_side_est_p50_ms"), "ms", f"≤ {TARGETS['ttft_p50_ms']:g} ms",
-                le(lvl.get("server_side_est_p50_ms"), TARGETS["ttft_p50_ms"]))
+            row(
+                f"TTFT server-side estimate p50, {n} session{'s' if n > 1 else ''} (client figure − ping RTT)",
+                lvl.get("server_side_est_p50_ms"),
+                "ms",
+                f"≤ {TARGETS['ttft_p50_ms']:g} ms",
+                le(lvl.get("server_side_est_p50_ms"), TARGETS["ttft_p50_ms"]),
+            )
     idle = s.get("idle", {})
     if isinstance(idle, dict) and "n" in idle:
         n = idle["n"]
-        row(f"Idle WebSocket: gateway RSS per connection ({n} open)", idle.get("ws_kib_per_conn"), "KiB",
-            f"≤ {TARGETS['idle_ws_kib']:g} KiB", le(idle.get("ws_kib_per_conn"), TARGETS["idle_ws_kib"]),
+        row(
+            f"Idle WebSocket: gateway RSS per connection ({n} open)",
+            idle.get("ws_kib_per_conn"),
+            "KiB",
+            f"≤ {TARGETS['idle_ws_kib']:g} KiB",
+            le(idle.get("ws_kib_per_conn"), TARGETS["idle_ws_kib"]),
             idle.get("baseline_ws_kib_per_conn"),
             f"{idle.get('ws_opened')} opened, {idle.get('ws_open_errors')} errors, {idle.get('ws_held_by_gateway')} "
-            f"held by the gateway at the snapshot")
-        row("Idle WebSocket: file descriptors per connection", idle.get("ws_fds_per_conn"), "fd",
-            "1", le(idle.get("ws_fds_per_conn"), 1.05), idle.get("baseline_ws_fds_per_conn"))
-        row(f"Idle SSE stream: gateway RSS per stream ({n} open)", idle.get("sse_kib_per_conn"), "KiB",
-            f"≤ {TARGETS['idle_sse_kib']:g} KiB", le(idle.get("sse_kib_per_conn"), TARGETS["idle_sse_kib"]),
-            None, f"{idle.get('sse_opened')} opened, {idle.get('sse_open_errors')} errors, "
-                  f"{idle.get('sse_held_by_gateway')} held by the gateway at the snapshot")
-        row("Idle SSE stream: file descriptors per stream", idle.get("sse_fds_per_conn"), "fd", "1",
-            le(idle.get("sse_fds_per_conn"), 1.05))
+            f"held by the gateway at the snapshot",
+        )
+        row(
+            "Idle WebSocket: file descriptors per connection",
+            idle.get("ws_fds_per_conn"),
+            "fd",
+            "1",
+            le(idle.get("ws_fds_per_conn"), 1.05),
+            idle.get("baseline_ws_fds_per_conn"),
+        )
+        row(
+            f"Idle SSE stream: gateway RSS per stream ({n} open)",
+            idle.get("sse_kib_per_conn"),
+            "KiB",
+            f"≤ {TARGETS['idle_sse_kib']:g} KiB",
+            le(idle.get("sse_kib_per_conn"), TARGETS["idle_sse_kib"]),
+            None,
+            f"{idle.get('sse_opened')} opened, {idle.get('sse_open_errors')} errors, "
+            f"{idle.get('sse_held_by_gateway')} held by the gateway at the snapshot",
+        )
+        row(
+            "Idle SSE stream: file descriptors per stream",
+            idle.get("sse_fds_per_conn"),
+            "fd",
+            "1",
+            le(idle.get("sse_fds_per_conn"), 1.05),
+        )
         win = _get(results, "meta", "config", "idle_cpu_window_s")
-        row(f"Gateway CPU with {n} idle WebSockets ({win} s window)", _get(idle, "ws_idle_cpu_pct", "gateway"), "%",
-            floor=idle.get("baseline_ws_idle_cpu_pct"))
-        row(f"Gateway CPU with {n} idle SSE streams ({win} s window)", _get(idle, "sse_idle_cpu_pct", "gateway"), "%")
-        row(f"TTFT p50 of an active session next to {n} idle WebSockets", _get(idle, "ws_probe_ttft_ms", "p50"),
-            "ms", floor=_get(idle, "baseline_ws_probe_ttft_ms", "p50"),
-            note=f"{_get(idle, 'ws_probe_ttft_ms', 'n')} turns, {idle.get('ws_probe_errors')} errors")
-        row(f"TTFT p99 of an active session next to {n} idle WebSockets", _get(idle, "ws_probe_ttft_ms", "p99"),
-            "ms", floor=_get(idle, "baseline_ws_probe_ttft_ms", "p99"))
+        row(
+            f"Gateway CPU with {n} idle WebSockets ({win} s window)",
+            _get(idle, "ws_idle_cpu_pct", "gateway"),
+            "%",
+            floor=idle.get("baseline_ws_idle_cpu_pct"),
+        )
+        row(
+            f"Gateway CPU with {n} idle SSE streams ({win} s window)",
+            _get(idle, "sse_idle_cpu_pct", "gateway"),
+            "%",
+        )
+        row(
+            f"TTFT p50 of an active session next to {n} idle WebSockets",
+            _get(idle, "ws_probe_ttft_ms", "p50"),
+            "ms",
+            floor=_get(idle, "baseline_ws_probe_ttft_ms", "p50"),
+            note=f"{_get(idle, 'ws_probe_ttft_ms', 'n')} turns, {idle.get('ws_probe_errors')} errors",
+        )
+        row(
+            f"TTFT p99 of an active session next to {n} idle WebSockets",
+            _get(idle, "ws_probe_ttft_ms", "p99"),
+            "ms",
+            floor=_get(idle, "baseline_ws_probe_ttft_ms", "p99"),
+        )
     tp = s.get("throughput", {})
     if isinstance(tp, dict) and "tokens" in tp:
         floor = _get(tp, "baseline", "tokens_per_cpu_s")
         for mode in ("tokens", "batched"):
             m = tp.get(mode, {})
-            row(f"Tokens per CPU-second, all components incl. NATS/Postgres/Redis (delivery: {mode})",
-                m.get("tokens_per_cpu_s"), "tok/CPU-s", f"≥ {TARGETS['tokens_per_cpu_s']:,.0f}",
-                None if m.get("tokens_per_cpu_s") is None else m["tokens_per_cpu_s"] >= TARGETS["tokens_per_cpu_s"],
-                floor, f"{m.get('sessions')} sessions × {m.get('tokens_per_turn')} tokens × {m.get('rounds')} rounds; "
-                f"{m.get('turns_ok')} turns ok, {m.get('turns_failed')} failed or inexact")
-            row(f"Tokens per CPU-second, tidewire services only (delivery: {mode})",
-                m.get("tokens_per_cpu_s_services_only"), "tok/CPU-s", floor=floor)
-            row(f"Tokens/s delivered to clients (delivery: {mode})", m.get("tokens_per_s"), "tok/s",
-                floor=_get(tp, "baseline", "tokens_per_s"))
+            row(
+                f"Tokens per CPU-second, all components incl. NATS/Postgres/Redis (delivery: {mode})",
+                m.get("tokens_per_cpu_s"),
+                "tok/CPU-s",
+                f"≥ {TARGETS['tokens_per_cpu_s']:,.0f}",
+                None
+                if m.get("tokens_per_cpu_s") is None
+                else m["tokens_per_cpu_s"] >= TARGETS["tokens_per_cpu_s"],
+                floor,
+                f"{m.get('sessions')} sessions × {m.get('tokens_per_turn')} tokens × {m.get('rounds')} rounds; "
+                f"{m.get('turns_ok')} turns ok, {m.get('turns_failed')} failed or inexact",
+            )
+            row(
+                f"Tokens per CPU-second, tidewire services only (delivery: {mode})",
+                m.get("tokens_per_cpu_s_services_only"),
+                "tok/CPU-s",
+                floor=floor,
+            )
+            row(
+                f"Tokens/s delivered to clients (delivery: {mode})",
+                m.get("tokens_per_s"),
+                "tok/s",
+                floor=_get(tp, "baseline", "tokens_per_s"),
+            )
             for comp in ("gateway", "orchestrators"):
-                row(f"CPU-ms per 1,000 tokens: {comp} (delivery: {mode})",
+                row(
+                    f"CPU-ms per 1,000 tokens: {comp} (delivery: {mode})",
                     (lambda v: r3(v * 1000) if v is not None else None)(_get(m, "cpu_s_per_1k_tokens", comp)),
-                    "ms", floor=(lambda v: r3(v * 1000) if v is not None else None)(
-                        _get(tp, "baseline", "cpu_s_per_1k_tokens", "baseline")))
+                    "ms",
+                    floor=(lambda v: r3(v * 1000) if v is not None else None)(
+                        _get(tp, "baseline", "cpu_s_per_1k_tokens", "baseline")
+                    ),
+                )
     cr = s.get("crash", {})
     if isinstance(cr, dict) and "pause_ms" in cr:
         note = f"{cr.get('killed_trials')}/{cr.get('trials')} trials; normal gap {cr.get('normal_gap_ms')} ms"
-        row("Crash pause p50 (SIGKILL of the owning orchestrator; last delta → next delta)",
-            _get(cr, "pause_ms", "p50"), "ms", f"≤ {TARGETS['crash_p50_ms']:g} ms",
-            le(_get(cr, "pause_ms", "p50"), TARGETS["crash_p50_ms"]), note=note)
-        row("Crash pause p99", _get(cr, "pause_ms", "p99"), "ms", f"≤ {TARGETS['crash_p99_ms']:g} ms",
-            le(_get(cr, "pause_ms", "p99"), TARGETS["crash_p99_ms"]))
-        row("Crash trials whose text was not exact (deltas ≠ turn_end.text)", cr.get("exact_text_failures"), "",
-            "0", cr.get("exact_text_failures") == 0)
+        row(
+            "Crash pause p50 (SIGKILL of the owning orchestrator; last delta → next delta)",
+            _get(cr, "pause_ms", "p50"),
+            "ms",
+            f"≤ {TARGETS['crash_p50_ms']:g} ms",
+            le(_get(cr, "pause_ms", "p50"), TARGETS["crash_p50_ms"]),
+            note=note,
+        )
+        row(
+            "Crash pause p99",
+            _get(cr, "pause_ms", "p99"),
+            "ms",
+            f"≤ {TARGETS['crash_p99_ms']:g} ms",
+            le(_get(cr, "pause_ms", "p99"), TARGETS["crash_p99_ms"]),
+        )
+        row(
+            "Crash trials whose text was not exact (deltas ≠ turn_end.text)",
+            cr.get("exact_text_failures"),
+            "",
+            "0",
+            cr.get("exact_text_failures") == 0,
+        )
     for name in SCENARIO_ORDER:
         sc = s.get(name)
         canary = sc.get("canary_after") if isinstance(sc, dict) else None
         if isinstance(canary, dict) and not canary.get("ok"):
-            row(f"Stack still serving turns after the {name} scenario (1 session, 3 turns, 15 s timeout)", "no", "",
-                "yes", False, note="a fresh stack (new infra state, new processes) ran the next scenario; "
-                                   + ", ".join(f"{k} ×{v}" for k, v in (canary.get("error_kinds") or {}).items()))
+            row(
+                f"Stack still serving turns after the {name} scenario (1 session, 3 turns, 15 s timeout)",
+                "no",
+                "",
+                "yes",
+                False,
+                note="a fresh stack (new infra state, new processes) ran the next scenario; "
+                + ", ".join(f"{k} ×{v}" for k, v in (canary.get("error_kinds") or {}).items()),
+            )
     st = s.get("storm", {})
     if isinstance(st, dict) and "n" in st:
         n = st["n"]
         full = n >= TARGETS["storm_n"]
-        row(f"Reconnect storm: {n} clients dropped at once, all resumed (ready + replay) after",
-            st.get("all_resumed_s"), "s", f"≤ {TARGETS['storm_s']:g} s for {TARGETS['storm_n']:,}",
+        row(
+            f"Reconnect storm: {n} clients dropped at once, all resumed (ready + replay) after",
+            st.get("all_resumed_s"),
+            "s",
+            f"≤ {TARGETS['storm_s']:g} s for {TARGETS['storm_n']:,}",
             le(st.get("all_resumed_s"), TARGETS["storm_s"]) if full else None,
-            note=f"p50 {_get(st, 'resume_s', 'p50')} s, p99 {_get(st, 'resume_s', 'p99')} s")
-        row("Reconnect storm: errors (failed attempts + clients never resumed + bad replays)", st.get("errors"), "",
-            "0", st.get("errors") == 0 if full else None,
-            note=", ".join(f"{k} ×{v}" for k, v in (st.get("error_kinds") or {}).items())[:160])
+            note=f"p50 {_get(st, 'resume_s', 'p50')} s, p99 {_get(st, 'resume_s', 'p99')} s",
+        )
+        row(
+            "Reconnect storm: errors (failed attempts + clients never resumed + bad replays)",
+            st.get("errors"),
+            "",
+            "0",
+            st.get("errors") == 0 if full else None,
+            note=", ".join(f"{k} ×{v}" for k, v in (st.get("error_kinds") or {}).items())[:160],
+        )
     return rows
 
 
@@ -965,18 +1248,30 @@ def render_table(results: dict[str, Any], json_rel: str, plots_rel: list[str]) -
     ]
     for r in results["summary"]:
         met = {True: "✅", False: "❌", None: ""}[r["met"]]
-        lines.append(f"| {r['metric']} | {r['target']} | {fmt(r['value'], r['unit'])} | "
-                     f"{fmt(r['floor'], r['unit']) if r['floor'] is not None else ''} | "
-                     f"{fmt(r['ratio']) + '×' if r['ratio'] is not None else ''} | {met} | {r['note']} |")
-    busy = [f"{k} {v['machine_busy_pct']:.0f}%" for k, v in results["scenarios"].items()
-            if isinstance(v, dict) and isinstance(v.get("machine_busy_pct"), int | float)]
+        lines.append(
+            f"| {r['metric']} | {r['target']} | {fmt(r['value'], r['unit'])} | "
+            f"{fmt(r['floor'], r['unit']) if r['floor'] is not None else ''} | "
+            f"{fmt(r['ratio']) + '×' if r['ratio'] is not None else ''} | {met} | {r['note']} |"
+        )
+    busy = [
+        f"{k} {v['machine_busy_pct']:.0f}%"
+        for k, v in results["scenarios"].items()
+        if isinstance(v, dict) and isinstance(v.get("machine_busy_pct"), int | float)
+    ]
     if busy:
-        lines += ["", "Machine-wide CPU busy during each scenario (every process on the box, ours or not): "
-                  + ", ".join(busy) + "."]
+        lines += [
+            "",
+            "Machine-wide CPU busy during each scenario (every process on the box, ours or not): "
+            + ", ".join(busy)
+            + ".",
+        ]
     errors = {k: v["error"] for k, v in results["scenarios"].items() if isinstance(v, dict) and "error" in v}
     if errors:
-        lines += ["", "Scenarios that failed in this run: "
-                  + "; ".join(f"**{k}**: `{v[:200]}`" for k, v in errors.items())]
+        lines += [
+            "",
+            "Scenarios that failed in this run: "
+            + "; ".join(f"**{k}**: `{v[:200]}`" for k, v in errors.items()),
+        ]
     lines += ["", f"Raw results: [`{json_rel}`]({json_rel})."]
     if plots_rel:
         lines += ["", " ".join(f"![{Path(p).stem}]({p})" for p in plots_rel)]
@@ -1022,7 +1317,10 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
             ax1.bar([x + i * 0.4 for x in xs], p50, 0.38, color=color, label=f"{who} p50")
         ax1.axhline(TARGETS["ttft_p50_ms"], color="green", ls="--", lw=1, label="target p50")
         ax1.axhline(TARGETS["ttft_p99_ms"], color="red", ls="--", lw=1, label="target p99")
-        ax1.set_xticks([x + 0.2 for x in xs], [f"{lv['sessions']} session{'s' if lv['sessions'] > 1 else ''}" for lv in levels])
+        ax1.set_xticks(
+            [x + 0.2 for x in xs],
+            [f"{lv['sessions']} session{'s' if lv['sessions'] > 1 else ''}" for lv in levels],
+        )
         ax1.set_yscale("log")
         ax1.set_ylabel("send → first delta (ms)")
         ax1.set_title("TTFT overhead (model TTFT = 0)")
@@ -1031,8 +1329,12 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
             if key.startswith("ttft/") and v:
                 _, who, n = key.split("/")
                 xs2 = sorted(v)
-                ax2.plot(xs2, [(i + 1) / len(xs2) for i in range(len(xs2))], label=f"{who}, {n} sessions",
-                         ls="-" if who == "tidewire" else ":")
+                ax2.plot(
+                    xs2,
+                    [(i + 1) / len(xs2) for i in range(len(xs2))],
+                    label=f"{who}, {n} sessions",
+                    ls="-" if who == "tidewire" else ":",
+                )
         ax2.set_xscale("log")
         ax2.set_xlabel("send → first delta (ms)")
         ax2.set_ylabel("fraction of turns")
@@ -1042,8 +1344,11 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
     with contextlib.suppress(Exception):
         idle = s["idle"]
         labels = ["tidewire WS", "tidewire SSE", "bare relay WS"]
-        vals = [idle.get("ws_kib_per_conn") or 0, idle.get("sse_kib_per_conn") or 0,
-                idle.get("baseline_ws_kib_per_conn") or 0]
+        vals = [
+            idle.get("ws_kib_per_conn") or 0,
+            idle.get("sse_kib_per_conn") or 0,
+            idle.get("baseline_ws_kib_per_conn") or 0,
+        ]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.bar(labels, vals, color=["tab:blue", "tab:cyan", "tab:gray"])
         ax.axhline(TARGETS["idle_ws_kib"], color="red", ls="--", lw=1, label="target WS (16 KiB)")
@@ -1066,8 +1371,13 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
             bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
         bv = 1000 * (tp["baseline"]["cpu_s_per_1k_tokens"].get("baseline") or 0)
         ax.bar(["bare relay"], [bv], bottom=[0], label="bare relay", color="tab:gray")
-        ax.axhline(1000 * 1000 / TARGETS["tokens_per_cpu_s"], color="red", ls="--", lw=1,
-                   label="target (50k tok/CPU-s)")
+        ax.axhline(
+            1000 * 1000 / TARGETS["tokens_per_cpu_s"],
+            color="red",
+            ls="--",
+            lw=1,
+            label="target (50k tok/CPU-s)",
+        )
         ax.set_ylabel("CPU-ms per 1,000 tokens")
         ax.set_title("Token throughput cost per component")
         ax.legend(fontsize=7)
@@ -1105,9 +1415,14 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
 
 async def run_all(bench: Bench, only: list[str]) -> dict[str, Any]:
     scenarios: dict[str, Any] = {}
-    fns = {"ttft": bench.scen_ttft, "idle": bench.scen_idle, "throughput": bench.scen_throughput,
-           "crash": bench.scen_crash, "storm": bench.scen_storm,
-           "openloop": lambda: openloop.run_scenario(bench)}
+    fns = {
+        "ttft": bench.scen_ttft,
+        "idle": bench.scen_idle,
+        "throughput": bench.scen_throughput,
+        "crash": bench.scen_crash,
+        "storm": bench.scen_storm,
+        "openloop": lambda: openloop.run_scenario(bench),
+    }
     for name in only:
         t0 = time.monotonic()
         cpu0 = psutil.cpu_times()
@@ -1160,17 +1475,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds per scenario")
     ap.add_argument("--out", help="directory for the JSON and the plots (default bench/results)")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(SCENARIO_ORDER)}")
-    ap.add_argument("--docs", help="regenerate the table in this markdown file (default: docs/benchmarks.md, "
-                                   "full runs only)")
+    ap.add_argument(
+        "--docs",
+        help="regenerate the table in this markdown file (default: docs/benchmarks.md, full runs only)",
+    )
     ap.add_argument("--no-docs", action="store_true", help="do not touch the docs")
-    ap.add_argument("--profile", action="store_true", help="py-spy the gateway and an orchestrator during an "
-                                                           "extra throughput run")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway and an orchestrator during an extra throughput run",
+    )
     ap.add_argument("--profile-dir", help="where py-spy writes (default: the temporary work dir)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                    help="override a size, e.g. --set idle_n=3000 --set 'crash={\"trials\": 5}'")
-    ap.add_argument("--render", metavar="JSON", help="no run: rebuild the summary of an existing results file "
-                                                     "and the docs table from it (plots found next to it)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a size, e.g. --set idle_n=3000 --set 'crash={\"trials\": 5}'",
+    )
+    ap.add_argument(
+        "--render",
+        metavar="JSON",
+        help="no run: rebuild the summary of an existing results file "
+        "and the docs table from it (plots found next to it)",
+    )
     args = ap.parse_args(argv)
     if args.render:
         return render_only(Path(args.render).resolve(), Path(args.docs).resolve() if args.docs else DOCS)
@@ -1196,13 +1525,18 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, workdir)
     t0 = time.monotonic()
     results: dict[str, Any] = {
-        "meta": {"date": date, "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                 "mode": "quick" if args.quick else "full", "machine": machine(), "nofile_limit": nofile,
-                 "config": {k: v for k, v in (QUICK if args.quick else FULL).items()},
-                 "source": "a copy of the working tree taken when the run started (git_commit; +dirty: "
-                           "with uncommitted changes)",
-                 "stack": "1 gateway, 2 orchestrators (3 during the crash scenario), 1 tool worker; "
-                          "embedded NATS JetStream (fsync always), Postgres (synchronous_commit on), Redis (AOF)"},
+        "meta": {
+            "date": date,
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "mode": "quick" if args.quick else "full",
+            "machine": machine(),
+            "nofile_limit": nofile,
+            "config": {k: v for k, v in (QUICK if args.quick else FULL).items()},
+            "source": "a copy of the working tree taken when the run started (git_commit; +dirty: "
+            "with uncommitted changes)",
+            "stack": "1 gateway, 2 orchestrators (3 during the crash scenario), 1 tool worker; "
+            "embedded NATS JetStream (fsync always), Postgres (synchronous_commit on), Redis (AOF)",
+        },
         "targets": TARGETS,
     }
     interrupted = False
@@ -1223,8 +1557,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = clean(results)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False,
-                                    default=lambda o: None) + "\n")
+    json_path.write_text(
+        json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False, default=lambda o: None) + "\n"
+    )
     plots = plot(results, bench.samples, out_dir, stem)
     log(f"wrote {json_path} and {len(plots)} plots")
     # only a canonical run (full sizes, every scenario, default output) rewrites the docs by default
@@ -1236,11 +1571,19 @@ def main(argv: list[str] | None = None) -> int:
         log(f"updated {docs}")
     # the open-loop section of the docs: by any full-size run that included it (default output), or --docs
     ol_docs = Path(args.docs).resolve() if args.docs else (DOCS if not (args.quick or args.out) else None)
-    openloop.write_outputs(results, out_dir, stem, quick=args.quick, plots=plots,
-                           docs=None if args.no_docs or "openloop" not in only else ol_docs)
+    openloop.write_outputs(
+        results,
+        out_dir,
+        stem,
+        quick=args.quick,
+        plots=plots,
+        docs=None if args.no_docs or "openloop" not in only else ol_docs,
+    )
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps({"results": str(json_path), "summary": results["summary"]}, indent=1, ensure_ascii=False))
+    print(
+        json.dumps({"results": str(json_path), "summary": results["summary"]}, indent=1, ensure_ascii=False)
+    )
     return 130 if interrupted else 0
 
 

@@ -54,7 +54,7 @@ BEGIN, END = "<!-- openloop:begin -->", "<!-- openloop:end -->"
 FULL_CFG: dict[str, Any] = {
     "sessions": 1000,
     "rates": [25, 50, 100, 200, 300, 400],  # short answers, msg/s offered (Poisson)
-    "tokens": 8,                              # short answer: /sim tokens=8 rate=0 ttft_ms=0
+    "tokens": 8,  # short answer: /sim tokens=8 rate=0 ttft_ms=0
     "realistic": {"rate": 40, "tokens": 300, "tok_rate": 60},  # one more level (null: none)
     "realistic_after": 50,  # it runs after the short level of this rate (null: after the last one)
     "duration_s": 12,
@@ -82,8 +82,14 @@ QUICK_CFG: dict[str, Any] = {
     "settle_s": 0.2,
     "restart_on_canary_failure": False,  # a smoke test: a fresh stack would double its time
 }
-TARGET = {"rate": 300, "ttft_p50_plus_ms": 2.0, "ttft_p99_x": 3.0, "errors": 0, "unfinished": 0,
-          "cpu_ms_per_turn": 3.0}
+TARGET = {
+    "rate": 300,
+    "ttft_p50_plus_ms": 2.0,
+    "ttft_p99_x": 3.0,
+    "errors": 0,
+    "unfinished": 0,
+    "cpu_ms_per_turn": 3.0,
+}
 TIDEWIRE_COMPS = ("gateway", "orchestrators", "tool_worker", "nats", "postgres", "redis")
 FLOOR_COMPS = ("baseline",)
 
@@ -91,16 +97,32 @@ FLOOR_COMPS = ("baseline",)
 def level_specs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     """The levels in the order they run: the short ones by rate, the realistic one after the short
     level of rate `realistic_after` (or last)."""
-    specs = [{"name": f"short@{r:g}", "kind": "short", "rate": float(r), "tokens": int(cfg["tokens"]),
-              "tok_rate": 0.0, "duration_s": float(cfg["duration_s"])} for r in cfg["rates"]]
+    specs = [
+        {
+            "name": f"short@{r:g}",
+            "kind": "short",
+            "rate": float(r),
+            "tokens": int(cfg["tokens"]),
+            "tok_rate": 0.0,
+            "duration_s": float(cfg["duration_s"]),
+        }
+        for r in cfg["rates"]
+    ]
     real = cfg.get("realistic")
     if real:
-        spec = {"name": f"realistic@{real['rate']:g}", "kind": "realistic", "rate": float(real["rate"]),
-                "tokens": int(real["tokens"]), "tok_rate": float(real["tok_rate"]),
-                "duration_s": float(real.get("duration_s", cfg["duration_s"]))}
+        spec = {
+            "name": f"realistic@{real['rate']:g}",
+            "kind": "realistic",
+            "rate": float(real["rate"]),
+            "tokens": int(real["tokens"]),
+            "tok_rate": float(real["tok_rate"]),
+            "duration_s": float(real.get("duration_s", cfg["duration_s"])),
+        }
         after = cfg.get("realistic_after")
-        pos = next((i + 1 for i, s in enumerate(specs) if after is not None and s["rate"] == float(after)),
-                   len(specs))
+        pos = next(
+            (i + 1 for i, s in enumerate(specs) if after is not None and s["rate"] == float(after)),
+            len(specs),
+        )
         specs.insert(pos, spec)
     return specs
 
@@ -123,8 +145,24 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
 
 
 class Turn:
-    __slots__ = ("level", "t_int", "t_sent", "cmid", "turn_id", "ack_rx", "first_rx", "end_rx", "error",
-                 "parts", "offset", "offsets_ok", "ok", "done", "conn", "waiter")
+    __slots__ = (
+        "level",
+        "t_int",
+        "t_sent",
+        "cmid",
+        "turn_id",
+        "ack_rx",
+        "first_rx",
+        "end_rx",
+        "error",
+        "parts",
+        "offset",
+        "offsets_ok",
+        "ok",
+        "done",
+        "conn",
+        "waiter",
+    )
 
     def __init__(self, level: Level | None, t_int: float, conn: Conn) -> None:
         self.level = level
@@ -178,8 +216,9 @@ class Conn:
 
     async def open(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
-            self.ws = await self.pool.http.ws_connect(self.url, autoping=True, max_msg_size=0,
-                                                      timeout=aiohttp.ClientWSTimeout(ws_close=3.0))
+            self.ws = await self.pool.http.ws_connect(
+                self.url, autoping=True, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=3.0)
+            )
             await self.ws.send_str('{"type":"hello","delivery":"tokens"}')
             while True:
                 msg = await self.ws.receive()
@@ -202,8 +241,12 @@ class Conn:
                 msg = await ws.receive()
                 if msg.type is text:
                     on(time.monotonic(), decode(msg.data))
-                elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
-                                  aiohttp.WSMsgType.ERROR):
+                elif msg.type in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSING,
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.ERROR,
+                ):
                     return
         except Exception:  # noqa: BLE001 - a broken connection ends like a close
             return
@@ -314,8 +357,12 @@ class Pool:
                 self.alive.append(c)
                 self.idle.append(c)
                 c.in_idle = True
-        return {"opened": len(self.conns), "open_s": round(time.monotonic() - t0, 3),
-                "open_errors": sum(errors.values()), "open_error_kinds": dict(errors.most_common(3))}
+        return {
+            "opened": len(self.conns),
+            "open_s": round(time.monotonic() - t0, 3),
+            "open_errors": sum(errors.values()),
+            "open_error_kinds": dict(errors.most_common(3)),
+        }
 
     async def close_all(self, abort: bool = False) -> None:
         """Close every session (`abort`: drop the TCP connections at once, for a stack that may no
@@ -409,7 +456,12 @@ class Pool:
     async def run_level(self, spec: dict[str, Any], idx: int, drain_s: float, seed: int) -> dict[str, Any]:
         """Send on the fixed schedule, then wait for every turn to end (at most `drain_s` after the
         level's last scheduled instant); the raw per-turn figures in ms from the intended send time."""
-        rate, duration, tokens_n, tok_rate = spec["rate"], spec["duration_s"], spec["tokens"], spec["tok_rate"]
+        rate, duration, tokens_n, tok_rate = (
+            spec["rate"],
+            spec["duration_s"],
+            spec["tokens"],
+            spec["tok_rate"],
+        )
         rng = random.Random(seed * 1000 + idx)
         offsets: list[float] = []
         t = rng.expovariate(rate)
@@ -465,7 +517,9 @@ class Pool:
             "completed": sum(1 for t in turns if t.ok),
             "completed_in_window": sum(1 for t in turns if t.ok and t.end_rx is not None and t.end_rx <= end),
             # answered: first delta inside the level's window and turn_end completed (by the drain's end)
-            "answered_in_window": sum(1 for t in turns if t.ok and t.first_rx is not None and t.first_rx <= end),
+            "answered_in_window": sum(
+                1 for t in turns if t.ok and t.first_rx is not None and t.first_rx <= end
+            ),
             "errors_by_code": dict(errors.most_common()),
             "errors": sum(errors.values()) + lvl.no_session,
             "degraded": errors.get("degraded", 0),
@@ -475,11 +529,13 @@ class Pool:
             "ttft_from_send_ms": [v for t in turns if (v := ms(t.first_rx, t.t_sent)) is not None],
             "ttft_missing": len(missing_ttft),
             "ttft_missing_lower_bound_ms": min((drain_end - t.t_int) * 1000 for t in missing_ttft)
-            if missing_ttft else None,
+            if missing_ttft
+            else None,
             "ack_ms": [v for t in turns if (v := ms(t.ack_rx, origin[id(t)])) is not None],
             "ack_missing": len(missing_ack),
             "ack_missing_lower_bound_ms": min((drain_end - t.t_int) * 1000 for t in missing_ack)
-            if missing_ack else None,
+            if missing_ack
+            else None,
             "turn_ms": [v for t in turns if t.ok and (v := ms(t.end_rx, origin[id(t)])) is not None],
             "lateness_ms": [v for t in turns if (v := ms(t.t_sent, t.t_int)) is not None],
             "max_in_flight": lvl.max_outstanding,
@@ -511,9 +567,13 @@ async def canary(ctx: Any, http: aiohttp.ClientSession, base_url: str, timeout_s
             out["answer_ms"] = round((turn.end_rx - turn.t_sent) * 1000, 2)
         if turn.first_rx is not None and turn.t_sent is not None:
             out["ttft_ms"] = round((turn.first_rx - turn.t_sent) * 1000, 2)
-        out["ok"] = bool(turn.ok and out.get("answer_ms") is not None and out["answer_ms"] <= timeout_s * 1000)
+        out["ok"] = bool(
+            turn.ok and out.get("answer_ms") is not None and out["answer_ms"] <= timeout_s * 1000
+        )
         if not out["ok"]:
-            out["error"] = turn.error or ("answered late" if turn.ok else f"no turn_end within {timeout_s + 3:g} s")
+            out["error"] = turn.error or (
+                "answered late" if turn.ok else f"no turn_end within {timeout_s + 3:g} s"
+            )
     except Exception as e:  # noqa: BLE001
         out.update(ok=False, error=f"open failed: {errname(e)}"[:200])
     finally:
@@ -540,8 +600,13 @@ async def scen_openloop(ctx: Any) -> dict[str, Any]:
     _loopback_only(base)
     n, seed, drain = int(p["sessions"]), int(p.get("seed", 18)), float(p["drain_s"])
     specs = p["levels"]
-    out: dict[str, Any] = {"system": system, "sessions": n, "loop": os.environ.get("BENCH_LOADGEN_LOOP", "asyncio"),
-                           "levels": [], "restarts": 0}
+    out: dict[str, Any] = {
+        "system": system,
+        "sessions": n,
+        "loop": os.environ.get("BENCH_LOADGEN_LOOP", "asyncio"),
+        "levels": [],
+        "restarts": 0,
+    }
     async with new_http() as http:
         pool = Pool(ctx, http, base, random.Random(seed))
         out["open"] = await pool.open(n, int(p.get("open_concurrency", 100)))
@@ -549,10 +614,22 @@ async def scen_openloop(ctx: Any) -> dict[str, Any]:
         if not pool.conns:
             raise RuntimeError(f"no session opened: {out['open']}")
         if float(p.get("warmup_s", 0)) > 0:
-            w = await pool.run_level({"name": "warmup", "kind": "warmup", "rate": float(p["warmup_rate"]),
-                                      "tokens": int(p["tokens"]), "tok_rate": 0.0,
-                                      "duration_s": float(p["warmup_s"])}, 999, 10.0, seed)
-            out["warmup"] = {k: w[k] for k in ("scheduled", "completed", "errors", "unfinished", "errors_by_code")}
+            w = await pool.run_level(
+                {
+                    "name": "warmup",
+                    "kind": "warmup",
+                    "rate": float(p["warmup_rate"]),
+                    "tokens": int(p["tokens"]),
+                    "tok_rate": 0.0,
+                    "duration_s": float(p["warmup_s"]),
+                },
+                999,
+                10.0,
+                seed,
+            )
+            out["warmup"] = {
+                k: w[k] for k in ("scheduled", "completed", "errors", "unfinished", "errors_by_code")
+            }
         if float(p.get("idle_window_s", 0)) > 0:
             await asyncio.sleep(float(p.get("settle_s", 1)))
             await ctx.coord.call("snapshot", tag="idle:start")
@@ -565,11 +642,17 @@ async def scen_openloop(ctx: Any) -> dict[str, Any]:
             await ctx.coord.call("snapshot", tag=f"L{i}:end")
             res["canary"] = await canary(ctx, http, base, float(p.get("canary_timeout_s", 2)))
             res["sessions_lost_so_far"] = pool.lost
-            log(f"openloop {system} {spec['name']}: sent {res['sent']}/{res['scheduled']}, completed "
+            log(
+                f"openloop {system} {spec['name']}: sent {res['sent']}/{res['scheduled']}, completed "
                 f"{res['completed']}, errors {res['errors']}, unfinished {res['unfinished']}, "
-                f"canary {res['canary']}")
-            if (not res["canary"]["ok"] and system == "tidewire" and p.get("restart_on_canary_failure", True)
-                    and i < len(specs) - 1):
+                f"canary {res['canary']}"
+            )
+            if (
+                not res["canary"]["ok"]
+                and system == "tidewire"
+                and p.get("restart_on_canary_failure", True)
+                and i < len(specs) - 1
+            ):
                 log("openloop: the canary failed, asking for a fresh stack")
                 await pool.close_all(abort=True)
                 reply = await ctx.coord.call("fresh_stack", timeout=300)
@@ -622,8 +705,11 @@ def _rank(v: list[float], pos: float) -> float:
 def _cpu(snaps: dict[str, Any], a: str, b: str, comps: tuple[str, ...]) -> dict[str, float] | None:
     if a not in snaps or b not in snaps:
         return None
-    return {c: round(snaps[b][c]["cpu_s"] - snaps[a][c]["cpu_s"], 3)
-            for c in (*comps, "loadgen") if c in snaps[a] and c in snaps[b]}
+    return {
+        c: round(snaps[b][c]["cpu_s"] - snaps[a][c]["cpu_s"], 3)
+        for c in (*comps, "loadgen")
+        if c in snaps[a] and c in snaps[b]
+    }
 
 
 def _busy(snaps: dict[str, Any], a: str, b: str) -> float | None:
@@ -633,15 +719,37 @@ def _busy(snaps: dict[str, Any], a: str, b: str) -> float | None:
     return round(100 * (1 - (i1 - i0) / (t1 - t0)), 1) if t1 > t0 else None
 
 
-def summarize_level(raw: dict[str, Any], snaps: dict[str, Any], i: int, comps: tuple[str, ...]) -> dict[str, Any]:
+def summarize_level(
+    raw: dict[str, Any], snaps: dict[str, Any], i: int, comps: tuple[str, ...]
+) -> dict[str, Any]:
     from bench.loadgen import summarize
 
     dur = raw["duration_s"]
-    s: dict[str, Any] = {k: raw[k] for k in (
-        "scheduled", "sent", "sent_in_window", "sent_while_busy", "no_session", "completed", "completed_in_window",
-        "answered_in_window", "sessions_lost_so_far",
-        "errors", "errors_by_code", "degraded", "unfinished", "stray_error_frames", "max_in_flight",
-        "drain_used_s", "wall_s", "sessions_alive", "canary") if k in raw}
+    s: dict[str, Any] = {
+        k: raw[k]
+        for k in (
+            "scheduled",
+            "sent",
+            "sent_in_window",
+            "sent_while_busy",
+            "no_session",
+            "completed",
+            "completed_in_window",
+            "answered_in_window",
+            "sessions_lost_so_far",
+            "errors",
+            "errors_by_code",
+            "degraded",
+            "unfinished",
+            "stray_error_frames",
+            "max_in_flight",
+            "drain_used_s",
+            "wall_s",
+            "sessions_alive",
+            "canary",
+        )
+        if k in raw
+    }
     s["offered_rate"] = raw["rate"]
     s["scheduled_rate"] = round(raw["scheduled"] / dur, 2)
     s["sent_rate"] = round(raw["sent_in_window"] / dur, 2)
@@ -679,30 +787,59 @@ def evaluate(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, target: str, value: Any, floor: Any, met: bool | None, note: str = "") -> None:
-        rows.append({"metric": metric, "target": target, "value": value, "floor": floor, "met": met, "note": note})
+        rows.append(
+            {"metric": metric, "target": target, "value": value, "floor": floor, "met": met, "note": note}
+        )
 
     t50, f50 = tw["ttft_ms"].get("p50"), fl["ttft_ms"].get("p50")
-    add("TTFT p50 (from the intended send time)", f"≤ floor p50 + {TARGET['ttft_p50_plus_ms']:g} ms",
-        t50 if t50 is not None else _gt(tw["ttft_ms"], "p50"), f50,
+    add(
+        "TTFT p50 (from the intended send time)",
+        f"≤ floor p50 + {TARGET['ttft_p50_plus_ms']:g} ms",
+        t50 if t50 is not None else _gt(tw["ttft_ms"], "p50"),
+        f50,
         None if f50 is None else (t50 is not None and t50 <= f50 + TARGET["ttft_p50_plus_ms"]),
-        f"tidewire − floor = {t50 - f50:.2f} ms" if t50 is not None and f50 is not None else "")
+        f"tidewire − floor = {t50 - f50:.2f} ms" if t50 is not None and f50 is not None else "",
+    )
     t99, f99 = tw["ttft_ms"].get("p99"), fl["ttft_ms"].get("p99")
-    add("TTFT p99 (from the intended send time)", f"≤ {TARGET['ttft_p99_x']:g}× floor p99",
-        t99 if t99 is not None else _gt(tw["ttft_ms"], "p99"), f99,
+    add(
+        "TTFT p99 (from the intended send time)",
+        f"≤ {TARGET['ttft_p99_x']:g}× floor p99",
+        t99 if t99 is not None else _gt(tw["ttft_ms"], "p99"),
+        f99,
         None if f99 is None else (t99 is not None and t99 <= TARGET["ttft_p99_x"] * f99),
-        f"{t99 / f99:.1f}× floor" if t99 is not None and f99 else "")
-    add("Errors (error frames incl. degraded, failed turns, inexact texts, lost connections)", "0",
-        tw["errors"], fl["errors"], tw["errors"] == 0,
-        ", ".join(f"{k} ×{v}" for k, v in list(tw["errors_by_code"].items())[:4]))
-    add("Turns unfinished at the end of the drain", "0", tw["unfinished"], fl["unfinished"], tw["unfinished"] == 0,
-        f"drain {lvl.get('drain_s')} s after the level")
+        f"{t99 / f99:.1f}× floor" if t99 is not None and f99 else "",
+    )
+    add(
+        "Errors (error frames incl. degraded, failed turns, inexact texts, lost connections)",
+        "0",
+        tw["errors"],
+        fl["errors"],
+        tw["errors"] == 0,
+        ", ".join(f"{k} ×{v}" for k, v in list(tw["errors_by_code"].items())[:4]),
+    )
+    add(
+        "Turns unfinished at the end of the drain",
+        "0",
+        tw["unfinished"],
+        fl["unfinished"],
+        tw["unfinished"] == 0,
+        f"drain {lvl.get('drain_s')} s after the level",
+    )
     cpu = (tw.get("cpu_ms_per_turn") or {}).get("total")
-    add("CPU per short turn, every tidewire process (gateway, orchestrators, tool worker, NATS, Postgres "
-        "tree, Redis)", f"≤ {TARGET['cpu_ms_per_turn']:g} ms", cpu,
-        (fl.get("cpu_ms_per_turn") or {}).get("total"), None if cpu is None else cpu <= TARGET["cpu_ms_per_turn"],
+    add(
+        "CPU per short turn, every tidewire process (gateway, orchestrators, tool worker, NATS, Postgres "
+        "tree, Redis)",
+        f"≤ {TARGET['cpu_ms_per_turn']:g} ms",
+        cpu,
+        (fl.get("cpu_ms_per_turn") or {}).get("total"),
+        None if cpu is None else cpu <= TARGET["cpu_ms_per_turn"],
         "raw: the idle burn of the open sessions is included"
-        + (f" (without it, estimated: {_f((tw.get('cpu_ms_per_turn') or {}).get('total_minus_idle'))} ms)"
-           if (tw.get("cpu_ms_per_turn") or {}).get("total_minus_idle") is not None else ""))
+        + (
+            f" (without it, estimated: {_f((tw.get('cpu_ms_per_turn') or {}).get('total_minus_idle'))} ms)"
+            if (tw.get("cpu_ms_per_turn") or {}).get("total_minus_idle") is not None
+            else ""
+        ),
+    )
     return rows
 
 
@@ -723,8 +860,9 @@ async def run_scenario(bench: Any) -> dict[str, Any]:
         snaps: dict[str, Any] = {}
         comps = FLOOR_COMPS if system == "floor" else TIDEWIRE_COMPS
 
-        async def handle(msg: dict[str, Any], loadgen_pid: int, snaps: dict[str, Any] = snaps,
-                         system: str = system) -> dict[str, Any]:
+        async def handle(
+            msg: dict[str, Any], loadgen_pid: int, snaps: dict[str, Any] = snaps, system: str = system
+        ) -> dict[str, Any]:
             if msg["event"] == "snapshot":
                 snap = bench.snapshot({"loadgen": loadgen_pid})
                 ct = psutil.cpu_times()
@@ -744,10 +882,13 @@ async def run_scenario(bench: Any) -> dict[str, Any]:
 
         url = bench.baseline_url if system == "floor" else bench.url
         budget = sum(s["duration_s"] + cfg["drain_s"] + 10 + cfg["settle_s"] for s in specs) + 600
-        _log(f"openloop: {cfg['sessions']} sessions against {system}, levels "
-             + ", ".join(s["name"] for s in specs))
-        raw = await bench.loadgen("openloop", {"base_url": url, "system": system, **cfg, "levels": specs},
-                                  handle, timeout=budget)
+        _log(
+            f"openloop: {cfg['sessions']} sessions against {system}, levels "
+            + ", ".join(s["name"] for s in specs)
+        )
+        raw = await bench.loadgen(
+            "openloop", {"base_url": url, "system": system, **cfg, "levels": specs}, handle, timeout=budget
+        )
         idle = _cpu(snaps, "idle:start", "idle:end", comps)
         win = float(cfg.get("idle_window_s") or 0)
         idle_ms_s = {c: round(1000 * v / win, 1) for c, v in idle.items()} if idle and win else None
@@ -759,16 +900,26 @@ async def run_scenario(bench: Any) -> dict[str, Any]:
                 if per.get("total") is not None and r.get("completed"):
                     per["total_minus_idle"] = round(per["total"] - burn * r["wall_s"] / r["completed"], 3)
         per_system[system] = {
-            "open": raw.get("open"), "warmup": raw.get("warmup"), "loop": raw.get("loop"),
-            "restarts": raw.get("restarts"), "lost_close_codes": raw.get("lost_close_codes"),
-            "idle_cpu_ms_per_s": idle_ms_s, "levels": rows,
+            "open": raw.get("open"),
+            "warmup": raw.get("warmup"),
+            "loop": raw.get("loop"),
+            "restarts": raw.get("restarts"),
+            "lost_close_codes": raw.get("lost_close_codes"),
+            "idle_cpu_ms_per_s": idle_ms_s,
+            "levels": rows,
         }
         bench.samples[f"openloop/{system}"] = {r["name"]: r["ttft_ms"] for r in raw["levels"]}
     levels: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
-        row: dict[str, Any] = {"name": spec["name"], "kind": spec["kind"], "offered_rate": spec["rate"],
-                               "tokens": spec["tokens"], "tok_rate": spec["tok_rate"],
-                               "duration_s": spec["duration_s"], "drain_s": cfg["drain_s"]}
+        row: dict[str, Any] = {
+            "name": spec["name"],
+            "kind": spec["kind"],
+            "offered_rate": spec["rate"],
+            "tokens": spec["tokens"],
+            "tok_rate": spec["tok_rate"],
+            "duration_s": spec["duration_s"],
+            "drain_s": cfg["drain_s"],
+        }
         for system, res in per_system.items():
             if i < len(res["levels"]):
                 row[system] = res["levels"][i]
@@ -777,16 +928,22 @@ async def run_scenario(bench: Any) -> dict[str, Any]:
             for q in ("p50", "p99", "p99_9"):
                 a, b = tw.get(q), fl.get(q)
                 row[f"ttft_ratio_{q}"] = round(a / b, 2) if a is not None and b else None
-            row["ttft_p50_minus_floor_ms"] = (round(tw["p50"] - fl["p50"], 3)
-                                              if tw.get("p50") is not None and fl.get("p50") is not None else None)
+            row["ttft_p50_minus_floor_ms"] = (
+                round(tw["p50"] - fl["p50"], 3)
+                if tw.get("p50") is not None and fl.get("p50") is not None
+                else None
+            )
         levels.append(row)
     return {
         "model": f"simulated: short = /sim tokens={cfg['tokens']} rate=0 ttft_ms=0; realistic = "
-                 + (f"/sim tokens={cfg['realistic']['tokens']} rate={cfg['realistic']['tok_rate']:g}"
-                    if cfg.get("realistic") else "none"),
+        + (
+            f"/sim tokens={cfg['realistic']['tokens']} rate={cfg['realistic']['tok_rate']:g}"
+            if cfg.get("realistic")
+            else "none"
+        ),
         "method": "open loop: Poisson arrivals drawn in advance per level, each sent at its scheduled time on a "
-                  "random idle session (a busy one only when none is idle); latencies from the intended send "
-                  "time; CPU from psutil snapshots just before the level and after its drain",
+        "random idle session (a busy one only when none is idle); latencies from the intended send "
+        "time; CPU from psutil snapshots just before the level and after its drain",
         "config": cfg,
         "systems": {k: {kk: vv for kk, vv in v.items() if kk != "levels"} for k, v in per_system.items()},
         "levels": levels,
@@ -806,13 +963,21 @@ def loadgen_check(levels: list[dict[str, Any]]) -> dict[str, Any]:
         top = max(rows, key=lambda lv: lv["offered_rate"])
         s = top[system]
         late = s["lateness_ms"]
-        out[system] = {"level": top["name"], "loadgen_cpu_pct_of_core": s.get("loadgen_cpu_pct_of_core"),
-                       "loadgen_cpu_ms_per_turn": (s.get("cpu_ms_per_turn") or {}).get("loadgen"),
-                       "send_lateness_p50_ms": late.get("p50"), "send_lateness_p99_ms": late.get("p99"),
-                       "send_lateness_max_ms": late.get("max"), "sent_rate": s.get("sent_rate"),
-                       "scheduled_rate": s.get("scheduled_rate")}
+        out[system] = {
+            "level": top["name"],
+            "loadgen_cpu_pct_of_core": s.get("loadgen_cpu_pct_of_core"),
+            "loadgen_cpu_ms_per_turn": (s.get("cpu_ms_per_turn") or {}).get("loadgen"),
+            "send_lateness_p50_ms": late.get("p50"),
+            "send_lateness_p99_ms": late.get("p99"),
+            "send_lateness_max_ms": late.get("max"),
+            "sent_rate": s.get("sent_rate"),
+            "scheduled_rate": s.get("scheduled_rate"),
+        }
         out[system]["ok"] = bool((s.get("loadgen_cpu_pct_of_core") or 0) < 80 and (late.get("p99") or 0) < 5)
-        busiest = max((lv for lv in levels if system in lv), key=lambda lv: lv[system].get("loadgen_cpu_pct_of_core") or 0)
+        busiest = max(
+            (lv for lv in levels if system in lv),
+            key=lambda lv: lv[system].get("loadgen_cpu_pct_of_core") or 0,
+        )
         out[system]["busiest_level"] = busiest["name"]
         out[system]["busiest_loadgen_cpu_pct_of_core"] = busiest[system].get("loadgen_cpu_pct_of_core")
     return out
@@ -883,8 +1048,11 @@ def render_table(ol: dict[str, Any], meta: dict[str, Any], json_rel: str | None,
         tw = row.get("tidewire") or {}
         cpu = tw.get("cpu_ms_per_turn") or {}
         fcpu = (row.get("floor") or {}).get("cpu_ms_per_turn") or {}
-        label = row["name"] if row["kind"] == "short" else (
-            f"{row['name']} ({row['tokens']} tok at {row['tok_rate']:g}/s)")
+        label = (
+            row["name"]
+            if row["kind"] == "short"
+            else (f"{row['name']} ({row['tokens']} tok at {row['tok_rate']:g}/s)")
+        )
         lines.append(
             f"| {label} | {_f(row['offered_rate'])} | {_pair(row, lambda s: _f(s.get('achieved_rate')))} "
             f"| {_pair(row, lambda s: _q(s.get('ttft_ms'), 'p50'))} | {_pair(row, lambda s: _q(s.get('ttft_ms'), 'p99'))} "
@@ -894,42 +1062,71 @@ def render_table(ol: dict[str, Any], meta: dict[str, Any], json_rel: str | None,
             f"| {_f(cpu.get('gateway'))} | {_f(cpu.get('orchestrators'))} | {_f(cpu.get('tool_worker'))} "
             f"| {_f(cpu.get('nats'))} | {_f(cpu.get('postgres'))} | {_f(cpu.get('redis'))} | **{_f(cpu.get('total'))}** "
             f"| {_f(fcpu.get('total'))} | {_pair(row, lambda s: _f((s.get('cpu_ms_per_turn') or {}).get('loadgen')))} "
-            f"| {_pair(row, lambda s: _f(s.get('loadgen_cpu_pct_of_core')))} | {_canary(tw)} |")
+            f"| {_pair(row, lambda s: _f(s.get('loadgen_cpu_pct_of_core')))} | {_canary(tw)} |"
+        )
     notes: list[str] = []
     for row in ol["levels"]:
         for system in ("tidewire", "floor"):
             s = row.get(system)
             if s and s.get("errors_by_code"):
-                notes.append(f"{row['name']} {system}: " + ", ".join(f"`{k}` ×{v}" for k, v in s["errors_by_code"].items()))
+                notes.append(
+                    f"{row['name']} {system}: "
+                    + ", ".join(f"`{k}` ×{v}" for k, v in s["errors_by_code"].items())
+                )
     if ol.get("targets"):
-        lines += ["", f"Targets of issue 18 at {TARGET['rate']} msg/s (short answers), against the floor of this run:",
-                  "", "| Metric | Target | tidewire | floor | Met? | Notes |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Targets of issue 18 at {TARGET['rate']} msg/s (short answers), against the floor of this run:",
+            "",
+            "| Metric | Target | tidewire | floor | Met? | Notes |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in ol["targets"]:
             met = {True: "✅ met", False: "❌ not met", None: ""}[r["met"]]
             unit = " ms" if r["metric"].startswith(("TTFT", "CPU")) else ""
-            lines.append(f"| {r['metric']} | {r['target']} | {_f(r['value'])}{unit if r['value'] is not None else ''} "
-                         f"| {_f(r['floor'])}{unit if r['floor'] is not None else ''} | {met} | {r['note']} |")
+            lines.append(
+                f"| {r['metric']} | {r['target']} | {_f(r['value'])}{unit if r['value'] is not None else ''} "
+                f"| {_f(r['floor'])}{unit if r['floor'] is not None else ''} | {met} | {r['note']} |"
+            )
     lg = ol.get("loadgen_check") or {}
     if lg:
-        parts = [f"{system} at {v['level']}: {_f(v['loadgen_cpu_pct_of_core'])} % of a core, "
-                 f"{_f(v['loadgen_cpu_ms_per_turn'])} ms CPU per turn, scheduled {_f(v['scheduled_rate'])} msg/s and "
-                 f"sent {_f(v['sent_rate'])} msg/s, send lateness p50 {_f(v['send_lateness_p50_ms'])} / p99 "
-                 f"{_f(v['send_lateness_p99_ms'])} / max {_f(v['send_lateness_max_ms'])} ms"
-                 f" ({'kept its schedule' if v['ok'] else 'CHECK: it fell behind its schedule or used > 80 % of a core'})"
-                 f"; its busiest level against {system}: {v.get('busiest_level')}, "
-                 f"{_f(v.get('busiest_loadgen_cpu_pct_of_core'))} % of a core"
-                 for system, v in lg.items()]
-        lines += ["", "Load generator (one process, " + str(_sys_get(ol, "loop")) + "): " + "; ".join(parts) + "."]
-    idle = {k: v.get("idle_cpu_ms_per_s") for k, v in (ol.get("systems") or {}).items() if v.get("idle_cpu_ms_per_s")}
+        parts = [
+            f"{system} at {v['level']}: {_f(v['loadgen_cpu_pct_of_core'])} % of a core, "
+            f"{_f(v['loadgen_cpu_ms_per_turn'])} ms CPU per turn, scheduled {_f(v['scheduled_rate'])} msg/s and "
+            f"sent {_f(v['sent_rate'])} msg/s, send lateness p50 {_f(v['send_lateness_p50_ms'])} / p99 "
+            f"{_f(v['send_lateness_p99_ms'])} / max {_f(v['send_lateness_max_ms'])} ms"
+            f" ({'kept its schedule' if v['ok'] else 'CHECK: it fell behind its schedule or used > 80 % of a core'})"
+            f"; its busiest level against {system}: {v.get('busiest_level')}, "
+            f"{_f(v.get('busiest_loadgen_cpu_pct_of_core'))} % of a core"
+            for system, v in lg.items()
+        ]
+        lines += [
+            "",
+            "Load generator (one process, " + str(_sys_get(ol, "loop")) + "): " + "; ".join(parts) + ".",
+        ]
+    idle = {
+        k: v.get("idle_cpu_ms_per_s")
+        for k, v in (ol.get("systems") or {}).items()
+        if v.get("idle_cpu_ms_per_s")
+    }
     if idle.get("tidewire"):
         tot = sum(v for k, v in idle["tidewire"].items() if k in TIDEWIRE_COMPS)
-        lines += ["", f"Idle burn with the {cfg['sessions']:,} sessions open and no traffic (included in the CPU "
-                  f"per turn above): tidewire {tot:,.0f} ms/s ("
-                  + ", ".join(f"{k} {v:,.0f}" for k, v in idle["tidewire"].items() if k in TIDEWIRE_COMPS)
-                  + "), floor " + _f((idle.get("floor") or {}).get("baseline")) + " ms/s."]
+        lines += [
+            "",
+            f"Idle burn with the {cfg['sessions']:,} sessions open and no traffic (included in the CPU "
+            f"per turn above): tidewire {tot:,.0f} ms/s ("
+            + ", ".join(f"{k} {v:,.0f}" for k, v in idle["tidewire"].items() if k in TIDEWIRE_COMPS)
+            + "), floor "
+            + _f((idle.get("floor") or {}).get("baseline"))
+            + " ms/s.",
+        ]
     busy = [f"{row['name']} {_pair(row, lambda s: _f(s.get('machine_busy_pct')))}" for row in ol["levels"]]
-    lines += ["", "Machine-wide CPU busy % during each level (every process on the box, tidewire / floor): "
-              + ", ".join(busy) + "."]
+    lines += [
+        "",
+        "Machine-wide CPU busy % during each level (every process on the box, tidewire / floor): "
+        + ", ".join(busy)
+        + ".",
+    ]
     if notes:
         lines += ["", "Errors by code: " + "; ".join(notes) + "."]
     for r in ol.get("stack_restarts") or []:
@@ -979,24 +1176,48 @@ def plot(ol: dict[str, Any] | None, out_dir: Path, stem: str) -> list[Path]:
             ax.plot(xs, ys, ls, marker=mk, color=color, label=f"{system} TTFT {q}")
             for x, y in cx:
                 ax.plot([x], [y], "^", color=color, ms=9)
-                ax.annotate(f"> {y / 1000:.0f} s", (x, y), fontsize=7, color=color, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    f"> {y / 1000:.0f} s",
+                    (x, y),
+                    fontsize=7,
+                    color=color,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
             for lv in short:
                 s = lv.get(system)
                 if s and system == "tidewire" and q == "p50":
-                    ax.annotate(f"{lv['offered_rate']:g}", (s["achieved_rate"], max(s["ttft_ms"].get("p50") or
-                                s["ttft_ms"].get("p50_gt") or 0.01, 0.01)), fontsize=7, color="tab:blue",
-                                xytext=(-4, -11), textcoords="offset points")
+                    ax.annotate(
+                        f"{lv['offered_rate']:g}",
+                        (
+                            s["achieved_rate"],
+                            max(s["ttft_ms"].get("p50") or s["ttft_ms"].get("p50_gt") or 0.01, 0.01),
+                        ),
+                        fontsize=7,
+                        color="tab:blue",
+                        xytext=(-4, -11),
+                        textcoords="offset points",
+                    )
         for lv in real:
             s = lv.get(system)
             if s and s["ttft_ms"].get("p50") is not None:
-                ax.plot([s["achieved_rate"]], [max(s["ttft_ms"]["p50"], 0.01)], "*", color=color, ms=12,
-                        label=f"{system} p50, realistic ({lv['tokens']} tok at {lv['tok_rate']:g}/s)")
+                ax.plot(
+                    [s["achieved_rate"]],
+                    [max(s["ttft_ms"]["p50"], 0.01)],
+                    "*",
+                    color=color,
+                    ms=12,
+                    label=f"{system} p50, realistic ({lv['tokens']} tok at {lv['tok_rate']:g}/s)",
+                )
     ax.set_yscale("log")
-    ax.set_xlabel("achieved rate (turns answered per second: first delta inside the level's window, completed)")
+    ax.set_xlabel(
+        "achieved rate (turns answered per second: first delta inside the level's window, completed)"
+    )
     ax.set_ylabel("TTFT from the intended send time (ms)")
-    ax.set_title(f"Open loop, {ol['config']['sessions']:,} sessions: latency vs throughput "
-                 "(labels: offered msg/s; ▲ = censored)")
+    ax.set_title(
+        f"Open loop, {ol['config']['sessions']:,} sessions: latency vs throughput "
+        "(labels: offered msg/s; ▲ = censored)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     names = [lv["name"] for lv in ol["levels"]]
@@ -1032,8 +1253,9 @@ def update_docs(path: Path, table: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
-def write_outputs(results: dict[str, Any], out_dir: Path, stem: str, *, quick: bool, docs: Path | None,
-                  plots: list[Path]) -> Path | None:
+def write_outputs(
+    results: dict[str, Any], out_dir: Path, stem: str, *, quick: bool, docs: Path | None, plots: list[Path]
+) -> Path | None:
     """After a run that included `openloop`: `<date>-openloop.json` (not in quick mode: the quick JSON
     already holds it) and the docs section (when `docs` is given)."""
     ol = results.get("scenarios", {}).get("openloop")
@@ -1054,8 +1276,12 @@ def write_outputs(results: dict[str, Any], out_dir: Path, stem: str, *, quick: b
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scenarios.openloop")
-    ap.add_argument("--render", required=True, metavar="JSON", help="a <date>-openloop.json: redraw its plot and "
-                                                                   "rewrite the docs section from it")
+    ap.add_argument(
+        "--render",
+        required=True,
+        metavar="JSON",
+        help="a <date>-openloop.json: redraw its plot and rewrite the docs section from it",
+    )
     ap.add_argument("--docs", help=f"markdown file (default {DOCS})")
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args(argv)
