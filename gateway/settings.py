@@ -68,9 +68,11 @@ class GatewaySettings:
     shed_sample_ms: int = 250
     # admission by measured delay: new sends are refused while the median orchestrator's recent
     # pickup delay (receipt -> turn start) or loop lag, or this gateway's own loop lag, exceeds these
-    # (negative = never); orchestrators report twice a second (orchestrator/load.py)
-    shed_pickup_delay_ms: int = 1000
-    shed_loop_lag_ms: int = 500
+    # (negative = never); orchestrators report twice a second (orchestrator/load.py). Off by default:
+    # in the cluster drill a NATS node's death (JetStream leader election) pushed pickup delays past
+    # 1 s and the gateways then refused sends for 24 s; e.g. 1000 / 500 on a single-node broker
+    shed_pickup_delay_ms: int = -1
+    shed_loop_lag_ms: int = -1
     shed_retry_after_ms: int = 2000
     receive_yield_every: int = 16  # the receive loop yields to the event loop every N frames
     # behaviour
