@@ -26,7 +26,7 @@ test: $(STAMP) browser-deps node-deps system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(TYPED)
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q -x --durations=15 -m "not cluster" tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -58,7 +58,7 @@ cluster: $(STAMP) system-deps
 
 ## The chaos drill over that topology (kills a gateway, an orchestrator, a NATS node, the Redis and Postgres primaries)
 chaos-cluster: $(STAMP) system-deps
-	$(PY) -m pytest -q tests/chaos/test_cluster_chaos.py
+	$(PY) -m pytest -q -m cluster tests/chaos/test_cluster_chaos.py tests/integration/test_redis_connect.py
 
 ## The chaos drill: locally against processes, or with K8S_CONTEXT=<ctx> URL=<gateway> SECRET=<jwt secret>
 ## against a cluster (pods of each component deleted at random while a load client checks invariants).

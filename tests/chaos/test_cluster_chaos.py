@@ -43,6 +43,10 @@ from tidewire import invariants
 from tidewire.cluster import Cluster, FaultRecord, _http_json
 from tidewire.drill import DrillClient, check
 
+# Not in `make test`: the clustered topology takes minutes and its setup flaked on a loaded
+# 2-core box (Sentinels not ready in 60 s); `make chaos-cluster` runs it.
+pytestmark = pytest.mark.cluster
+
 SESSIONS = 24
 TURNS = 5
 # ~10 s per answer at 40 tokens/s: every fault lands while most sessions are mid-answer, and the
