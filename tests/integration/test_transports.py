@@ -182,7 +182,10 @@ async def test_slow_reader_memory_is_bounded_and_its_text_exact(infra, tmp_path)
             transport.resume_reading()
             end = await c.until_turn_end(ack.turn_id, timeout=60)
         deltas = [e for e in c.events if isinstance(e, client.Delta)]
-        assert len(deltas) < 500  # merged instead of queued
+        # merged instead of queued: far fewer frames than the 2,000 tokens. How many get through before
+        # backpressure reaches the gateway depends on the kernel's socket buffers (a fresh clone on a
+        # loaded box saw 636), so the bound is half the tokens; the exact text is the invariant
+        assert len(deltas) < 1000, f"{len(deltas)} deltas for 2,000 tokens: the slow reader's frames were not merged"
         assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
         assert ready.session_id
     finally:
