@@ -185,7 +185,9 @@ async def test_slow_reader_memory_is_bounded_and_its_text_exact(infra, tmp_path)
         # merged instead of queued: far fewer frames than the 2,000 tokens. How many get through before
         # backpressure reaches the gateway depends on the kernel's socket buffers (a fresh clone on a
         # loaded box saw 636), so the bound is half the tokens; the exact text is the invariant
-        assert len(deltas) < 1000, f"{len(deltas)} deltas for 2,000 tokens: the slow reader's frames were not merged"
+        assert len(deltas) < 1000, (
+            f"{len(deltas)} deltas for 2,000 tokens: the slow reader's frames were not merged"
+        )
         assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
         assert ready.session_id
     finally:
