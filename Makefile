@@ -20,8 +20,8 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tidewire dev
 
-## The whole suite: lint, format, types, schema freshness, unit, integration, chaos (incl. the
-## clustered topology), browser, and the real OpenAI / Vercel AI SDK clients.
+## The whole suite: lint, format, types, schema freshness, unit, integration, chaos, browser,
+## and the real OpenAI / Vercel AI SDK clients (the clustered topology: make chaos-cluster).
 test: $(STAMP) browser-deps node-deps system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
