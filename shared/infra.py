@@ -1188,9 +1188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
 
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    from shared.stopflag import StopFlag
+
+    done = StopFlag().install(signal.SIGINT, signal.SIGTERM)
     infra = EmbeddedInfra(args.state_dir, use_env=not args.no_env, log_dir=args.log_dir)
     try:
         endpoints = infra.start()

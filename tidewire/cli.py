@@ -7,11 +7,11 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from shared import tokens
+from shared.stopflag import StopFlag
 
 DEV_SECRET = "tidewire-dev-secret-change-me-in-production"
 
@@ -26,9 +26,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     state.mkdir(parents=True, exist_ok=True)
     print("starting NATS (JetStream), PostgreSQL and Redis from their wheels…", flush=True)
     infra = EmbeddedInfra(state / "infra")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag().install(signal.SIGINT, signal.SIGTERM)  # not threading.Event: see shared.stopflag
     stack: Stack | None = None
     supervisor: Supervisor | None = None
     try:

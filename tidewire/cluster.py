@@ -44,6 +44,8 @@ from typing import Any, Final
 
 import psutil
 
+from shared.stopflag import StopFlag
+
 log = logging.getLogger("tidewire.cluster")
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -1316,9 +1318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = redis_only.procs[redis_only.redis_primary() or ""].port
             print(json.dumps(asyncio.run(measure_wait_cost(port, args.n, args.timeout_ms)), indent=2))
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag().install(signal.SIGINT, signal.SIGTERM)  # not threading.Event: see shared.stopflag
     state = args.state_dir.absolute()
     if state.exists():  # every run starts from empty servers (the data of a previous run is not kept)
         shutil.rmtree(state)

@@ -18,13 +18,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
+
+
+class Stoppable(Protocol):
+    """What `Supervisor.run` waits on: a `threading.Event`, or `shared.stopflag.StopFlag` when a
+    signal handler sets it."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 def free_port() -> int:
@@ -269,7 +277,7 @@ class Supervisor:
         self._watches: dict[str, _Watch] = {}
         self._written_at = -float("inf")
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: Stoppable) -> None:
         """Supervises until `stop` is set; does not stop the services (see `stop()`)."""
         self.check()
         while not stop.is_set():
