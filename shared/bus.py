@@ -71,7 +71,8 @@ async def fetch_batch(sub: Any, batch: int, timeout_s: float, *, what: str) -> l
     """Up to `batch` messages of a pull subscription; [] when none came within the timeout, or when
     the broker hiccuped (logged, after a short pause so a dead broker is not spun on)."""
     try:
-        return list(await sub.fetch(batch, timeout=timeout_s))
+        # nats-py waits with asyncio.wait_for, which on 3.11 can drop a cancel (shared.cancellation)
+        return list(await keep_cancel(sub.fetch(batch, timeout=timeout_s)))
     except TimeoutError:
         return []
     except Exception as e:  # noqa: BLE001 - reconnecting: the caller simply fetches again

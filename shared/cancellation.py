@@ -7,7 +7,9 @@ project's pool, 1 cancel in 2 that hit a Redis command was lost (a probe of 2,00
 that then went on as if never cancelled kept a SIGTERMed gateway from exiting for 12 s (an SSE
 stream's replay, cancelled by the drain, carried on to wait for live events). Every adapter call
 into those drivers goes through `keep_cancel`, so a cancel requested during the call is raised at
-its end.
+its end. The same call can also come back with the wrong exception: a cancel that lands while
+`wait_for` handles its own timeout is turned into TimeoutError (nats-py's pull `fetch`), which a
+fetch loop takes for "no messages" and goes on; `keep_cancel` raises CancelledError instead.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ T = TypeVar("T")
 async def keep_cancel(aw: Awaitable[T]) -> T:
     task = asyncio.current_task()
     before = task.cancelling() if task is not None else 0
-    result = await aw
+    try:
+        result = await aw
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        if task is not None and task.cancelling() > before:
+            raise asyncio.CancelledError from None
+        raise
     if task is not None and task.cancelling() > before:
         raise asyncio.CancelledError
     return result

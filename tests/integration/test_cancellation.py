@@ -57,3 +57,41 @@ async def test_a_cancel_during_a_nats_publish_is_never_lost(infra) -> None:
     finally:
         await bus.close()
     assert lost == 0, f"cancels lost: {lost} of {TRIES} during a NATS publish"
+
+
+async def test_a_cancel_during_a_pull_fetch_that_times_out_is_never_lost(infra) -> None:
+    """On 3.11, a cancel that lands while `asyncio.wait_for` handles its own timeout comes out as
+    TimeoutError: a fetch loop (the analytics writer's, the turn intake's) then fetched on as if
+    never cancelled, and a test that cancelled the writer hung for 180 s."""
+    import random
+
+    import nats
+
+    from shared.bus import fetch_batch
+
+    nc = await nats.connect(infra.endpoints.nats_url, name="fetch-cancel-probe")
+    js = nc.jetstream()
+    stream = f"CANCELPROBE{random.randrange(1 << 30)}"
+    await js.add_stream(name=stream, subjects=[f"{stream.lower()}.>"], storage="memory")
+    sub = await js.pull_subscribe(f"{stream.lower()}.>", durable="probe", stream=stream)
+    lost = 0
+    rng = random.Random(7)
+    try:
+        for _ in range(150):
+
+            async def fetch_forever() -> None:
+                while True:
+                    await fetch_batch(sub, 1, 0.002, what="the probe stream")
+
+            task = asyncio.create_task(fetch_forever())
+            await asyncio.sleep(rng.uniform(0.0, 0.01))
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2)
+            if not done:
+                lost += 1
+                task.cancel()
+                await asyncio.wait({task}, timeout=2)
+    finally:
+        await js.delete_stream(stream)
+        await nc.close()
+    assert lost == 0, f"cancels lost: {lost} of 150 fetch loops went on fetching after cancel()"
