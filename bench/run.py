@@ -39,6 +39,7 @@ import psutil
 
 from bench.loadgen import raise_nofile_limit, summarize
 from bench.scenarios import openloop
+from shared import promtext
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -271,10 +272,10 @@ class Bench:
         out: dict[str, float] = {}
         with contextlib.suppress(Exception):
             with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
-                for line in r.read().decode().splitlines():
-                    m = re.match(r"^tidewire_gateway_(sockets|sse_streams)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
-                    if m:
-                        out[m.group(1)] = float(m.group(2))
+                page = promtext.parse(r.read().decode(), strict=False)
+                for key in ("sockets", "sse_streams"):
+                    if any(page.select(f"tidewire_gateway_{key}")):
+                        out[key] = page.value(f"tidewire_gateway_{key}")
         return out
 
     def components(self) -> dict[str, list[tuple[int, bool]]]:
@@ -724,8 +725,7 @@ class Bench:
                             .decode()
                         )
                     )
-                    m = re.search(r"^tidewire_orchestrator_sessions_owned (\d+)", text, re.M)
-                    if m and int(m.group(1)) > 0:
+                    if promtext.parse(text, strict=False).value("tidewire_orchestrator_sessions_owned") > 0:
                         owners.append(svc)
             return owners
 
@@ -818,69 +818,28 @@ class Bench:
         return out
 
 
-def scrape_histogram(url: str, name: str) -> dict[str, Any] | None:
-    """A Prometheus histogram from a /metrics page, summed over its label sets:
-    {"buckets": {le: cumulative count}, "sum": s, "count": n}; None when the page does not have it."""
+def scrape_histogram(url: str, name: str) -> promtext.Histogram | None:
+    """A histogram from a /metrics page, summed over its label sets; None when the page does not
+    have it (or does not answer)."""
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
     except Exception:  # noqa: BLE001
         return None
-    buckets: dict[float, float] = {}
-    total = count = 0.0
-    found = False
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(
-            rf"^{re.escape(name)}(_bucket|_sum|_count)(?:\{{([^}}]*)\}})? ([0-9.eE+-]+|\+Inf|NaN)$", line
-        )
-        if not m:
-            continue
-        found = True
-        kind, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-        if kind == "_bucket":
-            le = re.search(r'le="([^"]+)"', labels)
-            if le:
-                bound = math.inf if le.group(1) == "+Inf" else float(le.group(1))
-                buckets[bound] = buckets.get(bound, 0.0) + value
-        elif kind == "_sum":
-            total += value
-        else:
-            count += value
-    return {"buckets": buckets, "sum": total, "count": count} if found else None
+    return promtext.parse(text, strict=False).histogram(name)
 
 
-def hist_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the rank."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    lo_bound, lo_count = 0.0, 0.0
-    for bound, cum in buckets:
-        if cum >= rank:
-            if math.isinf(bound):
-                return lo_bound  # past the last finite bucket: its upper bound, as Prometheus does
-            return lo_bound + (bound - lo_bound) * (
-                (rank - lo_count) / (cum - lo_count) if cum > lo_count else 0
-            )
-        lo_bound, lo_count = bound, cum
-    return None
-
-
-def hist_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | str:
+def hist_summary(before: promtext.Histogram | None, after: promtext.Histogram | None) -> dict[str, Any] | str:
     """Percentiles (ms) of what a histogram recorded between two scrapes."""
     if after is None:
         return "not exposed by this build (no tidewire_ttft_seconds on the gateway's /metrics)"
-    b = before or {"buckets": {}, "sum": 0.0, "count": 0.0}
-    n = after["count"] - b["count"]
-    if n <= 0:
+    window = after.since(before)
+    if window.count <= 0:
         return "no observation in the window"
-    buckets = sorted((k, v - b["buckets"].get(k, 0.0)) for k, v in after["buckets"].items())
-    out: dict[str, Any] = {"n": int(n), "mean": r3(1000 * (after["sum"] - b["sum"]) / n)}
+    out: dict[str, Any] = {"n": int(window.count), "mean": r3(1000 * window.mean)}
     for label, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99_9", 0.999)):
-        v = hist_quantile(q, buckets)
-        out[label] = r3(1000 * v) if v is not None else None
+        v = window.quantile(q)
+        out[label] = None if math.isnan(v) else r3(1000 * v)
     out["method"] = "interpolated within the gateway's histogram buckets (1, 2.5, 5, 10, 25 ms...)"
     return out
 

@@ -9,7 +9,8 @@ before the second scrape (or when nothing happened in between) quantiles are sin
 `tidewire dev` is supervising the stack, its `dev-status.json` adds one line per service: pid,
 state, restarts and the last exit (`tidewire dev status` prints the same table once).
 
-Only the standard library: it must run anywhere the stack runs.
+Only the standard library and `shared.promtext` (the one Prometheus reader): it must run anywhere
+the stack runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 import urllib.request
@@ -26,11 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-Labels = tuple[tuple[str, str], ...]
-Samples = dict[tuple[str, Labels], float]
+from shared import promtext
 
-_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+Samples = promtext.Exposition
 
 STAGES = (
     "gateway_accept",
@@ -47,84 +45,32 @@ STAGES = (
 
 
 def parse(text: str) -> Samples:
-    """Prometheus text format → {(name, labels): value}; comments and junk lines are skipped."""
-    out: Samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _LINE.match(line)
-        if m is None:
-            continue
-        name, raw_labels, raw_value = m.groups()
-        try:
-            value = float(raw_value)
-        except ValueError:
-            continue
-        labels = tuple(
-            sorted(
-                (k, v.replace('\\"', '"').replace("\\\\", "\\")) for k, v in _LABEL.findall(raw_labels or "")
-            )
-        )
-        out[(name, labels)] = value
-    return out
+    """A page as `tidewire top` reads it: a malformed line is skipped, not fatal (a live view)."""
+    return promtext.parse(text, strict=False)
 
 
-def merge(snapshots: Iterable[Samples]) -> Samples:
-    """Sums the same series across processes (counters and histograms add up; so do sockets)."""
-    out: Samples = {}
-    for snap in snapshots:
-        for key, value in snap.items():
-            out[key] = out.get(key, 0.0) + value
-    return out
+def total(page: Samples, name: str, **match: str) -> float:
+    """The sum over every series of `name` whose labels include `match` (0 when none does)."""
+    return math.fsum(s.value for s in page.select(name, **match))
 
 
-def total(samples: Samples, name: str, **match: str) -> float:
-    want = set(match.items())
-    return sum(v for (n, labels), v in samples.items() if n == name and want <= set(labels))
-
-
-def maximum(snapshots: Iterable[Samples], name: str) -> float | None:
-    values = [v for snap in snapshots for (n, _), v in snap.items() if n == name]
+def maximum(pages: Iterable[Samples], name: str) -> float | None:
+    values = [s.value for page in pages for s in page.select(name)]
     return max(values) if values else None
 
 
-def buckets(samples: Samples, name: str, **match: str) -> list[tuple[float, float]]:
-    """Cumulative (upper bound, count) pairs of a histogram, summed over every other label."""
-    want = set(match.items())
-    acc: dict[float, float] = {}
-    for (n, labels), v in samples.items():
-        if n != name + "_bucket" or not want <= set(labels):
-            continue
-        le = dict(labels).get("le")
-        if le is None:
-            continue
-        bound = math.inf if le == "+Inf" else float(le)
-        acc[bound] = acc.get(bound, 0.0) + v
-    return sorted(acc.items())
-
-
-def diff_buckets(
-    now: list[tuple[float, float]], before: list[tuple[float, float]]
-) -> list[tuple[float, float]]:
-    prev = dict(before)
-    return [(b, c - prev.get(b, 0.0)) for b, c in now]
-
-
-def quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
-    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q·n."""
-    if not cumulative or cumulative[-1][1] <= 0:
+def quantile(q: float, page: Samples, before: Samples | None, name: str, **match: str) -> float | None:
+    """`histogram_quantile` over what happened since `before` (when anything did), else since start;
+    None when there is no answer."""
+    h = page.histogram(name, **match)
+    if h is None:
         return None
-    n = cumulative[-1][1]
-    rank = q * n
-    lower, below = 0.0, 0.0
-    for bound, count in cumulative:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower  # above the last finite bound: report that bound
-            inside = count - below
-            return lower + (bound - lower) * ((rank - below) / inside if inside > 0 else 1.0)
-        lower, below = bound, count
-    return lower
+    if before is not None:
+        window = h.since(before.histogram(name, **match))
+        if window.count > 0:
+            h = window
+    v = h.quantile(q)
+    return None if math.isnan(v) else v
 
 
 def _ms(v: float | None) -> str:
@@ -142,8 +88,8 @@ def render(
 ) -> str:
     """One refresh, from this scrape and the previous one (pure: testable without servers)."""
     up = [s for s in now if s is not None]
-    cur = merge(up)
-    prev = merge(s for s in (before or []) if s is not None) if before else None
+    cur = promtext.merge(up)
+    prev = promtext.merge(s for s in (before or []) if s is not None) if before else None
 
     def rate(name: str, **match: str) -> str:
         if prev is None or dt <= 0:
@@ -151,12 +97,7 @@ def render(
         return f"{max(0.0, total(cur, name, **match) - total(prev, name, **match)) / dt:.1f}/s"
 
     def q(name: str, qq: float, **match: str) -> float | None:
-        b = buckets(cur, name, **match)
-        if prev is not None:
-            window = diff_buckets(b, buckets(prev, name, **match))
-            if window and window[-1][1] > 0:
-                return quantile(qq, window)
-        return quantile(qq, b)
+        return quantile(qq, cur, prev, name, **match)
 
     out = [f"tidewire top — {time.strftime('%H:%M:%S')} — {len(up)}/{len(targets)} endpoints up"]
     for target, snap in zip(targets, now, strict=True):

@@ -59,19 +59,18 @@ async def lease_owner(infra: Infrastructure, session_id: str) -> str | None:
 
 
 def scrape(port: str | int) -> dict[str, float]:
+    """A process's /metrics page read by `shared.promtext` (strictly: a malformed line fails the
+    test), keyed `name{label="v",...}` with labels sorted by name, as tests spell a series."""
     import urllib.request
 
+    from shared import promtext
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                pass
-    return out
+        page = promtext.parse(r.read().decode())
+    return {
+        s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in s.labels) + "}" if s.labels else ""): s.value
+        for s in page
+    }
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from proto import client
+from shared import promtext
 from tests.integration.wsclient import WsTestClient
 from tidewire import invariants
 from tidewire.stack import RestartPolicy, Stack, Supervisor
@@ -142,9 +143,8 @@ def _owner(ports: dict[str, int]) -> str | None:
                 text = r.read().decode()
         except Exception:  # noqa: BLE001 - not answering: not the owner
             continue
-        for line in text.splitlines():
-            if line.startswith("tidewire_orchestrator_sessions_owned") and float(line.rsplit(" ", 1)[1]) >= 1:
-                owning.append(name)
+        if promtext.parse(text).value("tidewire_orchestrator_sessions_owned") >= 1:
+            owning.append(name)
     return owning[0] if len(owning) == 1 else None
 
 

@@ -366,13 +366,20 @@ def test_top_quantiles_follow_prometheus_interpolation() -> None:
             'g{a="y"} 3',
         ]
     )
-    samples = top.parse(text)
+    samples = top.parse(text + "\nthis line is junk")  # a live view skips what it cannot read
     assert top.total(samples, "g") == 5 and top.total(samples, "g", a="y") == 3
-    b = top.buckets(samples, "h")
-    assert top.quantile(0.5, b) == pytest.approx(0.1)
-    assert top.quantile(0.7, b) == pytest.approx(0.15)
-    assert top.quantile(0.99, b) == pytest.approx(0.2 + 0.8 * 0.9)
-    assert top.quantile(0.5, []) is None
+    assert top.quantile(0.5, samples, None, "h") == pytest.approx(0.1)
+    assert top.quantile(0.7, samples, None, "h") == pytest.approx(0.15)
+    assert top.quantile(0.99, samples, None, "h") == pytest.approx(0.2 + 0.8 * 0.9)
+    assert top.quantile(0.5, samples, None, "missing") is None
+    # the window since an earlier scrape: 10 more observations, all in the (0.1, 0.2] bucket
+    later = top.parse(
+        text.replace('le="0.2"} 90', 'le="0.2"} 100')
+        .replace('le="1"} 100', 'le="1"} 110')
+        .replace('le="+Inf"} 100', 'le="+Inf"} 110')
+        .replace("h_count 100", "h_count 110")
+    )
+    assert top.quantile(0.5, later, samples, "h") == pytest.approx(0.15)
     assert top.targets_from({"url": "http://g:1", "metrics": ["http://o:2/metrics"]}) == [
         "http://o:2/metrics"
     ]
