@@ -21,10 +21,9 @@ from gateway.deps import Deps
 from gateway.hub import SessionHub
 from gateway.keys import DEPS, HUB, REPLAYER, SOCKETS, SSE_STREAMS, StreamStop
 from gateway.metrics import install as install_metrics
-from gateway.metrics import metrics
 from gateway.settings import GatewaySettings
 from gateway.stream import Replayer
-from shared import telemetry
+from shared import health, telemetry
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
@@ -118,13 +117,11 @@ def create_app(settings: GatewaySettings) -> web.Application:
             web.patch("/v1/sessions/{sid}/flags", sessions.patch_flags),
             web.get("/v1/sessions/{sid}/events", sse.sse_handler),
             web.get("/v1/sessions/{sid}/poll", poll.poll_handler),
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", metrics),
             web.get("/openapi.json", openapi.openapi_handler),
             web.get("/", index),
         ]
     )
+    health.add_routes(app, checks=lambda: ready_checks(app))
     facades.register(app)
     if STATIC.is_dir():
         app.router.add_static("/static/", STATIC)
@@ -138,19 +135,14 @@ async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    deps = request.app[DEPS]
-    checks: dict[str, bool] = {"nats": deps.bus.connected, "draining": not deps.draining}
-    for name, probe in (("redis", deps.checkpoints.ping), ("postgres", deps.eventlog.ping)):
-        try:
-            async with asyncio.timeout(1):
-                await probe()
-            checks[name] = True
-        except Exception:  # noqa: BLE001 - a failed probe is the answer
-            checks[name] = False
-    ok = all(checks.values())
-    return web.json_response({"ok": ok, "checks": checks}, status=200 if ok else 503)
+def ready_checks(app: web.Application) -> dict[str, health.Check]:
+    """In rotation while NATS, Redis and Postgres answer and the gateway is not draining."""
+    if DEPS not in app:
+        return {"started": lambda: False}
+    deps = app[DEPS]
+    return {
+        "nats": lambda: deps.bus.connected,
+        "draining": lambda: not deps.draining,
+        "redis": deps.checkpoints.ping,
+        "postgres": deps.eventlog.ping,
+    }

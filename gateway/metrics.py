@@ -17,8 +17,6 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from proto import client
 from shared import telemetry
 
@@ -101,8 +99,3 @@ def install(deps: Deps) -> None:
 
         telemetry.observe(f"tidewire_gateway_{name}", read, kind="gauge" if name in GAUGES else "counter")
     telemetry.observe("tidewire_gateway_turns_awaiting_first_byte", lambda: len(deps.turn_traces))
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """`GET /metrics`: Prometheus text format (shared.telemetry.render_prometheus)."""
-    return web.Response(text=telemetry.render_prometheus(), content_type=telemetry.PROMETHEUS_CONTENT_TYPE)

@@ -14,7 +14,7 @@ import signal
 from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from shared import runtime
+from shared import health, logs, runtime
 from shared.bus import Bus
 from shared.config import from_env
 from tool_workers.registry import default_registry
@@ -51,9 +51,9 @@ async def run(settings: ToolWorkerSettings) -> None:
         try:
             worker = ToolWorker(bus, default_registry(settings), settings)
             if settings.health_port:
-                runner = web.AppRunner(create_health_app(worker, bus), access_log=None)
-                await runner.setup()
-                await web.TCPSite(runner, "0.0.0.0", settings.health_port).start()
+                runner = await health.serve(
+                    create_health_app(worker, bus), settings.host, settings.health_port
+                )
             await worker.serve(stop)
         finally:
             if runner is not None:
@@ -62,10 +62,7 @@ async def run(settings: ToolWorkerSettings) -> None:
 
 def main() -> None:
     settings = from_env(ToolWorkerSettings)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s",
-    )
+    logs.setup("tool-worker", settings.log_level)
     runtime.run(run(settings))
 
 

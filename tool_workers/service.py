@@ -42,7 +42,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from proto import bus as busproto
 from proto.tools import CallRecord
-from shared import telemetry
+from shared import health, telemetry
 from shared.bus import Bus, BusMessage, PullSubscription, fetch_batch
 from shared.call_ledger import CallLedger
 from shared.toolbus import ToolBus
@@ -434,31 +434,13 @@ async def _quietly(aw: Any) -> None:
 
 
 # ---- health ---------------------------------------------------------------------------------
-HEALTH_WORKER: web.AppKey[ToolWorker] = web.AppKey("tool_worker", ToolWorker)
-HEALTH_BUS: web.AppKey[Bus] = web.AppKey("bus", Bus)
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    worker, bus = request.app[HEALTH_WORKER], request.app[HEALTH_BUS]
-    healthy = worker.ready and bus.connected
-    return web.json_response(
-        {"ok": healthy, "pools": list(worker.pools), "running": worker.running_calls},
-        status=200 if healthy else 503,
-    )
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(text=telemetry.render_prometheus(), content_type=telemetry.PROMETHEUS_CONTENT_TYPE)
-
-
 def create_health_app(worker: ToolWorker, bus: Bus) -> web.Application:
-    """`GET /healthz` and `GET /readyz`: 200 while the worker fetches jobs and NATS is connected,
-    else 503 (a worker holds no state a restart would lose, so alive and ready are the same).
-    `GET /metrics`: Prometheus text format."""
+    """`/readyz` is 200 while the worker fetches jobs and NATS is connected (with its pools and the
+    calls running), `/healthz` while the process answers, `/metrics` in Prometheus text format."""
     app = web.Application()
-    app[HEALTH_WORKER] = worker
-    app[HEALTH_BUS] = bus
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _healthz)
-    app.router.add_get("/metrics", _metrics)
+    health.add_routes(
+        app,
+        checks=lambda: {"fetching": lambda: worker.ready, "nats": lambda: bus.connected},
+        details=lambda: {"pools": list(worker.pools), "running": worker.running_calls},
+    )
     return app

@@ -18,6 +18,7 @@ class ToolWorkerSettings:
     # Tool runs at once, per pool: a saturated slow pool never starves the fast one.
     concurrency: int = 8
     health_port: int = 0  # 0 = no health endpoint
+    host: str = "127.0.0.1"  # where the health endpoint listens (0.0.0.0 in a pod)
     http_get_enabled: bool = False
     # Exact host names, or ".example.org" for a domain and its subdomains.
     http_get_allowlist: tuple[str, ...] = ()

@@ -368,11 +368,12 @@ async def test_health_endpoint_reports_a_ready_worker(start_worker: Any) -> None
     await worker.wait_for_log_async(READY)
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
-        http.get(f"http://127.0.0.1:{port}/healthz") as resp,
+        http.get(f"http://127.0.0.1:{port}/readyz") as resp,
     ):
-        assert resp.status == 200
+        assert resp.status == 200, await resp.text()
         body = await resp.json()
-    assert body["ok"] is True and set(body["pools"]) == {"fast", "slow"}
+    assert body["ok"] is True and set(body["pools"]) == {"fast", "slow"}, body
+    assert body["checks"] == {"fetching": True, "nats": True}, body
 
 
 async def test_http_get_reaches_only_allowlisted_hosts_within_its_limits(bus: Bus, start_worker: Any) -> None:
