@@ -26,7 +26,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 from aiohttp import web
@@ -35,7 +35,7 @@ from gateway.auth import authenticate, check_origin
 from gateway.http_errors import http_error, json_response
 from gateway.settings import GatewaySettings
 from proto.client import Attachment
-from shared.bus import Bus, as_bus
+from shared.bus import Bus
 from shared.config import from_env
 from shared.errors import BadFrame, Degraded, Forbidden, NotFound, TidewireError, TooLarge
 from shared.media_store import MediaObjects, MediaUnavailable
@@ -111,14 +111,11 @@ class MediaStore:
         self.settings = MediaSettings.from_env() if settings is None else settings
 
     @classmethod
-    async def open(
-        cls, bus: Bus | Any, auth: GatewaySettings, settings: MediaSettings | None = None
-    ) -> MediaStore:
-        """Bind to the bucket, creating it on first use (idempotent across gateways). `bus` may still
-        be the bare JetStream context (`gateway/app.py` passes `bus.js`): see `shared.bus.as_bus`."""
+    async def open(cls, bus: Bus, auth: GatewaySettings, settings: MediaSettings | None = None) -> MediaStore:
+        """Bind to the bucket, creating it on first use (idempotent across gateways)."""
         settings = MediaSettings.from_env() if settings is None else settings
         objects = await MediaObjects.open(
-            as_bus(bus),
+            bus,
             ttl_s=settings.ttl_s,
             max_bytes=settings.bucket_max_bytes,
             timeout_s=settings.timeout_s,

@@ -28,7 +28,7 @@ from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential_jitter
 
 from proto import bus as busproto
 from proto import client
-from shared.bus import Bus, BusMessage, as_bus, fetch_batch
+from shared.bus import Bus, BusMessage, fetch_batch
 from shared.config import from_env
 
 __all__ = [
@@ -111,9 +111,7 @@ class AnalyticsPublisher:
 
     def __init__(self, bus: Bus, settings: AnalyticsSettings | None = None) -> None:
         self.settings = AnalyticsSettings() if settings is None else settings
-        self._bus = as_bus(
-            bus
-        )  # transitional: orchestrator/service.py still passes `bus.js` (shared.bus.as_bus)
+        self._bus = bus
         self._queue: asyncio.Queue[busproto.TurnAnalytics] = asyncio.Queue(self.settings.queue_max)
         self.offered = 0
         self.published = 0

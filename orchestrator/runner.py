@@ -247,7 +247,7 @@ class SessionRunner:
             )
         # Durable now: released to readers by finish_turn, then shown live, so whoever is woken by the
         # live turn_end and re-reads the store finds it. A crash between the two: the takeover scan
-        # re-publishes the log's tail (OrchestratorService._takeover_loop).
+        # re-publishes the log's tail (orchestrator/takeover.py).
         after = self._plan.state_after(turn_id, ended)
         nxt = await cp.finish_and_next(
             self.lease, turn_id, ended.status, None if after is None else svc.encode_state(after)

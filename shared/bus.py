@@ -388,13 +388,3 @@ class Bus:
         except Exception as exc:  # noqa: BLE001 - e.g. a reconnect in progress: bind to what exists
             log.warning("analytics consumer not (re)declared: %s", exc)
         return await self.pull_subscription(subjects.ANALYTICS_STREAM, subjects.ANALYTICS_CONSUMER)
-
-
-def as_bus(target: Bus | Any, *, timeout_s: float = 3.0) -> Bus:
-    """TRANSITIONAL. A caller that still hands over the bare JetStream context (`bus.js`) gets a Bus
-    view over it, on which only the JetStream methods work (no core NATS, `close()` is a no-op).
-    Callers left: `orchestrator/service.py` (`AnalyticsPublisher(self.bus.js)`) and `gateway/app.py`
-    (`MediaStore.open(bus.js, ...)`). Delete this once they pass the Bus itself."""
-    if isinstance(target, Bus):
-        return target
-    return Bus(None, target, timeout_s=timeout_s)  # type: ignore[arg-type]

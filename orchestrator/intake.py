@@ -1,0 +1,94 @@
+"""New turns from JetStream, and keeping each turn's message until the turn is done.
+
+The fetch loop pulls turn messages (bounded by the sessions this process may run) and parks one
+task per message. A parked message starts the session's runner when the session is free (one
+round trip: `CheckpointStore.claim`), or waits on whoever runs it; it is acked only once the turn
+is `done` in the checkpoint store (after its Postgres commit), and kept alive with in-progress
+acks until then, so JetStream redelivery stays the backstop if this process dies. A redelivered
+message whose turn Redis does not know is checked against Postgres (done: ack) and re-queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from orchestrator.ports import TurnPorts
+from orchestrator.runner import decode_request
+from orchestrator.runners import RunnerPool
+from shared.bus import TURN_ACK_WAIT_S, BusMessage, fetch_batch
+from shared.supervise import report_failure
+
+log = logging.getLogger(__name__)
+
+PARKED_PER_SESSION = 4  # parked turn messages per session slot (a burst of sends waits in JetStream)
+FETCH_BATCH = 64
+
+
+class TurnIntake:
+    def __init__(
+        self, ports: TurnPorts, runners: RunnerPool, tg: asyncio.TaskGroup, stopping: asyncio.Event
+    ) -> None:
+        self.ports = ports
+        self.runners = runners
+        self._tg = tg
+        self._stopping = stopping
+
+    async def run(self) -> None:
+        sub = await self.ports.bus.turn_subscription()
+        parked: set[asyncio.Task[None]] = set()
+        while True:
+            room = self.runners.max_sessions * PARKED_PER_SESSION - len(parked)
+            if room <= 0:
+                await asyncio.sleep(0.05)
+                continue
+            msgs = await fetch_batch(sub, min(room, FETCH_BATCH), 1.0, what="the turn queue")
+            for msg in msgs:
+                t = self._tg.create_task(self.keep(msg))
+                parked.add(t)
+                t.add_done_callback(parked.discard)
+
+    async def keep(self, msg: BusMessage) -> None:
+        """Keeps the message until its turn is done (by us or by whoever owns the session)."""
+        try:
+            req = decode_request(msg.data)
+        except Exception:  # noqa: BLE001 - not ours to retry: dead-letter it
+            await msg.term()
+            return
+        ports, cp = self.ports, self.ports.checkpoints
+        last_progress_ack = time.monotonic()
+        checked_requeue = False
+        while not self._stopping.is_set():
+            try:
+                runner = self.runners.get(req.session_id)
+                if runner is None and not self.runners.full:
+                    # one round trip: this turn's state and, if the session is free, its lease and first turn
+                    claim = await cp.claim(req.session_id, ports.id, ports.settings.lease_ttl_ms, req.turn_id)
+                    state = claim.msg_turn_state
+                    if claim.lease is not None:
+                        runner = self.runners.start(claim.lease, claim.first)
+                else:
+                    state = await cp.turn_state(req.session_id, req.turn_id)
+                if state is not None and state[0] == "done":
+                    await msg.ack()
+                    return
+                if state is None and not checked_requeue and msg.metadata.num_delivered > 1:
+                    # a redelivery: the turn may be done already, or Redis may have lost its queue entry
+                    checked_requeue = True
+                    if await ports.eventlog.turn_status(req.turn_id) is not None:
+                        await msg.ack()
+                        return
+                    if await cp.ensure_queued(req.session_id, req.turn_id, msg.data):
+                        continue
+                waiter = runner.done_turns if runner else asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.25 if runner is None else 2.0):
+                        await waiter.wait()
+                if time.monotonic() - last_progress_ack > TURN_ACK_WAIT_S / 3:
+                    await msg.in_progress()
+                    last_progress_ack = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - a store is down: keep the message, retry
+                report_failure(f"turn message {req.turn_id}", e, log)
+                await asyncio.sleep(0.5)

@@ -1,0 +1,95 @@
+"""The session runners of one orchestrator: at most one per session, each a task of the process's
+task group, found by session id by the intake (to wait on it), the takeover (to skip sessions we
+run) and the cancel subscription (to stop a turn)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+
+from orchestrator.ports import TurnPorts
+from orchestrator.runner import SessionRunner
+from proto import bus as busproto
+from shared import telemetry
+from shared.bus import BusMessage
+from shared.checkpoints import Lease, TurnSnapshot
+from shared.supervise import report_failure
+
+log = logging.getLogger(__name__)
+
+
+class RunnerPool:
+    def __init__(self, ports: TurnPorts, tg: asyncio.TaskGroup, max_sessions: int) -> None:
+        self.ports = ports
+        self.max_sessions = max_sessions
+        self._tg = tg
+        self._entries: dict[str, tuple[SessionRunner, asyncio.Task[None]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._entries
+
+    @property
+    def full(self) -> bool:
+        return len(self._entries) >= self.max_sessions
+
+    def get(self, sid: str) -> SessionRunner | None:
+        entry = self._entries.get(sid)
+        return entry[0] if entry is not None else None
+
+    def start(self, lease: Lease, first: TurnSnapshot | None = None) -> SessionRunner:
+        """Runs the session under `lease` until its queue is empty or the lease is lost."""
+        runner = SessionRunner(self.ports, lease, first)
+        task = self._tg.create_task(runner.run(), name=f"session-{lease.session_id}")
+        entry = (runner, task)
+        self._entries[lease.session_id] = entry
+        metrics = self.ports.metrics
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._entries.get(lease.session_id) is entry:
+                del self._entries[lease.session_id]
+            runner.done_turns.set()
+            if not t.cancelled() and t.exception() is not None:
+                metrics["runner_errors"] += 1
+                log.error("session runner %s failed", lease.session_id, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return runner
+
+    async def stop_all(self) -> int:
+        """Cancels every runner and waits for them (what they checkpointed is where the next owner
+        continues); returns how many there were."""
+        tasks = [task for _, task in self._entries.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+    async def on_cancel(self, msg: BusMessage) -> None:
+        """The cancel subscription: a stop for a session we run reaches its runner."""
+        try:
+            cancel = busproto.bus_decoder.decode(msg.data)
+        except msgspec.DecodeError as e:
+            report_failure("cancel message decode", e, log)
+            return
+        if not isinstance(cancel, busproto.CancelTurn):
+            return
+        self.ports.metrics["cancel_requests"] += 1
+        runner = self.get(cancel.session_id)
+        if runner is None:
+            return
+        now = time.time_ns()
+        telemetry.record_span(
+            "orchestrator.cancel_request",
+            now,
+            now,
+            parent=telemetry.extract(msg.headers),
+            attributes={"turn_id": cancel.turn_id or "", "reason": cancel.reason},
+            kind=telemetry.SpanKind.CONSUMER,
+        )
+        runner.request_cancel(cancel.turn_id, cancel.reason)
