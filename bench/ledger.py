@@ -137,8 +137,8 @@ async def _turns(url: str, token: str, n: int, think_s: float) -> tuple[list[flo
 
 def run(turns: int, think_s: float) -> dict[str, Any]:
     from shared import tokens
-    from shared.infra import EmbeddedInfra
-    from tidewire.stack import Stack
+    from tidewire.dev.infra import EmbeddedInfra
+    from tidewire.dev.stack import Stack
 
     work = Path(tempfile.mkdtemp(prefix="tw-ledger-"))
     infra = EmbeddedInfra(work / "infra")

@@ -167,8 +167,8 @@ class Bench:
 
     def start(self) -> None:
         import shared.checkpoints  # noqa: F401 - imported now, before anyone edits the tree mid-run
-        from shared.infra import EmbeddedInfra
-        from tidewire.stack import Stack, free_port, wait_http
+        from tidewire.dev.infra import EmbeddedInfra
+        from tidewire.dev.stack import Stack, free_port, wait_http
 
         if self.src == REPO:
             self.src = self.snapshot_source()
@@ -248,7 +248,7 @@ class Bench:
         return [s for s in self.stack.services if s.module == "orchestrator" and s.alive()]
 
     def add_orchestrator(self) -> Any:
-        from tidewire.stack import free_port, wait_http
+        from tidewire.dev.stack import free_port, wait_http
 
         self.orch_seq += 1
         name = f"orchestrator-{self.orch_seq}"

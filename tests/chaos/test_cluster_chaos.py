@@ -1,4 +1,4 @@
-"""The chaos drill over the production topology (tidewire.cluster): 24 sessions stream long answers
+"""The chaos drill over the production topology (tidewire.dev.cluster): 24 sessions stream long answers
 through HAProxy with reconnecting clients (tidewire.drill) while, one after the other, a gateway, an
 orchestrator, a NATS node, the Redis primary (Sentinel fails over) and the Postgres primary (the
 supervisor promotes the synchronous standby) are SIGKILLed. Afterwards every guarantee is checked
@@ -40,7 +40,7 @@ import pytest
 from proto import client
 from tests.integration.conftest import GENEROUS_LIMITS, SECRET, make_token
 from tidewire import invariants
-from tidewire.cluster import Cluster, FaultRecord, _http_json
+from tidewire.dev.cluster import Cluster, FaultRecord, _http_json
 from tidewire.drill import DrillClient, check
 
 # Not in `make test`: the clustered topology takes minutes and its setup flaked on a loaded

@@ -14,8 +14,8 @@ import pytest
 from proto import client
 from tests.integration.conftest import make_token, stack_env
 from tests.waits import within
+from tidewire.dev.stack import Stack
 from tidewire.drill import DrillClient, check
-from tidewire.stack import Stack
 
 SESSIONS = 50
 TURNS = 3

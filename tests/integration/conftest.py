@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from shared import tokens
-from shared.infra import Infrastructure
-from tidewire.stack import Stack
+from tidewire.dev.infra import Infrastructure
+from tidewire.dev.stack import Stack
 
 SECRET = "integration-test-secret-0123456789abcdef"
 

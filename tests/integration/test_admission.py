@@ -20,7 +20,7 @@ from proto import client
 from tests.integration.conftest import make_token, stack_env
 from tests.integration.wsclient import WsTestClient
 from tests.waits import within
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 ALLOWED_ORIGIN = "https://app.example"
 MAX_CONNECTIONS = 2

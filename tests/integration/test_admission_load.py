@@ -9,7 +9,7 @@ from shared.checkpoints import CheckpointStore
 from tests.integration.conftest import make_token, stack_env
 from tests.integration.wsclient import WsTestClient
 from tests.waits import eventually
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 FAKES = [f"synthetic-orchestrator-{i}" for i in range(3)]
 

@@ -31,7 +31,7 @@ from gateway.settings import GatewaySettings
 from proto import client
 from tests.integration.conftest import make_token, stack_env
 from tests.waits import run_process, within
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 kosoku = pytest.importorskip("kosoku", reason="kosoku (the Autobahn runner) is not installed")
 

@@ -29,7 +29,7 @@ from proto import client
 from shared import promtext
 from tests.integration.wsclient import WsTestClient
 from tidewire import invariants
-from tidewire.stack import RestartPolicy, Stack, Supervisor
+from tidewire.dev.stack import RestartPolicy, Stack, Supervisor
 
 T = TypeVar("T")
 

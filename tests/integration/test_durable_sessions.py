@@ -102,7 +102,7 @@ async def test_duplicate_send_is_acked_with_original_seq_and_starts_no_second_tu
 
 async def test_send_retried_after_gateway_killed_between_persist_and_ack(infra, tmp_path) -> None:
     from tests.integration.conftest import stack_env
-    from tidewire.stack import Stack
+    from tidewire.dev.stack import Stack
 
     s = Stack(
         infra_env=stack_env(infra, TIDEWIRE_FAULT_KILL_AFTER_PERSIST="KILL-ME-NOW"),

@@ -32,7 +32,7 @@ from shared import tokens
 from tests.integration.conftest import SECRET, make_token, stack_env
 from tests.integration.wsclient import WsTestClient
 from tests.waits import eventually, within
-from tidewire.stack import Stack, free_port
+from tidewire.dev.stack import Stack, free_port
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())

@@ -13,7 +13,7 @@ import openai
 from tests.integration.conftest import lease_owner, make_token, stack_env
 from tests.integration.test_facade_openai import _answer, _client, _collect, _dump, _sid, _text
 from tests.waits import within
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 
 async def test_orchestrator_killed_mid_response_the_stream_goes_on_exactly(stack, infra) -> None:

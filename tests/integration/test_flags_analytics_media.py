@@ -42,13 +42,13 @@ from proto.state import ChatMessage
 from shared.bus import Bus
 from shared.errors import Forbidden, NotFound
 from shared.eventlog import EventLog
-from shared.infra import Infrastructure
 from tests.fixtures.openai_streams.replay_server import ReplayServer, recorded_text
 from tests.integration.conftest import SECRET, make_token, stack_env
 from tests.integration.wsclient import WsTestClient
 from tests.waits import eventually, run_process
 from tidewire import invariants
-from tidewire.stack import Stack
+from tidewire.dev.infra import Infrastructure
+from tidewire.dev.stack import Stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,7 @@ from tests.integration.conftest import make_token, stack_env
 from tests.integration.wsclient import WsTestClient
 from tests.waits import within
 from tidewire import invariants
-from tidewire.stack import Stack, free_port, wait_http
+from tidewire.dev.stack import Stack, free_port, wait_http
 
 MAX_FRAME = 64 * 1024  # the gateway default
 FUZZ_FRAMES = 5000

@@ -1,4 +1,4 @@
-"""The infrastructure launcher (shared/infra.py) and the `spawn` fixture, against real servers."""
+"""The infrastructure launcher (tidewire/dev/infra.py) and the `spawn` fixture, against real servers."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from shared.infra import EmbeddedInfra, Endpoints, InfraError, Infrastructure
+from tidewire.dev.infra import EmbeddedInfra, Endpoints, InfraError, Infrastructure
 
 STREAM = "INFRA_PROBE"
 

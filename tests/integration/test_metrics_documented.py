@@ -27,7 +27,7 @@ from proto import client
 from shared import promtext
 from tests.integration.conftest import make_token
 from tests.integration.wsclient import WsTestClient
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]

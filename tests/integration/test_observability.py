@@ -20,12 +20,12 @@ import pytest
 
 from proto import client
 from shared import logs, telemetry
-from shared.infra import Infrastructure
 from tests.integration.conftest import make_token, scrape, stack_env
 from tests.integration.wsclient import WsTestClient
 from tests.waits import eventually, frames_tail
 from tidewire import top
-from tidewire.stack import Stack, free_port, wait_http
+from tidewire.dev.infra import Infrastructure
+from tidewire.dev.stack import Stack, free_port, wait_http
 
 SLOW = "/sim tokens=300 rate=60\n"
 

@@ -10,7 +10,7 @@ from tests.integration.conftest import lease_owner, make_token, scrape, stack_en
 from tests.integration.wsclient import WsTestClient
 from tests.waits import eventually, wait_process
 from tidewire import invariants
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 LONG = "/sim tokens=300 rate=100\n"
 

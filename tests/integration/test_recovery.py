@@ -281,7 +281,7 @@ async def test_store_restart_mid_stream_keeps_text_exact(stack, infra, server) -
 
 async def test_gateway_sigterm_closes_sockets_with_1012_and_exits_within_grace(infra, tmp_path) -> None:
     from tests.integration.conftest import stack_env
-    from tidewire.stack import Stack
+    from tidewire.dev.stack import Stack
 
     s = Stack(
         infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"),
@@ -353,7 +353,7 @@ async def test_sends_get_degraded_not_a_hang_while_postgres_is_down(stack, infra
 
 async def test_gateway_sigterm_ends_sse_streams_promptly(infra, tmp_path) -> None:
     from tests.integration.conftest import stack_env
-    from tidewire.stack import Stack
+    from tidewire.dev.stack import Stack
 
     s = Stack(
         infra_env=stack_env(infra, TIDEWIRE_DRAIN_SECONDS="5"),

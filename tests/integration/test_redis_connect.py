@@ -1,5 +1,5 @@
 """shared.redis_connect against real servers: a Redis primary, its replica and 3 Sentinels
-(tidewire.cluster, Redis part only). The failover test SIGKILLs the primary and expects a client
+(tidewire.dev.cluster, Redis part only). The failover test SIGKILLs the primary and expects a client
 built from the `redis+sentinel://` URL to write again once the Sentinels have promoted the replica,
 without being rebuilt."""
 
@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import redis_connect
-from tidewire.cluster import MASTER_NAME, Cluster
+from tidewire.dev.cluster import MASTER_NAME, Cluster
 
 # Not in `make test`: the clustered topology takes minutes and its setup flaked on a loaded
 # 2-core box (Sentinels not ready in 60 s); `make chaos-cluster` runs it.

@@ -25,9 +25,9 @@ from proto.tools import CallRecord
 from shared import subjects
 from shared.bus import Bus
 from shared.call_ledger import CallLedger
-from shared.infra import Infrastructure
 from shared.tool_catalogue import call_key
 from tests.waits import within
+from tidewire.dev.infra import Infrastructure
 from tool_workers.registry import default_registry
 from tool_workers.service import FETCH_WAIT_S
 from tool_workers.settings import ToolWorkerSettings

@@ -17,7 +17,7 @@ from tests.integration.wsclient import WsTestClient
 from tests.waits import frames_tail, within
 from tidewire import invariants
 from tidewire.client import TidewireClient
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 
 async def _session(url: str, token: str) -> str:

@@ -18,7 +18,7 @@ from tests.integration.test_turn_visibility import KILL, _auth, _history, _pg_tu
 from tests.integration.wsclient import WsTestClient
 from tests.waits import within
 from tidewire import invariants
-from tidewire.stack import Stack
+from tidewire.dev.stack import Stack
 
 
 async def test_orchestrator_killed_between_turn_end_checkpoint_and_commit_ends_the_turn_once(

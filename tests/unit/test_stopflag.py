@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = textwrap.dedent(
     """
     import faulthandler, signal, sys, time
-    from shared.stopflag import StopFlag
+    from tidewire.dev.stopflag import StopFlag
 
     faulthandler.dump_traceback_later(15, exit=True)
     flag = StopFlag()
@@ -57,7 +57,7 @@ def test_a_signal_handler_setting_the_flag_never_hangs_the_waiting_thread() -> N
 
 
 def test_wait_returns_early_when_set_and_times_out_when_not() -> None:
-    from shared.stopflag import StopFlag
+    from tidewire.dev.stopflag import StopFlag
 
     flag = StopFlag()
     try:

@@ -1,5 +1,5 @@
 """A stop flag that a signal handler may set, for the blocking (non-asyncio) main loops of the
-dev tools (`tidewire dev`, `tidewire cluster`, `python -m shared.infra up`).
+dev tools (`tidewire dev`, `tidewire cluster`, `python -m tidewire.dev.infra up`).
 
 `threading.Event.set()` from a signal handler can deadlock: Python runs the handler in the main
 thread between bytecodes, so a signal that lands while the main thread is inside `Event.wait()`

@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol
 
 
 class Stoppable(Protocol):
-    """What `Supervisor.run` waits on: a `threading.Event`, or `shared.stopflag.StopFlag` when a
+    """What `Supervisor.run` waits on: a `threading.Event`, or `tidewire.dev.stopflag.StopFlag` when a
     signal handler sets it."""
 
     def is_set(self) -> bool: ...

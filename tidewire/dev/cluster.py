@@ -1,4 +1,4 @@
-"""The production topology on one machine, from real servers: `python -m tidewire.cluster up`.
+"""The production topology on one machine, from real servers: `python -m tidewire.dev.cluster up`.
 
     HAProxy ─► 3 gateways ─► 3 orchestrators ─► 2 tool workers
     NATS: 3 nodes, one cluster, JetStream on each, streams at 3 replicas
@@ -44,16 +44,16 @@ from typing import Any, Final
 
 import psutil
 
-from shared.stopflag import StopFlag
+from tidewire.dev.stopflag import StopFlag
 
-log = logging.getLogger("tidewire.cluster")
+log = logging.getLogger("tidewire.dev.cluster")
 
-REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 TEMPLATES: Final = REPO_ROOT / "deploy" / "cluster"
 MASTER_NAME: Final = "tidewire"
 DATABASE: Final = "tidewire"
 PG_SUPERUSER: Final = "postgres"
-PG_SYSTEM_USER: Final = "embedded_postgres"  # same account as shared/infra.py uses
+PG_SYSTEM_USER: Final = "embedded_postgres"  # same account as tidewire/dev/infra.py uses
 DEV_SECRET: Final = "tidewire-dev-secret-change-me-in-production"
 READY_TIMEOUT: Final = 60.0
 NATS_REPLICAS: Final = 3
@@ -313,13 +313,13 @@ def _venv_bin(name: str) -> str:
 
 
 def redis_server_binary() -> str:
-    from shared.infra import redis_server_binary as find
+    from tidewire.dev.infra import redis_server_binary as find
 
     return find()
 
 
 def postgres_bin_dir() -> Path:
-    from shared.infra import postgres_bin_dir as find
+    from tidewire.dev.infra import postgres_bin_dir as find
 
     return find()
 
@@ -1287,7 +1287,9 @@ async def measure_wait_cost(port: int, n: int = 2000, timeout_ms: int = 100) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tidewire.cluster", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tidewire.dev.cluster", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the topology, write cluster.json, run until Ctrl-C")
     up.add_argument("--state-dir", type=Path, default=REPO_ROOT / ".tidewire" / "cluster")
@@ -1318,7 +1320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = redis_only.procs[redis_only.redis_primary() or ""].port
             print(json.dumps(asyncio.run(measure_wait_cost(port, args.n, args.timeout_ms)), indent=2))
         return 0
-    stop = StopFlag().install(signal.SIGINT, signal.SIGTERM)  # not threading.Event: see shared.stopflag
+    stop = StopFlag().install(signal.SIGINT, signal.SIGTERM)  # not threading.Event: see tidewire.dev.stopflag
     state = args.state_dir.absolute()
     if state.exists():  # every run starts from empty servers (the data of a previous run is not kept)
         shutil.rmtree(state)
