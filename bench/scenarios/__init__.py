@@ -1,3 +1,5 @@
-"""Benchmark scenarios that live in a module of their own (the older ones are in `bench.run` /
-`bench.loadgen`). Each module holds both halves of its scenario: the load-generator side (run inside
-`python -m bench.loadgen NAME`) and the coordinator side (called by `bench.run`)."""
+"""One module per benchmark scenario, each holding both halves of it: the load-generator side
+(`scen_<name>`, run inside `python -m bench.loadgen <name>`) and the coordinator side (`run_scenario`,
+called by `bench.run` with its `Bench`), with the scenario's sizes, targets, table rows and plot."""
+
+ORDER = ("ttft", "idle", "throughput", "crash", "storm", "openloop")
