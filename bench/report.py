@@ -167,13 +167,17 @@ def plot(results: dict[str, Any], samples: dict[str, Any], out_dir: Path, stem: 
     return written
 
 
-def render_only(json_path: Path, docs: Path) -> int:
+def render_only(json_path: Path, docs: Path | None) -> int:
+    """Rebuilds the summary inside the results JSON and, unless `docs` is None, the docs table."""
     results = json.loads(json_path.read_text())
     results["summary"] = build_summary(results)
     json_path.write_text(json.dumps(clean(results), indent=2, ensure_ascii=False) + "\n")
     plots = sorted(p for p in json_path.parent.glob(f"{json_path.stem}-*.png"))
     order = {name: i for i, name in enumerate(ORDER)}
     plots.sort(key=lambda p: order.get(p.stem.rsplit("-", 1)[-1], 99))
+    if docs is None:
+        log(f"rewrote the summary of {json_path}")
+        return 0
     rel = lambda p: os.path.relpath(p, docs.parent)  # noqa: E731
     update_docs(docs, render_table(results, rel(json_path), [rel(p) for p in plots]))
     log(f"rewrote the summary of {json_path} and the table of {docs}")

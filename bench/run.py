@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.render:
-        return render_only(Path(args.render).resolve(), Path(args.docs).resolve() if args.docs else DOCS)
+        docs = None if args.no_docs else Path(args.docs).resolve() if args.docs else DOCS
+        return render_only(Path(args.render).resolve(), docs)
     base_cfg = QUICK if args.quick else FULL
     for item in args.set:
         key, _, raw = item.partition("=")
