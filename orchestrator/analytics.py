@@ -3,8 +3,9 @@
 A turn must not wait for, or fail because of, bookkeeping. So the orchestrator only `offer`s a
 `proto.bus.TurnAnalytics` record to an `AnalyticsPublisher`: a bounded in-memory queue (full: the
 record is dropped and counted, the turn goes on) drained by a background task that publishes to
-JetStream (`Bus.publish_analytics`, deduplicated by turn id) with a timeout and a short named
-retry policy. An `AnalyticsWriter` (a durable pull consumer on `ANALYTICS_STREAM`, run by
+JetStream in batches (`Bus.publish_analytics`: the records that arrive within `linger_s` of the
+first, up to `publish_batch`, in one deduplicated message; one message per turn cost a publish, a
+PubAck and a JetStream fsync each) with a timeout and a short named retry policy. An `AnalyticsWriter` (a durable pull consumer on `ANALYTICS_STREAM`, run by
 `python -m orchestrator.analytics` or as a task of any process) writes batches to Postgres
 (`turn_analytics`) and acks only after the commit, so a crash between the two redelivers and the
 insert (ON CONFLICT DO NOTHING) makes the retry harmless. A slow or absent writer only lets the
@@ -55,12 +56,13 @@ def analytics_publish_retry() -> AsyncRetrying:
 
 @dataclass(frozen=True)
 class AnalyticsSettings:
-    """`TIDEWIRE_ANALYTICS_{QUEUE_MAX,PUBLISH_TIMEOUT_S,PUBLISH_CONCURRENCY,BATCH,FETCH_TIMEOUT_S,
+    """`TIDEWIRE_ANALYTICS_{QUEUE_MAX,PUBLISH_TIMEOUT_S,PUBLISH_BATCH,LINGER_S,BATCH,FETCH_TIMEOUT_S,
     WRITE_DELAY_S}`."""
 
     queue_max: int = 10_000
     publish_timeout_s: float = 2.0
-    publish_concurrency: int = 32
+    publish_batch: int = 128  # records per published message at most
+    linger_s: float = 0.05  # how long the first record waits for others to share its message
     batch: int = 256
     fetch_timeout_s: float = 1.0
     write_delay_s: float = 0.0
@@ -133,16 +135,31 @@ class AnalyticsPublisher:
         return True
 
     async def run(self) -> None:
-        """Publish forever, up to `publish_concurrency` records at a time (owned by a TaskGroup)."""
+        """Publish forever, one batch at a time (owned by a TaskGroup)."""
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.settings.publish_concurrency and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._next_batch()
             try:
-                await asyncio.gather(*(self._publish(r) for r in batch))
+                await self._publish(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _next_batch(self) -> list[busproto.TurnAnalytics]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.linger_s
+        while len(batch) < self.settings.publish_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            if loop.time() >= deadline:
+                break
+            try:
+                async with asyncio.timeout_at(deadline):
+                    batch.append(await self._queue.get())
+            except TimeoutError:
+                break
+        return batch
 
     async def flush(self, timeout_s: float = 2.0) -> bool:
         """Wait (bounded) until everything queued was published or given up; for shutdown."""
@@ -153,16 +170,18 @@ class AnalyticsPublisher:
             return False
         return True
 
-    async def _publish(self, record: busproto.TurnAnalytics) -> None:
+    async def _publish(self, batch: list[busproto.TurnAnalytics]) -> None:
         try:
             async for attempt in analytics_publish_retry():
                 with attempt:
-                    await self._bus.publish_analytics(record, timeout_s=self.settings.publish_timeout_s)
+                    await self._bus.publish_analytics(batch, timeout_s=self.settings.publish_timeout_s)
         except Exception as exc:  # noqa: BLE001 - best effort by design: counted, logged, dropped
-            self.failed += 1
-            log.warning("analytics of turn %s not published: %r", record.turn_id, exc)
+            self.failed += len(batch)
+            log.warning(
+                "analytics of %d turns (from %s) not published: %r", len(batch), batch[0].turn_id, exc
+            )
             return
-        self.published += 1
+        self.published += len(batch)
 
 
 class AnalyticsWriter:
@@ -195,21 +214,26 @@ class AnalyticsWriter:
                 rec = busproto.bus_decoder.decode(msg.data)
             except Exception:  # noqa: BLE001 - undecodable: never retried
                 rec = None
-            if not isinstance(rec, busproto.TurnAnalytics):
+            if isinstance(rec, busproto.TurnAnalytics):
+                records = [rec]
+            elif isinstance(rec, busproto.TurnAnalyticsBatch):
+                records = rec.records
+            else:
                 self.rejected += 1
                 with contextlib.suppress(Exception):
                     await msg.term()
                 continue
-            rows.append(
+            rows.extend(
                 (
-                    rec.turn_id,
-                    rec.session_id,
-                    rec.status,
-                    rec.ttft_ms,
-                    rec.duration_ms,
-                    rec.completion_chars,
-                    rec.tool_calls,
+                    r.turn_id,
+                    r.session_id,
+                    r.status,
+                    r.ttft_ms,
+                    r.duration_ms,
+                    r.completion_chars,
+                    r.tool_calls,
                 )
+                for r in records
             )
             keep.append(msg)
         if not rows:

@@ -90,7 +90,23 @@ class TurnAnalytics(_Bus, frozen=True, kw_only=True, tag="analytics"):
     tool_calls: int = 0
 
 
-BusMessage = TurnRequest | SessionEvents | CancelTurn | ToolJob | ToolResultMsg | ToolCancel | TurnAnalytics
+class TurnAnalyticsBatch(_Bus, frozen=True, kw_only=True, tag="analytics_batch"):
+    """Several turns' records in one JetStream message: one publish, one PubAck and one stored
+    message for many turns instead of one each (writers still accept single `TurnAnalytics`)."""
+
+    records: list[TurnAnalytics]
+
+
+BusMessage = (
+    TurnRequest
+    | SessionEvents
+    | CancelTurn
+    | ToolJob
+    | ToolResultMsg
+    | ToolCancel
+    | TurnAnalytics
+    | TurnAnalyticsBatch
+)
 
 bus_decoder = msgspec.msgpack.Decoder(BusMessage)
 bus_encoder = msgspec.msgpack.Encoder()

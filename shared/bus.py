@@ -372,13 +372,14 @@ class Bus:
         return await keep_cancel(self.nc.subscribe(subjects.CANCEL_SUBJECT, cb=cb))
 
     # ---- analytics ---------------------------------------------------------------------------
-    async def publish_analytics(self, record: busproto.TurnAnalytics, *, timeout_s: float) -> None:
-        """Awaits the JetStream ack; deduplicated by turn id, so a retried publish is a no-op."""
+    async def publish_analytics(self, records: list[busproto.TurnAnalytics], *, timeout_s: float) -> None:
+        """One message for the batch; awaits the JetStream ack. Deduplicated by its first turn id and
+        size (a record is in one batch only), so a retried publish is a no-op."""
         await self.js.publish(
             subjects.ANALYTICS_SUBJECT,
-            busproto.bus_encoder.encode(record),
+            busproto.bus_encoder.encode(busproto.TurnAnalyticsBatch(records=records)),
             timeout=timeout_s,
-            headers={"Nats-Msg-Id": "analytics-" + record.turn_id},
+            headers={"Nats-Msg-Id": f"analytics-{records[0].turn_id}+{len(records)}"},
         )
 
     async def analytics_subscription(self) -> PullSubscription:

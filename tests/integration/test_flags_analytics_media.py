@@ -291,7 +291,7 @@ async def test_publisher_drops_and_counts_instead_of_blocking_when_jetstream_sta
         async def publish_analytics(self, *args: Any, **kwargs: Any) -> None:
             await asyncio.sleep(3600)
 
-    publisher = AnalyticsPublisher(StalledBus(), AnalyticsSettings(queue_max=5, publish_concurrency=2))
+    publisher = AnalyticsPublisher(StalledBus(), AnalyticsSettings(queue_max=5, publish_batch=2))
     task = asyncio.create_task(publisher.run())
     await asyncio.sleep(0)
     t0 = time.perf_counter()
@@ -357,6 +357,58 @@ async def test_writer_acks_only_after_the_commit_so_a_failed_write_is_redelivere
         assert writer.failed_batches >= 1 and sink.calls >= 2
     finally:
         for t in (run, pub_task):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+async def test_records_offered_together_share_one_message_and_every_row_is_written(bus: Bus) -> None:
+    class Sink:
+        rows: list[tuple[Any, ...]] = []
+
+        async def record_analytics(self, rows: Any) -> None:
+            self.rows.extend(rows)
+
+    class CountingBus(Bus):
+        def __init__(self, inner: Bus) -> None:
+            self.__dict__.update(inner.__dict__)
+            self.messages = 0
+
+        async def publish_analytics(self, records: Any, *, timeout_s: float) -> None:
+            self.messages += 1
+            await super().publish_analytics(records, timeout_s=timeout_s)
+
+    counting = CountingBus(bus)
+    sink = Sink()
+    publisher = AnalyticsPublisher(counting, AnalyticsSettings(publish_batch=16, linger_s=0.2))
+    writer = AnalyticsWriter(bus, sink, AnalyticsSettings(batch=64, fetch_timeout_s=0.2))
+    turn_ids = [f"t-batch-{uid()}" for _ in range(40)]
+    tasks = [asyncio.create_task(publisher.run()), asyncio.create_task(writer.run())]
+    try:
+        for turn_id in turn_ids:
+            publisher.offer(
+                busproto.TurnAnalytics(
+                    session_id="s",
+                    turn_id=turn_id,
+                    status="completed",
+                    ttft_ms=1.0,
+                    duration_ms=2.0,
+                    completion_chars=1,
+                )
+            )
+        await eventually(
+            lambda: sorted(r[0] for r in sink.rows if r[0] in turn_ids),
+            timeout=20,
+            ok=lambda seen: seen == sorted(turn_ids),
+            what=f"the {len(turn_ids)} analytics rows offered together, written",
+        )
+        # 40 records offered at once, 16 per message at most: 3 messages (not 40)
+        assert counting.messages == 3 and publisher.published == len(turn_ids), (
+            counting.messages,
+            publisher.published,
+        )
+    finally:
+        for t in tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
