@@ -25,15 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential_jitter
-
 from proto import bus as busproto
 from proto import client
 from shared.bus import Bus, BusMessage, fetch_batch
 from shared.config import from_env
+from shared.retry import analytics_publish_retry
 
 __all__ = [
-    "analytics_publish_retry",
     "AnalyticsPublisher",
     "AnalyticsSettings",
     "AnalyticsWriter",
@@ -43,15 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def analytics_publish_retry() -> AsyncRetrying:
-    """Three tries within about a second: rides out a NATS reconnect, gives up on an outage."""
-    return AsyncRetrying(
-        stop=stop_after_attempt(3),
-        wait=wait_exponential_jitter(multiplier=0.1, max=0.5, jitter=0.1),
-        reraise=True,
-    )
 
 
 @dataclass(frozen=True)

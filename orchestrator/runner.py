@@ -31,7 +31,6 @@ from typing import Any
 
 import msgspec
 from opentelemetry import trace
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from orchestrator.checkpoint_writer import CheckpointWriter
 from orchestrator.ports import TurnPorts
@@ -56,6 +55,7 @@ from proto import client
 from shared import telemetry
 from shared.checkpoints import Lease, TurnSnapshot
 from shared.errors import StaleEpoch
+from shared.retry import model_step_retry
 
 log = logging.getLogger(__name__)
 
@@ -401,12 +401,7 @@ class SessionRunner:
         def retryable(e: BaseException) -> bool:
             return may_retry_step(e, first_token=first_token)
 
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(retryable),
-            stop=stop_after_attempt(3),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0),
-            reraise=True,
-        ):
+        async for attempt in model_step_retry(retryable):
             with attempt:
                 calls.clear()
                 graphemes = GraphemeBuffer()

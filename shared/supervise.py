@@ -15,8 +15,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
-
 from shared import telemetry
 
 log = logging.getLogger(__name__)
@@ -92,19 +90,6 @@ def report_failure(name: str, exc: BaseException, logger: logging.Logger | None 
     _register()
     _failures[name] += 1
     (logger or log).warning("%s failed: %s", name, exc, exc_info=exc)
-
-
-# ---- named retry policies for single idempotent calls ------------------------------------------
-
-
-def store_read_retry(attempts: int = 3) -> AsyncRetrying:
-    """A read of a store that may blip (Redis failover, a Postgres reconnect): idempotent only."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type((ConnectionError, OSError, TimeoutError)),
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.05, max=1.0),
-        reraise=True,
-    )
 
 
 def install_task_dump(loop: asyncio.AbstractEventLoop) -> None:

@@ -18,30 +18,19 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
-import nats.errors
 from nats.js.api import PubAck
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from proto import bus as busproto
 from shared import subjects
 from shared.bus import Bus, BusMessage, BusSubscription, PullSubscription, tool_consumer_config
+from shared.retry import tool_publish_retry
 
-__all__ = ["ToolBus", "tool_publish_retry"]
+__all__ = ["ToolBus"]
 
 log = logging.getLogger(__name__)
 
 _result_decoder = msgspec.msgpack.Decoder(busproto.ToolResultMsg)
 _cancel_decoder = msgspec.msgpack.Decoder(busproto.ToolCancel)
-
-
-def tool_publish_retry() -> AsyncRetrying:
-    """Retries a ToolJob publish. Safe: `Nats-Msg-Id` makes JetStream keep only one copy."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type((nats.errors.TimeoutError, nats.errors.NoRespondersError)),
-        stop=stop_after_attempt(3),
-        wait=wait_random_exponential(multiplier=0.1, max=1.0),
-        reraise=True,
-    )
 
 
 class ToolBus:

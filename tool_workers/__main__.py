@@ -12,11 +12,11 @@ import os
 import signal
 
 from aiohttp import web
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from shared import health, logs, runtime
 from shared.bus import Bus
 from shared.config import from_env
+from shared.retry import startup_connect_retry
 from tool_workers.registry import default_registry
 from tool_workers.service import ToolWorker, create_health_app
 from tool_workers.settings import ToolWorkerSettings
@@ -24,22 +24,12 @@ from tool_workers.settings import ToolWorkerSettings
 log = logging.getLogger("tool_workers")
 
 
-def nats_connect_retry() -> AsyncRetrying:
-    """Start-up only: NATS may come up after us (compose, k8s); give it half a minute."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type(Exception),
-        stop=stop_after_delay(30),
-        wait=wait_fixed(0.5),
-        reraise=True,
-    )
-
-
 async def run(settings: ToolWorkerSettings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    bus: Bus = await nats_connect_retry()(
+    bus: Bus = await startup_connect_retry()(
         Bus.connect,
         settings.nats_url,
         name=f"tool-worker-{os.getpid()}",

@@ -8,7 +8,7 @@ so a busy worker never sits on jobs an idle one could run.
 
 Crash and retry semantics (docs/tools.md):
 - Idempotent tools are simply run again on redelivery; transient errors inside a run are retried
-  by the named tenacity policy `transient_tool_retry`.
+  by the named tenacity policy `shared.retry.transient_tool_retry`.
 - Non-idempotent tools are run at most once: "started" is written to the call ledger
   (`shared.call_ledger`, KV bucket `tw_tool_calls`) BEFORE the run; a redelivered call found "started" but not "done" is answered
   "<name> was interrupted and was not retried because it is not idempotent".
@@ -38,13 +38,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from opentelemetry import trace
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from proto import bus as busproto
 from proto.tools import CallRecord
 from shared import health, telemetry
 from shared.bus import Bus, BusMessage, PullSubscription, fetch_batch
 from shared.call_ledger import CallLedger
+from shared.retry import transient_tool_retry
 from shared.toolbus import ToolBus
 from tool_workers.registry import (
     Tool,
@@ -73,17 +73,6 @@ _timeouts = _meter.create_counter("tidewire_tool_timeouts", description="Tool ru
 
 FETCH_WAIT_S = 1.0  # how long one fetch long-polls; also bounds how fast SIGTERM stops fetching
 _MAX_REMEMBERED_CANCELS = 10_000
-
-
-def transient_tool_retry() -> AsyncRetrying:
-    """Retry policy for TransientToolError inside one run of an IDEMPOTENT tool (never others).
-    The tool's time limit still bounds the whole run, retries included."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type(TransientToolError),
-        stop=stop_after_attempt(4),
-        wait=wait_random_exponential(multiplier=0.1, max=1.0),
-        reraise=True,
-    )
 
 
 def interrupted_text(name: str) -> str:
@@ -384,7 +373,7 @@ class ToolWorker:
     async def _invoke(self, tool: Tool[Any], args: Any, ctx: ToolContext) -> tuple[bool, str]:
         try:
             if tool.idempotent:
-                text: str = await transient_tool_retry()(tool.run, args, ctx)
+                text: str = await transient_tool_retry(TransientToolError)(tool.run, args, ctx)
             else:
                 text = await tool.run(args, ctx)
         except ToolError as exc:

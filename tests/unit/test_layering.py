@@ -126,3 +126,22 @@ def test_the_embedded_servers_are_the_dev_extra_not_runtime_dependencies() -> No
         f"runtime dependencies hold dev servers: {runtime & EMBEDDED_SERVERS}"
     )
     assert EMBEDDED_SERVERS <= names(project["optional-dependencies"]["dev"]), "the dev extra lacks a server"
+
+
+def test_retry_policies_are_named_in_shared_retry_only() -> None:
+    """Every tenacity policy is a named function of shared/retry.py (what it may repeat, and why)."""
+    sites = [
+        (rel, node.lineno, name)
+        for rel, tree in [*_modules(), *_runtime_modules("shared")]
+        if rel != "shared/retry.py"
+        for node in ast.walk(tree)
+        for name in _imported(node)
+        if name.split(".", 1)[0] == "tenacity"
+    ]
+    assert not sites, "tenacity used outside shared/retry.py:\n" + _listing(sorted(sites))
+
+
+def _runtime_modules(top: str) -> Iterator[tuple[str, ast.Module]]:
+    for path in sorted((ROOT / top).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        yield rel, ast.parse(path.read_text(encoding="utf-8"), filename=rel)

@@ -1,7 +1,7 @@
 """TEST TOOL `flaky`: fails transiently `failures` times per call, then succeeds.
 
 Registered only with `TIDEWIRE_TEST_TOOLS=1`. It is idempotent, so the worker retries its
-transient failures (the named tenacity policy in `tool_workers.service`); tests use it to prove
+transient failures (the named tenacity policy `shared.retry.transient_tool_retry`); tests use it to prove
 that retries happen and are bounded.
 """
 
