@@ -4,6 +4,7 @@ Renewing each lease from its own task cost a Redis round trip per session every 
 busy event loop or behind queued checkpoint writes, renewals arrived late and leases lapsed while
 their owner was healthy (lease churn). One keeper, on connections of its own, renews them all at
 once; a runner learns at once when its lease was refused or could not be renewed before it lapsed.
+With no lease held the keeper sleeps until one is (no 12.5 Hz tick on an idle orchestrator).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ class LeaseKeeper:
         self._ttl_ms = ttl_ms
         self._renew_s = renew_ms / 1000
         self._held: dict[str, tuple[Lease, asyncio.Event, float]] = {}
+        self._some_held = asyncio.Event()
         self.late_ticks = 0
 
     def hold(self, lease: Lease) -> asyncio.Event:
         """Starts renewing `lease`; the returned event is set the moment it is lost."""
         lost = asyncio.Event()
         self._held[lease.session_id] = (lease, lost, time.monotonic())
+        self._some_held.set()
         return lost
 
     def drop(self, lease: Lease) -> None:
@@ -39,6 +42,9 @@ class LeaseKeeper:
     async def run(self) -> None:
         """Owned by the service for the life of the process."""
         while True:
+            if not self._held:
+                self._some_held.clear()
+                await self._some_held.wait()
             started = time.monotonic()
             await self.tick()
             await asyncio.sleep(max(0.0, self._renew_s - (time.monotonic() - started)))
