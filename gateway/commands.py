@@ -21,11 +21,21 @@ import msgspec
 
 from gateway import media
 from gateway.deps import Deps
+from gateway.limits import Admitted
 from proto import bus as busproto
 from proto import client
 from shared import telemetry
-from shared.checkpoints import DoubleTextPolicy, PolicyNeeded, with_seq
-from shared.errors import BadFrame, Degraded, Forbidden, NotFound, SeedNeeded, TidewireError, TooLarge
+from shared.checkpoints import AppendPolicy, DoubleTextPolicy, PolicyNeeded, UserAppend, with_seq
+from shared.errors import (
+    BadFrame,
+    Degraded,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    SeedNeeded,
+    TidewireError,
+    TooLarge,
+)
 from shared.eventlog import SessionRow
 
 log = logging.getLogger(__name__)
@@ -146,8 +156,11 @@ async def send_message(
     session_id: str,
     req: client.SendRequest | client.Send,
     policy: DoubleTextPolicy | None = None,
+    *,
+    admitted: Admitted | None = None,
 ) -> client.Ack:
-    """The root span of a turn's trace (`gateway.send`); its context rides in the TurnRequest."""
+    """The root span of a turn's trace (`gateway.send`); its context rides in the TurnRequest.
+    `admitted` (from `Edge.admit_send`) carries the subject's quota, spent with the append."""
     received_mono = time.monotonic_ns()
     deps.counters.sends += 1
     with telemetry.tracer.start_as_current_span(
@@ -164,7 +177,7 @@ async def send_message(
             deps.turn_traces.started(tid, span.get_span_context(), received_mono)
 
         try:
-            ack = await _send_message(deps, subject, session_id, req, policy, started)
+            ack = await _send_message(deps, subject, session_id, req, policy, started, admitted)
         except BaseException:
             if turn_id:
                 deps.turn_traces.forget(turn_id)
@@ -181,6 +194,7 @@ async def _send_message(
     req: client.SendRequest | client.Send,
     policy: DoubleTextPolicy | None,
     started: Callable[[str], None],
+    admitted: Admitted | None,
 ) -> client.Ack:
     received_ns = time.time_ns()
     trace_context = telemetry.inject() or None
@@ -222,18 +236,19 @@ async def _send_message(
     checkpoint_span = telemetry.tracer.start_span("checkpoint.append_user")
     t0 = time.perf_counter()
     encoded = busproto.bus_encoder.encode(request)
+    quota = admitted.quota if admitted is not None else None
+
+    async def append(policy: AppendPolicy) -> UserAppend:
+        return await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded, policy, quota)
+
     try:
         async with asyncio.timeout(deps.settings.redis_timeout_s * 2):
             try:
                 try:
-                    appended = await cp.append_user(
-                        session_id, req.client_msg_id, turn_id, raw, encoded, policy or "ask"
-                    )
+                    appended = await append(policy or "ask")
                 except PolicyNeeded:  # a turn is running: only now does the session's policy matter
                     policy = await resolved_policy()
-                    appended = await cp.append_user(
-                        session_id, req.client_msg_id, turn_id, raw, encoded, policy
-                    )
+                    appended = await append(policy)
             except SeedNeeded:
                 stored = await deps.eventlog.find_user_message(session_id, req.client_msg_id)
                 if stored is not None:
@@ -245,7 +260,11 @@ async def _send_message(
                     )
                 await cp.seed(session_id, await deps.eventlog.last_seq(session_id))
                 policy = policy or await resolved_policy()
-                appended = await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded, policy)
+                appended = await append(policy)
+    except RateLimited:
+        if admitted is not None:
+            admitted.refused()
+        raise
     except TidewireError:
         raise
     except Exception as e:

@@ -6,11 +6,13 @@ Three layers, cheapest first, so a misbehaving client costs the gateway little:
   `send`s. Over the rate a frame is answered with `error rate_limited` (+ `retry_after_ms`) and
   nothing else is done for it, so the work one connection can cause is bounded by its rate.
 - Per subject, across every gateway (`SubjectLimits`, Redis): a token bucket on messages and a cap on
-  concurrent connections (WebSocket, SSE, long-poll). Each check is one Lua script in
-  `shared/quotas.py` (atomic, clocked by Redis `TIME`, so gateways with skewed clocks agree).
-  Connection slots are leases that a live gateway renews, so the slots of a gateway that died free
-  themselves. When Redis is slow or down the check is skipped (fail open): the send path then
-  answers `degraded` on its own.
+  concurrent connections (WebSocket, SSE, long-poll), atomic and clocked by Redis `TIME` (gateways
+  with skewed clocks agree). The message bucket is spent inside the script that appends the message
+  (`CheckpointStore.append_user`, via the `Admitted` that `admit_send` returns): no round trip of its
+  own on the way to the ack (it was one Redis call and fsync per send), and a retried send is
+  answered as a duplicate, never charged or refused. Connection slots are leases
+  (`shared/quotas.py`) that a live gateway renews, so the slots of a gateway that died free
+  themselves; when Redis is slow or down the slot check is skipped (fail open).
 - Load shedding (`LoadShedder`): a background task samples the turn queue's depth (JetStream
   consumer pending), the dependencies and the model upstreams' circuit breakers (as the
   orchestrators publish them in Redis, read through `shared/breakers.py`) at most every
@@ -49,7 +51,7 @@ from gateway.keys import DEPS
 from gateway.settings import GatewaySettings
 from shared import telemetry
 from shared.breakers import BreakerMirror
-from shared.checkpoints import CheckpointStore
+from shared.checkpoints import CheckpointStore, MessageQuota
 from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited, TidewireError, from_dependency
 from shared.quotas import SubjectQuotas
 
@@ -126,7 +128,7 @@ class EdgeCounters:
         "Sends answered degraded by load shedding (queue full, dependency or every upstream down)"
     )
     limit_checks_skipped: int = _doc(
-        "Per-subject limit checks skipped because Redis was slow or down (fail open)"
+        "Per-subject connection-slot checks skipped because Redis was slow or down (fail open)"
     )
 
 
@@ -169,16 +171,12 @@ class SubjectLimits:
             log.debug("limit check skipped: %r", e)
             return None
 
-    async def take_message(self, subject: str) -> None:
+    def message_quota(self, subject: str) -> MessageQuota | None:
+        """The subject's message bucket, for the store to spend with the append (None: unlimited)."""
         s = self.settings
         if s.subject_msg_rate_per_s <= 0:
-            return
-        wait_ms = await self._bounded(
-            lambda: self.quotas.take_message(subject, s.subject_msg_rate_per_s, s.subject_msg_burst)
-        )
-        if wait_ms:
-            self.counters.rate_limited_messages += 1
-            raise RateLimited("too many messages for this user", retry_after_ms=max(1, int(wait_ms)))
+            return None
+        return MessageQuota(subject, s.subject_msg_rate_per_s, s.subject_msg_burst)
 
     async def acquire(self, subject: str) -> Slot:
         """A connection slot for `subject`, or RateLimited when it has too many open already."""
@@ -405,10 +403,11 @@ class Edge:
     shedder: LoadShedder
     counters: EdgeCounters
 
-    async def admit_send(
+    def admit_send(
         self, subject: str, conn: ConnectionLimits | None, client_msg_id: str, text: str
-    ) -> None:
-        """Everything a send must pass before it reaches the stores, cheapest check first."""
+    ) -> Admitted:
+        """Everything a send must pass before it reaches the stores, cheapest check first; the
+        subject's quota is spent by the append itself (`commands.send_message(admitted=...)`)."""
         check_text("client_msg_id", client_msg_id)
         check_text("text", text)
         self.shedder.check()
@@ -418,7 +417,18 @@ class Edge:
             except RateLimited:
                 self.counters.rate_limited_messages += 1
                 raise
-        await self.subjects.take_message(subject)
+        return Admitted(self.subjects.message_quota(subject), self.counters)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A send that passed the edge: the quota its append spends, and where a refusal is counted."""
+
+    quota: MessageQuota | None
+    counters: EdgeCounters
+
+    def refused(self) -> None:
+        self.counters.rate_limited_messages += 1
 
 
 EDGE = web.AppKey("edge", Edge)

@@ -117,8 +117,8 @@ async def post_message(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     principal, sid = await _owner(request)
     req = _decode(client.send_request_decoder, await read_body(request))
-    await request.app[EDGE].admit_send(principal.subject, None, req.client_msg_id, req.text)
-    ack = await commands.send_message(deps, principal.subject, sid, req)
+    admitted = request.app[EDGE].admit_send(principal.subject, None, req.client_msg_id, req.text)
+    ack = await commands.send_message(deps, principal.subject, sid, req, admitted=admitted)
     return json_response(ack)
 
 

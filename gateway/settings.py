@@ -61,7 +61,7 @@ class GatewaySettings:
     subject_msg_burst: int = 40
     max_connections_per_subject: int = 256  # WebSocket + SSE + long-poll requests open at once
     connection_lease_s: float = 60.0  # a dead gateway's connections stop counting after this
-    limits_timeout_s: float = 0.5  # a Redis message-rate check that takes longer is skipped (fail open)
+    limits_timeout_s: float = 0.5  # a connection-slot release that takes longer is skipped (fail open)
     # load shedding: new sends are refused with `degraded` while the turn queue is this deep
     # (0 = always shed, negative = never) or a dependency is down; sampled in the background
     turn_queue_shed_threshold: int = 5000

@@ -114,8 +114,12 @@ class Connection:
         elif self.feed is None:
             raise BadFrame("the first frame must be hello")
         elif isinstance(frame, client.Send):
-            await self.edge.admit_send(self.principal.subject, self.limits, frame.client_msg_id, frame.text)
-            ack = await commands.send_message(self.deps, self.principal.subject, self.feed.session_id, frame)
+            admitted = self.edge.admit_send(
+                self.principal.subject, self.limits, frame.client_msg_id, frame.text
+            )
+            ack = await commands.send_message(
+                self.deps, self.principal.subject, self.feed.session_id, frame, admitted=admitted
+            )
             self.reply(ack)
         elif isinstance(frame, client.Stop):
             await commands.stop_turn(self.deps, self.feed.session_id, frame.turn_id)

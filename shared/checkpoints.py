@@ -22,8 +22,8 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
 from shared import redis_connect
-from shared.errors import Conflict, ReplicaLag, SeedNeeded, StaleEpoch
-from shared.subjects import ACTIVE_LEASES, LOAD_BOARD, ORCHESTRATORS, gateway_key, rkey
+from shared.errors import Conflict, RateLimited, ReplicaLag, SeedNeeded, StaleEpoch
+from shared.subjects import ACTIVE_LEASES, LOAD_BOARD, ORCHESTRATORS, gateway_key, rkey, subject_key
 
 DoubleTextPolicy = Literal["queue", "interrupt", "reject"]
 # "ask": queue when no turn is running or queued; otherwise write nothing and raise PolicyNeeded,
@@ -43,7 +43,12 @@ def with_seq(raw: bytes, seq: int) -> bytes:
     return raw.replace(_SEQ_RE, b'"seq":%d,' % seq, 1)
 
 
-# KEYS: seq log cmid pending turns cancelled ; ARGV: cmid turn_id ttl_ms event request policy
+# KEYS: seq log cmid pending turns cancelled quota ; ARGV: cmid turn_id ttl_ms event request policy
+# quota_rate_per_s quota_burst. The subject's message bucket (KEYS[7], rate 0: none) is spent here,
+# after the duplicate and policy checks: a retried send is answered, never refused or charged, and
+# the quota costs no round trip of its own. The bucket is clocked by Redis TIME (gateways' clocks
+# may differ). KEYS[7] is the subject's key, not the session's: fine on one primary (Sentinel), not
+# in Redis Cluster.
 _APPEND_USER = """
 local ex = redis.call('HGET', KEYS[3], ARGV[1])
 if ex then return {0, ex} end
@@ -52,6 +57,19 @@ if not cur then return {-1} end
 local running = redis.call('LRANGE', KEYS[4], 0, -1)
 if ARGV[6] == 'reject' and #running > 0 then return {-2} end
 if ARGV[6] == 'ask' and #running > 0 then return {-4} end
+local rate = tonumber(ARGV[7])
+if rate > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local burst = tonumber(ARGV[8])
+  local b = redis.call('HMGET', KEYS[7], 'tokens', 'ts')
+  local tokens = tonumber(b[1]) or burst
+  local ts = tonumber(b[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+  if tokens < 1 then return {-5, math.ceil((1 - tokens) * 1000 / rate)} end
+  redis.call('HSET', KEYS[7], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[7], math.ceil(burst * 1000 / rate) + 1000)
+end
 local seq = tonumber(cur) + 1
 local ev = string.gsub(ARGV[4], '"seq":0,', '"seq":' .. seq .. ',', 1)
 redis.call('XADD', KEYS[2], seq .. '-0', 'e', ev)
@@ -215,6 +233,15 @@ return out
 )
 
 _TURN_KEYS = ("lease", "epoch", "pending", "turns", "tstate", "attempts", "cancelled", "state", "cmid")
+
+
+@dataclass(frozen=True)
+class MessageQuota:
+    """A subject's message bucket (shared by every gateway), spent by `append_user`."""
+
+    subject: str
+    rate_per_s: float
+    burst: float
 
 
 @dataclass(frozen=True)
@@ -404,12 +431,21 @@ class CheckpointStore:
         event: bytes,
         request: bytes,
         policy: AppendPolicy = "queue",
+        quota: MessageQuota | None = None,
     ) -> UserAppend:
+        """Appends a user message and queues its turn, once per `client_msg_id`; spends one message
+        of `quota` (RateLimited, nothing appended, when it is empty)."""
         keys = [rkey(session_id, k) for k in ("seq", "log", "cmid", "pending", "turns", "cancelled")]
+        keys.append(subject_key(quota.subject, "msgs") if quota else rkey(session_id, "quota"))
+        rate, burst = (quota.rate_per_s, quota.burst) if quota else (0, 0)
         r = await self._write(
-            self._append_user, keys, [client_msg_id, turn_id, self.ttl_ms, event, request, policy]
+            self._append_user,
+            keys,
+            [client_msg_id, turn_id, self.ttl_ms, event, request, policy, rate, burst],
         )
         code = int(r[0])
+        if code == -5:
+            raise RateLimited("too many messages for this user", retry_after_ms=max(1, int(r[1])))
         if code == -1:
             raise SeedNeeded(session_id)
         if code == -2:

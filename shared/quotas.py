@@ -1,7 +1,8 @@
-"""Per-subject quotas in Redis, shared by every gateway: a message token bucket and connection slots.
+"""Per-subject connection slots in Redis, shared by every gateway (the per-subject message bucket is
+spent inside `CheckpointStore.append_user`, with the message it admits).
 
 Why Lua: each check is one atomic script clocked by Redis `TIME`, so gateways with skewed clocks
-agree and many tasks spending one bucket at once never overspend it. Connection slots are leases
+agree and many connections opening at once never exceed the cap. Connection slots are leases
 (a sorted set scored by deadline) that a live gateway renews; the slots of a gateway that died
 lapse by themselves. The policy (which rates, failing open when Redis is slow) is the caller's:
 `gateway/limits.py`'s `SubjectLimits`.
@@ -21,23 +22,6 @@ _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
-
-# KEYS: bucket ; ARGV: rate_per_s burst cost -> ms to wait (0 = taken)
-_TAKE = (
-    _NOW_MS
-    + """
-local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-local wait = 0
-if tokens >= cost then tokens = tokens - cost else wait = math.ceil((cost - tokens) * 1000 / rate) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return wait
-"""
-)
 
 # KEYS: slots ; ARGV: slot limit lease_ms -> 1 taken, 0 refused
 _ACQUIRE = (
@@ -71,15 +55,8 @@ class SubjectQuotas:
     def __init__(self, checkpoints: CheckpointStore | aioredis.Redis) -> None:
         redis = checkpoints.redis if isinstance(checkpoints, CheckpointStore) else checkpoints
         self._redis = redis
-        self._take = redis.register_script(_TAKE)
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
-
-    async def take_message(self, subject: str, rate_per_s: float, burst: float, cost: float = 1) -> int:
-        """Spends `cost` from the subject's message bucket: 0 when taken, else the ms to wait
-        (nothing is spent then)."""
-        wait: Any = await self._take(keys=[subject_key(subject, "msgs")], args=[rate_per_s, burst, cost])
-        return int(wait)
 
     async def acquire_slot(self, subject: str, slot_id: str, limit: int, lease_ms: int) -> bool:
         """Takes (or renews) connection slot `slot_id` unless the subject already holds `limit` live ones."""

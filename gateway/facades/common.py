@@ -107,9 +107,9 @@ async def send_turn(
     """One facade call = one turn, through the ordinary send path and the same edge checks as
     `POST /v1/sessions/{sid}/messages`: shedding (`degraded`) and the subject's message rate."""
     deps = request.app[DEPS]
-    await request.app[EDGE].admit_send(subject, None, client_msg_id, text)
+    admitted = request.app[EDGE].admit_send(subject, None, client_msg_id, text)
     return await commands.send_message(
-        deps, subject, sid, client.SendRequest(client_msg_id=client_msg_id, text=text)
+        deps, subject, sid, client.SendRequest(client_msg_id=client_msg_id, text=text), admitted=admitted
     )
 
 

@@ -460,11 +460,14 @@ async def test_connections_per_subject_span_gateways_refuse_with_4429_and_recove
 
 
 async def test_limit_scripts_are_atomic_and_clocked_by_redis(infra) -> None:
-    """The Lua side directly: a burst spent from many tasks at once is never overspent."""
+    """The Lua side directly: a burst spent by many appends at once is never overspent, what is
+    refused is not appended, and a retried send is answered as a duplicate, never charged."""
     import redis.asyncio as aioredis
 
     from gateway.limits import EdgeCounters, SubjectLimits
     from gateway.settings import GatewaySettings
+    from shared.checkpoints import CheckpointStore, MessageQuota
+    from shared.errors import RateLimited
 
     r = aioredis.Redis.from_url(infra.endpoints.redis_url)
     try:
@@ -480,10 +483,28 @@ async def test_limit_scripts_are_atomic_and_clocked_by_redis(infra) -> None:
             EdgeCounters(),
         )
         subject = _subject("lua")
-        results = await asyncio.gather(
-            *(limits.take_message(subject) for _ in range(30)), return_exceptions=True
-        )
-        assert sum(1 for x in results if x is None) == 10
+        quota = limits.message_quota(subject)
+        assert quota == MessageQuota(subject, 0.5, 10)
+        store = CheckpointStore(r)
+        sids = [f"s-quota-{uuid.uuid4().hex[:8]}-{i}" for i in range(3)]  # one subject, 3 sessions
+        for sid in sids:
+            await store.seed(sid, 0)
+
+        async def send(i: int, cmid: str | None = None) -> Any:
+            sid = sids[i % len(sids)]
+            return await store.append_user(
+                sid, cmid or f"c{i}", f"t{i}", b'{"type":"message","seq":0,}', b"req", "queue", quota
+            )
+
+        results = await asyncio.gather(*(send(i) for i in range(30)), return_exceptions=True)
+        taken = [i for i, x in enumerate(results) if not isinstance(x, BaseException)]
+        refused = [x for x in results if isinstance(x, RateLimited)]
+        assert len(taken) == 10 and len(refused) == 20, results
+        assert all(e.retry_after_ms and e.retry_after_ms > 0 for e in refused)
+        appended = sum([len(await store.read_log(sid, 0, 100)) for sid in sids])
+        assert appended == 10, f"{appended} messages appended for 10 admitted"
+        again = await send(taken[0])  # the bucket is empty; a retry of an admitted send is answered
+        assert again.duplicate and again.seq == results[taken[0]].seq
         slots = await asyncio.gather(*(limits.acquire(subject) for _ in range(12)), return_exceptions=True)
         taken = [s for s in slots if not isinstance(s, BaseException)]
         assert len(taken) == 4

@@ -22,6 +22,7 @@ from gateway.limits import (
     check_text,
 )
 from gateway.settings import GatewaySettings
+from shared.checkpoints import MessageQuota
 from shared.errors import BadFrame, Degraded, NotFound, RateLimited
 from tests.waits import eventually
 
@@ -188,22 +189,33 @@ async def test_sampler_runs_in_the_background_at_its_interval() -> None:
 
 class NullSubjects(SubjectLimits):
     def __init__(self) -> None:
-        self.taken: list[str] = []
+        self.settings = GatewaySettings(subject_msg_rate_per_s=2.0, subject_msg_burst=4)
+        self.asked: list[str] = []
 
-    async def take_message(self, subject: str) -> None:
-        self.taken.append(subject)
+    def message_quota(self, subject: str) -> MessageQuota | None:
+        self.asked.append(subject)
+        return super().message_quota(subject)
 
 
-async def test_admit_send_refuses_cheapest_first_and_spends_nothing_when_shedding() -> None:
+def test_admit_send_refuses_cheapest_first_and_spends_nothing_when_shedding() -> None:
     shedder, _ = _shedder(turn_queue_shed_threshold=0)
     subjects = NullSubjects()
     conn = ConnectionLimits(GatewaySettings(msg_burst=1))
     edge = Edge(subjects, shedder, shedder.counters)
     with pytest.raises(Degraded):
-        await edge.admit_send("alice", conn, "c1", "hi")
-    assert subjects.taken == [] and conn.messages.tokens == 1
+        edge.admit_send("alice", conn, "c1", "hi")
+    assert subjects.asked == [] and conn.messages.tokens == 1
     with pytest.raises(BadFrame):
-        await edge.admit_send("alice", conn, "c1", "nul\x00byte")
+        edge.admit_send("alice", conn, "c1", "nul\x00byte")
+
+
+def test_an_admitted_send_carries_the_subjects_quota_for_the_append_to_spend() -> None:
+    shedder, _ = _shedder()
+    edge = Edge(NullSubjects(), shedder, shedder.counters)
+    admitted = edge.admit_send("alice", ConnectionLimits(GatewaySettings()), "c1", "hi")
+    assert admitted.quota == MessageQuota("alice", 2.0, 4)
+    admitted.refused()
+    assert shedder.counters.rate_limited_messages == 1
 
 
 @pytest.mark.parametrize(
