@@ -34,7 +34,7 @@ from gateway.facades.responses import _content_text
 from gateway.keys import DEPS
 from gateway.limits import EDGE
 from proto import client
-from shared.errors import BadFrame, Internal, TidewireError
+from shared.errors import BadFrame, Internal
 
 SESSION_HEADER = "X-Tidewire-Session"
 
@@ -62,23 +62,20 @@ def _usage(prompt: str, answer: str) -> dict[str, int]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
-    try:
-        principal = caller(request)
-        body = await read_json(request)
-        text = last_user_text(body.get("messages"))
-        model = body.get("model") if isinstance(body.get("model"), str) else request.app[SETTINGS].models[0]
-        key = idempotency_key(request)
-        named = request.headers.get(SESSION_HEADER)
-        if named:
-            sid = await owned_session(deps, named, principal.subject)
-        elif key is not None:
-            sid = await session_for_key(request, principal.subject, "chat", key, model)
-        else:
-            sid = await new_session(request, principal.subject, model)
-        cmid = f"idem:{key}" if key is not None else commands.new_id("cc_")
-        ack = await send_turn(request, principal.subject, sid, cmid, text)
-    except TidewireError as e:
-        return openai_error(e)
+    principal = caller(request)
+    body = await read_json(request)
+    text = last_user_text(body.get("messages"))
+    model = body.get("model") if isinstance(body.get("model"), str) else request.app[SETTINGS].models[0]
+    key = idempotency_key(request)
+    named = request.headers.get(SESSION_HEADER)
+    if named:
+        sid = await owned_session(deps, named, principal.subject)
+    elif key is not None:
+        sid = await session_for_key(request, principal.subject, "chat", key, model)
+    else:
+        sid = await new_session(request, principal.subject, model)
+    cmid = f"idem:{key}" if key is not None else commands.new_id("cc_")
+    ack = await send_turn(request, principal.subject, sid, cmid, text)
     created = int(time.time())
     cid = f"chatcmpl-{ack.turn_id}"
     headers = {SESSION_HEADER: sid}
@@ -129,18 +126,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         await write(tail)
                     await write(b"data: [DONE]\n\n")
 
-        try:
-            return await stream_sse(request, headers, produce, principal.subject)
-        except TidewireError as e:
-            return openai_error(e)
-    try:
-        end: client.TurnEnd | None = None
-        async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
-            async for ev in turn_events(request, sid, ack.turn_id, ack.seq):
-                if isinstance(ev, client.TurnEnd):
-                    end = ev
-    except TidewireError as e:
-        return openai_error(e)
+        return await stream_sse(request, headers, produce, principal.subject)
+    end: client.TurnEnd | None = None
+    async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
+        async for ev in turn_events(request, sid, ack.turn_id, ack.seq):
+            if isinstance(ev, client.TurnEnd):
+                end = ev
     assert end is not None
     if end.status == "failed":
         return openai_error(Internal("the turn failed"))
@@ -168,10 +159,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
-    try:
-        caller(request)
-    except TidewireError as e:
-        return openai_error(e)
+    caller(request)
     return web.json_response(
         {
             "object": "list",

@@ -52,7 +52,7 @@ from gateway.facades.errors import openai_error
 from gateway.keys import DEPS
 from gateway.limits import EDGE
 from proto import client
-from shared.errors import BadFrame, NotFound, TidewireError
+from shared.errors import BadFrame, NotFound
 
 CHUNK_MAX = 16
 RESPONSE_PREFIX = "resp_"
@@ -396,59 +396,53 @@ def _conversation(body: dict[str, Any]) -> str | None:
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
-    try:
-        principal = caller(request)
-        body = await read_json(request)
-        text = input_text(body.get("input"))
-        model = _opt_str(body, "model") or request.app[SETTINGS].models[0]
-        previous = _opt_str(body, "previous_response_id")
-        conversation = _conversation(body)
-        key = idempotency_key(request)
-        if previous is not None and conversation is not None:
-            raise BadFrame("previous_response_id and conversation are mutually exclusive")
-        if previous is not None:
-            sid = await owned_session(deps, parse_response_id(previous)[0], principal.subject)
-        elif conversation is not None:
-            sid = await owned_session(deps, conversation, principal.subject)
-        elif key is not None:
-            sid = await session_for_key(request, principal.subject, "responses", key, model)
-        else:
-            sid = await new_session(request, principal.subject, model)
-        cmid = f"idem:{key}" if key is not None else commands.new_id("oa_")
-        ack = await send_turn(request, principal.subject, sid, cmid, text)
-        record = await save_record(
-            request,
-            TurnRecord(
-                session_id=sid,
-                turn_id=ack.turn_id,
-                user_seq=ack.seq,
-                created_at=int(time.time()),
-                text=text,
-                model=model,
-                instructions=_opt_str(body, "instructions"),
-                metadata=_metadata(body),
-                background=bool(body.get("background")),
-                store=body.get("store") is not False,
-                previous_response_id=previous,
-                conversation=conversation is not None,
-            ),
-        )
-    except TidewireError as e:
-        return openai_error(e)
+    principal = caller(request)
+    body = await read_json(request)
+    text = input_text(body.get("input"))
+    model = _opt_str(body, "model") or request.app[SETTINGS].models[0]
+    previous = _opt_str(body, "previous_response_id")
+    conversation = _conversation(body)
+    key = idempotency_key(request)
+    if previous is not None and conversation is not None:
+        raise BadFrame("previous_response_id and conversation are mutually exclusive")
+    if previous is not None:
+        sid = await owned_session(deps, parse_response_id(previous)[0], principal.subject)
+    elif conversation is not None:
+        sid = await owned_session(deps, conversation, principal.subject)
+    elif key is not None:
+        sid = await session_for_key(request, principal.subject, "responses", key, model)
+    else:
+        sid = await new_session(request, principal.subject, model)
+    cmid = f"idem:{key}" if key is not None else commands.new_id("oa_")
+    ack = await send_turn(request, principal.subject, sid, cmid, text)
+    record = await save_record(
+        request,
+        TurnRecord(
+            session_id=sid,
+            turn_id=ack.turn_id,
+            user_seq=ack.seq,
+            created_at=int(time.time()),
+            text=text,
+            model=model,
+            instructions=_opt_str(body, "instructions"),
+            metadata=_metadata(body),
+            background=bool(body.get("background")),
+            store=body.get("store") is not False,
+            previous_response_id=previous,
+            conversation=conversation is not None,
+        ),
+    )
     headers = {"X-Tidewire-Session": sid}
     if body.get("stream"):
         return await _stream(request, record, -1, headers, principal.subject)
     if body.get("background"):
         mapper = await _replayed(request, record)
         return web.json_response(mapper.response(), headers=headers, dumps=_dumps)
-    try:
-        mapper = ResponsesMapper(record)
-        mapper.start()
-        async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
-            async for ev in turn_events(request, sid, record.turn_id, record.user_seq):
-                mapper.feed(ev)
-    except TidewireError as e:
-        return openai_error(e)
+    mapper = ResponsesMapper(record)
+    mapper.start()
+    async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
+        async for ev in turn_events(request, sid, record.turn_id, record.user_seq):
+            mapper.feed(ev)
     return web.json_response(mapper.response(), headers=headers, dumps=_dumps)
 
 
@@ -479,10 +473,7 @@ async def _stream(
         async for ev in turn_events(request, record.session_id, record.turn_id, record.user_seq):
             await emit(mapper.feed(ev))
 
-    try:
-        return await stream_sse(request, headers, produce, subject)
-    except TidewireError as e:
-        return openai_error(e)
+    return await stream_sse(request, headers, produce, subject)
 
 
 async def _owned_record(request: web.Request, deps: Deps) -> tuple[str, TurnRecord]:
@@ -494,19 +485,16 @@ async def _owned_record(request: web.Request, deps: Deps) -> tuple[str, TurnReco
 
 async def get_response(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
+    subject, record = await _owned_record(request, deps)
+    stream = request.query.get("stream", "false").lower() in ("true", "1")
+    raw_after = request.query.get("starting_after")
     try:
-        subject, record = await _owned_record(request, deps)
-        stream = request.query.get("stream", "false").lower() in ("true", "1")
-        raw_after = request.query.get("starting_after")
-        try:
-            starting_after = int(raw_after) if raw_after not in (None, "") else -1
-        except ValueError as e:
-            raise BadFrame("starting_after must be an integer") from e
-        if not stream:
-            mapper = await _replayed(request, record)
-            return web.json_response(mapper.response(), dumps=_dumps)
-    except TidewireError as e:
-        return openai_error(e)
+        starting_after = int(raw_after) if raw_after not in (None, "") else -1
+    except ValueError as e:
+        raise BadFrame("starting_after must be an integer") from e
+    if not stream:
+        mapper = await _replayed(request, record)
+        return web.json_response(mapper.response(), dumps=_dumps)
     return await _stream(request, record, starting_after, {"X-Tidewire-Session": record.session_id}, subject)
 
 
@@ -514,30 +502,24 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
     """The turn's stop: idempotent (a finished response is returned as it is), keeps the partial
     text; waits up to 10 s for the turn's end so the answer carries `status: "cancelled"`."""
     deps = request.app[DEPS]
-    try:
-        _, record = await _owned_record(request, deps)
-        mapper = await _replayed(request, record)
-        if not mapper.ended:
-            await commands.stop_turn(deps, record.session_id, record.turn_id)
-            mapper = ResponsesMapper(record)
-            mapper.start()
-            try:
-                async with asyncio.timeout(10):
-                    async for ev in turn_events(request, record.session_id, record.turn_id, record.user_seq):
-                        mapper.feed(ev)
-            except TimeoutError:
-                pass  # answered as it is now: in_progress, with the stop recorded
-    except TidewireError as e:
-        return openai_error(e)
+    _, record = await _owned_record(request, deps)
+    mapper = await _replayed(request, record)
+    if not mapper.ended:
+        await commands.stop_turn(deps, record.session_id, record.turn_id)
+        mapper = ResponsesMapper(record)
+        mapper.start()
+        try:
+            async with asyncio.timeout(10):
+                async for ev in turn_events(request, record.session_id, record.turn_id, record.user_seq):
+                    mapper.feed(ev)
+        except TimeoutError:
+            pass  # answered as it is now: in_progress, with the stop recorded
     return web.json_response(mapper.response(), dumps=_dumps)
 
 
 async def list_input_items(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
-    try:
-        _, record = await _owned_record(request, deps)
-    except TidewireError as e:
-        return openai_error(e)
+    _, record = await _owned_record(request, deps)
     item = {
         "id": f"msg_{record.turn_id}_in",
         "type": "message",
