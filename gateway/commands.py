@@ -21,7 +21,7 @@ import msgspec
 
 from gateway import media
 from gateway.deps import Deps
-from gateway.limits import Admitted
+from gateway.limits import AdmittedSend
 from proto import bus as busproto
 from proto import client
 from shared import telemetry
@@ -157,7 +157,7 @@ async def send_message(
     req: client.SendRequest | client.Send,
     policy: DoubleTextPolicy | None = None,
     *,
-    admitted: Admitted | None = None,
+    admitted: AdmittedSend | None = None,
 ) -> client.Ack:
     """The root span of a turn's trace (`gateway.send`); its context rides in the TurnRequest.
     `admitted` (from `Edge.admit_send`) carries the subject's quota, spent with the append."""
@@ -194,7 +194,7 @@ async def _send_message(
     req: client.SendRequest | client.Send,
     policy: DoubleTextPolicy | None,
     started: Callable[[str], None],
-    admitted: Admitted | None,
+    admitted: AdmittedSend | None,
 ) -> client.Ack:
     received_ns = time.time_ns()
     trace_context = telemetry.inject() or None

@@ -8,7 +8,7 @@ Three layers, cheapest first, so a misbehaving client costs the gateway little:
 - Per subject, across every gateway (`SubjectLimits`, Redis): a token bucket on messages and a cap on
   concurrent connections (WebSocket, SSE, long-poll), atomic and clocked by Redis `TIME` (gateways
   with skewed clocks agree). The message bucket is spent inside the script that appends the message
-  (`CheckpointStore.append_user`, via the `Admitted` that `admit_send` returns): no round trip of its
+  (`CheckpointStore.append_user`, via the `AdmittedSend` that `admit_send` returns): no round trip of its
   own on the way to the ack (it was one Redis call and fsync per send), and a retried send is
   answered as a duplicate, never charged or refused. Connection slots are leases
   (`shared/quotas.py`) that a live gateway renews, so the slots of a gateway that died free
@@ -405,7 +405,7 @@ class Edge:
 
     def admit_send(
         self, subject: str, conn: ConnectionLimits | None, client_msg_id: str, text: str
-    ) -> Admitted:
+    ) -> AdmittedSend:
         """Everything a send must pass before it reaches the stores, cheapest check first; the
         subject's quota is spent by the append itself (`commands.send_message(admitted=...)`)."""
         check_text("client_msg_id", client_msg_id)
@@ -417,11 +417,11 @@ class Edge:
             except RateLimited:
                 self.counters.rate_limited_messages += 1
                 raise
-        return Admitted(self.subjects.message_quota(subject), self.counters)
+        return AdmittedSend(self.subjects.message_quota(subject), self.counters)
 
 
 @dataclass(frozen=True)
-class Admitted:
+class AdmittedSend:
     """A send that passed the edge: the quota its append spends, and where a refusal is counted."""
 
     quota: MessageQuota | None
