@@ -144,8 +144,9 @@ def install_metrics(counters: EdgeCounters) -> None:
 
 
 class SubjectLimits:
-    """Per-subject message rate and concurrent connections, shared by every gateway through Redis
-    (`shared.quotas.SubjectQuotas`); this side holds the policy: which limits, and failing open."""
+    """Per-subject limits shared by every gateway through Redis: the message rate (a quota that
+    `CheckpointStore.append_user` spends) and concurrent connections (`shared.quotas.SubjectQuotas`);
+    this side holds the policy: which limits, and failing open on a slow slot check."""
 
     def __init__(
         self,
