@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from orchestrator.leases import LeaseKeeper
@@ -54,7 +55,14 @@ class TurnPorts(Protocol):
     # ---- effects ---------------------------------------------------------------------------------
     def upstream_slot(self) -> contextlib.AbstractAsyncContextManager[None]: ...
     async def call_tool(
-        self, session_id: str, turn_id: str, call_id: str, name: str, args: dict[str, Any]
+        self,
+        session_id: str,
+        turn_id: str,
+        call_id: str,
+        name: str,
+        args: dict[str, Any],
+        *,
+        abandon_on_cancel: Callable[[], bool],
     ) -> tuple[bool, str]: ...
     async def dead_letter(self, req: busproto.TurnRequest, reason: str) -> None: ...
     def record_analytics(

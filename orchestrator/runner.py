@@ -79,6 +79,10 @@ class SessionRunner:
         self.current: str | None = None
         self._cancel = asyncio.Event()
         self._cancel_reason = "stop"
+        # The current turn is ending for good (a stop, its timeout, the disconnect policy): its tool
+        # calls are abandoned. Cancelled for any other reason (lease lost, fenced, shutdown), they
+        # are left running for the next owner to join.
+        self._ending = False
         self._plan = self._unloaded_plan()  # the current turn's, once its context is loaded
         self._first_token_ns: int | None = None  # wall clock of the current turn's first token
         self.done_turns: asyncio.Event = asyncio.Event()
@@ -135,6 +139,7 @@ class SessionRunner:
             turn_id = snap.turn_id
             self.current = turn_id
             self._cancel.clear()
+            self._ending = False
             self._plan, self._first_token_ns = self._unloaded_plan(), None
             try:
                 snap = await self._run_turn(snap)
@@ -310,6 +315,7 @@ class SessionRunner:
                     timeout_s=svc.settings.turn_timeout_s,
                 )
             else:
+                self._ending = True
                 gen.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await gen
@@ -452,7 +458,9 @@ class SessionRunner:
         svc = self.svc
 
         async def one(call_id: str, name: str, args: dict[str, Any]) -> None:
-            ok, text = await svc.call_tool(self.sid, progress.turn_id, call_id, name, args)
+            ok, text = await svc.call_tool(
+                self.sid, progress.turn_id, call_id, name, args, abandon_on_cancel=lambda: self._ending
+            )
             await writer.put(functools.partial(progress.tool_result, call_id, ok, text))
 
         async with asyncio.TaskGroup() as tg:

@@ -9,8 +9,11 @@ the contract the workers implement), publishes a `ToolJob` to JetStream (`tw.too
 - `call` always returns a `ToolOutcome` within the tool's `max_seconds` plus a small grace;
   past the limit it is `ok=False, timed_out=True, text="<name> timed out after N s"`, never
   silence, and a `ToolCancel` tells the worker to stop.
-- Cancelling the task awaiting `call` sends a `ToolCancel` too; a call cancelled before any
-  worker started it is marked done in the call ledger, so it never starts later.
+- Cancelling the task awaiting `call` when the turn ends for good (`abandon_on_cancel()` true:
+  a stop, the turn's timeout, the disconnect policy) sends a `ToolCancel` too, and a call no
+  worker started yet is marked done in the call ledger, so it never starts later. A cancel that
+  only means this owner is going (lease lost, fenced, shutting down) leaves the call running:
+  the next owner re-issues it under the same call key and joins the run in flight.
 - A result that arrives after its call timed out or was cancelled has no waiter and is dropped.
 - A call whose publish was deduplicated (the same turn re-run after an orchestrator crash) is
   answered from the call ledger when it already finished, else by the run still in flight.
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +104,14 @@ class ToolDispatcher:
         return list(self._specs)
 
     async def call(
-        self, session_id: str, turn_id: str, call_id: str, name: str, args: dict[str, Any]
+        self,
+        session_id: str,
+        turn_id: str,
+        call_id: str,
+        name: str,
+        args: dict[str, Any],
+        *,
+        abandon_on_cancel: Callable[[], bool] = lambda: True,
     ) -> ToolOutcome:
         """Runs one tool call on a worker; see the module docstring for what is guaranteed."""
         tool = self._registry.get(name)
@@ -153,7 +164,8 @@ class ToolDispatcher:
             await self._abandon(tool, turn_id, call_id, key, tool.timeout_text(), timed_out=True)
             return ToolOutcome(ok=False, text=tool.timeout_text(), timed_out=True)
         except asyncio.CancelledError:
-            await self._abandon(tool, turn_id, call_id, key, f"{name} was cancelled", timed_out=False)
+            if abandon_on_cancel():
+                await self._abandon(tool, turn_id, call_id, key, f"{name} was cancelled", timed_out=False)
             raise
         finally:
             self._waiters.pop(key, None)

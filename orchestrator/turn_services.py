@@ -13,7 +13,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,7 +140,14 @@ class TurnServices:
         )
 
     async def call_tool(
-        self, session_id: str, turn_id: str, call_id: str, name: str, args: dict[str, Any]
+        self,
+        session_id: str,
+        turn_id: str,
+        call_id: str,
+        name: str,
+        args: dict[str, Any],
+        *,
+        abandon_on_cancel: Callable[[], bool],
     ) -> tuple[bool, str]:
         if self.tools is None:
             return False, f"{name} is not available: no tool workers are configured"
@@ -151,7 +158,9 @@ class TurnServices:
             "tool.call", kind=telemetry.SpanKind.PRODUCER, attributes={"tool": name, "call_id": call_id}
         ) as span:
             try:
-                outcome = await self.tools.call(session_id, turn_id, call_id, name, args)
+                outcome = await self.tools.call(
+                    session_id, turn_id, call_id, name, args, abandon_on_cancel=abandon_on_cancel
+                )
                 timed_out = bool(getattr(outcome, "timed_out", False))
                 outcome_label = "timeout" if timed_out else "ok" if outcome.ok else "error"
                 span.set_attribute("outcome", outcome_label)

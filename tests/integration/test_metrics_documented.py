@@ -74,6 +74,10 @@ async def served(stack: Stack) -> dict[str, set[str]]:
         text = '/sim tool=slow_lookup args={"query":"q","seconds":9} tokens=5\nlook it up'
         ack = await c.ack_for(await c.send_message(text))
         await c.until_turn_end(ack.turn_id, timeout=60)
+        results = [e for e in c.events if isinstance(e, client.ToolResult) and e.turn_id == ack.turn_id]
+        assert results and "timed out" in results[-1].text, (
+            f"the slow_lookup call was meant to time out on the worker; its results: {results}"
+        )
     await asyncio.sleep(1.5)  # queue gauges are sampled once a second
     out: dict[str, set[str]] = {}
     for process, page in (await _pages(stack)).items():

@@ -145,6 +145,37 @@ async def test_cancelling_a_call_cancels_the_running_tool_on_the_worker(
     await worker.wait_for_log_async("cancelled call stopme", timeout=5)
 
 
+async def test_a_call_cancelled_because_its_owner_goes_keeps_running_for_the_next_owner(
+    bus: Bus, dispatcher: ToolDispatcher, start_worker: Any
+) -> None:
+    """A turn cancelled by a lost lease or a shutdown is not a stop: the next owner re-issues the
+    call under the same key and gets the run's real result, not "was cancelled"."""
+    worker = start_worker()
+    await worker.wait_for_log_async(READY)
+    turn, args = new_turn(), {"query": "q", "seconds": 2}
+    first = asyncio.create_task(
+        dispatcher.call("s1", turn, "handover", "slow_lookup", args, abandon_on_cancel=lambda: False)
+    )
+    await started_on([worker], "handover")
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    successor = ToolDispatcher(bus, registry=default_registry(ToolWorkerSettings(test_tools=True)))
+    await successor.start()
+    try:
+        outcome = await within(
+            successor.call("s1", turn, "handover", "slow_lookup", args),
+            timeout=12,
+            what="the successor's call to join the run still in flight",
+        )
+    finally:
+        await successor.close()
+    assert outcome.ok, outcome
+    assert json.loads(outcome.text)["query"] == "q"
+    assert "cancelled call handover" not in worker.log_text()
+    assert worker.log_text().count("started call handover") == 1, "the run was started twice"
+
+
 async def test_a_call_cancelled_before_it_starts_never_runs(
     dispatcher: ToolDispatcher, start_worker: Any, side_effects: Path
 ) -> None:
