@@ -27,10 +27,12 @@ class OrchestratorSettings:
     nats_timeout_s: float = 3.0
     # replicas of every JetStream stream, KV bucket and object store (3 on a 3-node NATS cluster)
     nats_replicas: int = 1
-    # ownership: short leases renewed by the owner and watched by the others (fast takeover)
-    lease_ttl_ms: int = 300
-    lease_renew_ms: int = 80
-    takeover_scan_ms: int = 50
+    # ownership: a lease renewed by the owner and watched by the others. A dead owner is noticed at
+    # once through the peer link; the TTL only bounds the pause after a freeze or a partition, and
+    # must outlast the worst event-loop lag under overload (300 ms lost leases to lag, PERF-LEDGER §5)
+    lease_ttl_ms: int = 2000
+    lease_renew_ms: int = 500
+    takeover_scan_ms: int = 250
     max_sessions: int = 256
     max_turn_attempts: int = 3
     max_turn_starts: int = 12

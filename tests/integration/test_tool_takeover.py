@@ -39,7 +39,7 @@ async def test_an_owner_that_goes_mid_tool_hands_the_call_over(infra, tmp_path, 
                     lambda: not victim.alive(), timeout=10, what=f"the SIGTERMed {owner} to exit"
                 )
             else:
-                victim.proc.send_signal(19)  # SIGSTOP: longer than the 300 ms lease
+                victim.proc.send_signal(19)  # SIGSTOP: longer than the lease
                 try:
                     await eventually(
                         lambda: lease_owner(infra, ready.session_id),
