@@ -39,6 +39,15 @@ class LeaseKeeper:
         if held is not None and held[0] == lease:
             del self._held[lease.session_id]
 
+    def lapsed(self, lease: Lease) -> bool:
+        """True once `lease` is lost or its last renewal is older than the TTL: it may be someone
+        else's by now. A store error in a turn whose lease lapsed is the lease's loss (a partition,
+        a freeze), not the turn's failure."""
+        held = self._held.get(lease.session_id)
+        if held is None or held[0] != lease or held[1].is_set():
+            return True
+        return time.monotonic() - held[2] > self._ttl_ms / 1000
+
     async def run(self) -> None:
         """Owned by the service for the life of the process."""
         while True:

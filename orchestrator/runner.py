@@ -105,19 +105,21 @@ class SessionRunner:
                     await drain
                 raise LeaseLost(self.lease.token)
             drain.result()
-        except (LeaseLost, StaleEpoch):
+        except Exception as e:
+            if not (isinstance(e, (LeaseLost, StaleEpoch)) or self.svc.leases.lapsed(self.lease)):
+                # A bug or a store failure in this turn while we still own it: keep the lease until
+                # it lapses, so the turn is retried (here or elsewhere) after a pause; its failures
+                # are counted and a turn that keeps failing is dead-lettered. Never let it take the
+                # process down.
+                log.error("session %s: a turn failed: %r", self.sid, e, exc_info=e)
+                self.svc.metrics["turn_errors"] += 1
+                return
             log.warning(
                 "lost the lease of session %s (epoch %s): stopping without writing",
                 self.sid,
                 self.lease.epoch,
             )
             self.svc.metrics["lease_lost"] += 1
-        except Exception as e:
-            # A bug or a store failure in this turn: keep the lease until it lapses, so the turn is
-            # retried (here or elsewhere) after a pause; its failures are counted and a turn that
-            # keeps failing is dead-lettered. Never let it take the process down.
-            log.error("session %s: a turn failed: %r", self.sid, e, exc_info=e)
-            self.svc.metrics["turn_errors"] += 1
         finally:
             watch.cancel()
             if not drain.done():
@@ -148,8 +150,9 @@ class SessionRunner:
             except (LeaseLost, StaleEpoch, asyncio.CancelledError):
                 raise
             except Exception:
-                with contextlib.suppress(Exception):
-                    await cp.record_failure(self.sid, turn_id)
+                if not self.svc.leases.lapsed(self.lease):  # a lapsed lease is not the turn's fault
+                    with contextlib.suppress(Exception):
+                        await cp.record_failure(self.sid, turn_id)
                 raise
             finally:
                 self.current = None

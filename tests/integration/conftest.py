@@ -58,14 +58,14 @@ async def lease_owner(infra: Infrastructure, session_id: str) -> str | None:
     return None if v is None else v.decode().rsplit(":", 1)[0].split("/", 1)[0]
 
 
-def scrape(port: str | int) -> dict[str, float]:
+def scrape(port: str | int, address: str = "127.0.0.1") -> dict[str, float]:
     """A process's /metrics page read by `shared.promtext` (strictly: a malformed line fails the
     test), keyed `name{label="v",...}` with labels sorted by name, as tests spell a series."""
     import urllib.request
 
     from shared import promtext
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5) as r:
         page = promtext.parse(r.read().decode())
     return {
         s.name + ("{" + ",".join(f'{k}="{v}"' for k, v in s.labels) + "}" if s.labels else ""): s.value

@@ -52,3 +52,22 @@ async def test_an_idle_keeper_makes_no_calls_and_a_held_lease_is_renewed_at_once
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class FailingStore:
+    """Redis unreachable: every renewal fails (a partition)."""
+
+    async def renew_many(self, leases: list[Lease], ttl_ms: int) -> list[bool]:
+        raise ConnectionError("unreachable")
+
+
+async def test_a_lease_not_renewed_for_a_ttl_has_lapsed_before_it_is_declared_lost() -> None:
+    keeper = LeaseKeeper(FailingStore(), ttl_ms=100, renew_ms=1000)  # type: ignore[arg-type]
+    lease = Lease("s1", "o1", 1)
+    lost = keeper.hold(lease)
+    assert not keeper.lapsed(lease), "a lease just taken has not lapsed"
+    assert keeper.lapsed(Lease("s1", "o1", 2)), "a lease of another epoch is not ours"
+    await asyncio.sleep(0.15)  # past the TTL with no renewal, and no tick has run yet
+    assert keeper.lapsed(lease) and not lost.is_set(), "a TTL without renewal is a lapse, lost or not"
+    await keeper.tick()
+    assert lost.is_set() and keeper.lapsed(lease), "the failed renewal past the TTL loses the lease"

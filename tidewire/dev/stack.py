@@ -65,6 +65,8 @@ class Service:
     # In a process group of its own, a terminal's Ctrl-C reaches only the parent, which then stops
     # the services in order (gateways drain first) instead of all of them at once.
     own_process_group: bool = False
+    # A prefix for the command line, e.g. `ip netns exec <ns>` (tidewire.dev.netns.Host.wrap)
+    wrap: Callable[[list[str]], list[str]] | None = None
     started_at: float = 0.0  # time.monotonic() of the last start
     started_wall: float = 0.0  # time.time() of the last start
 
@@ -72,8 +74,9 @@ class Service:
         """Starts (or restarts) the process. The parent-death signal is tied to the calling *thread*:
         call this from a thread that lives as long as the service should (the main thread)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        argv = [sys.executable, "-m", self.module]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module],
+            self.wrap(argv) if self.wrap is not None else argv,
             env={**os.environ, **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -136,13 +139,20 @@ class Stack:
         latest = {s.name: s for s in self.services if s.module == "gateway"}
         return [f"http://127.0.0.1:{s.env['port']}" for s in latest.values()]
 
-    def service(self, name: str, module: str, env: dict[str, str] | None = None) -> Service:
+    def service(
+        self,
+        name: str,
+        module: str,
+        env: dict[str, str] | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> Service:
         svc = Service(
             name,
             module,
             {**self.infra_env, **self.extra_env, **(env or {})},
             self.log_dir / f"{name}.log",
             own_process_group=self.own_process_groups,
+            wrap=wrap,
         )
         self.services.append(svc)
         svc.start()
@@ -155,13 +165,23 @@ class Stack:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc=svc)
         return svc
 
-    def add_orchestrator(self, name: str) -> Service:
+    def add_orchestrator(
+        self,
+        name: str,
+        *,
+        address: str = "127.0.0.1",
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> Service:
+        """`address` is where its health port listens and what it advertises to its peers (an
+        address on a namespace bridge, with `wrap` running it inside that namespace)."""
         port = free_port()
-        svc = self.service(
-            name, "orchestrator", {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)}
-        )
+        env = {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)}
+        if address != "127.0.0.1":
+            env.update(TIDEWIRE_HOST=address, TIDEWIRE_ADVERTISE_URL=f"http://{address}:{port}")
+        svc = self.service(name, "orchestrator", env, wrap=wrap)
         svc.env["port"] = str(port)
-        wait_http(f"http://127.0.0.1:{port}/readyz", proc=svc)
+        svc.env["address"] = address
+        wait_http(f"http://{address}:{port}/readyz", proc=svc)
         return svc
 
     def add_tool_worker(self, name: str) -> Service:
