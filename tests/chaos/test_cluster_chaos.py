@@ -40,6 +40,7 @@ import pytest
 from proto import client
 from tests.integration.conftest import GENEROUS_LIMITS, SECRET, make_token
 from tidewire import invariants
+from tidewire.dev import netns
 from tidewire.dev.cluster import Cluster, FaultRecord, _http_json
 from tidewire.drill import DrillClient, check
 
@@ -47,8 +48,8 @@ from tidewire.drill import DrillClient, check
 # 2-core box (Sentinels not ready in 60 s); `make chaos-cluster` runs it.
 pytestmark = pytest.mark.cluster
 
-SESSIONS = 24
-TURNS = 5
+SESSIONS = 50
+TURNS = 7
 # ~10 s per answer at 40 tokens/s: every fault lands while most sessions are mid-answer, and the
 # drill (4 s + 6 faults × 8 s) ends before the answers do
 TEXT = "/sim tokens=400 rate=40\ncluster drill turn {turn}"
@@ -58,6 +59,12 @@ MAX_PAUSE_S = 15.0  # a client stalled longer than this is a liveness failure (a
 GAP_LEAD_S = 0.5  # a pause starts at the last event before the fault: at 40 tokens/s, well within this
 PROBE_TEXT = "/sim tokens=4 rate=1000\nprobe {turn}"
 FAULTS = ["gateway", "gateway-drain", "orchestrator", "nats", "redis-primary", "postgres-primary"]
+# With network namespaces (root, iproute2) every orchestrator runs in one of its own and the drill also
+# cuts one off the network for 2.5 leases (no kill, no FIN: its packets vanish), then heals it.
+NO_NETNS = netns.unavailable()
+PARTITION_S = 5.0
+if NO_NETNS is None:
+    FAULTS.insert(3, "orchestrator-partition")
 if os.environ.get("TIDEWIRE_CHAOS_NO_REDIS_FAILOVER") == "1":
     FAULTS.remove("redis-primary")
 # The gateway does not re-read the stores when its NATS connection comes back: a live event published
@@ -180,7 +187,9 @@ def cluster() -> Iterator[Cluster]:
     state = Path(tempfile.mkdtemp(prefix="tidewire-cluster-"))
     state.chmod(0o755)
     env = {**GENEROUS_LIMITS, "TIDEWIRE_TEST_TOOLS": "1", "TIDEWIRE_LOG_LEVEL": "INFO"}
-    c = Cluster(state / "state", service_env=env, jwt_secret=SECRET, restart_delay_s=0.5)
+    c = Cluster(
+        state / "state", service_env=env, jwt_secret=SECRET, restart_delay_s=0.5, netns=NO_NETNS is None
+    )
     c.start()
     try:
         yield c
@@ -212,6 +221,12 @@ async def run_drill(cluster: Cluster, faults: list[str]) -> tuple[list[TimedClie
         elif kind == "orchestrator":
             rec = await asyncio.to_thread(
                 cluster.kill_orchestrator, rng.choice(cluster.nodes("orchestrator")).name
+            )
+        elif kind == "orchestrator-partition":
+            rec = await asyncio.to_thread(
+                cluster.partition_orchestrator,
+                await asyncio.to_thread(cluster.busiest_orchestrator),
+                PARTITION_S,
             )
         elif kind == "nats":
             rec = await asyncio.to_thread(cluster.kill_nats, await asyncio.to_thread(cluster.busiest_nats))
@@ -479,7 +494,7 @@ def _nats_node_of(cluster: Cluster, connection_name: str) -> str | None:
     for p in cluster.nodes("nats"):
         if p.alive():
             with contextlib.suppress(Exception):
-                connz = _http_json(f"http://127.0.0.1:{p.extra['monitor']}/connz?limit=1024")
+                connz = _http_json(f"http://{cluster.address}:{p.extra['monitor']}/connz?limit=1024")
                 if any(c.get("name") == connection_name for c in connz.get("connections") or []):
                     return p.name
     return None
@@ -613,7 +628,7 @@ async def test_a_redis_failover_with_a_lagging_replica_reissues_no_seq_a_client_
         await asyncio.sleep(0.05)
     primary = cluster.procs[cluster.redis_primary() or ""]
     replica = next(p for p in cluster.nodes("redis") if p.name != primary.name)
-    direct = aioredis.Redis(host="127.0.0.1", port=primary.port)
+    direct = aioredis.Redis(host=cluster.address, port=primary.port)
     os.kill(replica.pid, signal.SIGSTOP)
     try:
         await direct.execute_command("CLIENT", "KILL", "TYPE", "replica")

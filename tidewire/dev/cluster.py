@@ -15,6 +15,11 @@ as they are: they take the NATS server list, the Sentinel URL and the multi-host
 `kill_redis_primary`, `kill_postgres_primary`, and the supervisor heals what was killed (restarts a
 process, lets Sentinel promote, promotes the Postgres standby and rebuilds a new one), recording when.
 Everything listens on 127.0.0.1; Postgres trusts local connections, nothing has auth: never expose it.
+
+`netns=True` (`up --netns`) makes the partitions real: every orchestrator runs in a network namespace
+of its own (tidewire.dev.netns), the servers listen on the bridge's address instead of 127.0.0.1,
+and `partition_orchestrator` sets an orchestrator's link down for a while — no process is killed and
+no socket closed, its packets just vanish — then brings it back.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from typing import Any, Final
 
 import psutil
 
+from shared import promtext
+from tidewire.dev import netns as netns_
 from tidewire.dev.stopflag import StopFlag
 
 log = logging.getLogger("tidewire.dev.cluster")
@@ -174,6 +181,9 @@ class Proc:
     started_at: float = 0.0
     # the supervisor restarts a process that died while `wanted` (not after stop())
     wanted: bool = False
+    # the network namespace it runs in (netns mode), and the address its own ports listen on
+    host: netns_.Host | None = None
+    address: str = "127.0.0.1"
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +193,9 @@ class Proc:
         with self.log_path.open("ab") as logf:
             logf.write(f"\n==== {self.name} starting at {time.strftime('%H:%M:%S')} ====\n".encode())
             logf.flush()
+            argv = self.argv()
             self.proc = _popen(
-                self.argv(),
+                self.host.wrap(argv) if self.host is not None else argv,
                 env=self.env or None,
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
@@ -275,12 +286,12 @@ def _http_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(r.read())
 
 
-def _redis_call(port: int, call: Callable[[Any], Any], timeout: float = 1.0) -> Any:
+def _redis_call(port: int, call: Callable[[Any], Any], *, host: str, timeout: float = 1.0) -> Any:
     """One call on a short-lived synchronous client (health probes and Sentinel questions)."""
     import redis
 
     r = redis.Redis(
-        host="127.0.0.1",
+        host=host,
         port=port,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
@@ -292,12 +303,14 @@ def _redis_call(port: int, call: Callable[[Any], Any], timeout: float = 1.0) -> 
         r.close()
 
 
-def _redis_ping(port: int) -> bool:
-    return bool(_redis_call(port, lambda r: r.ping()))
+def _redis_ping(port: int, host: str) -> bool:
+    return bool(_redis_call(port, lambda r: r.ping(), host=host))
 
 
-def _redis_in_sync(port: int) -> bool:
-    return bool(_redis_call(port, lambda r: r.info("replication").get("master_link_status")) == "up")
+def _redis_in_sync(port: int, host: str) -> bool:
+    return bool(
+        _redis_call(port, lambda r: r.info("replication").get("master_link_status"), host=host) == "up"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,6 +425,7 @@ class Cluster:
         heal: bool = True,
         restart_delay_s: float = 0.5,
         only: Sequence[str] | None = None,
+        netns: bool = False,
     ) -> None:
         """`only`: a subset of ("nats", "redis", "postgres") to start just those servers (no services,
         no HAProxy), for tests of one part."""
@@ -434,6 +448,10 @@ class Cluster:
         self._ports: dict[str, int] = {}
         self.haproxy_port = 0
         self.haproxy_stats_port = 0
+        self.netns = netns
+        self.network: netns_.Network | None = None
+        # where the servers listen: the bridge's address in netns mode (the namespaces reach it)
+        self.address = "127.0.0.1"
 
     # ---- addresses ---------------------------------------------------------------------------
 
@@ -447,16 +465,16 @@ class Cluster:
 
     @property
     def nats_url(self) -> str:
-        return ",".join(f"nats://127.0.0.1:{p.port}" for p in self.nodes("nats"))
+        return ",".join(f"nats://{self.address}:{p.port}" for p in self.nodes("nats"))
 
     @property
     def redis_url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{p.port}" for p in self.nodes("sentinel"))
+        hosts = ",".join(f"{self.address}:{p.port}" for p in self.nodes("sentinel"))
         return f"redis+sentinel://{hosts}/{MASTER_NAME}?db=0"
 
     @property
     def postgres_dsn(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{p.port}" for p in self.nodes("postgres"))
+        hosts = ",".join(f"{self.address}:{p.port}" for p in self.nodes("postgres"))
         return f"postgresql://{PG_SUPERUSER}@{hosts}/{DATABASE}?target_session_attrs=read-write"
 
     def service_environment(self) -> dict[str, str]:
@@ -478,6 +496,12 @@ class Cluster:
         full = "services" in self.parts
         haproxy = haproxy_binary() if full else ""
         try:
+            if self.netns:
+                why_not = netns_.unavailable()
+                if why_not is not None:
+                    raise ClusterError(f"--netns: {why_not}")
+                self.network = netns_.Network(net=79).open()
+                self.address = self.network.gateway_address
             if "nats" in self.parts:
                 self._start_nats()
             if "redis" in self.parts:
@@ -512,6 +536,9 @@ class Cluster:
                 p.stop(timeout=25 if kind == "gateway" else 10)
         if self._supervisor is not None:
             self._supervisor.join(5)
+        if self.network is not None:
+            self.network.close()
+            self.network = None
 
     def __enter__(self) -> Cluster:
         return self.start()
@@ -528,12 +555,13 @@ class Cluster:
         for name, client, monitor, route in nodes:
             folder = self.state_dir / name
             folder.mkdir(exist_ok=True)
-            routes = ", ".join(f'"nats-route://127.0.0.1:{r}"' for n, _, _, r in nodes if n != name)
+            routes = ", ".join(f'"nats-route://{self.address}:{r}"' for n, _, _, r in nodes if n != name)
             conf = folder / "nats.conf"
             conf.write_text(
                 _render(
                     "nats.conf.tmpl",
                     name=name,
+                    address=self.address,
                     client_port=client,
                     monitor_port=monitor,
                     route_port=route,
@@ -553,7 +581,9 @@ class Cluster:
             p.start()
         for p in self.nodes("nats"):
             _wait(
-                p.name, functools.partial(_http_ok, f"http://127.0.0.1:{p.extra['monitor']}/healthz"), proc=p
+                p.name,
+                functools.partial(_http_ok, f"http://{self.address}:{p.extra['monitor']}/healthz"),
+                proc=p,
             )
         _wait("NATS meta leader", lambda: bool(self.nats_meta_leader()))
 
@@ -561,7 +591,7 @@ class Cluster:
         for p in self.nodes("nats"):
             if p.alive():
                 with contextlib.suppress(Exception):
-                    jsz = _http_json(f"http://127.0.0.1:{p.extra['monitor']}/jsz")
+                    jsz = _http_json(f"http://{self.address}:{p.extra['monitor']}/jsz")
                     leader = (jsz.get("meta_cluster") or {}).get("leader")
                     if leader:
                         return str(leader)
@@ -573,7 +603,7 @@ class Cluster:
             if not p.alive():
                 continue
             with contextlib.suppress(Exception):
-                jsz = _http_json(f"http://127.0.0.1:{p.extra['monitor']}/jsz?streams=1&config=1")
+                jsz = _http_json(f"http://{self.address}:{p.extra['monitor']}/jsz?streams=1&config=1")
                 out: dict[str, dict[str, Any]] = {}
                 for acc in jsz.get("account_details") or []:
                     for s in acc.get("stream_detail") or []:
@@ -608,7 +638,9 @@ class Cluster:
             folder = self.state_dir / name
             folder.mkdir(exist_ok=True)
             conf = folder / "redis.conf"
-            conf.write_text(_render("redis.conf.tmpl", port=port, dir=json.dumps(str(folder))))
+            conf.write_text(
+                _render("redis.conf.tmpl", address=self.address, port=port, dir=json.dumps(str(folder)))
+            )
             proc = Proc(
                 name,
                 "redis",
@@ -619,9 +651,9 @@ class Cluster:
             self.procs[name] = proc
         self._redis_master_hint = "redis-a"
         self.procs["redis-a"].start()
-        _wait("redis-a", lambda: _redis_ping(p1), proc=self.procs["redis-a"])
+        _wait("redis-a", lambda: _redis_ping(p1, self.address), proc=self.procs["redis-a"])
         self.procs["redis-b"].start()
-        _wait("redis-b in sync", lambda: _redis_in_sync(p2), proc=self.procs["redis-b"])
+        _wait("redis-b in sync", lambda: _redis_in_sync(p2, self.address), proc=self.procs["redis-b"])
         for i, port in enumerate(sentinel_ports):
             name = f"sentinel-{i + 1}"
             folder = self.state_dir / name
@@ -630,6 +662,7 @@ class Cluster:
             conf.write_text(
                 _render(
                     "sentinel.conf.tmpl",
+                    address=self.address,
                     port=port,
                     dir=json.dumps(str(folder)),
                     master=MASTER_NAME,
@@ -650,7 +683,7 @@ class Cluster:
 
         def sentinels_agree() -> bool:
             for s in self.nodes("sentinel"):
-                fields = _redis_call(s.port, lambda r: r.sentinel_master(MASTER_NAME))
+                fields = _redis_call(s.port, lambda r: r.sentinel_master(MASTER_NAME), host=self.address)
                 if int(fields["num-other-sentinels"]) != 2 or int(fields["num-slaves"]) != 1:
                     return False
             return True
@@ -670,7 +703,7 @@ class Cluster:
             master = self.procs[self._redis_master_hint].port
         if master == self.procs[name].port:
             return []
-        return ["--replicaof", "127.0.0.1", str(master)]
+        return ["--replicaof", self.address, str(master)]
 
     def redis_master_port(self) -> int | None:
         """The primary's port according to a majority of the reachable Sentinels."""
@@ -678,7 +711,9 @@ class Cluster:
         for s in self.nodes("sentinel"):
             if s.alive():
                 with contextlib.suppress(Exception):
-                    host_port = _redis_call(s.port, lambda r: r.sentinel_get_master_addr_by_name(MASTER_NAME))
+                    host_port = _redis_call(
+                        s.port, lambda r: r.sentinel_get_master_addr_by_name(MASTER_NAME), host=self.address
+                    )
                     votes[int(host_port[1])] = votes.get(int(host_port[1]), 0) + 1
         if not votes:
             return None
@@ -698,7 +733,7 @@ class Cluster:
             "-D",
             str(p.extra["data"]),
             "-c",
-            "listen_addresses=127.0.0.1",
+            f"listen_addresses={self.address}",
             "-c",
             f"port={p.port}",
             "-c",
@@ -747,7 +782,7 @@ class Cluster:
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                "127.0.0.1",
+                self.address,
                 "-p",
                 str(self.procs[name].port),
                 "-U",
@@ -815,6 +850,9 @@ class Cluster:
             ],
             "initdb",
         )
+        if self.address != "127.0.0.1":  # initdb trusts loopback only; the bridge's hosts too
+            with (a.extra["data"] / "pg_hba.conf").open("a") as f:
+                f.write("host all all samenet trust\nhost replication all samenet trust\n")
         a.start()
         _wait("pg-a", lambda: self.psql("pg-a", "select 1") == "1", proc=a)
         self.psql("pg-a", f'create database "{DATABASE}"')
@@ -832,7 +870,7 @@ class Cluster:
             [
                 str(postgres_bin_dir() / "pg_basebackup"),
                 "-h",
-                "127.0.0.1",
+                self.address,
                 "-p",
                 str(primary.port),
                 "-U",
@@ -852,7 +890,7 @@ class Cluster:
         # pg_basebackup -R writes primary_conninfo; keep our application_name in it whatever it wrote
         with (data / "postgresql.auto.conf").open("a") as f:
             f.write(
-                f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user={PG_SUPERUSER} "
+                f"primary_conninfo = 'host={self.address} port={primary.port} user={PG_SUPERUSER} "
                 f"application_name={name}'\nsynchronous_standby_names = ''\n"
             )
         standby.start()
@@ -906,7 +944,15 @@ class Cluster:
 
     # ---- services and HAProxy ----------------------------------------------------------------
 
-    def _service(self, name: str, kind: str, module: str, env: dict[str, str], port: int = 0) -> Proc:
+    def _service(
+        self,
+        name: str,
+        kind: str,
+        module: str,
+        env: dict[str, str],
+        port: int = 0,
+        host: netns_.Host | None = None,
+    ) -> Proc:
         full = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
@@ -921,6 +967,8 @@ class Cluster:
             self.log_dir / f"{name}.log",
             env=full,
             port=port,
+            host=host,
+            address=host.address if host is not None else "127.0.0.1",
         )
         self.procs[name] = p
         p.start()
@@ -939,21 +987,34 @@ class Cluster:
             )
         for i in range(self.n_orchestrators):
             name, port = f"orchestrator-{i + 1}", ports[self.n_gateways + i]
-            self._service(
-                name,
-                "orchestrator",
-                "orchestrator",
-                {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)},
-                port,
-            )
+            env = {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)}
+            host = self.network.add_host(f"o{i + 1}") if self.network is not None else None
+            if host is not None:  # its peers reach its health port (the peer link) on the bridge
+                env.update(TIDEWIRE_HOST=host.address, TIDEWIRE_ADVERTISE_URL=f"http://{host.address}:{port}")
+            self._service(name, "orchestrator", "orchestrator", env, port, host)
         for i in range(self.n_tool_workers):
             name, port = f"tool-worker-{i + 1}", ports[self.n_gateways + self.n_orchestrators + i]
             self._service(name, "tool_worker", "tool_workers", {"TIDEWIRE_HEALTH_PORT": str(port)}, port)
         for p in self.nodes("gateway") + self.nodes("orchestrator") + self.nodes("tool_worker"):
             self._wait_service(p)
 
-    def _wait_service(self, p: Proc, timeout: float = READY_TIMEOUT) -> None:
-        _wait(p.name, lambda: _http_ok(f"http://127.0.0.1:{p.port}/readyz"), timeout=timeout, proc=p)
+    def _wait_service(self, p: Proc, timeout: float = READY_TIMEOUT, restarts: int = 2) -> None:
+        """Ready, or restarted (as Kubernetes would) when it exits during start-up: a service that
+        starts while JetStream is still placing its R3 streams can time out and exit once."""
+        for attempt in range(restarts + 1):
+            try:
+                _wait(
+                    p.name, lambda: _http_ok(f"http://{p.address}:{p.port}/readyz"), timeout=timeout, proc=p
+                )
+                return
+            except ClusterError:
+                if attempt == restarts or p.alive():
+                    raise
+                self._note(
+                    f"{p.name} exited during start-up ({p.proc.returncode if p.proc else '?'}); restarted"
+                )
+                time.sleep(self.restart_delay_s)
+                p.start()
 
     def _start_haproxy(self, binary: str) -> None:
         self.haproxy_port, self.haproxy_stats_port = _free_ports(2)
@@ -1020,12 +1081,29 @@ class Cluster:
         servers = self.haproxy_servers()
         return max(self.nodes("gateway"), key=lambda p: int(servers.get(p.name, {}).get("scur") or 0)).name
 
+    def busiest_orchestrator(self) -> str:
+        """The orchestrator holding the most session leases (its `sessions_owned` gauge)."""
+
+        def owned(p: Proc) -> float:
+            try:
+                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                    f"http://{p.address}:{p.port}/metrics", timeout=2
+                ) as r:
+                    page = promtext.parse(r.read().decode(), strict=False)
+            except OSError:
+                return -1.0
+            return page.value("tidewire_orchestrator_sessions_owned")
+
+        return max(self.nodes("orchestrator"), key=owned).name
+
     def busiest_nats(self) -> str:
         """The NATS node with the most client connections (gateways, orchestrators, workers)."""
 
         def conns(p: Proc) -> int:
             try:
-                return int(_http_json(f"http://127.0.0.1:{p.extra['monitor']}/varz").get("connections") or 0)
+                return int(
+                    _http_json(f"http://{self.address}:{p.extra['monitor']}/varz").get("connections") or 0
+                )
             except Exception:  # noqa: BLE001 - a node that does not answer has nobody
                 return -1
 
@@ -1080,6 +1158,24 @@ class Cluster:
         rec.kind = "postgres-primary"
         return rec
 
+    def partition_orchestrator(self, name: str, seconds: float) -> FaultRecord:
+        """Cuts the orchestrator's namespace off the bridge for `seconds` (longer than its lease: the
+        others take its sessions over; when it comes back its late writes must be refused), then heals
+        it. Blocks for `seconds`. Netns mode only."""
+        host = self.procs[name].host
+        if host is None:
+            raise ClusterError("partitions need the cluster in netns mode (Cluster(netns=True), up --netns)")
+        rec = self._record("orchestrator-partition", name, seconds=seconds)
+        host.partition()
+        self._note(f"partitioned {name} ({host.address}) for {seconds:g} s")
+        try:
+            time.sleep(seconds)
+        finally:
+            host.heal()
+        rec.healed_at = time.monotonic()
+        self._note(f"healed the partition of {name}")
+        return rec
+
     def drain_gateway(self, name: str, timeout: float = 30.0) -> FaultRecord:
         """A planned restart: HAProxy stops sending new connections to it first (`state drain`), then
         SIGTERM (the gateway closes its WebSockets with 1012; clients reconnect through HAProxy to the
@@ -1116,7 +1212,7 @@ class Cluster:
                 # Postgres: promote on primary death (process gone, or PG_PROBE_FAILURES failed probes)
                 primary = self.procs.get(self.pg_primary)
                 if primary is not None and primary.wanted:
-                    ok = primary.alive() and _tcp(primary.port)
+                    ok = primary.alive() and _tcp(primary.port, host=self.address)
                     pg_failures = 0 if ok else pg_failures + 1
                     if not primary.alive() or pg_failures >= PG_PROBE_FAILURES:
                         pg_failures = 0
@@ -1153,9 +1249,9 @@ class Cluster:
 
     def _mark_ready(self, p: Proc) -> None:
         probes: dict[str, Callable[[], bool]] = {
-            "nats": lambda: _http_ok(f"http://127.0.0.1:{p.extra['monitor']}/healthz"),
-            "redis": lambda: _redis_in_sync(p.port),
-            "sentinel": lambda: _redis_ping(p.port),
+            "nats": lambda: _http_ok(f"http://{self.address}:{p.extra['monitor']}/healthz"),
+            "redis": lambda: _redis_in_sync(p.port, self.address),
+            "sentinel": lambda: _redis_ping(p.port, self.address),
             "postgres": lambda: (
                 self.psql(
                     self.pg_primary,
@@ -1163,9 +1259,9 @@ class Cluster:
                 )
                 == "streaming"
             ),
-            "haproxy": lambda: _tcp(p.port),
+            "haproxy": lambda: _tcp(p.port, host="127.0.0.1"),  # HAProxy is the clients' entry: loopback
         }
-        probe = probes.get(p.kind, lambda: _http_ok(f"http://127.0.0.1:{p.port}/readyz"))
+        probe = probes.get(p.kind, lambda: _http_ok(f"http://{p.address}:{p.port}/readyz"))
         with contextlib.suppress(ClusterError):
             _wait(f"{p.name} back", probe, timeout=90, proc=p)
             if p.kind != "redis":  # a Redis fault is healed by the failover, not by the restart
@@ -1193,7 +1289,8 @@ class Cluster:
             },
             "gateways": [{**proc(p), "url": f"http://127.0.0.1:{p.port}"} for p in self.nodes("gateway")],
             "orchestrators": [
-                {**proc(p), "health": f"http://127.0.0.1:{p.port}/readyz"} for p in self.nodes("orchestrator")
+                {**proc(p), "health": f"http://{p.address}:{p.port}/readyz"}
+                for p in self.nodes("orchestrator")
             ],
             "tool_workers": [proc(p) for p in self.nodes("tool_worker")],
             "nats": {
@@ -1201,7 +1298,7 @@ class Cluster:
                 "replicas": NATS_REPLICAS,
                 "meta_leader": self.nats_meta_leader(),
                 "nodes": [
-                    {**proc(p), "monitor": f"http://127.0.0.1:{p.extra['monitor']}"}
+                    {**proc(p), "monitor": f"http://{self.address}:{p.extra['monitor']}"}
                     for p in self.nodes("nats")
                 ],
             },
@@ -1229,21 +1326,23 @@ class Cluster:
         return path
 
 
-def _tcp(port: int, timeout: float = 0.5) -> bool:
+def _tcp(port: int, *, host: str, timeout: float = 0.5) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
 
 
-async def measure_wait_cost(port: int, n: int = 2000, timeout_ms: int = 100) -> dict[str, Any]:
+async def measure_wait_cost(
+    port: int, n: int = 2000, timeout_ms: int = 100, host: str = "127.0.0.1"
+) -> dict[str, Any]:
     """p50/p99 (ms) of a SET alone, a SET then `WAIT 1 timeout_ms` (two round trips) and the two
     pipelined in one round trip (how a checkpoint append would do it), on one connection to the primary
     (both nodes `appendfsync always`). Sequential: one write in flight, as one session's appends are."""
     import redis.asyncio as aioredis
 
-    r = aioredis.Redis(host="127.0.0.1", port=port)
+    r = aioredis.Redis(host=host, port=port)
     out: dict[str, Any] = {"n": n, "wait_timeout_ms": timeout_ms}
     try:
 
@@ -1299,6 +1398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--gateways", type=int, default=3)
     up.add_argument("--orchestrators", type=int, default=3)
     up.add_argument("--tool-workers", type=int, default=2)
+    up.add_argument(
+        "--netns",
+        action="store_true",
+        help="each orchestrator in a network namespace of its own, so a partition is a link down (root)",
+    )
     wait = sub.add_parser("wait-cost", help="measure SET vs SET+WAIT 1 on a primary+replica (loopback)")
     wait.add_argument("--n", type=int, default=2000)
     wait.add_argument("--timeout-ms", type=int, default=100)
@@ -1318,7 +1422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             Cluster(Path(tmp), only=("redis",)) as redis_only,
         ):
             port = redis_only.procs[redis_only.redis_primary() or ""].port
-            print(json.dumps(asyncio.run(measure_wait_cost(port, args.n, args.timeout_ms)), indent=2))
+            print(
+                json.dumps(
+                    asyncio.run(measure_wait_cost(port, args.n, args.timeout_ms, redis_only.address)),
+                    indent=2,
+                )
+            )
         return 0
     stop = StopFlag().install(signal.SIGINT, signal.SIGTERM)  # not threading.Event: see tidewire.dev.stopflag
     state = args.state_dir.absolute()
@@ -1330,6 +1439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         orchestrators=args.orchestrators,
         tool_workers=args.tool_workers,
         service_env={"TIDEWIRE_DEV_MODE": "1"},
+        netns=args.netns,
     )
     try:
         print(
