@@ -1,7 +1,8 @@
-"""The chaos drill over the production topology (tidewire.dev.cluster): 24 sessions stream long answers
+"""The chaos drill over the production topology (tidewire.dev.cluster): 50 sessions stream long answers
 through HAProxy with reconnecting clients (tidewire.drill) while, one after the other, a gateway, an
 orchestrator, a NATS node, the Redis primary (Sentinel fails over) and the Postgres primary (the
-supervisor promotes the synchronous standby) are SIGKILLed. Afterwards every guarantee is checked
+supervisor promotes the synchronous standby) are SIGKILLed, and (with network namespaces: root and
+iproute2) the busiest orchestrator is cut off the network for 5 s, longer than its lease, then healed. Afterwards every guarantee is checked
 against the durable history: every acked message stored at its seq; every turn ended exactly once;
 client text == turn_end.text == stored text; seqs gap-free. Per fault, the pause the streaming
 clients saw and the errors they got are printed (and written to <state>/drill.json).
@@ -51,7 +52,7 @@ pytestmark = pytest.mark.cluster
 SESSIONS = 50
 TURNS = 7
 # ~10 s per answer at 40 tokens/s: every fault lands while most sessions are mid-answer, and the
-# drill (4 s + 6 faults × 8 s) ends before the answers do
+# faults (4 s + 7 × 8 s + the 5 s partition) end before the 7 answers of a session do
 TEXT = "/sim tokens=400 rate=40\ncluster drill turn {turn}"
 FAULT_EVERY_S = 8.0
 PAUSE_WINDOW_S = 12.0
