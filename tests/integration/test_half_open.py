@@ -24,7 +24,7 @@ from proto import client
 from shared.subjects import subject_key
 from tests.integration.conftest import make_token, scrape, stack_env
 from tests.integration.wsclient import WsTestClient
-from tests.waits import eventually
+from tests.waits import eventually, within
 from tidewire import invariants
 from tidewire.dev import netns
 from tidewire.dev.infra import Infrastructure
@@ -116,8 +116,8 @@ async def test_a_client_whose_network_vanishes_is_released_and_resumes_exactly_f
         host.partition()  # the link goes down: from here on nothing the client sends arrives
         vanished = time.monotonic()
         proc.kill()  # its FIN is lost on the dead link: the gateway is never told
-        await proc.wait()
-        await reader
+        await within(proc.wait(), timeout=10, what="the killed client process to exit")
+        await within(reader, timeout=10, what="the killed client's stdout to close")
         seen = [client.server_frame_decoder.decode(json.dumps(f)) for f in frames]
         seen_events = [e for e in seen if isinstance(e, client.EVENT_TYPES)]
         assert seen_events, "the vanished client saw no event"
@@ -155,6 +155,6 @@ async def test_a_client_whose_network_vanishes_is_released_and_resumes_exactly_f
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            await within(proc.wait(), timeout=10, what="the client process to exit")
         reader.cancel()
         stack.stop()
