@@ -14,7 +14,7 @@ import regex
 from proto import client
 from tests.integration.conftest import make_token, stack_env
 from tests.integration.wsclient import WsTestClient
-from tests.waits import frames_tail, within
+from tests.waits import eventually, frames_tail, within
 from tidewire import invariants
 from tidewire.client import TidewireClient
 from tidewire.dev.stack import Stack
@@ -178,7 +178,17 @@ async def test_slow_reader_memory_is_bounded_and_its_text_exact(infra, tmp_path)
             assert c.ws is not None and c.ws._conn is not None and c.ws._conn.transport is not None
             transport = c.ws._conn.transport
             transport.pause_reading()
-            await asyncio.sleep(3)
+            # Until the whole answer is stored, not for a fixed time: on a slow CI box 2,000 tokens took
+            # longer than the 3 s the test once paused for, so most of them reached a reader that was
+            # reading again and every delta went out on its own (2,001 frames).
+            hdr = {"Authorization": f"Bearer {token}"}
+            async with aiohttp.ClientSession() as http:
+                await eventually(
+                    lambda: _assistant_status(http, s.url, hdr, ready.session_id),
+                    timeout=60,
+                    what="the 2,000-token answer to be stored while its reader reads nothing",
+                    ok=lambda status: status == "completed",
+                )
             transport.resume_reading()
             end = await c.until_turn_end(ack.turn_id, timeout=60)
         deltas = [e for e in c.events if isinstance(e, client.Delta)]
@@ -192,6 +202,12 @@ async def test_slow_reader_memory_is_bounded_and_its_text_exact(infra, tmp_path)
         assert ready.session_id
     finally:
         s.stop()
+
+
+async def _assistant_status(http: aiohttp.ClientSession, url: str, hdr: dict[str, str], sid: str) -> str:
+    r = await http.get(f"{url}/v1/sessions/{sid}", headers=hdr)
+    messages = (await r.json())["messages"]
+    return str(messages[-1]["status"]) if len(messages) >= 2 else "absent"
 
 
 async def test_heartbeat_timeout_closes_4408(infra, tmp_path) -> None:
