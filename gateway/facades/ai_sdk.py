@@ -23,11 +23,10 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import commands
 from gateway.facades.common import (
-    _digest,
     active_turn,
     caller,
+    derived_session,
     json_encode,
     load_record,
     read_json,
@@ -39,15 +38,11 @@ from gateway.facades.errors import openai_error
 from gateway.keys import DEPS
 from gateway.limits import check_session_id
 from proto import client
-from shared.errors import BadFrame, Forbidden, NotFound, TidewireError, TooLarge
+from shared.errors import BadFrame, Forbidden, NotFound, TidewireError
 
 SESSION_HEADER = "X-Tidewire-Session"
 STREAM_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
 _FINISH = {"completed": "stop", "cancelled": "other", "timed_out": "length", "failed": "error"}
-
-
-def derived_session_id(subject: str, chat_id: str) -> str:
-    return "ai_" + _digest(subject, "ai-sdk", chat_id)
 
 
 async def chat_session(request: web.Request, subject: str, chat_id: str, *, create: bool) -> str:
@@ -63,16 +58,7 @@ async def chat_session(request: web.Request, subject: str, chat_id: str, *, crea
         if direct.subject != subject:
             raise Forbidden("this chat belongs to someone else")
         return chat_id
-    sid = derived_session_id(subject, chat_id)
-    row = await deps.eventlog.get_session(sid)
-    if row is None:
-        if not create:
-            raise NotFound("no such chat")
-        if await deps.eventlog.count_sessions(subject) >= deps.settings.max_sessions_per_subject:
-            raise TooLarge("too many sessions for this user")
-        await deps.eventlog.create_session(sid, subject, None)
-    await commands.authorize(deps, sid, subject)
-    return sid
+    return await derived_session(request, subject, "ai-sdk", chat_id, prefix="ai_", create=create)
 
 
 def _message_text(message: dict[str, Any]) -> str:

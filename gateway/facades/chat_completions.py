@@ -1,9 +1,12 @@
 """OpenAI Chat Completions over tidewire turns (`POST /v1/chat/completions`, `GET /v1/models`).
 
 Stateless for the client: each call is one turn of the session named by the `X-Tidewire-Session`
-header, or of a new session (its id comes back in the same header). The session holds the history,
-so only the last user message of `messages` is sent as the turn's text; earlier messages are not
-replayed into a new session. `Idempotency-Key` works as on `/v1/responses`. The completion id is
+header; or of the session derived from the client's own conversation key (`X-Tidewire-Chat`, or the
+`X-OpenWebUI-Chat-Id` that Open WebUI forwards), created on first use, so a chat UI that resends the
+whole conversation on every call keeps one session per conversation; or of a new session. The
+session's id comes back in `X-Tidewire-Session`. The session holds the history, so only the last
+user message of `messages` is sent as the turn's text; earlier messages are not replayed into a new
+session. `Idempotency-Key` works as on `/v1/responses`. The completion id is
 `chatcmpl-<turn_id>`. Tool activity and status lines run on the server and are not carried here
 (the Responses facade and the AI SDK stream carry them); stop is `POST /v1/sessions/{sid}/stop`.
 """
@@ -19,6 +22,7 @@ from gateway import commands
 from gateway.facades.common import (
     SETTINGS,
     caller,
+    derived_session,
     idempotency_key,
     json_encode,
     new_session,
@@ -37,6 +41,7 @@ from proto import client
 from shared.errors import BadFrame, Internal
 
 SESSION_HEADER = "X-Tidewire-Session"
+CHAT_HEADERS = ("X-Tidewire-Chat", "X-OpenWebUI-Chat-Id")
 
 _FINISH = {"completed": "stop", "cancelled": "stop", "timed_out": "length"}
 
@@ -68,8 +73,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = body.get("model") if isinstance(body.get("model"), str) else request.app[SETTINGS].models[0]
     key = idempotency_key(request)
     named = request.headers.get(SESSION_HEADER)
+    chat = next((v for h in CHAT_HEADERS if (v := request.headers.get(h))), None)
     if named:
         sid = await owned_session(deps, named, principal.subject)
+    elif chat is not None:
+        sid = await derived_session(
+            request, principal.subject, "chat", chat, prefix="cc_", create=True, model=model
+        )
     elif key is not None:
         sid = await session_for_key(request, principal.subject, "chat", key, model)
     else:

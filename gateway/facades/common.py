@@ -34,7 +34,7 @@ from proto import client
 from proto.client import Event
 from shared import sessionstate
 from shared.config import from_env
-from shared.errors import BadFrame, Degraded, NotFound, TidewireError
+from shared.errors import BadFrame, Degraded, NotFound, TidewireError, TooLarge
 from shared.facade_store import FacadeStore
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,34 @@ async def session_for_key(
         return known
     sid = await new_session(request, subject, model)
     return await store.remember_keyed_session(digest, sid)
+
+
+async def derived_session(
+    request: web.Request,
+    subject: str,
+    scope: str,
+    key: str,
+    *,
+    prefix: str,
+    create: bool,
+    model: str | None = None,
+) -> str:
+    """The session a client's own conversation key names (an AI SDK chat id, an Open WebUI chat id):
+    `<prefix><digest(subject, scope, key)>`, created on first use. Derived, not looked up, so it
+    needs no mapping store, and two subjects' equal keys never meet."""
+    deps = request.app[DEPS]
+    if not 1 <= len(key) <= 128:
+        raise BadFrame("a conversation key must be 1..128 characters")
+    sid = prefix + _digest(subject, scope, key)
+    if await deps.eventlog.get_session(sid) is None:
+        if not create:
+            raise NotFound("no such chat")
+        if await deps.eventlog.count_sessions(subject) >= deps.settings.max_sessions_per_subject:
+            raise TooLarge("too many sessions for this user")
+        await deps.eventlog.create_session(sid, subject, None)
+        await apply_model(request, sid, model)
+    await commands.authorize(deps, sid, subject)
+    return sid
 
 
 # ---- records: what a facade remembers about a turn it started --------------------------------------

@@ -22,12 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import psutil
 import pytest
 
 from proto import client
 from shared import promtext
 from tests.integration.wsclient import WsTestClient
+from tests.waits import within
 from tidewire import invariants
 from tidewire.dev.stack import RestartPolicy, Stack, Supervisor
 
@@ -273,6 +275,23 @@ async def _heal_under_fire(dev: DevProcess) -> None:
         ack3 = await c2.ack_for(await c2.send_message("/sim tokens=20\nhello via gateway-2"))
         end3 = await c2.until_turn_end(ack3.turn_id, timeout=30)
         assert end3.status == "completed" and end3.text
+
+    # what `make run` starts serves the facades too, to the real client, with the printed token
+    oa = openai.AsyncOpenAI(base_url=info["url"] + "/v1", api_key=info["token"], max_retries=0, timeout=30)
+    done = await within(
+        oa.chat.completions.create(
+            model="tidewire", messages=[{"role": "user", "content": "/sim tokens=8\nhello, openai client"}]
+        ),
+        timeout=30,
+        what="a chat completion from the dev stack",
+    )
+    assert done.choices[0].finish_reason == "stop" and done.choices[0].message.content
+    response = await within(
+        oa.responses.create(model="tidewire", input="/sim tokens=8\nhi"),
+        timeout=30,
+        what="a response from the dev stack",
+    )
+    assert response.status == "completed" and response.output_text
 
     final = dev.status()
     assert final is not None

@@ -116,6 +116,33 @@ async def test_responses_stream_drop_then_retrieve_starting_after_gives_exact_te
     assert items.data[0].content[0].text == LONG + "resume me"
 
 
+async def test_stream_helper_on_a_response_id_gives_the_final_response(stack) -> None:
+    """`responses.stream(response_id=...)`: the SDK's helper attached to a background response, from
+    its first event and from the middle (`starting_after`), accumulates the stored answer."""
+    oa = _client(stack, "oa-helper")
+    created = await oa.responses.create(model="tidewire", input=LONG + "attach to me", background=True)
+    assert created.status in ("queued", "in_progress"), created.status
+    whole: list[Any] = []
+
+    async def attach(into: list[Any], **kw: Any) -> Any:
+        async with oa.responses.stream(response_id=created.id, **kw) as stream:
+            async for ev in stream:
+                into.append(ev)
+            return await stream.get_final_response()
+
+    final = await within(attach(whole), timeout=60, what="the helper's final response from the first event")
+    stored = await _answer(stack, "oa-helper", _sid(created.id), created.id.split(".", 1)[1])
+    assert final.id == created.id and final.status == "completed"
+    assert final.output_text == stored == _text(whole) and len(stored) > 500
+    n = whole[len(whole) // 2].sequence_number
+    rest: list[Any] = []
+    later = await within(
+        attach(rest, starting_after=n), timeout=60, what=f"the helper's final response after event {n}"
+    )
+    assert later.output_text == stored
+    assert rest and rest[0].sequence_number == n + 1
+
+
 async def test_responses_cancel_mid_answer_keeps_partial_text_and_ends_open_stream(stack) -> None:
     oa = _client(stack, "oa-cancel")
     created = await oa.responses.create(
@@ -253,6 +280,33 @@ async def test_chat_completions_stream_and_non_stream(stack) -> None:
         )
     models = await oa.models.list()
     assert "tidewire" in [m.id for m in models.data]
+
+
+@pytest.mark.parametrize("header", ["X-OpenWebUI-Chat-Id", "X-Tidewire-Chat"])
+async def test_a_chat_uis_conversation_key_keeps_one_session_per_conversation(stack, header) -> None:
+    """Open WebUI (and LibreChat with a header template) resend the whole conversation on every call
+    and name it by their own chat id: each conversation is one session, its turns in order."""
+    oa = _client(stack, f"oa-ui-{header}")
+    history: list[dict[str, str]] = []
+    sids = []
+    for n in range(2):
+        history.append({"role": "user", "content": f"/sim tokens=12 rate=0\nmessage {n}"})
+        raw = await oa.chat.completions.with_raw_response.create(
+            model="tidewire", messages=history, extra_headers={header: "chat-A"}
+        )
+        sids.append(raw.headers["x-tidewire-session"])
+        history.append({"role": "assistant", "content": raw.parse().choices[0].message.content or ""})
+    assert sids[0] == sids[1], "two calls of one conversation went to two sessions"
+    msgs = (await _history(stack, f"oa-ui-{header}", sids[0]))["messages"]
+    assert [(m["role"], m["text"]) for m in msgs] == [(h["role"], h["content"]) for h in history]
+    other = await oa.chat.completions.with_raw_response.create(
+        model="tidewire", messages=history[:1], extra_headers={header: "chat-B"}
+    )
+    assert other.headers["x-tidewire-session"] != sids[0]
+    theirs = await _client(stack, f"oa-ui-other-{header}").chat.completions.with_raw_response.create(
+        model="tidewire", messages=history[:1], extra_headers={header: "chat-A"}
+    )
+    assert theirs.headers["x-tidewire-session"] not in sids, "two subjects' equal chat ids met"
 
 
 async def test_tool_activity_is_an_mcp_call_item_and_status_lines_pass_through_the_stream_helper(
