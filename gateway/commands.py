@@ -32,7 +32,6 @@ from shared.errors import (
     Forbidden,
     NotFound,
     RateLimited,
-    SeedNeeded,
     TidewireError,
     TooLarge,
 )
@@ -239,27 +238,16 @@ async def _send_message(
     quota = admitted.quota if admitted is not None else None
 
     async def append(policy: AppendPolicy) -> UserAppend:
-        return await cp.append_user(session_id, req.client_msg_id, turn_id, raw, encoded, policy, quota)
+        return await cp.append_user(
+            session_id, req.client_msg_id, turn_id, raw, encoded, policy, quota, log=deps.eventlog
+        )
 
     try:
         async with asyncio.timeout(deps.settings.redis_timeout_s * 2):
             try:
-                try:
-                    appended = await append(policy or "ask")
-                except PolicyNeeded:  # a turn is running: only now does the session's policy matter
-                    policy = await resolved_policy()
-                    appended = await append(policy)
-            except SeedNeeded:
-                stored = await deps.eventlog.find_user_message(session_id, req.client_msg_id)
-                if stored is not None:
-                    return client.Ack(
-                        client_msg_id=req.client_msg_id,
-                        seq=stored.seq,
-                        turn_id=stored.turn_id,
-                        duplicate=True,
-                    )
-                await cp.seed(session_id, await deps.eventlog.last_seq(session_id))
-                policy = policy or await resolved_policy()
+                appended = await append(policy or "ask")
+            except PolicyNeeded:  # a turn is running: only now does the session's policy matter
+                policy = await resolved_policy()
                 appended = await append(policy)
     except RateLimited:
         if admitted is not None:

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from shared import telemetry
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore, Lease, with_seq
-from shared.errors import SeedNeeded
 from shared.eventlog import EventLog
 
 log = logging.getLogger(__name__)
@@ -117,13 +116,9 @@ class CheckpointWriter:
         self, raws: list[bytes], start_turn: str = "", *, publish: bool = True, hold: bool = False
     ) -> int:
         t0 = time.perf_counter()
-        try:
-            first = await self._store.append(self._lease, raws, start_turn=start_turn, hold=hold)
-        except SeedNeeded:
-            await self._store.seed(
-                self._lease.session_id, await self._eventlog.last_seq(self._lease.session_id)
-            )
-            first = await self._store.append(self._lease, raws, start_turn=start_turn, hold=hold)
+        first = await self._store.append(
+            self._lease, raws, start_turn=start_turn, hold=hold, log=self._eventlog
+        )
         _append_seconds.record(time.perf_counter() - t0)
         _append_events.add(len(raws))
         self.appends += 1

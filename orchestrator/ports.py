@@ -8,7 +8,6 @@ through these adapters and hooks only, so the runner can be driven by anything t
 from __future__ import annotations
 
 import collections
-import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -53,7 +52,6 @@ class TurnPorts(Protocol):
     def encode_state(self, state: SessionState) -> bytes: ...
 
     # ---- effects ---------------------------------------------------------------------------------
-    def upstream_slot(self) -> contextlib.AbstractAsyncContextManager[None]: ...
     async def call_tool(
         self,
         session_id: str,

@@ -14,8 +14,9 @@ reaches its process only through `orchestrator/ports.py` `TurnPorts`.
 
 Each turn continues the trace its gateway started (`TurnRequest.trace_context`, stored with the
 request, so a takeover lands in the same trace): `orchestrator.pickup` spans the queue wait from
-the gateway's receipt, `orchestrator.turn` the whole turn, and `upstream.first_token` each model
-call's wait for its first event. No span is made per delta.
+the gateway's receipt and `orchestrator.turn` the whole turn; each model call's `model.queue` and
+`upstream.first_token` are timed by the router that gates it (`orchestrator/upstream.py`). No span
+is made per delta.
 """
 
 from __future__ import annotations
@@ -414,38 +415,24 @@ class SessionRunner:
             with attempt:
                 calls.clear()
                 graphemes = GraphemeBuffer()
-                async with svc.upstream_slot():
-                    waiting: Any = telemetry.tracer.start_span("upstream.first_token")
-                    asked = time.perf_counter()
-                    try:
-                        async with contextlib.aclosing(svc.provider.stream(preq)) as stream:
-                            async for ev in stream:
-                                if waiting is not None:  # once per model call, not per delta
-                                    telemetry.observe_stage(
-                                        "upstream_first_token", time.perf_counter() - asked
-                                    )
-                                    waiting.set_attribute("event", type(ev).__name__)
-                                    waiting.end()
-                                    waiting = None
-                                if isinstance(ev, TextDelta):
-                                    out = graphemes.feed(ev.text)
-                                    if out:
-                                        if not first_token:
-                                            first_token = True
-                                            if self._first_token_ns is None:
-                                                self._first_token_ns = time.time_ns()
-                                        await writer.put(functools.partial(progress.delta, out))
-                                elif isinstance(ev, ToolCallRequest):
-                                    calls.append(ev)
-                    except ProviderError:
-                        tail = graphemes.flush() if first_token else ""
-                        if tail:  # text already promised must not lose its held-back last cluster
-                            await writer.put(functools.partial(progress.delta, tail))
-                        raise
-                    finally:
-                        if waiting is not None:
-                            waiting.set_attribute("event", "none")
-                            waiting.end()
+                try:
+                    async with contextlib.aclosing(svc.provider.stream(preq)) as stream:
+                        async for ev in stream:
+                            if isinstance(ev, TextDelta):
+                                out = graphemes.feed(ev.text)
+                                if out:
+                                    if not first_token:
+                                        first_token = True
+                                        if self._first_token_ns is None:
+                                            self._first_token_ns = time.time_ns()
+                                    await writer.put(functools.partial(progress.delta, out))
+                            elif isinstance(ev, ToolCallRequest):
+                                calls.append(ev)
+                except ProviderError:
+                    tail = graphemes.flush() if first_token else ""
+                    if tail:  # text already promised must not lose its held-back last cluster
+                        await writer.put(functools.partial(progress.delta, tail))
+                    raise
                 tail = graphemes.flush()
                 if tail:
                     await writer.put(functools.partial(progress.delta, tail))

@@ -8,13 +8,11 @@ A runner sees this object only through `orchestrator.ports.TurnPorts`.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -53,8 +51,6 @@ _turn_seconds = _meter.create_histogram(
     explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
 )
 
-UPSTREAM_STREAMS = 1024  # upstream streams at once per process (the router gates each upstream too)
-
 
 @dataclass(eq=False, kw_only=True)
 class TurnServices:
@@ -72,9 +68,6 @@ class TurnServices:
     analytics: AnalyticsPublisher
     tools: ToolDispatcher | None
     system_prompts: dict[str, str]
-    # the model.queue stage is measured once, here (the router's per-upstream gate waits fall into
-    # upstream_first_token); observing both would count every step twice
-    _upstream: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(UPSTREAM_STREAMS))
 
     async def plan_turn(self, req: busproto.TurnRequest, stored_state: bytes | None) -> TurnPlan:
         """Session fetch, context pack and retrieval: three timed stages before the model is asked.
@@ -169,15 +162,6 @@ class TurnServices:
         if timed_out:
             self.metrics["tool_timeouts"] += 1
         return bool(outcome.ok), str(outcome.text)
-
-    @contextlib.asynccontextmanager
-    async def upstream_slot(self) -> AsyncIterator[None]:
-        """A slot for one upstream model stream; the wait for it is the `model.queue` stage."""
-        start_ns, t0 = time.time_ns(), time.perf_counter()
-        async with self._upstream:
-            telemetry.observe_stage("model_queue", time.perf_counter() - t0)
-            telemetry.record_span("model.queue", start_ns, time.time_ns())
-            yield
 
     def observe_turn(self, seconds: float, status: str) -> None:
         _turn_seconds.record(seconds, {"status": status})

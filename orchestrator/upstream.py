@@ -426,17 +426,33 @@ class UpstreamRouter:
         return prov
 
     async def stream(self, request: ProviderRequest) -> AsyncGenerator[ProviderEvent, None]:
+        """One model call through its upstream's gate, the only gate a model call passes. The two
+        stages before its first event are timed here, where they are told apart: `model.queue` (the
+        wait for a slot) and `upstream.first_token` (from the slot to the upstream's first event)."""
         route = parse_route(request.model, default_provider=self.default.name)
         provider = self.provider(route.provider)
         inner = msgspec.structs.replace(request, model=route.model)
-        async with (
-            self.gate(route.provider).slot() as slot,
-            contextlib.aclosing(provider.stream(inner)) as stream,
-        ):
-            async for event in stream:
-                if isinstance(event, Usage):
-                    slot.succeeded()
-                yield event
+        queued_ns, t0 = time.time_ns(), time.perf_counter()
+        async with self.gate(route.provider).slot() as slot:
+            telemetry.observe_stage("model_queue", time.perf_counter() - t0)
+            telemetry.record_span("model.queue", queued_ns, time.time_ns())
+            waiting: Any = telemetry.tracer.start_span("upstream.first_token")
+            asked = time.perf_counter()
+            try:
+                async with contextlib.aclosing(provider.stream(inner)) as stream:
+                    async for event in stream:
+                        if waiting is not None:  # once per model call, not per event
+                            telemetry.observe_stage("upstream_first_token", time.perf_counter() - asked)
+                            waiting.set_attribute("event", type(event).__name__)
+                            waiting.end()
+                            waiting = None
+                        if isinstance(event, Usage):
+                            slot.succeeded()
+                        yield event
+            finally:
+                if waiting is not None:
+                    waiting.set_attribute("event", "none")
+                    waiting.end()
 
     # ---- observability -----------------------------------------------------------------------
     def _sum(self, attr: str) -> int:

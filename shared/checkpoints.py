@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
@@ -252,6 +252,13 @@ class UserAppend:
     interrupted: tuple[str, ...] = ()
 
 
+class SeqSource(Protocol):
+    """The durable history the seq counter is re-seeded from (shared.eventlog.EventLog)."""
+
+    async def last_seq(self, session_id: str) -> int: ...
+    async def find_user_message(self, session_id: str, client_msg_id: str) -> Any: ...
+
+
 @dataclass(frozen=True)
 class TurnSnapshot:
     request: bytes | None
@@ -432,9 +439,38 @@ class CheckpointStore:
         request: bytes,
         policy: AppendPolicy = "queue",
         quota: MessageQuota | None = None,
+        *,
+        log: SeqSource | None = None,
     ) -> UserAppend:
         """Appends a user message and queues its turn, once per `client_msg_id`; spends one message
-        of `quota` (RateLimited, nothing appended, when it is empty)."""
+        of `quota` (RateLimited, nothing appended, when it is empty). With `log`, a session whose
+        counter Redis no longer has (new, expired, lost in a failover) is re-seeded from it; the
+        message is looked up there first, since Redis's record of `client_msg_id`s went too."""
+        try:
+            return await self._append_user_once(
+                session_id, client_msg_id, turn_id, event, request, policy, quota
+            )
+        except SeedNeeded:
+            if log is None:
+                raise
+            stored = await log.find_user_message(session_id, client_msg_id)
+            if stored is not None:
+                return UserAppend(stored.seq, stored.turn_id, True)
+            await self.seed(session_id, await log.last_seq(session_id))
+            return await self._append_user_once(
+                session_id, client_msg_id, turn_id, event, request, policy, quota
+            )
+
+    async def _append_user_once(
+        self,
+        session_id: str,
+        client_msg_id: str,
+        turn_id: str,
+        event: bytes,
+        request: bytes,
+        policy: AppendPolicy,
+        quota: MessageQuota | None,
+    ) -> UserAppend:
         keys = [rkey(session_id, k) for k in ("seq", "log", "cmid", "pending", "turns", "cancelled")]
         keys.append(subject_key(quota.subject, "msgs") if quota else rkey(session_id, "quota"))
         rate, burst = (quota.rate_per_s, quota.burst) if quota else (0, 0)
@@ -473,12 +509,28 @@ class CheckpointStore:
 
     # ---- assistant events (fenced) ----------------------------------------------------------
     async def append(
-        self, lease: Lease, events: Sequence[bytes], *, start_turn: str = "", hold: bool = False
+        self,
+        lease: Lease,
+        events: Sequence[bytes],
+        *,
+        start_turn: str = "",
+        hold: bool = False,
+        log: SeqSource | None = None,
     ) -> int:
         """Appends events atomically under the lease; returns the first seq allocated. With `hold`,
         readers (`read_visible`) see nothing from this batch on until `finish_turn`: a turn_end is
         checkpointed before its Postgres commit (so a crash in between still ends the turn once, by
-        takeover) but must not be shown before the history has it."""
+        takeover) but must not be shown before the history has it. With `log`, a lost seq counter
+        is re-seeded from it and the append tried once more."""
+        try:
+            return await self._append_once(lease, events, start_turn, hold)
+        except SeedNeeded:
+            if log is None:
+                raise
+            await self.seed(lease.session_id, await log.last_seq(lease.session_id))
+            return await self._append_once(lease, events, start_turn, hold)
+
+    async def _append_once(self, lease: Lease, events: Sequence[bytes], start_turn: str, hold: bool) -> int:
         sid = lease.session_id
         keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate", "hold")]
         r = await self._write(

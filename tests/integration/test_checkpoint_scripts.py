@@ -16,9 +16,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
+from proto import client
 from shared.checkpoints import CheckpointStore, DoubleTextPolicy, Lease, UserAppend
 from shared.errors import Conflict, SeedNeeded, StaleEpoch
+from shared.eventlog import EventLog
+from shared.subjects import rkey
 
 LEASE_MS = 5_000
 SHORT_LEASE_MS = 150
@@ -363,6 +367,41 @@ async def test_a_missing_counter_asks_for_a_seed_and_seed_then_works(store: Chec
     assert (r.seq, r.duplicate) == (42, False)
     assert await store.append(lease, [_event("delta", "d")]) == 43
     assert [seq for seq, _ in await store.read_log(sid, 0)] == [42, 43]
+
+
+async def test_with_the_event_log_a_lost_counter_is_reseeded_and_a_stored_message_stays_one(
+    store: CheckpointStore, infra
+) -> None:
+    """What Redis lost (an expiry, a failover) the event log still has: the store re-seeds from it,
+    and a message already in the history is answered as the duplicate it is, not appended again."""
+    elog = await EventLog.connect(infra.endpoints.postgres_dsn, timeout_s=5, max_size=1)
+    try:
+        sid = _sid()
+        await elog.create_session(sid, "seed-test")
+        stored = client.Message(seq=5, turn_id="t5", client_msg_id="m5", role="user", text="kept")
+        await elog.append_user_message(sid, stored, client.json_encoder.encode(stored))
+        request = b'{"turn":"t"}'
+        again = await store.append_user(sid, "m5", "t-new", _event("user_message", "m5"), request, log=elog)
+        assert (again.seq, again.turn_id, again.duplicate) == (5, "t5", True)
+        assert await store.read_log(sid, 0) == [], "a message found in the history was appended again"
+        fresh = await store.append_user(sid, "m6", "t6", _event("user_message", "m6"), request, log=elog)
+        assert (fresh.seq, fresh.duplicate) == (6, False)
+        sixth = client.Message(seq=6, turn_id="t6", client_msg_id="m6", role="user", text="new")
+        await elog.append_user_message(sid, sixth, client.json_encoder.encode(sixth))  # as before an ack
+        lease = await store.acquire(sid, "orch-a/1", LEASE_MS)
+        assert lease is not None
+        raw_redis = aioredis.from_url(infra.endpoints.redis_url)
+        try:
+            await raw_redis.delete(rkey(sid, "seq"))  # the counter lost again
+        finally:
+            await raw_redis.aclose()
+        with pytest.raises(SeedNeeded):
+            await store.append(lease, [_event("delta", "d")])
+        assert await store.append(lease, [_event("delta", "d")], log=elog) == 7, (
+            "not re-seeded from the history's last seq (6)"
+        )
+    finally:
+        await elog.close()
 
 
 # ---- a turn_end held until its Postgres commit -------------------------------------------------
