@@ -30,12 +30,11 @@ WORKDIR /src
 # are the runtime ones; the embedded servers that `tidewire dev` and the suite use are the `dev`
 # extra (tidewire/dev/), which the image leaves out: containers talk to real NATS, Postgres, Redis.
 COPY pyproject.toml ./
-RUN python - <<'EOF'
-import tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-open("/tmp/runtime-requirements.txt", "w").write("\n".join(deps) + "\n")
-print("runtime requirements:", *deps, sep="\n  ")
-EOF
+# (python -c, not a heredoc: buildah 1.28 / podman 4.3, Debian bookworm's, do not parse RUN heredocs.)
+RUN python -c 'import tomllib; \
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+open("/tmp/runtime-requirements.txt", "w").write("\n".join(deps) + "\n"); \
+print("runtime requirements:", *deps, sep="\n  ")'
 RUN pip install -r /tmp/runtime-requirements.txt
 
 # The project itself, as a wheel, installed without dependencies (already resolved above).

@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup lint typecheck unit schema bench bench-quick ledger chaos chaos-cluster cluster browser-deps node-deps system-deps clean
+.PHONY: run test setup lint typecheck unit schema bench bench-quick ledger chaos chaos-cluster cluster image test-image image-deps browser-deps node-deps system-deps clean
 
 # every runtime package is type-checked (strict, pyproject.toml)
 TYPED := proto shared gateway orchestrator tool_workers tidewire
@@ -21,12 +21,13 @@ run: $(STAMP)
 	$(VENV)/bin/tidewire dev
 
 ## The whole suite: lint, format, types, schema freshness, unit, integration, chaos, browser,
-## and the real OpenAI / Vercel AI SDK clients (the clustered topology: make chaos-cluster).
+## and the real OpenAI / Vercel AI SDK clients (the clustered topology: make chaos-cluster; the
+## container image: make test-image).
 test: $(STAMP) browser-deps node-deps system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(TYPED)
-	$(PY) -m pytest -q -x --durations=15 -m "not cluster" tests
+	$(PY) -m pytest -q -x --durations=15 -m "not cluster and not image" tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -59,6 +60,18 @@ cluster: $(STAMP) system-deps
 ## The chaos drill over that topology (kills a gateway, an orchestrator, a NATS node, the Redis and Postgres primaries)
 chaos-cluster: $(STAMP) system-deps
 	$(PY) -m pytest -q -m cluster tests/chaos/test_cluster_chaos.py tests/integration/test_redis_connect.py
+
+## The container image (tidewire:0.1.0) built with podman from a base made here by debootstrap
+## (no registry needed; docs/deployment.md), and the services started from it for one checked turn.
+image: image-deps
+	bash deploy/image/build.sh
+
+test-image: $(STAMP) image-deps
+	$(PY) -m pytest -q -m image tests/image
+
+## Debian's podman, runc (crun cannot start containers on a hybrid-cgroup host) and debootstrap.
+image-deps:
+	@command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || ( (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && (apt-get update -qq >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap >/dev/null 2>&1)) || echo "podman not installed: the image test will be skipped" )
 
 ## The chaos drill: locally against processes, or with K8S_CONTEXT=<ctx> URL=<gateway> SECRET=<jwt secret>
 ## against a cluster (pods of each component deleted at random while a load client checks invariants).
