@@ -4,6 +4,12 @@ While one append is in flight, new events queue up and go in the next one, so th
 Redis round trips per token falls as the token rate rises. The queue is bounded: a slow store
 slows the model stream instead of growing memory.
 
+Every append is a Redis round trip and a NATS message that each gateway wakes for, so a batch
+waits up to `linger_s` for company, except where a reader waits on it: a step's first text (time
+to first token), a status line, a flush (a tool call about to run, the turn's end). The turn_start
+waits the same way for the first event, so a quick model's turn starts and shows its first text in
+one append (`start`).
+
 Each append's latency (one Redis round trip for a batch of events, fenced by the lease) is
 recorded in `tidewire_checkpoint_append_seconds`: once per batch, never per token.
 """
@@ -11,6 +17,7 @@ recorded in `tidewire_checkpoint_append_seconds`: once per batch, never per toke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -35,13 +42,19 @@ _append_events = telemetry.meter("tidewire.orchestrator").create_counter(
 
 
 class CheckpointWriter:
-    def __init__(self, store: CheckpointStore, eventlog: EventLog, bus: Bus, lease: Lease) -> None:
+    def __init__(
+        self, store: CheckpointStore, eventlog: EventLog, bus: Bus, lease: Lease, *, linger_s: float = 0.0
+    ) -> None:
         self._store = store
         self._eventlog = eventlog
         self._bus = bus
         self._lease = lease
+        self.linger_s = linger_s
         self._queue: list[bytes] = []
+        self._start: tuple[bytes, str] | None = None  # a turn_start not yet appended, and its turn
+        self.start_seq = 0  # the seq the turn_start got
         self._kick = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._idle = asyncio.Event()
@@ -53,16 +66,26 @@ class CheckpointWriter:
         self.written: list[bytes] = []  # what this writer checkpointed, seqs filled in, in order
         self._first_seq = 0
 
-    async def put(self, make: Callable[[], bytes]) -> None:
+    def start(self, turn_start: bytes, turn_id: str) -> None:
+        """The turn's turn_start, appended (with the turn marked running) together with the next
+        events, or alone after `linger_s`; its seq is `start_seq` once appended."""
+        self._start = (turn_start, turn_id)
+        self._kick.set()
+
+    async def put(self, make: Callable[[], bytes], *, urgent: bool = False) -> None:
         """Queues the event `make()` builds once there is room: building it (which allocates its
-        offset) and queueing it happen together, so a cancelled put never skips text."""
+        offset) and queueing it happen together, so a cancelled put never skips text. An `urgent`
+        event (someone is waiting to see it) goes without lingering, with whatever is queued."""
         if self.error is not None:
             raise self.error
         while len(self._queue) >= MAX_QUEUED:
             self._room.clear()
+            self._hurry.set()
             await self._room.wait()
         self._queue.append(make())
         self._idle.clear()
+        if urgent:
+            self._hurry.set()
         self._kick.set()
 
     async def write_now(
@@ -90,17 +113,29 @@ class CheckpointWriter:
             log.warning("live publish failed: %s", e)
 
     async def flush(self) -> None:
+        self._hurry.set()
         await self._idle.wait()
         if self.error is not None:
             raise self.error
+
+    async def _linger(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.linger_s):
+                await self._hurry.wait()
 
     async def run(self) -> None:
         try:
             while True:
                 await self._kick.wait()
                 self._kick.clear()
-                while self._queue:
+                if not self._queue and self._start is None:
+                    continue
+                if self.linger_s > 0 and not self._hurry.is_set():
+                    await self._linger()
+                while self._queue or self._start is not None:
+                    self._idle.clear()
                     batch, self._queue = self._queue, []
+                    self._hurry.clear()
                     self._room.set()
                     await self._append(batch)
                 self._idle.set()
@@ -115,10 +150,16 @@ class CheckpointWriter:
     async def _append(
         self, raws: list[bytes], start_turn: str = "", *, publish: bool = True, hold: bool = False
     ) -> int:
+        started = self._start
+        if started is not None:  # taken before the first await: no other append can take it too
+            self._start = None
+            raws, start_turn = [started[0], *raws], started[1]
         t0 = time.perf_counter()
         first = await self._store.append(
             self._lease, raws, start_turn=start_turn, hold=hold, log=self._eventlog
         )
+        if started is not None:
+            self.start_seq = first
         _append_seconds.record(time.perf_counter() - t0)
         _append_events.add(len(raws))
         self.appends += 1

@@ -217,15 +217,20 @@ class SessionRunner:
             progress = TurnProgress.restore(turn_id, await self._turn_events(int(state[1])))
             svc.metrics["takeovers"] += 1
             span.set_attribute("takeover", True)
-        writer = CheckpointWriter(cp, svc.eventlog, svc.bus, self.lease)
+        writer = CheckpointWriter(
+            cp, svc.eventlog, svc.bus, self.lease, linger_s=svc.settings.checkpoint_linger_ms / 1000
+        )
         if progress.ended is None:
-            if not progress.started:
-                progress.start_seq = await writer.write_now([progress.turn_start()], start_turn=turn_id)
+            fresh = not progress.started
+            if fresh:
+                writer.start(progress.turn_start(), turn_id)
                 svc.observe_first_event(req)
             status, why = await self._generate(req, progress, writer, snap, start)
             # Checkpointed first, so that a crash before the commit still ends the turn exactly once
             # (the taker-over finds it and commits it); held from readers until the commit is done.
             await writer.write_now([progress.end(status)], publish=False, hold=True)
+            if fresh:
+                progress.start_seq = writer.start_seq
             if why:
                 log.info("turn %s ended %s: %s", turn_id, status, why)
             marker = svc.settings.fault_kill_before_commit
@@ -396,7 +401,7 @@ class SessionRunner:
             if not calls:
                 return
             names = [c.name for c in calls]
-            await writer.put(functools.partial(progress.status, status_line(names)))
+            await writer.put(functools.partial(progress.status, status_line(names)), urgent=True)
             for c in calls:
                 await writer.put(functools.partial(progress.tool_call, c.call_id, c.name, c.args))
             await self._run_tools(req, progress, writer, [(c.call_id, c.name, c.args) for c in calls])
@@ -421,11 +426,12 @@ class SessionRunner:
                             if isinstance(ev, TextDelta):
                                 out = graphemes.feed(ev.text)
                                 if out:
-                                    if not first_token:
+                                    urgent = not first_token  # the step's first text: TTFT
+                                    if urgent:
                                         first_token = True
                                         if self._first_token_ns is None:
                                             self._first_token_ns = time.time_ns()
-                                    await writer.put(functools.partial(progress.delta, out))
+                                    await writer.put(functools.partial(progress.delta, out), urgent=urgent)
                             elif isinstance(ev, ToolCallRequest):
                                 calls.append(ev)
                 except ProviderError:

@@ -38,6 +38,9 @@ class OrchestratorSettings:
     max_turn_starts: int = 12
     turn_timeout_s: float = 600.0
     max_tool_steps: int = 4
+    # how long a checkpoint batch waits for more events before its append (a Redis round trip and
+    # a NATS message): a step's first text, status lines and flushes never wait (checkpoint_writer.py)
+    checkpoint_linger_ms: int = 25
     # model
     provider: str = "simulated"
     system_prompt: str = "You are a helpful assistant."
