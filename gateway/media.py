@@ -202,8 +202,8 @@ async def upload(request: web.Request) -> web.Response:
     """`POST /v1/media`: see the module docstring."""
     store = request.app[MEDIA]
     try:
+        check_origin(request, store.auth)  # the order of every admission (gateway/admission.py)
         principal = authenticate(request, store.auth)
-        check_origin(request, store.auth)
         content_type = request.content_type.lower()
         if content_type not in ALLOWED_TYPES:
             raise BadFrame(
@@ -226,8 +226,8 @@ async def download(request: web.Request) -> web.Response:
     """`GET /v1/media/{media_id}`: the bytes, to their owner only."""
     store = request.app[MEDIA]
     try:
+        check_origin(request, store.auth)  # the order of every admission (gateway/admission.py)
         principal = authenticate(request, store.auth)
-        check_origin(request, store.auth)
         stored = await store.owned(request.match_info["media_id"], principal.subject)
         try:
             data = await store.read(request.match_info["media_id"])

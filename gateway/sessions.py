@@ -1,7 +1,8 @@
 """The HTTP API of sessions: create, list, history, send and stop (PROTOCOL.md, SSE commands).
 
-Every handler authenticates first (401 before anything else is looked at), then checks the Origin of
-a browser request, then the session id's form (404) and its ownership (403). A body is read up to
+Every handler admits its caller as every transport does (gateway/admission.py `admit_caller`: the
+Origin of a browser request, 403, then the token, 401), then checks the session id's form (404) and
+its ownership (403). A body is read up to
 `max_frame_bytes` (413 beyond); an undecodable one (bad JSON, invalid UTF-8, nesting too deep, wrong
 types) is a 400. Sends pass the same edge checks as on a WebSocket (gateway.limits): shedding
 (`degraded`) and the subject's message rate (`rate_limited`).
@@ -15,7 +16,8 @@ import msgspec
 from aiohttp import web
 
 from gateway import commands
-from gateway.auth import Principal, authenticate, check_origin
+from gateway.admission import admit_caller
+from gateway.auth import Principal
 from gateway.history import session_history
 from gateway.http_errors import json_response
 from gateway.keys import DEPS
@@ -53,15 +55,9 @@ T = TypeVar("T")
 _UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
-def _caller(request: web.Request) -> Principal:
-    settings = request.app[DEPS].settings
-    check_origin(request, settings)  # the order of every transport (gateway/admission.py)
-    return authenticate(request, settings)
-
-
 async def _owner(request: web.Request) -> tuple[Principal, str]:
     """The caller, if it owns the session of the path."""
-    principal = _caller(request)
+    principal = admit_caller(request)
     sid = check_session_id(request.match_info["sid"])
     await commands.authorize(request.app[DEPS], sid, principal.subject)
     return principal, sid
@@ -85,7 +81,7 @@ def _flags(flags: SessionFlags | None) -> dict[str, object]:
 
 async def create_session(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    principal = _caller(request)
+    principal = admit_caller(request)
     body = await read_body(request)
     flags = _flags(_decode(create_session_decoder, body).flags) if body.strip() else {}
     sid = await commands.create_session(deps, principal.subject)
@@ -96,7 +92,7 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def list_sessions(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    principal = _caller(request)
+    principal = admit_caller(request)
     rows = await deps.eventlog.list_sessions(principal.subject)
     return json_response(
         SessionList(

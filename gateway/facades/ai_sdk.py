@@ -34,11 +34,10 @@ from gateway.facades.common import (
     stream_sse,
     turn_events,
 )
-from gateway.facades.errors import openai_error
 from gateway.keys import DEPS
 from gateway.limits import check_session_id
 from proto import client
-from shared.errors import BadFrame, Forbidden, NotFound, TidewireError
+from shared.errors import BadFrame, Forbidden, NotFound
 
 SESSION_HEADER = "X-Tidewire-Session"
 STREAM_HEADERS = {"x-vercel-ai-ui-message-stream": "v1"}
@@ -153,45 +152,37 @@ async def _stream_turn(
             await emit(chunks.feed(ev))
         await write(b"data: [DONE]\n\n")
 
-    try:
-        return await stream_sse(request, {**STREAM_HEADERS, SESSION_HEADER: sid}, produce, subject)
-    except TidewireError as e:
-        return openai_error(e)
+    return await stream_sse(request, {**STREAM_HEADERS, SESSION_HEADER: sid}, produce, subject)
 
 
 async def post_chat(request: web.Request) -> web.StreamResponse:
-    try:
-        principal = caller(request)
-        body = await read_json(request)
-        trigger = body.get("trigger", "submit-message")
-        if trigger != "submit-message":
-            raise BadFrame(f"trigger {trigger!r} is not supported (a turn cannot be regenerated)")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-            raise BadFrame("messages must be a non-empty list of UI messages")
-        last = messages[-1]
-        if last.get("role") != "user" or not isinstance(last.get("id"), str) or not last["id"]:
-            raise BadFrame("the last message must be a user message with an id")
-        if len(last["id"]) > 120:
-            raise BadFrame("message ids must be at most 120 characters")
-        text = _message_text(last)
-        sid = await chat_session(request, principal.subject, body.get("id"), create=True)
-        ack = await send_turn(request, principal.subject, sid, f"ai:{last['id']}", text)
-    except TidewireError as e:
-        return openai_error(e)
+    """Errors are answered in OpenAI's shape by the facades' wrapper (`in_openai_shape`)."""
+    principal = caller(request)
+    body = await read_json(request)
+    trigger = body.get("trigger", "submit-message")
+    if trigger != "submit-message":
+        raise BadFrame(f"trigger {trigger!r} is not supported (a turn cannot be regenerated)")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        raise BadFrame("messages must be a non-empty list of UI messages")
+    last = messages[-1]
+    if last.get("role") != "user" or not isinstance(last.get("id"), str) or not last["id"]:
+        raise BadFrame("the last message must be a user message with an id")
+    if len(last["id"]) > 120:
+        raise BadFrame("message ids must be at most 120 characters")
+    text = _message_text(last)
+    sid = await chat_session(request, principal.subject, body.get("id"), create=True)
+    ack = await send_turn(request, principal.subject, sid, f"ai:{last['id']}", text)
     return await _stream_turn(request, principal.subject, sid, ack.turn_id, ack.seq)
 
 
 async def resume_chat(request: web.Request) -> web.StreamResponse:
-    try:
-        principal = caller(request)
-        sid = await chat_session(request, principal.subject, request.match_info["chat_id"], create=False)
-        turn_id = await active_turn(request, sid)
-        if turn_id is None:
-            return web.Response(status=204, headers={SESSION_HEADER: sid})
-        record = await load_record(request, sid, turn_id)
-    except TidewireError as e:
-        return openai_error(e)
+    principal = caller(request)
+    sid = await chat_session(request, principal.subject, request.match_info["chat_id"], create=False)
+    turn_id = await active_turn(request, sid)
+    if turn_id is None:
+        return web.Response(status=204, headers={SESSION_HEADER: sid})
+    record = await load_record(request, sid, turn_id)
     return await _stream_turn(request, principal.subject, sid, turn_id, record.user_seq)
 
 

@@ -25,7 +25,8 @@ import msgspec
 from aiohttp import web
 
 from gateway import commands, sessions
-from gateway.auth import Principal, authenticate, check_origin
+from gateway.admission import admit_caller
+from gateway.auth import Principal
 from gateway.deps import Deps
 from gateway.hub import Wake
 from gateway.keys import DEPS, HUB, REPLAYER, SSE_STREAMS, StreamStop
@@ -63,11 +64,8 @@ SETTINGS = web.AppKey("facade_settings", FacadeSettings)
 
 
 def caller(request: web.Request) -> Principal:
-    """Same token verification and Origin check as every other HTTP route (gateway.auth)."""
-    settings = request.app[DEPS].settings
-    principal = authenticate(request, settings)
-    check_origin(request, settings)
-    return principal
+    """Admitted as on every other route (gateway/admission.py: the Origin, then the token)."""
+    return admit_caller(request)
 
 
 async def owned_session(deps: Deps, sid: str, subject: str) -> str:
