@@ -32,58 +32,68 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_frame_bytes)
     app[SOCKETS] = weakref.WeakSet()
     app[SSE_STREAMS] = weakref.WeakSet()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        """The adapters, opened under one exit stack: a start-up that fails half way closes what it
+        had opened; shutdown closes in the reverse order (presence, bus, Redis, Postgres, traces)."""
         gateway_id = settings.gateway_id or "gw-" + secrets.token_hex(4)
         telemetry.setup("gateway", gateway_id)
-        eventlog = await EventLog.connect(
-            settings.postgres_dsn, timeout_s=settings.postgres_timeout_s, max_size=20
-        )
-        checkpoints = CheckpointStore.connect(
-            settings.redis_url,
-            timeout_s=settings.redis_timeout_s,
-            min_replicas=settings.redis_min_replicas,
-            ttl_s=settings.session_ttl_s,
-        )
-        hubs: list[SessionHub] = []
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(telemetry.flush)
+            eventlog = await stack.enter_async_context(
+                await EventLog.connect(
+                    settings.postgres_dsn, timeout_s=settings.postgres_timeout_s, max_size=20
+                )
+            )
+            checkpoints = await stack.enter_async_context(
+                CheckpointStore.connect(
+                    settings.redis_url,
+                    timeout_s=settings.redis_timeout_s,
+                    min_replicas=settings.redis_min_replicas,
+                    ttl_s=settings.session_ttl_s,
+                )
+            )
+            hubs: list[SessionHub] = []
 
-        def on_nats_state(up: bool) -> None:
-            if up:  # live events published while this process was away are lost: re-read the stores
-                for h in hubs:
-                    h.resync_all()
+            def on_nats_state(up: bool) -> None:
+                if up:  # live events published while this process was away are lost: re-read the stores
+                    for h in hubs:
+                        h.resync_all()
 
-        bus = await Bus.connect(
-            settings.nats_url,
-            name=gateway_id,
-            timeout_s=settings.nats_timeout_s,
-            replicas=settings.nats_replicas,
-            on_state=on_nats_state,
-        )
-        await bus.ensure_streams()
-        deps = Deps(
-            settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id
-        )
-        deps.media = app[media.MEDIA] = await media.MediaStore.open(bus, settings)
-        hub = SessionHub(bus, checkpoints, gateway_id)
-        hubs.append(hub)
-        app[DEPS] = deps
-        install_metrics(deps)
-        app[HUB] = hub
-        app[REPLAYER] = Replayer(deps)
-        presence = asyncio.create_task(hub.refresh_presence(), name="presence")
-        log.info("gateway %s ready on %s:%s", gateway_id, settings.host, settings.http_port)
-        yield
-        presence.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await presence
-        await bus.close()
-        await checkpoints.close()
-        await eventlog.close()
-        telemetry.flush()
+            bus = await stack.enter_async_context(
+                await Bus.connect(
+                    settings.nats_url,
+                    name=gateway_id,
+                    timeout_s=settings.nats_timeout_s,
+                    replicas=settings.nats_replicas,
+                    on_state=on_nats_state,
+                )
+            )
+            await bus.ensure_streams()
+            deps = Deps(
+                settings=settings, eventlog=eventlog, checkpoints=checkpoints, bus=bus, gateway_id=gateway_id
+            )
+            deps.media = app[media.MEDIA] = await media.MediaStore.open(bus, settings)
+            hub = SessionHub(bus, checkpoints, gateway_id)
+            hubs.append(hub)
+            app[DEPS] = deps
+            install_metrics(deps)
+            app[HUB] = hub
+            app[REPLAYER] = Replayer(deps)
+            presence = asyncio.create_task(hub.refresh_presence(), name="presence")
+            stack.push_async_callback(_cancelled, presence)
+            log.info("gateway %s ready on %s:%s", gateway_id, settings.host, settings.http_port)
+            yield
 
     async def drain(app: web.Application) -> None:
         if DEPS not in app:

@@ -105,21 +105,22 @@ class OrchestratorService:
         tools: ToolDispatcher | None = None
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(telemetry.flush)
-            self.eventlog = await EventLog.connect(
-                s.postgres_dsn, timeout_s=s.postgres_timeout_s, max_size=10
+            self.eventlog = await stack.enter_async_context(
+                await EventLog.connect(s.postgres_dsn, timeout_s=s.postgres_timeout_s, max_size=10)
             )
-            stack.push_async_callback(self.eventlog.close)
-            self.checkpoints = CheckpointStore.connect(
-                s.redis_url,
-                timeout_s=s.redis_timeout_s,
-                ttl_s=s.session_ttl_s,
-                min_replicas=s.redis_min_replicas,
+            self.checkpoints = await stack.enter_async_context(
+                CheckpointStore.connect(
+                    s.redis_url,
+                    timeout_s=s.redis_timeout_s,
+                    ttl_s=s.session_ttl_s,
+                    min_replicas=s.redis_min_replicas,
+                )
             )
-            stack.push_async_callback(self.checkpoints.close)
-            self.bus = await Bus.connect(
-                s.nats_url, name=self.id, timeout_s=s.nats_timeout_s, replicas=s.nats_replicas
+            self.bus = await stack.enter_async_context(
+                await Bus.connect(
+                    s.nats_url, name=self.id, timeout_s=s.nats_timeout_s, replicas=s.nats_replicas
+                )
             )
-            stack.push_async_callback(self.bus.close)
             stack.push_async_callback(self.upstreams.close)
             await self.bus.ensure_streams()
             tools = ToolDispatcher(self.bus, registry=default_catalogue(), settings=ToolDispatchSettings())

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, TypeAlias
 
 import nats
@@ -45,6 +44,7 @@ from nats.js.errors import BadRequestError
 
 from proto import bus as busproto
 from shared import subjects, telemetry
+from shared.adapter import Adapter
 from shared.cancellation import keep_cancel
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class TracingJetStream(JetStreamContext):
         )
 
 
-class Bus:
+class Bus(Adapter):
     """Owns one NATS connection. Business code calls these methods, never nats-py directly.
 
     `async with await Bus.connect(...) as bus:` closes the connection however the block ends."""
@@ -218,14 +218,6 @@ class Bus:
         self.js = js
         self.timeout_s = timeout_s
         self.replicas = replicas
-
-    async def __aenter__(self) -> Bus:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @classmethod
     async def connect(

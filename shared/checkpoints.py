@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
 from shared import redis_connect
+from shared.adapter import Adapter
 from shared.errors import Conflict, RateLimited, ReplicaLag, SeedNeeded, StaleEpoch
 from shared.subjects import ACTIVE_LEASES, LOAD_BOARD, ORCHESTRATORS, gateway_key, rkey, subject_key
 
@@ -322,7 +323,7 @@ class Lease:
         return f"{self.owner}:{self.epoch}"
 
 
-class CheckpointStore:
+class CheckpointStore(Adapter):
     """Redis adapter for everything hot about a session. Business code receives this, not a client."""
 
     def __init__(

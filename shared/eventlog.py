@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from proto import client
+from shared.adapter import Adapter
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     state, LISTENs or holds session-level locks; asyncpg still rolls back a transaction left open."""
 
 
-class EventLog:
+class EventLog(Adapter):
     """Postgres adapter. Business code receives this, never the pool."""
 
     def __init__(

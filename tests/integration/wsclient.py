@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import uuid
 from typing import Any
 
@@ -14,9 +15,13 @@ from proto import client
 
 
 class WsTestClient:
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, *, rcvbuf: int | None = None) -> None:
+        """`rcvbuf`: the socket's receive buffer, set before it connects (so the kernel neither
+        autotunes it nor advertises a larger window): how a test makes a reader that is slow on the
+        wire, not only in its own code."""
         self.base_url = base_url
         self.token = token
+        self.rcvbuf = rcvbuf
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.frames: list[client.ServerFrame] = []
@@ -25,7 +30,18 @@ class WsTestClient:
         self.close_code: int | None = None
 
     async def __aenter__(self) -> WsTestClient:
-        self.session = aiohttp.ClientSession()
+        connector = None
+        if self.rcvbuf is not None:
+            size = self.rcvbuf
+
+            def small_socket(addr: Any) -> socket.socket:
+                family, type_, proto, _, _ = addr
+                sock = socket.socket(family=family, type=type_, proto=proto)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+                return sock
+
+            connector = aiohttp.TCPConnector(socket_factory=small_socket)
+        self.session = aiohttp.ClientSession(connector=connector)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
