@@ -24,6 +24,7 @@ from gateway.deps import Deps
 from gateway.limits import AdmittedSend
 from proto import bus as busproto
 from proto import client
+from proto import flags as flag_schema
 from shared import telemetry
 from shared.checkpoints import AppendPolicy, DoubleTextPolicy, PolicyNeeded, UserAppend, with_seq
 from shared.errors import (
@@ -45,33 +46,17 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(12)
 
 
-SESSION_FLAGS = {
-    "double_text_policy": ("queue", "interrupt", "reject"),
-    "disconnect_policy": None,
-    "model": None,
-    "system_prompt_version": None,
-}
-
-
 def validate_flags(flags: dict[str, object]) -> dict[str, object]:
-    """Only known flags with allowed values; `disconnect_policy` is `continue` or `cancel_after=<s>`."""
+    """The flags a session's owner may set (proto.flags.SESSION_FLAGS), each normalised by the one
+    flag validator; `bad_frame` for any other name or a value its rule refuses."""
     out: dict[str, object] = {}
     for k, v in flags.items():
-        if k not in SESSION_FLAGS:
+        if k not in flag_schema.SESSION_FLAGS:
             raise BadFrame(f"unknown flag {k!r}")
-        allowed = SESSION_FLAGS[k]
-        if allowed is not None and v not in allowed:
-            raise BadFrame(f"flag {k} must be one of {', '.join(allowed)}")
-        if k == "disconnect_policy":
-            sv = str(v)
-            if sv != "continue":
-                try:
-                    ok = sv.startswith("cancel_after=") and float(sv.split("=", 1)[1]) >= 0
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise BadFrame("disconnect_policy must be continue or cancel_after=<seconds>")
-        out[k] = v
+        try:
+            out[k] = flag_schema.validate(k, v)
+        except flag_schema.FlagError as e:
+            raise BadFrame(str(e)) from e
     return out
 
 

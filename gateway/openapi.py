@@ -1,17 +1,18 @@
 """The OpenAPI 3.1 document of the gateway's HTTP API, served at `GET /openapi.json` (no auth).
 
-Schemas come from the wire types themselves (`msgspec.json.schema_components` on proto.client and
-on the few HTTP-only bodies declared here), so the document cannot drift from what the handlers
-decode and encode. The constraints the handlers enforce beyond the types (id lengths, non-blank
-text, the limits of the running settings) are added where the schemas are assembled. Every
-operation lists its error responses, each the protocol's `error` object. The WebSocket endpoint is
-described as an upgrade; its frames are in the `ClientFrame` / `ServerFrame` schemas.
+Schemas come from the wire types themselves (`msgspec.json.schema_components` on proto.client, on
+proto.flags' `SessionFlags` and on the few HTTP-only bodies declared here), so the document cannot
+drift from what the handlers decode and encode. The constraints the handlers enforce beyond the
+types (id lengths, non-blank text, the limits of the running settings) are added where the schemas
+are assembled. Every operation lists its error responses, each the protocol's `error` object. The
+WebSocket endpoint is described as an upgrade; its frames are in the `ClientFrame` / `ServerFrame`
+schemas.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -21,25 +22,15 @@ from gateway.keys import DEPS
 from gateway.media import ALLOWED_TYPES, MediaInfo
 from gateway.settings import GatewaySettings
 from proto import client
+from proto.flags import SessionFlags as SessionFlags  # re-exported: gateway.sessions decodes it
 
 SESSION_ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
 MEDIA_ID_PATTERN = "^m_[A-Za-z0-9_-]{16,64}$"
 NO_NUL = "^[^\\u0000]*$"
 NOT_BLANK_NO_NUL = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
-DISCONNECT_POLICY_PATTERN = r"^(continue|cancel_after=[0-9]{1,6}(\.[0-9]{1,3})?)$"
 
 # ---- HTTP-only bodies (the handlers decode and encode exactly these) ---------------------------
-
-
-class SessionFlags(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """Per-session policies, applied to the session's next turns."""
-
-    double_text_policy: Literal["queue", "interrupt", "reject"] | None = None
-    disconnect_policy: Annotated[str, msgspec.Meta(pattern=DISCONNECT_POLICY_PATTERN)] | None = None
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL)] | None = None
-    system_prompt_version: (
-        Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL)] | None
-    ) = None
+# `SessionFlags`, the body of `PATCH .../flags`, is the session-settable part of proto.flags.FLAGS.
 
 
 class CreateSessionRequest(msgspec.Struct, frozen=True, kw_only=True):

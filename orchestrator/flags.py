@@ -14,9 +14,10 @@ A JSON `null` at a scope means "not set here" (inherit). Values are cached per s
 three small queries per scope per TTL. Flipping a flag back is the rollback. The values a turn ran
 with are recorded in its `turns.flags` row, so every answer can be traced to its configuration.
 
-Known flags: `model` (a route: "simulated", "openai", "openai:gpt-4o-mini", or a bare model name
-for the default upstream), `system_prompt_version`, `tool_set` ("all", "none" or a comma-separated
-list of tool names), `tool_schema_version`, `disconnect_policy` ("continue" or "cancel_after=<s>"),
+Known flags (their types and rules are proto/flags.py's `FLAGS`, which the gateway checks too):
+`model` (a route: "simulated", "openai", "openai:gpt-4o-mini", or a bare model name for the default
+upstream), `system_prompt_version`, `tool_set` ("all", "none" or a comma-separated list of tool
+names), `tool_schema_version`, `disconnect_policy` ("continue" or "cancel_after=<s>"),
 `double_text_policy` ("queue", "interrupt", "reject").
 
 Operators: `python -m orchestrator.flags set <scope> <name> <json>`, `get <scope>...`,
@@ -36,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.providers.base import ToolSpec
+from proto import flags as flag_schema
 from shared.flags import (
     DEPLOYMENT_SCOPE,
-    DOUBLE_TEXT_POLICIES,
     KNOWN_FLAGS,
     KNOWN_PROVIDERS,
     FlagResolver,
@@ -95,34 +96,12 @@ def parse_route(value: Any, *, default_provider: str, known: Sequence[str] = KNO
 
 
 def validate_flag(name: str, value: Any) -> Any:
-    """The value if it is valid for a known flag (None always is: it means "inherit");
-    ValueError otherwise. Unknown names are accepted: they are recorded, and used by nobody."""
-    if value is None:
-        return None
-    if name == "model":
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError('model must be a non-empty string route, e.g. "openai:gpt-4o-mini"')
-    elif name == "double_text_policy":
-        if value not in DOUBLE_TEXT_POLICIES:
-            raise ValueError(f"double_text_policy must be one of {', '.join(DOUBLE_TEXT_POLICIES)}")
-    elif name == "disconnect_policy":
-        ok = value == "continue"
-        if isinstance(value, str) and value.startswith("cancel_after="):
-            try:
-                ok = float(value.split("=", 1)[1]) >= 0
-            except ValueError:
-                ok = False
-        if not ok:
-            raise ValueError("disconnect_policy must be continue or cancel_after=<seconds>")
-    elif name == "tool_set":
-        if not (
-            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        ):
-            raise ValueError('tool_set must be "all", "none", "a,b" or a list of tool names')
-    elif name in ("system_prompt_version", "tool_schema_version"):
-        if not isinstance(value, str | int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be a string or an integer")
-    return value
+    """The value, normalised, if it is valid for a known flag (None always is: it means "inherit");
+    ValueError (proto.flags.FlagError) otherwise, by the same rule the gateway applies. Unknown
+    names are accepted: they are recorded, and used by nobody (the CLI asks for --force first)."""
+    if name not in flag_schema.FLAGS:
+        return value
+    return flag_schema.validate(name, value)
 
 
 def select_tools(specs: Sequence[ToolSpec], tool_set: Any) -> list[ToolSpec]:
@@ -182,7 +161,7 @@ async def _cli(args: argparse.Namespace) -> int:
                 )
                 return 2
             try:
-                validate_flag(args.name, value)
+                value = validate_flag(args.name, value)
             except ValueError as exc:
                 print(str(exc), file=sys.stderr)
                 return 2

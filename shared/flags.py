@@ -1,5 +1,5 @@
 """Scoped feature flags, resolved with a per-scope cache: deployment < tenant:<id> < the session
-row's own flags < session:<id> (orchestrator/flags.py documents the flags themselves). Shared by
+row's own flags < session:<id> (proto/flags.py declares the flags themselves). Shared by
 the orchestrator (a turn's model, prompt, tools, disconnect policy) and the gateway (the double
 texting policy of a send), so both read a flag the same way.
 """
@@ -14,19 +14,14 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final, Protocol
 
+from proto import flags as flag_schema
+
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_SCOPE: Final = "deployment"
 KNOWN_PROVIDERS: Final = ("simulated", "openai")
-KNOWN_FLAGS: Final = (
-    "model",
-    "system_prompt_version",
-    "tool_set",
-    "tool_schema_version",
-    "disconnect_policy",
-    "double_text_policy",
-)
-DOUBLE_TEXT_POLICIES: Final = ("queue", "interrupt", "reject")
+KNOWN_FLAGS: Final = flag_schema.KNOWN_FLAGS
+DOUBLE_TEXT_POLICIES: Final = flag_schema.DOUBLE_TEXT_POLICIES
 
 
 _SCOPES = "\x00scopes"  # the cache entry listing the scopes that have rows
