@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Callable
@@ -19,10 +20,12 @@ import msgspec
 from proto.client import Event
 from shared.bus import Bus, BusMessage
 from shared.checkpoints import CheckpointStore
+from shared.supervise import supervised
 
 log = logging.getLogger(__name__)
 _events_decoder = msgspec.json.Decoder(list[Event])
 PRESENCE_TTL_MS = 6000
+PRESENCE_EVERY_S = PRESENCE_TTL_MS / 3000  # three liveness writes per TTL
 
 
 class Listener(Protocol):
@@ -131,14 +134,16 @@ class SessionHub:
 
     async def refresh_presence(self) -> None:
         """Runs for the life of the process: one liveness write per tick, however many sessions are
-        watched here (a dead gateway's watches lapse with its key)."""
+        watched here (a dead gateway's watches lapse with its key). A failed write is retried at the
+        next tick, never later: a backoff would let a live gateway's key lapse (TTL = 3 ticks)."""
         try:
-            while True:
-                try:
-                    await self._cp.gateway_alive(self.instance, PRESENCE_TTL_MS)
-                except Exception as e:  # noqa: BLE001 - advisory; retried next tick
-                    log.warning("gateway liveness not refreshed: %s", e)
-                await asyncio.sleep(PRESENCE_TTL_MS / 3000)
+            await supervised(
+                "presence",
+                functools.partial(self._cp.gateway_alive, self.instance, PRESENCE_TTL_MS),
+                every_s=PRESENCE_EVERY_S,
+                max_backoff_s=PRESENCE_EVERY_S,
+                logger=log,
+            )
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._cp.gateway_gone(self.instance))

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import re
@@ -54,6 +55,7 @@ from shared.breakers import BreakerMirror
 from shared.checkpoints import CheckpointStore, MessageQuota
 from shared.errors import BadFrame, Degraded, Internal, NotFound, RateLimited, TidewireError, from_dependency
 from shared.quotas import SubjectQuotas
+from shared.supervise import supervised
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +216,18 @@ class SubjectLimits:
             await asyncio.shield(self.release(slot))
 
     async def renew_forever(self) -> None:
-        """Keeps this gateway's slots alive; a gateway that dies stops renewing and they lapse."""
+        """Keeps this gateway's slots alive; a gateway that dies stops renewing and they lapse. A
+        failed renewal is retried at the next tick (a third of the lease), never later: a backoff
+        would let a live gateway's slots lapse and admit connections past the cap."""
+        every_s = self.settings.connection_lease_s / 3
+        await supervised("slot-renewer", self._renew, every_s=every_s, max_backoff_s=every_s, logger=log)
+
+    async def _renew(self) -> None:
+        slots = list(self.slots)
+        if not slots or self.settings.max_connections_per_subject <= 0:
+            return
         lease_ms = int(self.settings.connection_lease_s * 1000)
-        while True:
-            await asyncio.sleep(self.settings.connection_lease_s / 3)
-            slots = list(self.slots)
-            if not slots or self.settings.max_connections_per_subject <= 0:
-                continue
-            try:
-                await self.quotas.renew_slots(((slot.subject, slot.slot_id) for slot in slots), lease_ms)
-            except Exception as e:  # noqa: BLE001 - retried at the next tick, well inside the lease
-                log.warning("could not renew %d connection slots: %r", len(slots), e)
+        await self.quotas.renew_slots(((slot.subject, slot.slot_id) for slot in slots), lease_ms)
 
 
 # ---- load shedding -----------------------------------------------------------------------------
@@ -365,15 +368,23 @@ class LoadShedder:
             return None
 
     async def run_forever(self) -> None:
+        """Samples every `shed_sample_ms` (a fixed rate: a slow sample is followed at once) and notes
+        how late each wake-up was (`own_lag_ms`). A failed sample keeps the last one in force and is
+        retried after the supervised backoff; the wake-up after it is not measured as lag."""
         interval = max(0.05, self.deps.settings.shed_sample_ms / 1000)
-        n = 1
-        while True:
+        numbers = itertools.count(1)
+        wake: float | None = None  # when the sampler means to wake next; None after a failure
+
+        async def sample() -> None:
+            nonlocal wake
             started = time.monotonic()
-            await self.sample_once(n)
-            n += 1
-            wake = time.monotonic() + max(0.0, interval - (time.monotonic() - started))
-            await asyncio.sleep(wake - time.monotonic())
-            self.own_lag_ms = int(max(0.0, time.monotonic() - wake) * 1000)  # how late this loop woke
+            if wake is not None:
+                self.own_lag_ms = int(max(0.0, started - wake) * 1000)  # how late this loop woke
+            wake = None
+            await self.sample_once(next(numbers))
+            wake = max(time.monotonic(), started + interval)  # what a fixed-rate sleep wakes at
+
+        await supervised("load-sampler", sample, every_s=interval, fixed_rate=True, logger=log)
 
 
 # ---- input that the edge refuses before any store sees it ---------------------------------------

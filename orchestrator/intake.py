@@ -90,5 +90,6 @@ class TurnIntake:
                     await msg.in_progress()
                     last_progress_ack = time.monotonic()
             except Exception as e:  # noqa: BLE001 - a store is down: keep the message, retry
-                report_failure(f"turn message {req.turn_id}", e, log)
+                log.debug("turn message %s kept after a store failure: %r", req.turn_id, e)
+                report_failure("turn-intake", e, log)  # one label for every message, never one each
                 await asyncio.sleep(0.5)

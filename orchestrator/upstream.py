@@ -57,6 +57,7 @@ from orchestrator.providers.base import Provider, ProviderError, ProviderEvent, 
 from shared import telemetry
 from shared.breakers import BreakerMirror, BreakerSnapshot, MirrorSource
 from shared.subjects import BREAKERS_SEEN, breaker_key
+from shared.supervise import supervised
 
 __all__ = [
     "BreakerSnapshot",
@@ -400,7 +401,6 @@ class UpstreamRouter:
         self.providers: dict[str, Provider] = {default.name: default}
         self.gates: dict[str, UpstreamGate] = {}
         self.gate(default.name)
-        self._publish_failing = False
         _routers.add(self)
         _install_metrics()
 
@@ -490,22 +490,18 @@ class UpstreamRouter:
             await gate.publish_state(mirror)
 
     async def publish_loop(self, mirror: MirrorSource, interval_s: float = 0.5) -> None:
-        """`publish_once` forever (owned by the service's TaskGroup). A failing Redis is logged
-        once per outage (a warning, then an info when it recovers), not once per tick. `mirror`: a
-        BreakerMirror or what one is built from (the CheckpointStore)."""
-        mirror = BreakerMirror.of(mirror)
-        while True:
-            try:
-                await self.publish_once(mirror)
-            except Exception as exc:  # noqa: BLE001 - Redis blip: the next tick tries again
-                if not self._publish_failing:
-                    log.warning("breaker states not published (retrying every %g s): %r", interval_s, exc)
-                self._publish_failing = True
-            else:
-                if self._publish_failing:
-                    log.info("breaker states published again")
-                self._publish_failing = False
-            await asyncio.sleep(interval_s)
+        """`publish_once` forever (owned by the service's TaskGroup), supervised: a failing Redis is
+        logged with its traceback at most every 30 s, counted, and retried after a backoff of at
+        most a quarter of the listing's life (`SEEN_FOR_MS`), so a blip of a few seconds does not
+        make the gateways forget an upstream. `mirror`: a BreakerMirror or what one is built from (the
+        CheckpointStore)."""
+        await supervised(
+            "breaker-publish",
+            functools.partial(self.publish_once, BreakerMirror.of(mirror)),
+            every_s=interval_s,
+            max_backoff_s=SEEN_FOR_MS / 4000,
+            logger=log,
+        )
 
     async def close(self) -> None:
         for prov in self.providers.values():

@@ -1,11 +1,17 @@
 """The lease keeper's schedule, against a store stub (the renewal script itself is tested on a real
-Redis in tests/integration/test_checkpoint_scripts.py)."""
+Redis in tests/integration/test_checkpoint_scripts.py), and its failure path: a failed tick is
+reported (shared/supervise.py's `report_failure`) and loses only the leases past their TTL, and the
+next tick still comes at the renewal period."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from orchestrator.leases import LeaseKeeper
+from shared import supervise
 from shared.checkpoints import Lease
 
 
@@ -71,3 +77,69 @@ async def test_a_lease_not_renewed_for_a_ttl_has_lapsed_before_it_is_declared_lo
     assert keeper.lapsed(lease) and not lost.is_set(), "a TTL without renewal is a lapse, lost or not"
     await keeper.tick()
     assert lost.is_set() and keeper.lapsed(lease), "the failed renewal past the TTL loses the lease"
+
+
+class FlakyStore:
+    """Renews every lease, except that the listed calls fail (a Redis blip)."""
+
+    def __init__(self, fail_on: set[int], until: int) -> None:
+        self.fail_on, self.until, self.calls = fail_on, until, 0
+        self.reached = asyncio.Event()
+
+    async def renew_many(self, leases: list[Lease], ttl_ms: int) -> list[bool]:
+        self.calls += 1
+        if self.calls >= self.until:
+            self.reached.set()
+        if self.calls in self.fail_on:
+            raise ConnectionError(f"blip on call {self.calls}")
+        return [True] * len(leases)
+
+
+async def test_a_failed_renewal_is_reported_and_the_next_comes_at_the_renewal_period(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await real_sleep(0)
+
+    store = FlakyStore(fail_on={2, 3}, until=5)
+    keeper = LeaseKeeper(store, ttl_ms=1000, renew_ms=50)  # type: ignore[arg-type]
+    lost = keeper.hold(Lease("s1", "o1", 1))
+    before = supervise.failures().get("lease-keeper", 0)
+    monkeypatch.setattr(supervise, "_reporters", {})  # an earlier test's report began a quiet period
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.leases"):
+        task = asyncio.create_task(keeper.run())
+        try:
+            await asyncio.wait_for(store.reached.wait(), 5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled(), "only cancellation ends the keeper"
+    assert supervise.failures()["lease-keeper"] - before == 2, (
+        "each failed renewal is counted, cancellation not"
+    )
+    assert any(r.exc_info is not None and "blip" in r.getMessage() for r in caplog.records), caplog.text
+    assert not lost.is_set(), "a failed renewal well inside the TTL loses nothing"
+    assert sleeps and max(sleeps) <= 0.05, f"the keeper backed off after a failure: {sleeps}"
+
+
+class WrongShapeStore:
+    """Answers with fewer results than leases asked about (a bug, not a blip)."""
+
+    async def renew_many(self, leases: list[Lease], ttl_ms: int) -> list[bool]:
+        return []
+
+
+async def test_a_tick_that_fails_otherwise_takes_the_same_path_and_loses_only_lapsed_leases() -> None:
+    keeper = LeaseKeeper(WrongShapeStore(), ttl_ms=100, renew_ms=1000)  # type: ignore[arg-type]
+    before = supervise.failures().get("lease-keeper", 0)
+    old = keeper.hold(Lease("s1", "o1", 1))
+    await asyncio.sleep(0.15)
+    fresh = keeper.hold(Lease("s2", "o1", 1))
+    await keeper.tick()  # raised ValueError (zip strict) out of the keeper before
+    assert old.is_set() and not fresh.is_set(), "a failed tick loses the leases past their TTL, no others"
+    assert supervise.failures()["lease-keeper"] - before == 1
