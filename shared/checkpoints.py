@@ -21,12 +21,13 @@ from typing import Any, Literal, Protocol
 import redis.asyncio as aioredis
 import redis.exceptions as redis_exceptions
 
+from proto import flags
 from shared import redis_connect
 from shared.adapter import Adapter
 from shared.errors import Conflict, RateLimited, ReplicaLag, SeedNeeded, StaleEpoch
 from shared.subjects import ACTIVE_LEASES, LOAD_BOARD, ORCHESTRATORS, gateway_key, rkey, subject_key
 
-DoubleTextPolicy = Literal["queue", "interrupt", "reject"]
+DoubleTextPolicy = flags.DoubleTextPolicy  # declared once, with every other flag (proto/flags.py)
 # "ask": queue when no turn is running or queued; otherwise write nothing and raise PolicyNeeded,
 # so a send to an idle session never has to look its policy up (a Postgres read, PERF-LEDGER §1b)
 AppendPolicy = Literal["queue", "interrupt", "reject", "ask"]
