@@ -7,8 +7,9 @@ under `TYPE_CHECKING` count too. A module fails when it
 - imports `nats`, `redis` or `asyncpg` (any submodule);
 - reaches through an adapter to its driver object: an attribute named `nc`, `js`, `redis` or
   `lease_redis` on anything, or `_pool` on anything but `self`/`cls`;
-- is part of the orchestrator and imports `tool_workers` (one service never imports another: the
-  tool catalogue both sides read is `shared.tool_catalogue`).
+- is part of one service (`gateway`, `orchestrator`, `tool_workers`) and imports another: they
+  share only `shared/` and `proto/` (the tool catalogue both sides read is `shared.tool_catalogue`);
+- reaches a driver by name through `getattr(x, "nc")` and the like.
 
 `tests/` are free to poke at the drivers: they check the adapters from outside.
 """
@@ -16,13 +17,14 @@ under `TYPE_CHECKING` count too. A module fails when it
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCANNED = ("gateway", "orchestrator", "tool_workers", "tidewire", "proto")
 DRIVERS = frozenset({"nats", "redis", "asyncpg"})
 DRIVER_ATTRS = frozenset({"nc", "js", "redis", "lease_redis"})
+SERVICES = frozenset({"gateway", "orchestrator", "tool_workers"})
 PRIVATE_ATTRS = frozenset({"_pool"})  # fine on self/cls (an adapter's own field), not through one
 
 # Dev-only tooling: it starts and probes servers for `tidewire dev` / the cluster topology, is never
@@ -48,17 +50,27 @@ def _imported(node: ast.AST) -> list[str]:
     return []
 
 
-def violations() -> list[tuple[str, int, str]]:
-    """(module, line, what) for every site that bypasses the adapters."""
+def violations(modules: Iterable[tuple[str, ast.Module]] | None = None) -> list[tuple[str, int, str]]:
+    """(module, line, what) for every site that bypasses the adapters (of the repository's modules,
+    or of the `(path, tree)` pairs given)."""
     found: list[tuple[str, int, str]] = []
-    for rel, tree in _modules():
+    for rel, tree in _modules() if modules is None else modules:
         for node in ast.walk(tree):
             for name in _imported(node):
                 top = name.split(".", 1)[0]
                 if top in DRIVERS:
                     found.append((rel, node.lineno, f"import {top}"))
-                elif top == "tool_workers" and rel.startswith("orchestrator/"):
-                    found.append((rel, node.lineno, "import tool_workers"))
+                elif top in SERVICES and (own := rel.split("/", 1)[0]) in SERVICES and top != own:
+                    found.append((rel, node.lineno, f"import {top}"))
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "getattr"
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in DRIVER_ATTRS | PRIVATE_ATTRS
+            ):
+                found.append((rel, node.lineno, f"getattr(..., {node.args[1].value!r})"))
             if isinstance(node, ast.Attribute):
                 if node.attr in DRIVER_ATTRS:
                     found.append((rel, node.lineno, f".{node.attr}"))
@@ -97,6 +109,23 @@ def test_the_scan_sees_imports_inside_functions_and_attribute_access() -> None:
         }
     )
     assert kinds == ["._pool", ".js", "import nats"]
+
+
+def test_the_rules_catch_each_way_around_an_adapter() -> None:
+    sources = {
+        "gateway/a.py": "import orchestrator.flags\n",
+        "orchestrator/b.py": "def f():\n    from tool_workers import registry\n",
+        "tool_workers/c.py": "x = getattr(bus, 'nc')\n",
+        "gateway/d.py": "from redis import asyncio\n",
+        "gateway/e.py": "from shared import bus\nfrom proto import client\nimport gateway.ws\n",
+    }
+    found = violations((rel, ast.parse(src)) for rel, src in sources.items())
+    assert [(rel, what) for rel, _, what in found] == [
+        ("gateway/a.py", "import orchestrator"),
+        ("gateway/d.py", "import redis"),
+        ("orchestrator/b.py", "import tool_workers"),
+        ("tool_workers/c.py", "getattr(..., 'nc')"),
+    ]
 
 
 def test_no_runtime_module_imports_the_dev_tooling() -> None:
