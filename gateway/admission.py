@@ -32,7 +32,7 @@ from gateway.keys import DEPS, REPLAYER
 from gateway.limits import EDGE, check_session_id
 from shared.errors import BadFrame, from_dependency
 
-Transport = Literal["ws", "sse", "poll"]
+Transport = Literal["ws", "sse", "poll", "facade"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway.facades.common import (
     active_turn,
+    admitted,
     caller,
     derived_session,
     json_encode,
@@ -137,9 +138,7 @@ class UiChunks:
         return []
 
 
-async def _stream_turn(
-    request: web.Request, subject: str, sid: str, turn_id: str, user_seq: int
-) -> web.StreamResponse:
+async def _stream_turn(request: web.Request, sid: str, turn_id: str, user_seq: int) -> web.StreamResponse:
     async def produce(write: Any) -> None:
         chunks = UiChunks(turn_id)
 
@@ -152,7 +151,7 @@ async def _stream_turn(
             await emit(chunks.feed(ev))
         await write(b"data: [DONE]\n\n")
 
-    return await stream_sse(request, {**STREAM_HEADERS, SESSION_HEADER: sid}, produce, subject)
+    return await stream_sse(request, {**STREAM_HEADERS, SESSION_HEADER: sid}, produce)
 
 
 async def post_chat(request: web.Request) -> web.StreamResponse:
@@ -172,8 +171,9 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
         raise BadFrame("message ids must be at most 120 characters")
     text = _message_text(last)
     sid = await chat_session(request, principal.subject, body.get("id"), create=True)
-    ack = await send_turn(request, principal.subject, sid, f"ai:{last['id']}", text)
-    return await _stream_turn(request, principal.subject, sid, ack.turn_id, ack.seq)
+    async with admitted(request, principal, sid):  # before the send: a refused call starts no turn
+        ack = await send_turn(request, principal.subject, sid, f"ai:{last['id']}", text)
+        return await _stream_turn(request, sid, ack.turn_id, ack.seq)
 
 
 async def resume_chat(request: web.Request) -> web.StreamResponse:
@@ -183,7 +183,8 @@ async def resume_chat(request: web.Request) -> web.StreamResponse:
     if turn_id is None:
         return web.Response(status=204, headers={SESSION_HEADER: sid})
     record = await load_record(request, sid, turn_id)
-    return await _stream_turn(request, principal.subject, sid, turn_id, record.user_seq)
+    async with admitted(request, principal, sid):
+        return await _stream_turn(request, sid, turn_id, record.user_seq)
 
 
 ROUTES = [

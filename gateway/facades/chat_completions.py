@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway import commands
 from gateway.facades.common import (
     SETTINGS,
+    admitted,
     caller,
     derived_session,
     idempotency_key,
@@ -36,7 +37,6 @@ from gateway.facades.common import (
 from gateway.facades.errors import error_body, openai_error
 from gateway.facades.responses import _content_text
 from gateway.keys import DEPS
-from gateway.limits import EDGE
 from proto import client
 from shared.errors import BadFrame, Internal
 
@@ -85,7 +85,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     else:
         sid = await new_session(request, principal.subject, model)
     cmid = f"idem:{key}" if key is not None else commands.new_id("cc_")
-    ack = await send_turn(request, principal.subject, sid, cmid, text)
+    async with admitted(request, principal, sid):  # before the send: a refused call starts no turn
+        return await _answer(request, body, model, text, sid, cmid, principal.subject)
+
+
+async def _answer(
+    request: web.Request, body: dict[str, Any], model: str, text: str, sid: str, cmid: str, subject: str
+) -> web.StreamResponse:
+    ack = await send_turn(request, subject, sid, cmid, text)
     created = int(time.time())
     cid = f"chatcmpl-{ack.turn_id}"
     headers = {SESSION_HEADER: sid}
@@ -136,12 +143,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         await write(tail)
                     await write(b"data: [DONE]\n\n")
 
-        return await stream_sse(request, headers, produce, principal.subject)
+        return await stream_sse(request, headers, produce)
     end: client.TurnEnd | None = None
-    async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
-        async for ev in turn_events(request, sid, ack.turn_id, ack.seq):
-            if isinstance(ev, client.TurnEnd):
-                end = ev
+    async for ev in turn_events(request, sid, ack.turn_id, ack.seq):
+        if isinstance(ev, client.TurnEnd):
+            end = ev
     assert end is not None
     if end.status == "failed":
         return openai_error(Internal("the turn failed"))

@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from gateway import commands, sessions
-from gateway.admission import admit_caller
+from gateway.admission import admit_caller, open_stream
 from gateway.auth import Principal
 from gateway.deps import Deps
 from gateway.hub import Wake
@@ -105,9 +105,9 @@ async def send_turn(
     """One facade call = one turn, through the ordinary send path and the same edge checks as
     `POST /v1/sessions/{sid}/messages`: shedding (`degraded`) and the subject's message rate."""
     deps = request.app[DEPS]
-    admitted = request.app[EDGE].admit_send(subject, None, client_msg_id, text)
+    send = request.app[EDGE].admit_send(subject, None, client_msg_id, text)
     return await commands.send_message(
-        deps, subject, sid, client.SendRequest(client_msg_id=client_msg_id, text=text), admitted=admitted
+        deps, subject, sid, client.SendRequest(client_msg_id=client_msg_id, text=text), admitted=send
     )
 
 
@@ -325,78 +325,87 @@ async def stored_events(request: web.Request, sid: str, turn_id: str, user_seq: 
 # ---- SSE output ------------------------------------------------------------------------------------
 
 
+def admitted(
+    request: web.Request, principal: Principal, sid: str, *, holds: bool = True
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """A facade call that streams or waits is admitted like every other stream (gateway/admission.py
+    `open_stream`: the session's ownership, then one of the subject's connection slots, held until
+    the call ends), before it sends anything, so a refused call starts no turn. The facade replays
+    by turn, so the resume point is not used. `holds=False` (a background response): no slot."""
+    if not holds:
+        return contextlib.nullcontext()
+    return open_stream(request, sid, None, transport="facade", principal=principal)
+
+
 async def stream_sse(
     request: web.Request,
     headers: dict[str, str],
     produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
-    subject: str,
 ) -> web.StreamResponse:
-    """Writes what `produce` gives to an SSE response, with a comment line as heartbeat, holding one
-    of the subject's connection slots. A stream that `produce` finished ends cleanly; any other end
-    (drain, timeout, store outage, a write that failed) closes the connection without a clean end,
-    so a client can tell a complete answer from a broken stream and resume."""
+    """Writes what `produce` gives to an SSE response, with a comment line as heartbeat; the caller
+    holds the stream's admission (`admitted`). A stream that `produce` finished ends cleanly; any
+    other end (drain, timeout, store outage, a write that failed) closes the connection without a
+    clean end, so a client can tell a complete answer from a broken stream and resume."""
     deps = request.app[DEPS]
-    edge = request.app[EDGE]
-    async with edge.subjects.connection(subject):
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-                **headers,
-            }
-        )
-        await resp.prepare(request)
-        stopper = StreamStop()
-        request.app[SSE_STREAMS].add(stopper)  # a drain sets stopper.stop: the stream ends, not cleanly
-        deps.counters.sse_streams += 1
-        lock = asyncio.Lock()
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **headers,
+        }
+    )
+    await resp.prepare(request)
+    stopper = StreamStop()
+    request.app[SSE_STREAMS].add(stopper)  # a drain sets stopper.stop: the stream ends, not cleanly
+    deps.counters.sse_streams += 1
+    lock = asyncio.Lock()
+    last_write = time.monotonic()
+    clean = False
+
+    async def write(chunk: bytes) -> None:
+        nonlocal last_write
+        async with lock, asyncio.timeout(10):
+            await resp.write(chunk)
         last_write = time.monotonic()
-        clean = False
 
-        async def write(chunk: bytes) -> None:
-            nonlocal last_write
-            async with lock, asyncio.timeout(10):
-                await resp.write(chunk)
-            last_write = time.monotonic()
+    async def heartbeat() -> None:
+        every = deps.settings.sse_heartbeat_s
+        while True:
+            await asyncio.sleep(every / 3)
+            if time.monotonic() - last_write >= every * 0.66:
+                await write(b": hb\n\n")
 
-        async def heartbeat() -> None:
-            every = deps.settings.sse_heartbeat_s
-            while True:
-                await asyncio.sleep(every / 3)
-                if time.monotonic() - last_write >= every * 0.66:
-                    await write(b": hb\n\n")
+    try:
+        async with asyncio.TaskGroup() as tg:
+            beat = tg.create_task(heartbeat())
 
-        try:
-            async with asyncio.TaskGroup() as tg:
-                beat = tg.create_task(heartbeat())
+            async def producer() -> None:
+                await produce(write)
 
-                async def producer() -> None:
-                    await produce(write)
-
-                producing = tg.create_task(producer())
-                stopping = tg.create_task(stopper.stop.wait())
-                await asyncio.wait([producing, stopping], return_when=asyncio.FIRST_COMPLETED)
-                beat.cancel()
-                stopping.cancel()
-                if not producing.done():  # draining: the client resumes elsewhere
-                    producing.cancel()
-            clean = producing.done() and not producing.cancelled()
-        except* TidewireError as eg:
-            log.warning("facade stream of %s ended early: %s", request.path, eg.exceptions[0])
-        except* (ConnectionError, TimeoutError, RuntimeError, asyncio.CancelledError):
-            pass
-        except* Exception:
-            log.exception("facade stream of %s failed", request.path)
-        finally:
-            deps.counters.sse_streams -= 1
-            stopper.done.set()
-            if clean:
-                with contextlib.suppress(Exception):
-                    await resp.write_eof()
-            elif request.transport is not None:
-                request.transport.close()
-        return resp
+            producing = tg.create_task(producer())
+            stopping = tg.create_task(stopper.stop.wait())
+            await asyncio.wait([producing, stopping], return_when=asyncio.FIRST_COMPLETED)
+            beat.cancel()
+            stopping.cancel()
+            if not producing.done():  # draining: the client resumes elsewhere
+                producing.cancel()
+        clean = producing.done() and not producing.cancelled()
+    except* TidewireError as eg:
+        log.warning("facade stream of %s ended early: %s", request.path, eg.exceptions[0])
+    except* (ConnectionError, TimeoutError, RuntimeError, asyncio.CancelledError):
+        pass
+    except* Exception:
+        log.exception("facade stream of %s failed", request.path)
+    finally:
+        deps.counters.sse_streams -= 1
+        stopper.done.set()
+        if clean:
+            with contextlib.suppress(Exception):
+                await resp.write_eof()
+        elif request.transport is not None:
+            request.transport.close()
+    return resp
 
 
 json_encode = msgspec.json.Encoder().encode

@@ -30,10 +30,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway import commands
+from gateway.auth import Principal
 from gateway.deps import Deps
 from gateway.facades.common import (
     SETTINGS,
     TurnRecord,
+    admitted,
     caller,
     idempotency_key,
     json_encode,
@@ -50,7 +52,6 @@ from gateway.facades.common import (
 )
 from gateway.facades.errors import openai_error
 from gateway.keys import DEPS
-from gateway.limits import EDGE
 from proto import client
 from shared.errors import BadFrame, NotFound
 
@@ -414,36 +415,39 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     else:
         sid = await new_session(request, principal.subject, model)
     cmid = f"idem:{key}" if key is not None else commands.new_id("oa_")
-    ack = await send_turn(request, principal.subject, sid, cmid, text)
-    record = await save_record(
-        request,
-        TurnRecord(
-            session_id=sid,
-            turn_id=ack.turn_id,
-            user_seq=ack.seq,
-            created_at=int(time.time()),
-            text=text,
-            model=model,
-            instructions=_opt_str(body, "instructions"),
-            metadata=_metadata(body),
-            background=bool(body.get("background")),
-            store=body.get("store") is not False,
-            previous_response_id=previous,
-            conversation=conversation is not None,
-        ),
-    )
-    headers = {"X-Tidewire-Session": sid}
-    if body.get("stream"):
-        return await _stream(request, record, -1, headers, principal.subject)
-    if body.get("background"):
-        mapper = await _replayed(request, record)
-        return web.json_response(mapper.response(), headers=headers, dumps=_dumps)
-    mapper = ResponsesMapper(record)
-    mapper.start()
-    async with request.app[EDGE].subjects.connection(principal.subject):  # a waiting call holds a slot
+    # a call that streams or waits is admitted before the send (a refused call starts no turn); a
+    # background one holds no slot
+    holds = bool(body.get("stream")) or not body.get("background")
+    async with admitted(request, principal, sid, holds=holds):
+        ack = await send_turn(request, principal.subject, sid, cmid, text)
+        record = await save_record(
+            request,
+            TurnRecord(
+                session_id=sid,
+                turn_id=ack.turn_id,
+                user_seq=ack.seq,
+                created_at=int(time.time()),
+                text=text,
+                model=model,
+                instructions=_opt_str(body, "instructions"),
+                metadata=_metadata(body),
+                background=bool(body.get("background")),
+                store=body.get("store") is not False,
+                previous_response_id=previous,
+                conversation=conversation is not None,
+            ),
+        )
+        headers = {"X-Tidewire-Session": sid}
+        if body.get("stream"):
+            return await _stream(request, record, -1, headers)
+        if body.get("background"):
+            mapper = await _replayed(request, record)
+            return web.json_response(mapper.response(), headers=headers, dumps=_dumps)
+        mapper = ResponsesMapper(record)
+        mapper.start()
         async for ev in turn_events(request, sid, record.turn_id, record.user_seq):
             mapper.feed(ev)
-    return web.json_response(mapper.response(), headers=headers, dumps=_dumps)
+        return web.json_response(mapper.response(), headers=headers, dumps=_dumps)
 
 
 def _dumps(obj: Any) -> str:
@@ -459,7 +463,7 @@ async def _replayed(request: web.Request, record: TurnRecord) -> ResponsesMapper
 
 
 async def _stream(
-    request: web.Request, record: TurnRecord, starting_after: int, headers: dict[str, str], subject: str
+    request: web.Request, record: TurnRecord, starting_after: int, headers: dict[str, str]
 ) -> web.StreamResponse:
     async def produce(write: Any) -> None:
         mapper = ResponsesMapper(record)
@@ -473,19 +477,19 @@ async def _stream(
         async for ev in turn_events(request, record.session_id, record.turn_id, record.user_seq):
             await emit(mapper.feed(ev))
 
-    return await stream_sse(request, headers, produce, subject)
+    return await stream_sse(request, headers, produce)
 
 
-async def _owned_record(request: web.Request, deps: Deps) -> tuple[str, TurnRecord]:
+async def _owned_record(request: web.Request, deps: Deps) -> tuple[Principal, TurnRecord]:
     principal = caller(request)
     sid, turn_id = parse_response_id(request.match_info["rid"])
     await owned_session(deps, sid, principal.subject)
-    return principal.subject, await load_record(request, sid, turn_id)
+    return principal, await load_record(request, sid, turn_id)
 
 
 async def get_response(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
-    subject, record = await _owned_record(request, deps)
+    principal, record = await _owned_record(request, deps)
     stream = request.query.get("stream", "false").lower() in ("true", "1")
     raw_after = request.query.get("starting_after")
     try:
@@ -495,7 +499,8 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     if not stream:
         mapper = await _replayed(request, record)
         return web.json_response(mapper.response(), dumps=_dumps)
-    return await _stream(request, record, starting_after, {"X-Tidewire-Session": record.session_id}, subject)
+    async with admitted(request, principal, record.session_id):
+        return await _stream(request, record, starting_after, {"X-Tidewire-Session": record.session_id})
 
 
 async def cancel_response(request: web.Request) -> web.StreamResponse:

@@ -126,6 +126,19 @@ async def _poll(
         return body if r.status == 200 else (r.status, body["code"])
 
 
+async def _responses(
+    http: aiohttp.ClientSession, base: str, token: str | None, sid: str, origin: str | None = None
+) -> tuple[int, str]:
+    """A streamed OpenAI response continuing session `sid` (the facades admit like the transports):
+    (status, error.code), refused or not. A refused call must have started no turn."""
+    body = {"input": "/sim tokens=3 rate=0\nhello", "conversation": sid, "stream": True}
+    async with http.post(f"{base}/v1/responses", json=body, headers=_headers(token, origin)) as r:
+        if r.status != 200:
+            return r.status, (await r.json())["error"]["code"]
+        await r.read()
+        return r.status, "streamed"
+
+
 async def _refused_alike(
     http: aiohttp.ClientSession,
     base: str,
@@ -139,11 +152,13 @@ async def _refused_alike(
         "ws": await _ws(http, base, token, {"session_id": sid}, origin),
         "sse": await _sse(http, base, token, sid, origin=origin),
         "poll": await _poll(http, base, token, sid, origin=origin),
+        "responses": await _responses(http, base, token, sid, origin=origin),
     }
     assert outcomes == {
         "ws": CLOSE_FOR[status],
         "sse": (status, CODE_FOR[status]),
         "poll": (status, CODE_FOR[status]),
+        "responses": (status, CODE_FOR[status]),
     }
 
 
@@ -223,6 +238,8 @@ async def test_ownership_is_checked_before_the_slot_and_a_refused_socket_creates
         assert await _ws(http, gateway.url, token, {}) == 4429  # a new session would have been created
         async with http.get(f"{gateway.url}/v1/sessions", headers=_headers(token, None)) as r:
             assert [s["session_id"] for s in (await r.json())["sessions"]] == [sid]
+        async with http.get(f"{gateway.url}/v1/sessions/{sid}", headers=_headers(token, None)) as r:
+            assert (await r.json())["messages"] == [], "a call refused for want of a slot started a turn"
     finally:
         for c in holders:
             await c.__aexit__(None, None, None)
