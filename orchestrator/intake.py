@@ -24,12 +24,15 @@ from shared.supervise import report_failure
 log = logging.getLogger(__name__)
 
 PARKED_PER_SESSION = 4  # parked turn messages per session slot (a burst of sends waits in JetStream)
-# One message per pull request. nats-py's fetch of a batch returns only when the batch is full or its
-# request expires: a turn that arrived alone waited up to the whole 1 s expiry in this process
-# (measured: every other turn of one session started 0.75-0.9 s late). A batch of one returns as soon
-# as its message arrives; under load it costs one small pull request per turn.
-FETCH_BATCH = 1
-FETCH_WAIT_S = 1.0  # how long one pull request waits on a quiet queue before the next is sent
+# How the turn queue is pulled. nats-py's fetch of a batch returns only when the batch is full or its
+# pull request expires, unless the messages were already waiting: on a quiet queue a turn that
+# arrived alone waited for the rest of the request (measured: every other turn of a quiet session
+# started 0.75-0.9 s after its ack). So a quiet queue is pulled one message at a time (handed over the
+# moment it arrives, one request per second while nothing happens), and a busy one in batches whose
+# requests expire within BUSY_WAIT_S (what is waiting comes at once; a lull costs at most that).
+FETCH_BATCH = 64
+FETCH_WAIT_S = 1.0
+BUSY_WAIT_S = 0.05
 
 
 class TurnIntake:
@@ -44,12 +47,17 @@ class TurnIntake:
     async def run(self) -> None:
         sub = await self.ports.bus.turn_subscription()
         parked: set[asyncio.Task[None]] = set()
+        quiet = True
         while True:
             room = self.runners.max_sessions * PARKED_PER_SESSION - len(parked)
             if room <= 0:
                 await asyncio.sleep(0.05)
                 continue
-            msgs = await fetch_batch(sub, min(room, FETCH_BATCH), FETCH_WAIT_S, what="the turn queue")
+            if quiet:
+                msgs = await fetch_batch(sub, 1, FETCH_WAIT_S, what="the turn queue")
+            else:
+                msgs = await fetch_batch(sub, min(room, FETCH_BATCH), BUSY_WAIT_S, what="the turn queue")
+            quiet = not msgs
             for msg in msgs:
                 t = self._tg.create_task(self.keep(msg))
                 parked.add(t)

@@ -3,7 +3,8 @@
 nats-py's `fetch` of a batch returns only when the batch is full or its pull request expires, so with
 a batch of 64 a turn that arrived alone could wait in the orchestrator for the rest of the request's
 1 s: on one session sending a turn 0.1 s after the last one ended, every other turn started
-0.75–0.9 s after its ack. The intake now pulls one message per request. Checked end to end on one
+0.75–0.9 s after its ack. The intake now pulls a quiet queue one message per request (and a busy
+one in batches with short requests). Checked end to end on one
 orchestrator: from ack to turn_start, every turn of such a session takes well under 0.5 s (10–20 ms
 measured; the old code failed this within the first turns after a quiet spell).
 """
