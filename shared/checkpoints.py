@@ -448,39 +448,17 @@ class CheckpointStore(Adapter):
         of `quota` (RateLimited, nothing appended, when it is empty). With `log`, a session whose
         counter Redis no longer has (new, expired, lost in a failover) is re-seeded from it; the
         message is looked up there first, since Redis's record of `client_msg_id`s went too."""
-        try:
-            return await self._append_user_once(
-                session_id, client_msg_id, turn_id, event, request, policy, quota
-            )
-        except SeedNeeded:
-            if log is None:
-                raise
+        keys = [rkey(session_id, k) for k in ("seq", "log", "cmid", "pending", "turns", "cancelled")]
+        keys.append(subject_key(quota.subject, "msgs") if quota else rkey(session_id, "quota"))
+        rate, burst = (quota.rate_per_s, quota.burst) if quota else (0, 0)
+        args = [client_msg_id, turn_id, self.ttl_ms, event, request, policy, rate, burst]
+        r = await self._write(self._append_user, keys, args)
+        if int(r[0]) == -1 and log is not None:  # no counter: re-seed from the history, once
             stored = await log.find_user_message(session_id, client_msg_id)
             if stored is not None:
                 return UserAppend(stored.seq, stored.turn_id, True)
             await self.seed(session_id, await log.last_seq(session_id))
-            return await self._append_user_once(
-                session_id, client_msg_id, turn_id, event, request, policy, quota
-            )
-
-    async def _append_user_once(
-        self,
-        session_id: str,
-        client_msg_id: str,
-        turn_id: str,
-        event: bytes,
-        request: bytes,
-        policy: AppendPolicy,
-        quota: MessageQuota | None,
-    ) -> UserAppend:
-        keys = [rkey(session_id, k) for k in ("seq", "log", "cmid", "pending", "turns", "cancelled")]
-        keys.append(subject_key(quota.subject, "msgs") if quota else rkey(session_id, "quota"))
-        rate, burst = (quota.rate_per_s, quota.burst) if quota else (0, 0)
-        r = await self._write(
-            self._append_user,
-            keys,
-            [client_msg_id, turn_id, self.ttl_ms, event, request, policy, rate, burst],
-        )
+            r = await self._write(self._append_user, keys, args)
         code = int(r[0])
         if code == -5:
             raise RateLimited("too many messages for this user", retry_after_ms=max(1, int(r[1])))
@@ -524,22 +502,13 @@ class CheckpointStore(Adapter):
         checkpointed before its Postgres commit (so a crash in between still ends the turn once, by
         takeover) but must not be shown before the history has it. With `log`, a lost seq counter
         is re-seeded from it and the append tried once more."""
-        try:
-            return await self._append_once(lease, events, start_turn, hold)
-        except SeedNeeded:
-            if log is None:
-                raise
-            await self.seed(lease.session_id, await log.last_seq(lease.session_id))
-            return await self._append_once(lease, events, start_turn, hold)
-
-    async def _append_once(self, lease: Lease, events: Sequence[bytes], start_turn: str, hold: bool) -> int:
         sid = lease.session_id
         keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate", "hold")]
-        r = await self._write(
-            self._append_events,
-            keys,
-            [lease.token, self.ttl_ms, start_turn, "1" if hold else "", len(events), *events],
-        )
+        args = [lease.token, self.ttl_ms, start_turn, "1" if hold else "", len(events), *events]
+        r = await self._write(self._append_events, keys, args)
+        if int(r[0]) == -1 and log is not None:  # no counter: re-seed from the history, once
+            await self.seed(sid, await log.last_seq(sid))
+            r = await self._write(self._append_events, keys, args)
         code = int(r[0])
         if code == -3:
             self.stale_rejections += 1
