@@ -35,7 +35,7 @@ from proto import client
 from proto.client import Event
 from shared import sessionstate
 from shared.config import from_env
-from shared.errors import BadFrame, Degraded, NotFound, TidewireError, TooLarge
+from shared.errors import BadFrame, Degraded, Forbidden, NotFound, TidewireError, TooLarge
 from shared.facade_store import FacadeStore
 
 log = logging.getLogger(__name__)
@@ -176,14 +176,16 @@ async def derived_session(
     if not 1 <= len(key) <= 128:
         raise BadFrame("a conversation key must be 1..128 characters")
     sid = prefix + _digest(subject, scope, key)
-    if await deps.eventlog.get_session(sid) is None:
+    row = await deps.eventlog.get_session(sid)
+    if row is None:
         if not create:
             raise NotFound("no such chat")
         if await deps.eventlog.count_sessions(subject) >= deps.settings.max_sessions_per_subject:
             raise TooLarge("too many sessions for this user")
         await deps.eventlog.create_session(sid, subject, None)
         await apply_model(request, sid, model)
-    await commands.authorize(deps, sid, subject)
+    elif row.subject != subject:  # the digest includes the subject: only a collision gets here
+        raise Forbidden("this chat belongs to someone else")
     return sid
 
 
