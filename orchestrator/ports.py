@@ -8,6 +8,7 @@ through these adapters and hooks only, so the runner can be driven by anything t
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,10 +25,28 @@ from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
 
 
+class Clock(Protocol):
+    """Where a runner reads time: the turn's decisions take it as arguments (`TurnMachine`), so
+    a test can drive a runner with a clock of its own."""
+
+    def monotonic(self) -> float: ...
+    def time_ns(self) -> int: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time_ns(self) -> int:
+        return time.time_ns()
+
+
 class TurnPorts(Protocol):
-    # ---- identity, settings and counters ---------------------------------------------------------
+    # ---- identity, settings, clock and counters --------------------------------------------------
     @property
     def id(self) -> str: ...
+    @property
+    def clock(self) -> Clock: ...
     @property
     def settings(self) -> OrchestratorSettings: ...
     @property

@@ -9,8 +9,9 @@ be acked. Losing the lease (a renewal refused) cancels everything at once: a sta
 nothing more.
 
 The runner performs effects only: what to do next (skip, dead-letter, retry a step, stop asking
-the model, how the turn ended) it asks the pure functions in `orchestrator/turn.py`, and it
-reaches its process only through `orchestrator/ports.py` `TurnPorts`.
+the model, cancel an unwatched turn, how the turn ended) it asks the turn's `TurnMachine`
+(`orchestrator/turn.py`, pure), feeding it each event it observes with the time from its clock
+port; it reaches its process only through `orchestrator/ports.py` `TurnPorts`.
 
 Each turn continues the trace its gateway started (`TurnRequest.trace_context`, stored with the
 request, so a takeover lands in the same trace): `orchestrator.pickup` spans the queue wait from
@@ -27,7 +28,6 @@ import functools
 import logging
 import os
 import signal
-import time
 from typing import Any
 
 import msgspec
@@ -42,13 +42,9 @@ from orchestrator.turn import (
     Outcome,
     Skip,
     StartDecision,
+    TurnMachine,
     TurnPlan,
     TurnProgress,
-    decide_start,
-    disconnect_grace,
-    generation_outcome,
-    may_ask_model,
-    may_retry_step,
     status_line,
 )
 from proto import bus as busproto
@@ -78,20 +74,14 @@ class SessionRunner:
         self._first = first  # the queue's head, read with the lease (CheckpointStore.claim)
         self.sid = lease.session_id
         self.current: str | None = None
-        self._cancel = asyncio.Event()
-        self._cancel_reason = "stop"
-        # The current turn is ending for good (a stop, its timeout, the disconnect policy): its tool
-        # calls are abandoned. Cancelled for any other reason (lease lost, fenced, shutdown), they
-        # are left running for the next owner to join.
-        self._ending = False
-        self._plan = self._unloaded_plan()  # the current turn's, once its context is loaded
-        self._first_token_ns: int | None = None  # wall clock of the current turn's first token
+        self._cancel = asyncio.Event()  # wakes the turn; the reason is in its machine
+        self._turn = self._machine()  # the current turn's decisions and their state
         self.done_turns: asyncio.Event = asyncio.Event()
 
     # ---- control -----------------------------------------------------------------------------
     def request_cancel(self, turn_id: str | None, reason: str = "stop") -> None:
         if self.current is not None and (turn_id is None or turn_id == self.current):
-            self._cancel_reason = reason
+            self._turn.cancel(reason)
             self._cancel.set()
 
     async def run(self) -> None:
@@ -142,8 +132,7 @@ class SessionRunner:
             turn_id = snap.turn_id
             self.current = turn_id
             self._cancel.clear()
-            self._ending = False
-            self._plan, self._first_token_ns = self._unloaded_plan(), None
+            self._turn = self._machine()
             try:
                 snap = await self._run_turn(snap)
                 if snap is None:
@@ -160,25 +149,31 @@ class SessionRunner:
                 self.done_turns.set()
                 self.done_turns = asyncio.Event()
 
-    def _unloaded_plan(self) -> TurnPlan:
+    def _machine(self) -> TurnMachine:
+        """A turn's machine starts with the defaults' plan (`planned` once its context is loaded):
+        a turn that never loads it records what was in force."""
         s = self.svc.settings
-        return TurnPlan.unloaded(default_provider=s.provider, default_disconnect_policy=s.disconnect_policy)
+        return TurnMachine(
+            TurnPlan.unloaded(default_provider=s.provider, default_disconnect_policy=s.disconnect_policy),
+            max_attempts=s.max_turn_attempts,
+            max_starts=s.max_turn_starts,
+            max_tool_steps=s.max_tool_steps,
+            turn_timeout_s=s.turn_timeout_s,
+        )
 
     # ---- one turn ----------------------------------------------------------------------------
     async def _run_turn(self, snap: TurnSnapshot) -> TurnSnapshot | None:
         """Plays one turn; returns the next queued turn (None: the session was given up)."""
         svc, cp = self.svc, self.svc.checkpoints
         turn_id = snap.turn_id
-        start = decide_start(
-            snap, max_attempts=svc.settings.max_turn_attempts, max_starts=svc.settings.max_turn_starts
-        )
+        start = self._turn.claimed(snap)
         if isinstance(start, Skip):
             return await cp.finish_and_next(self.lease, turn_id, start.status)
         assert snap.request is not None
         req = busproto.bus_decoder.decode(snap.request)
         assert isinstance(req, busproto.TurnRequest)
         parent = telemetry.extract(req.trace_context)
-        picked_ns, picked = time.time_ns(), time.perf_counter()
+        picked_ns, picked = svc.clock.time_ns(), svc.clock.monotonic()
         if req.received_at_ns:
             wait_s = max(0.0, (picked_ns - req.received_at_ns) / 1e9)
             telemetry.observe_stage("queue_wait", wait_s)
@@ -203,7 +198,7 @@ class SessionRunner:
             },
         ) as span:
             status, nxt = await self._play_turn(req, turn_id, snap, start, span)
-        svc.observe_turn(time.perf_counter() - picked, status)
+        svc.observe_turn(svc.clock.monotonic() - picked, status)
         return nxt
 
     async def _play_turn(
@@ -257,17 +252,17 @@ class SessionRunner:
                 raws,
                 ended,
                 self.lease.epoch,
-                flags=dict(self._plan.flags_in_force),
+                flags=dict(self._turn.plan.flags_in_force),
             )
         # Durable now: released to readers by finish_turn, then shown live, so whoever is woken by the
         # live turn_end and re-reads the store finds it. A crash between the two: the takeover scan
         # re-publishes the log's tail (orchestrator/takeover.py).
-        after = self._plan.state_after(turn_id, ended)
+        after = self._turn.plan.state_after(turn_id, ended)
         nxt = await cp.finish_and_next(
             self.lease, turn_id, ended.status, None if after is None else svc.encode_state(after)
         )
         await writer.publish([ended_raw])
-        svc.record_analytics(req, ended, raws, self._first_token_ns)
+        svc.record_analytics(req, ended, raws, self._turn.first_token_ns)
         svc.metrics["turns_" + ended.status] += 1
         span.set_attribute("status", ended.status)
         return ended.status, nxt
@@ -317,25 +312,15 @@ class SessionRunner:
                 writer_task.result()  # a stale epoch surfaces here
             finished = gen.done()
             if finished:  # a non-provider error is re-raised here, before anything more is written
-                outcome = generation_outcome(
-                    finished=True,
-                    error=gen.exception(),
-                    cancel_reason=None,
-                    timeout_s=svc.settings.turn_timeout_s,
-                )
+                outcome = self._turn.generation_ended(finished=True, error=gen.exception())
             else:
-                self._ending = True
+                self._turn.stop()
                 gen.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await gen
             await writer.flush()
             if not finished:
-                outcome = generation_outcome(
-                    finished=False,
-                    error=None,
-                    cancel_reason=self._cancel_reason if self._cancel.is_set() else None,
-                    timeout_s=svc.settings.turn_timeout_s,
-                )
+                outcome = self._turn.generation_ended(finished=False, error=None)
                 if outcome.status == "cancelled":
                     svc.metrics["cancel_success"] += 1
                     trace.get_current_span().add_event("cancelled", {"reason": outcome.why})
@@ -350,22 +335,15 @@ class SessionRunner:
             await asyncio.gather(writer_task, return_exceptions=True)
 
     async def _disconnect_watch(self) -> None:
-        """The disconnect policy: `continue` (finish and persist) or `cancel_after=<s>` once no
-        connection has watched the session for that long. Re-read each tick: the plan, and with it the
-        turn's policy, arrives once its context is loaded."""
-        alone_since: float | None = None
+        """Samples the session's watchers for the disconnect policy (`continue`: none are taken).
+        Asked each tick: the plan, and with it the turn's policy, arrives once its context is loaded."""
+        turn = self._turn
         while True:
             await asyncio.sleep(0.25)
-            grace = disconnect_grace(self._plan.disconnect_policy)
-            if grace is None:
-                alone_since = None
+            if not turn.watches_clients:
                 continue
-            if await self.svc.checkpoints.watched(self.sid):
-                alone_since = None
-            elif alone_since is None:
-                alone_since = time.monotonic()
-            if alone_since is not None and time.monotonic() - alone_since >= grace:
-                self._cancel_reason = f"every client disconnected for {grace:g} s"
+            watched = await self.svc.checkpoints.watched(self.sid)
+            if turn.watcher_sample(watched, self.svc.clock.monotonic()):
                 self._cancel.set()
                 return
 
@@ -380,10 +358,10 @@ class SessionRunner:
         marker = svc.settings.fault_poison_marker
         if marker and marker in req.text:
             raise RuntimeError("injected poison turn")
-        plan = self._plan = await svc.plan_turn(req, stored_state)
-        steps = 0
-        while may_ask_model(steps, svc.settings.max_tool_steps):
-            steps += 1
+        plan = await svc.plan_turn(req, stored_state)
+        turn = self._turn
+        turn.planned(plan)
+        while turn.next_step():
             pending_calls = progress.unfinished_calls()
             if pending_calls:
                 await self._run_tools(
@@ -409,14 +387,10 @@ class SessionRunner:
     async def _stream_step(
         self, preq: ProviderRequest, progress: TurnProgress, writer: CheckpointWriter
     ) -> list[ToolCallRequest]:
-        svc = self.svc
+        svc, turn = self.svc, self._turn
         calls: list[ToolCallRequest] = []
-        first_token = False
 
-        def retryable(e: BaseException) -> bool:
-            return may_retry_step(e, first_token=first_token)
-
-        async for attempt in model_step_retry(retryable):
+        async for attempt in model_step_retry(turn.step_failed):
             with attempt:
                 calls.clear()
                 graphemes = GraphemeBuffer()
@@ -426,16 +400,12 @@ class SessionRunner:
                             if isinstance(ev, TextDelta):
                                 out = graphemes.feed(ev.text)
                                 if out:
-                                    urgent = not first_token  # the step's first text: TTFT
-                                    if urgent:
-                                        first_token = True
-                                        if self._first_token_ns is None:
-                                            self._first_token_ns = time.time_ns()
+                                    urgent = turn.text(svc.clock.time_ns())  # the step's first: TTFT
                                     await writer.put(functools.partial(progress.delta, out), urgent=urgent)
                             elif isinstance(ev, ToolCallRequest):
                                 calls.append(ev)
                 except ProviderError:
-                    tail = graphemes.flush() if first_token else ""
+                    tail = graphemes.flush() if turn.step_has_text else ""
                     if tail:  # text already promised must not lose its held-back last cluster
                         await writer.put(functools.partial(progress.delta, tail))
                     raise
@@ -451,11 +421,11 @@ class SessionRunner:
         writer: CheckpointWriter,
         calls: list[tuple[str, str, dict[str, Any]]],
     ) -> None:
-        svc = self.svc
+        svc, turn = self.svc, self._turn
 
         async def one(call_id: str, name: str, args: dict[str, Any]) -> None:
             ok, text = await svc.call_tool(
-                self.sid, progress.turn_id, call_id, name, args, abandon_on_cancel=lambda: self._ending
+                self.sid, progress.turn_id, call_id, name, args, abandon_on_cancel=lambda: turn.ending
             )
             await writer.put(functools.partial(progress.tool_result, call_id, ok, text))
 

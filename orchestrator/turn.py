@@ -8,10 +8,12 @@ the checkpointed text, which is precisely what any client may have seen.
 `TurnPlan` is what the turn runs with (messages, tools, model, disconnect policy, flags in
 force), fixed once its context is loaded, so every model step and the turn's row agree.
 
-The turn's decisions live here too, as pure functions the runner asks before each effect
-(`decide_start`, `generation_outcome`, `may_retry_step`, `may_ask_model`, `disconnect_grace`):
-they are what makes a takeover or a retry behave, so they are unit-tested event by event
-(tests/unit/test_turn_decisions.py) without servers.
+The turn's decisions live here too: `TurnMachine` is fed what the runner observes, event by
+event (claimed, planned, a step, its first text, a step's error, a cancel, a watcher sample, the
+end of generation) and answers what the runner does next, built on pure functions (`decide_start`,
+`generation_outcome`, `may_retry_step`, `may_ask_model`, `disconnect_grace`). They are what makes
+a takeover, a retry or a cancel behave, so they are unit-tested, whole turns replayed event by event
+(tests/unit/test_turn_decisions.py), without servers or sleeping.
 """
 
 from __future__ import annotations
@@ -280,3 +282,93 @@ def disconnect_grace(policy: str) -> float | None:
     if not policy.startswith("cancel_after="):
         return None
     return float(policy.split("=", 1)[1])
+
+
+class TurnMachine:
+    """One turn's decisions with their state, fed what the runner observes, event by event: the
+    claim, the plan once loaded, each model step and its first text, a step's error, a cancel, a
+    watcher sample, the end of generation. It answers what the runner does next, and holds what
+    those answers depend on (steps asked, whether the step has shown text, the cancel's reason, since
+    when nobody watched), so the runner keeps none of it. Time arrives as arguments (the runner's
+    clock port), so a test replays a turn, disconnect grace included, without sleeping."""
+
+    def __init__(
+        self,
+        plan: TurnPlan,
+        *,
+        max_attempts: int,
+        max_starts: int,
+        max_tool_steps: int,
+        turn_timeout_s: float,
+    ) -> None:
+        self.plan = plan
+        self.max_attempts, self.max_starts = max_attempts, max_starts
+        self.max_tool_steps, self.turn_timeout_s = max_tool_steps, turn_timeout_s
+        self.steps = 0
+        self.step_has_text = False
+        self.first_token_ns: int | None = None  # wall clock of the turn's first text, for analytics
+        self.cancel_reason: str | None = None
+        self.ending = False  # stopped for good (cancel, timeout, policy): its tool calls are abandoned
+        self._alone_since: float | None = None
+
+    def claimed(self, snap: TurnSnapshot) -> StartDecision:
+        return decide_start(snap, max_attempts=self.max_attempts, max_starts=self.max_starts)
+
+    def planned(self, plan: TurnPlan) -> None:
+        self.plan = plan
+
+    def next_step(self) -> bool:
+        """Before each model step: False when the tool-step budget is spent (end with what it has)."""
+        if not may_ask_model(self.steps, self.max_tool_steps):
+            return False
+        self.steps += 1
+        self.step_has_text = False
+        return True
+
+    def text(self, now_ns: int) -> bool:
+        """Text of the current step is ready; True for the step's first (sent at once: it is TTFT)."""
+        first = not self.step_has_text
+        self.step_has_text = True
+        if self.first_token_ns is None:
+            self.first_token_ns = now_ns
+        return first
+
+    def step_failed(self, error: BaseException) -> bool:
+        """True: ask the model again for this step."""
+        return may_retry_step(error, first_token=self.step_has_text)
+
+    def cancel(self, reason: str) -> None:
+        """A stop asked (by a client, an operator, the disconnect policy); the first reason is kept."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    @property
+    def watches_clients(self) -> bool:
+        """Whether the disconnect policy needs watcher samples at all (`continue` does not)."""
+        return disconnect_grace(self.plan.disconnect_policy) is not None
+
+    def watcher_sample(self, watched: bool, now: float) -> bool:
+        """Whether any connection watches the session, sampled at `now` (monotonic seconds).
+        True: the grace is spent, the turn is cancelled (`cancel_reason` says why)."""
+        grace = disconnect_grace(self.plan.disconnect_policy)
+        if grace is None or watched:
+            self._alone_since = None
+            return False
+        if self._alone_since is None:
+            self._alone_since = now
+        if now - self._alone_since < grace:
+            return False
+        self.cancel(f"every client disconnected for {grace:g} s")
+        return True
+
+    def stop(self) -> None:
+        """Generation is stopped before it finished (a cancel or the timeout): the turn ends for good."""
+        self.ending = True
+
+    def generation_ended(self, *, finished: bool, error: BaseException | None) -> Outcome:
+        return generation_outcome(
+            finished=finished,
+            error=error,
+            cancel_reason=None if finished else self.cancel_reason,
+            timeout_s=self.turn_timeout_s,
+        )

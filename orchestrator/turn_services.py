@@ -12,7 +12,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -22,6 +22,7 @@ from orchestrator.flags import FlagResolver, system_prompt_for
 from orchestrator.leases import LeaseKeeper
 from orchestrator.load import LoadReporter
 from orchestrator.packer import pack
+from orchestrator.ports import Clock, SystemClock
 from orchestrator.providers.base import Provider, ToolSpec
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.tools import ToolDispatcher
@@ -68,6 +69,7 @@ class TurnServices:
     analytics: AnalyticsPublisher
     tools: ToolDispatcher | None
     system_prompts: dict[str, str]
+    clock: Clock = field(default_factory=SystemClock)
 
     async def plan_turn(self, req: busproto.TurnRequest, stored_state: bytes | None) -> TurnPlan:
         """Session fetch, context pack and retrieval: three timed stages before the model is asked.

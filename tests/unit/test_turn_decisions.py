@@ -10,6 +10,7 @@ from orchestrator.turn import (
     Outcome,
     Run,
     Skip,
+    TurnMachine,
     TurnPlan,
     decide_start,
     disconnect_grace,
@@ -209,3 +210,114 @@ def test_state_after_appends_the_answer_without_touching_the_plan() -> None:
     assert [(m.role, m.text, m.seq) for m in after.window][-1] == ("assistant", "hello", 9)
     assert len(state.window) == 1 and state.last_turn_id is None
     assert plan({}).state_after("t1", ended) is None
+
+
+# ---- whole turns, replayed event by event through the machine ------------------------------------------
+def machine(*, max_tool_steps: int = 2) -> TurnMachine:
+    return TurnMachine(
+        TurnPlan.unloaded(default_provider="simulated", default_disconnect_policy="continue"),
+        max_attempts=3,
+        max_starts=10,
+        max_tool_steps=max_tool_steps,
+        turn_timeout_s=30.0,
+    )
+
+
+def planned(m: TurnMachine, policy: str) -> TurnMachine:
+    m.planned(plan({"disconnect_policy": policy}))
+    return m
+
+
+def test_a_plain_turn_one_step_its_first_text_urgent_and_completed() -> None:
+    m = machine()
+    assert m.claimed(snap()) == Run()
+    planned(m, "continue")
+    assert m.next_step()
+    assert m.text(now_ns=1_000) is True  # TTFT: sent at once
+    assert [m.text(now_ns=t) for t in (2_000, 3_000)] == [False, False]
+    assert m.first_token_ns == 1_000
+    assert m.generation_ended(finished=True, error=None) == Outcome("completed")
+    assert not m.ending
+
+
+def test_each_tool_step_s_first_text_is_urgent_again_and_the_budget_ends_the_loop() -> None:
+    m = planned(machine(max_tool_steps=2), "continue")
+    urgent = []
+    while m.next_step():
+        urgent.append([m.text(now_ns=10 * m.steps + i) for i in range(3)])
+    assert urgent == [[True, False, False]] * 3  # asked once plus once per allowed tool step
+    assert m.steps == 3 and m.first_token_ns == 10  # the turn's first text, not the last step's
+
+
+def test_a_step_is_retried_until_its_first_text_then_never() -> None:
+    m = planned(machine(), "continue")
+    assert m.next_step()
+    transient = ProviderError("503", retryable=True)
+    assert m.step_failed(transient)  # nothing shown yet: ask again
+    assert m.step_failed(transient)
+    m.text(now_ns=5)
+    assert not m.step_failed(transient)  # shown: a retry would say it twice
+    assert m.generation_ended(finished=True, error=transient).status == "failed"
+    assert m.next_step() and m.step_failed(transient)  # the next step starts with nothing shown
+
+
+def test_a_stop_mid_answer_is_cancelled_with_the_first_reason_and_abandons_tools() -> None:
+    m = planned(machine(), "continue")
+    m.next_step()
+    m.text(now_ns=1)
+    m.cancel("stop")
+    m.cancel("operator")  # a second request does not rewrite why
+    m.stop()
+    assert m.ending
+    assert m.generation_ended(finished=False, error=None) == Outcome("cancelled", "stop")
+
+
+def test_unfinished_without_a_cancel_is_the_timeout() -> None:
+    m = planned(machine(), "continue")
+    m.next_step()
+    m.stop()
+    assert m.generation_ended(finished=False, error=None) == Outcome("timed_out", "no answer within 30 s")
+
+
+def test_a_turn_that_finished_as_the_stop_arrived_is_completed() -> None:
+    m = planned(machine(), "continue")
+    m.next_step()
+    m.cancel("stop")
+    assert m.generation_ended(finished=True, error=None).status == "completed"
+
+
+def test_cancel_after_counts_the_unwatched_time_from_the_first_lonely_sample() -> None:
+    m = machine()
+    assert not m.watches_clients  # before the plan: the default policy, `continue`
+    planned(m, "cancel_after=1")
+    assert m.watches_clients
+    samples = [(True, 0.0), (False, 10.0), (False, 10.5), (True, 10.9), (False, 11.0), (False, 11.9)]
+    assert [m.watcher_sample(w, t) for w, t in samples] == [False] * 6  # a watcher reset the grace
+    assert m.watcher_sample(False, 12.0)  # 1 s alone since 11.0
+    m.stop()
+    assert m.generation_ended(finished=False, error=None) == Outcome(
+        "cancelled", "every client disconnected for 1 s"
+    )
+
+
+def test_continue_never_cancels_however_long_nobody_watches() -> None:
+    m = planned(machine(), "continue")
+    assert not m.watches_clients
+    assert not any(m.watcher_sample(False, t) for t in (0.0, 100.0, 10_000.0))
+    assert m.cancel_reason is None
+
+
+def test_a_stop_asked_before_the_grace_ran_out_keeps_its_reason() -> None:
+    m = planned(machine(), "cancel_after=0.5")
+    m.watcher_sample(False, 0.0)
+    m.cancel("stop")
+    assert m.watcher_sample(False, 0.5)
+    m.stop()
+    assert m.generation_ended(finished=False, error=None).why == "stop"
+
+
+def test_a_takeover_of_a_poisoned_turn_is_dead_lettered_without_the_model() -> None:
+    m = machine()
+    d = m.claimed(snap(state=("running", "4"), failures=3, starts=4))
+    assert isinstance(d, DeadLetter) and d.outcome.status == "failed"
+    assert m.steps == 0 and m.first_token_ns is None
