@@ -1,7 +1,7 @@
 """The invariants every drill checks, shared by the local chaos test and the Kubernetes drill.
 
 A client's view of a session is the list of sequenced events it received (across reconnects).
-The guarantees: seqs strictly increase, and by exactly 1 where no merging happened; each turn's
+The guarantees: seqs strictly increase, and by exactly 1 except onto a merged delta; each turn's
 deltas, placed at their code-point offsets, cover the text with no gap and no overlap and equal
 `turn_end.text`; and that text equals what Postgres holds.
 """
@@ -26,15 +26,20 @@ class InvariantError(AssertionError):
     pass
 
 
-def check_seqs(events: Sequence[client.Event], *, merged: bool = False) -> None:
-    """Strictly increasing; gap-free unless the delivery mode merges deltas (then a jump may only
-    land on a delta, whose seq is its last member's)."""
+def check_seqs(events: Sequence[client.Event], *, merged: bool = True) -> None:
+    """Strictly increasing and gap-free, except where deltas were merged (PROTOCOL.md: in every
+    delivery mode a connection's deltas may be merged, e.g. when many are ready at once; a merged
+    delta carries its last member's seq). So a jump may only land on a delta, and only on one of the
+    same turn as the event before it: its missing members are that turn's deltas, never another
+    turn's turn_end. `merged=False`: no jump at all."""
     prev: client.Event | None = None
     for ev in events:
         if prev is not None:
             if ev.seq <= prev.seq:
                 raise InvariantError(f"seq went from {prev.seq} to {ev.seq}: duplicate or reorder")
-            if ev.seq != prev.seq + 1 and not (merged and isinstance(ev, client.Delta)):
+            if ev.seq != prev.seq + 1 and not (
+                merged and isinstance(ev, client.Delta) and getattr(prev, "turn_id", None) == ev.turn_id
+            ):
                 raise InvariantError(f"seq gap: {prev.seq} -> {ev.seq} ({type(ev).__name__})")
         prev = ev
 

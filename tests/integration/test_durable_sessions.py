@@ -165,7 +165,7 @@ async def test_replay_from_postgres_after_redis_keys_deleted(stack, infra) -> No
         assert ready2.last_seq == live[-1].seq and not ready2.reset
         await c2.until_turn_end(ack.turn_id)
         replayed = c2.events
-    invariants.check_seqs(replayed, merged=True)
+    invariants.check_seqs(replayed)
     assert invariants.check_turns(replayed)[ack.turn_id].text == end.text
     assert replayed[0] == live[0] and replayed[-1] == live[-1]
     # resume from inside the merged delta row: the rest, exactly
@@ -277,8 +277,8 @@ async def test_hot_session_costs_one_subscription_per_gateway_process(stack, inf
             ends = await asyncio.gather(*(w.until_turn_end(ack.turn_id) for w in watchers))
             assert all(e.text == end.text for e in ends)
             for w in watchers[:20]:
-                invariants.check_seqs(w.events)
-                assert [e.seq for e in w.events] == [e.seq for e in owner.events]
+                invariants.check_seqs(w.events)  # each watcher's deltas may be merged its own way
+                assert invariants.check_turns(w.events)[ack.turn_id].text == end.text
         finally:
             for w in watchers:
                 await w.__aexit__(None, None, None)

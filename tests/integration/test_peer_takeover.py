@@ -42,7 +42,7 @@ async def test_a_gone_orchestrators_sessions_are_claimed_through_the_peer_link(i
         # the test stops reading while it finds and kills the owner, so the gateway may merge the deltas
         # of a client 32 frames behind (PROTOCOL.md: the seq of the last member); check_turns still
         # checks that every offset is covered exactly
-        invariants.check_seqs(c.events, merged=True)
+        invariants.check_seqs(c.events)
         assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
         deaths = scrape(survivor.env["port"]).get("tidewire_orchestrator_peer_deaths", 0)
         assert deaths >= 1, f"{survivor.name} never saw {owner} go through its peer link"

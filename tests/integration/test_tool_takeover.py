@@ -59,7 +59,7 @@ async def test_an_owner_that_goes_mid_tool_hands_the_call_over(infra, tmp_path, 
         # the test stops reading while it finds and kills the owner, so the gateway may merge the deltas
         # of a client 32 frames behind (PROTOCOL.md: the seq of the last member); check_turns still
         # checks that every offset is covered exactly
-        invariants.check_seqs(c.events, merged=True)
+        invariants.check_seqs(c.events)
         assert invariants.check_turns(c.events)[ack.turn_id].text == end.text
         worker = next(s for s in stack.services if s.module == "tool_workers")
         log = worker.log_path.read_text()
