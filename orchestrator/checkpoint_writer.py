@@ -6,9 +6,10 @@ slows the model stream instead of growing memory.
 
 Every append is a Redis round trip and a NATS message that each gateway wakes for, so a batch
 waits up to `linger_s` for company, except where a reader waits on it: a step's first text (time
-to first token), a status line, a flush (a tool call about to run, the turn's end). The turn_start
+to first token), a status line (a tool about to run), the turn's end. The turn_start
 waits the same way for the first event, so a quick model's turn starts and shows its first text in
-one append (`start`).
+one append (`start`). The turn's end takes whatever text is still queued with it (`finish`): a short
+answer is two appends, its first text and the rest with its turn_end.
 
 Each append's latency (one Redis round trip for a batch of events, fenced by the lease) is
 recorded in `tidewire_checkpoint_append_seconds`: once per batch, never per token.
@@ -65,6 +66,7 @@ class CheckpointWriter:
         self.error: BaseException | None = None
         self.written: list[bytes] = []  # what this writer checkpointed, seqs filled in, in order
         self._first_seq = 0
+        self._parked = False  # settled: the run loop takes nothing more, `finish` takes the queue
 
     def start(self, turn_start: bytes, turn_id: str) -> None:
         """The turn's turn_start, appended (with the turn marked running) together with the next
@@ -88,13 +90,28 @@ class CheckpointWriter:
             self._hurry.set()
         self._kick.set()
 
-    async def write_now(
-        self, raws: list[bytes], start_turn: str = "", *, publish: bool = True, hold: bool = False
-    ) -> int:
-        """Appends (and publishes, unless told not to) right away; returns the first seq. `hold`
-        keeps readers from the batch until the turn is finished (CheckpointStore.append)."""
-        await self.flush()
-        return await self._append(raws, start_turn, publish=publish, hold=hold)
+    def add(self, raw: bytes) -> None:
+        """Queues an event after `settle` (a status line shown just before the turn's end): it goes
+        with the end, in order."""
+        self._queue.append(raw)
+
+    async def settle(self) -> None:
+        """Lets an append in flight finish and starts no other: what is still queued goes with the
+        turn's end (`finish`), in one round trip instead of two."""
+        self._parked = True
+        self._hurry.set()
+        self._kick.set()
+        await self._idle.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def finish(self, held: list[bytes]) -> None:
+        """The turn's last append: whatever is still queued, shown and published at once, then `held`
+        (its turn_end), which readers do not see until the turn is finished in the store
+        (CheckpointStore.append `hold`) and which the caller publishes after its commit."""
+        await self.settle()
+        raws, self._queue = [*self._queue, *held], []
+        await self._append(raws, held=len(held))
 
     def contiguous_from(self, start_seq: int) -> bool:
         """True when this writer wrote every event from `start_seq` on, with nobody else's in between,
@@ -112,12 +129,6 @@ class CheckpointWriter:
         except Exception as e:  # noqa: BLE001 - checkpointed: readers catch up from the store
             log.warning("live publish failed: %s", e)
 
-    async def flush(self) -> None:
-        self._hurry.set()
-        await self._idle.wait()
-        if self.error is not None:
-            raise self.error
-
     async def _linger(self) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.linger_s):
@@ -128,11 +139,12 @@ class CheckpointWriter:
             while True:
                 await self._kick.wait()
                 self._kick.clear()
-                if not self._queue and self._start is None:
+                if self._parked or (not self._queue and self._start is None):
+                    self._idle.set()
                     continue
                 if self.linger_s > 0 and not self._hurry.is_set():
                     await self._linger()
-                while self._queue or self._start is not None:
+                while (self._queue or self._start is not None) and not self._parked:
                     self._idle.clear()
                     batch, self._queue = self._queue, []
                     self._hurry.clear()
@@ -147,16 +159,18 @@ class CheckpointWriter:
             self._idle.set()
             raise
 
-    async def _append(
-        self, raws: list[bytes], start_turn: str = "", *, publish: bool = True, hold: bool = False
-    ) -> int:
+    async def _append(self, raws: list[bytes], *, held: int = 0) -> int:
+        """One Redis round trip for `raws` (after a pending turn_start); the last `held` of them are
+        held from readers and not published."""
+        start_turn = ""
         started = self._start
         if started is not None:  # taken before the first await: no other append can take it too
             self._start = None
             raws, start_turn = [started[0], *raws], started[1]
         t0 = time.perf_counter()
+        shown = len(raws) - held
         first = await self._store.append(
-            self._lease, raws, start_turn=start_turn, hold=hold, log=self._eventlog
+            self._lease, raws, start_turn=start_turn, hold=held > 0, held_from=shown, log=self._eventlog
         )
         if started is not None:
             self.start_seq = first
@@ -169,6 +183,6 @@ class CheckpointWriter:
             self._first_seq = first
         events = [with_seq(r, first + i) for i, r in enumerate(raws)]
         self.written.extend(events)
-        if publish:
-            await self.publish(events)
+        if shown:
+            await self.publish(events[:shown])
         return first

@@ -75,6 +75,9 @@ class TurnIntake:
         checked_requeue = False
         while not self._stopping.is_set():
             try:
+                if self.runners.done(req.turn_id):  # we finished it: no store read needed
+                    await msg.ack()
+                    return
                 runner = self.runners.get(req.session_id)
                 if runner is None and not self.runners.full:
                     # one round trip: this turn's state and, if the session is free, its lease and first turn

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -68,8 +69,15 @@ class TurnCancelled(Exception):
 
 
 class SessionRunner:
-    def __init__(self, svc: TurnPorts, lease: Lease, first: TurnSnapshot | None = None) -> None:
+    def __init__(
+        self,
+        svc: TurnPorts,
+        lease: Lease,
+        first: TurnSnapshot | None = None,
+        on_done: Callable[[str], None] | None = None,
+    ) -> None:
         self.svc = svc
+        self._on_done = on_done  # told each turn id marked done (committed) by this runner
         self.lease = lease
         self._first = first  # the queue's head, read with the lease (CheckpointStore.claim)
         self.sid = lease.session_id
@@ -135,6 +143,8 @@ class SessionRunner:
             self._turn = self._machine()
             try:
                 snap = await self._run_turn(snap)
+                if self._on_done is not None:  # done in the store: its message may be acked
+                    self._on_done(turn_id)
                 if snap is None:
                     return
             except (LeaseLost, StaleEpoch, asyncio.CancelledError):
@@ -223,7 +233,7 @@ class SessionRunner:
             status, why = await self._generate(req, progress, writer, snap, start)
             # Checkpointed first, so that a crash before the commit still ends the turn exactly once
             # (the taker-over finds it and commits it); held from readers until the commit is done.
-            await writer.write_now([progress.end(status)], publish=False, hold=True)
+            await writer.finish([progress.end(status)])
             if fresh:
                 progress.start_seq = writer.start_seq
             if why:
@@ -293,8 +303,8 @@ class SessionRunner:
             await svc.dead_letter(req, start.reason)
             start = start.outcome
         if isinstance(start, Outcome):
-            if start.notice is not None:
-                await writer.write_now([progress.status(start.notice)])
+            if start.notice is not None:  # shown with the turn's end, just before it
+                writer.add(progress.status(start.notice))
             return start.status, start.why
         writer_task = asyncio.create_task(writer.run(), name=f"writer-{progress.turn_id}")
         gen = asyncio.create_task(
@@ -318,14 +328,14 @@ class SessionRunner:
                 gen.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await gen
-            await writer.flush()
+            await writer.settle()  # what is still queued goes with the turn's end
             if not finished:
                 outcome = self._turn.generation_ended(finished=False, error=None)
                 if outcome.status == "cancelled":
                     svc.metrics["cancel_success"] += 1
                     trace.get_current_span().add_event("cancelled", {"reason": outcome.why})
             if outcome.notice is not None:
-                await writer.write_now([progress.status(outcome.notice)])
+                writer.add(progress.status(outcome.notice))
             return outcome.status, outcome.why
         finally:
             for t in owned:

@@ -5,6 +5,7 @@ run) and the cancel subscription (to stop a turn)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -19,6 +20,7 @@ from shared.checkpoints import Lease, TurnSnapshot
 from shared.supervise import report_failure
 
 log = logging.getLogger(__name__)
+DONE_REMEMBERED = 4096  # turn ids this process marked done, so their messages are acked without a read
 
 
 class RunnerPool:
@@ -27,6 +29,7 @@ class RunnerPool:
         self.max_sessions = max_sessions
         self._tg = tg
         self._entries: dict[str, tuple[SessionRunner, asyncio.Task[None]]] = {}
+        self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -42,9 +45,19 @@ class RunnerPool:
         entry = self._entries.get(sid)
         return entry[0] if entry is not None else None
 
+    def done(self, turn_id: str) -> bool:
+        """Whether one of our runners marked this turn done in the checkpoint store (after its
+        commit): its message may be acked without asking the store."""
+        return turn_id in self._done
+
+    def _note_done(self, turn_id: str) -> None:
+        self._done[turn_id] = None
+        if len(self._done) > DONE_REMEMBERED:
+            self._done.popitem(last=False)
+
     def start(self, lease: Lease, first: TurnSnapshot | None = None) -> SessionRunner:
         """Runs the session under `lease` until its queue is empty or the lease is lost."""
-        runner = SessionRunner(self.ports, lease, first)
+        runner = SessionRunner(self.ports, lease, first, on_done=self._note_done)
         task = self._tg.create_task(runner.run(), name=f"session-{lease.session_id}")
         entry = (runner, task)
         self._entries[lease.session_id] = entry

@@ -91,7 +91,8 @@ return out
 """
 
 # KEYS: seq log lease tstate hold ; ARGV: token ttl_ms start_turn_id hold n ev1..evn
-# hold = '1': readers stop before this batch until finish_turn (the turn_end, not yet in Postgres)
+# hold = '' or k: readers stop before the batch's k-th event (0-based) until finish_turn (the turn_end,
+# not yet in Postgres); the events before it are visible at once
 _APPEND_EVENTS = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {-3} end
 local cur = redis.call('GET', KEYS[1])
@@ -106,7 +107,7 @@ for i = 1, n do
 end
 redis.call('SET', KEYS[1], seq)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[4], ARGV[3], 'running:' .. first) end
-if ARGV[4] == '1' then redis.call('SET', KEYS[5], first, 'PX', ARGV[2]) end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[5], first + tonumber(ARGV[4]), 'PX', ARGV[2]) end
 for i = 1, 2 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
 redis.call('PEXPIRE', KEYS[4], ARGV[2])
 return {1, first}
@@ -495,16 +496,20 @@ class CheckpointStore(Adapter):
         *,
         start_turn: str = "",
         hold: bool = False,
+        held_from: int = 0,
         log: SeqSource | None = None,
     ) -> int:
         """Appends events atomically under the lease; returns the first seq allocated. With `hold`,
-        readers (`read_visible`) see nothing from this batch on until `finish_turn`: a turn_end is
-        checkpointed before its Postgres commit (so a crash in between still ends the turn once, by
-        takeover) but must not be shown before the history has it. With `log`, a lost seq counter
-        is re-seeded from it and the append tried once more."""
+        readers (`read_visible`) see nothing from the batch's `held_from`-th event on until
+        `finish_turn`: a turn_end is checkpointed before its Postgres commit (so a crash in between
+        still ends the turn once, by takeover) but must not be shown before the history has it; the
+        text before it in the same batch is visible at once. With `log`, a lost seq counter is
+        re-seeded from it and the append tried once more."""
         sid = lease.session_id
         keys = [rkey(sid, k) for k in ("seq", "log", "lease", "tstate", "hold")]
-        args = [lease.token, self.ttl_ms, start_turn, "1" if hold else "", len(events), *events]
+        if hold and not 0 <= held_from < len(events):
+            raise ValueError(f"held_from {held_from} is outside a batch of {len(events)}")
+        args = [lease.token, self.ttl_ms, start_turn, str(held_from) if hold else "", len(events), *events]
         r = await self._write(self._append_events, keys, args)
         if int(r[0]) == -1 and log is not None:  # no counter: re-seed from the history, once
             await self.seed(sid, await log.last_seq(sid))

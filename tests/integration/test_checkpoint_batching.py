@@ -26,7 +26,7 @@ def _appends(s: Stack) -> float:
     return sum(scrape(o.env["port"]).get(APPENDS, 0.0) for o in s.services if o.module == "orchestrator")
 
 
-async def test_a_quick_models_short_turn_takes_three_appends_and_keeps_its_seqs(infra, tmp_path) -> None:
+async def test_a_quick_models_short_turn_takes_two_appends_and_keeps_its_seqs(infra, tmp_path) -> None:
     s = Stack(
         infra_env=stack_env(infra, TIDEWIRE_CHECKPOINT_LINGER_MS="25"),
         log_dir=tmp_path,
@@ -46,9 +46,11 @@ async def test_a_quick_models_short_turn_takes_three_appends_and_keeps_its_seqs(
                 await c.until_turn_end(ack.turn_id, timeout=30)
                 acks.append(ack)
             per_turn = (_appends(s) - before) / TURNS
-        # turn_start + first text, the rest of the text, the held turn_end: 3; 4 before the linger.
-        # A loaded machine may split the rest once more now and then, never the first pair.
-        assert per_turn <= 3.5, f"{per_turn:.2f} checkpoint appends per 8-token turn (expected ~3)"
+        # turn_start + first text, then the rest of the text with the held turn_end: 2 (3 when the
+        # turn_end went alone, 4 before the linger). A loaded machine may split the rest once more
+        # now and then, never the first pair.
+        print(f"{per_turn:.2f} checkpoint appends per 8-token turn")
+        assert per_turn <= 2.5, f"{per_turn:.2f} checkpoint appends per 8-token turn (expected ~2)"
         invariants.check_seqs(c.events)
         turns = invariants.check_turns(c.events)
         for ack in acks:

@@ -452,3 +452,24 @@ async def test_a_stale_owner_cannot_release_a_held_turn_end(store: CheckpointSto
     await store.finish_turn(new, "t1", "completed")  # the taker commits and releases it
     assert await store.held_seq(sid) is None
     assert len((await store.read_visible(sid, 0))[0]) == 3
+
+
+async def test_a_batch_held_from_its_turn_end_shows_the_text_before_it(store: CheckpointStore) -> None:
+    """The turn's last append carries its tail text and its turn_end: the text is visible at once,
+    the turn_end only after finish_turn."""
+    sid = _sid()
+    await store.seed(sid, 0)
+    lease = await store.acquire(sid, "orch-a/1", LEASE_MS)
+    assert lease is not None
+    await store.append(lease, [_event("turn_start", "s")], start_turn="t1")
+    tail = [_event("delta", "d1"), _event("delta", "d2"), _event("turn_end", "e")]
+    assert await store.append(lease, tail, hold=True, held_from=2) == 2
+
+    visible, held = await store.read_visible(sid, 0)
+    assert [json.loads(raw)["mark"] for raw in visible] == ["s", "d1", "d2"] and held == 4
+    assert await store.last_seq(sid) == 3
+    await store.finish_turn(lease, "t1", "completed")
+    visible, held = await store.read_visible(sid, 0)
+    assert [json.loads(raw)["mark"] for raw in visible] == ["s", "d1", "d2", "e"] and held is None
+    with pytest.raises(ValueError):
+        await store.append(lease, tail, hold=True, held_from=3)
