@@ -28,8 +28,9 @@ PARKED_PER_SESSION = 4  # parked turn messages per session slot (a burst of send
 # pull request expires, unless the messages were already waiting: on a quiet queue a turn that
 # arrived alone waited for the rest of the request (measured: every other turn of a quiet session
 # started 0.75-0.9 s after its ack). So a quiet queue is pulled one message at a time (handed over the
-# moment it arrives, one request per second while nothing happens), and a busy one in batches whose
-# requests expire within BUSY_WAIT_S (what is waiting comes at once; a lull costs at most that).
+# moment it arrives, one request per second while nothing happens), and a busy one (the last message
+# said more were pending) in batches whose requests expire within BUSY_WAIT_S (what is waiting comes
+# at once; a lull costs at most that).
 FETCH_BATCH = 64
 FETCH_WAIT_S = 1.0
 BUSY_WAIT_S = 0.05
@@ -57,7 +58,9 @@ class TurnIntake:
                 msgs = await fetch_batch(sub, 1, FETCH_WAIT_S, what="the turn queue")
             else:
                 msgs = await fetch_batch(sub, min(room, FETCH_BATCH), BUSY_WAIT_S, what="the turn queue")
-            quiet = not msgs
+            # Quiet unless the broker says more are waiting (`num_pending` after the last one): a lone
+            # turn's batch request would cost a no-wait probe, its 404 and a lingering request's 408.
+            quiet = not msgs or msgs[-1].metadata.num_pending == 0
             for msg in msgs:
                 t = self._tg.create_task(self.keep(msg))
                 parked.add(t)
