@@ -82,13 +82,18 @@ class TurnIntake:
                     await msg.ack()
                     return
                 runner = self.runners.get(req.session_id)
-                if runner is None and not self.runners.full:
+                full = runner is None and self.runners.full
+                if runner is None and not full:
                     # one round trip: this turn's state and, if the session is free, its lease and first turn
                     claim = await cp.claim(req.session_id, ports.id, ports.settings.lease_ttl_ms, req.turn_id)
                     state = claim.msg_turn_state
                     if claim.lease is not None:
                         runner = self.runners.start(claim.lease, claim.first)
+                    else:  # held elsewhere: the free slot goes to the next parked turn
+                        self.runners.offer_slot()
                 else:
+                    if runner is not None and not self.runners.full:
+                        self.runners.offer_slot()  # woken for a slot this turn does not need
                     state = await cp.turn_state(req.session_id, req.turn_id)
                 if state is not None and state[0] == "done":
                     await msg.ack()
@@ -101,10 +106,14 @@ class TurnIntake:
                         return
                     if await cp.ensure_queued(req.session_id, req.turn_id, msg.data):
                         continue
-                waiter = runner.done_turns if runner else asyncio.Event()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.25 if runner is None else 2.0):
-                        await waiter.wait()
+                if runner is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2.0):
+                            await runner.done_turns.wait()
+                elif full:  # woken the moment one of our runners ends (the timeout is a backstop)
+                    await self.runners.wait_for_slot(1.0)
+                else:  # another process runs the session
+                    await asyncio.sleep(0.25)
                 if time.monotonic() - last_progress_ack > TURN_ACK_WAIT_S / 3:
                     await msg.in_progress()
                     last_progress_ack = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 
@@ -30,6 +31,7 @@ class RunnerPool:
         self._tg = tg
         self._entries: dict[str, tuple[SessionRunner, asyncio.Task[None]]] = {}
         self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -50,6 +52,33 @@ class RunnerPool:
         commit): its message may be acked without asking the store."""
         return turn_id in self._done
 
+    async def wait_for_slot(self, timeout_s: float) -> None:
+        """Waits (at most `timeout_s`) until a runner ends while the pool is full. Waiters are woken
+        one per freed slot, in arrival order: a parked turn takes the slot the moment it frees instead
+        of at its next poll (under overload, hundreds of parked turns polling every 0.25 s left slots
+        idle), and a freed slot never wakes them all at once."""
+        waiters = self._slot_waiters
+        while waiters and waiters[0].done():  # those that gave up (they time out oldest first)
+            waiters.popleft()
+        fut = asyncio.get_running_loop().create_future()
+        waiters.append(fut)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+
+    def offer_slot(self) -> None:
+        """Wakes the longest waiter if a slot is free (a runner ended, or a woken waiter did not
+        take the slot it was woken for)."""
+        while self._slot_waiters and not self.full:
+            fut = self._slot_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
     def _note_done(self, turn_id: str) -> None:
         self._done[turn_id] = None
         if len(self._done) > DONE_REMEMBERED:
@@ -67,6 +96,7 @@ class RunnerPool:
             if self._entries.get(lease.session_id) is entry:
                 del self._entries[lease.session_id]
             runner.done_turns.set()
+            self.offer_slot()
             if not t.cancelled() and t.exception() is not None:
                 metrics["runner_errors"] += 1
                 log.error("session runner %s failed", lease.session_id, exc_info=t.exception())
