@@ -91,10 +91,14 @@ class Connection:
         drain, so a slow reader still backs up into the outbound buffer (which merges) and nowhere else."""
         payloads = [encode_frame(f) for f in frames]
         transport = self.request.transport
-        if transport is not None and not transport.is_closing() and transport.get_write_buffer_size() == 0:
-            if not self.ws.closed:
-                transport.write(text_frames(payloads))
-                return
+        if (
+            transport is not None
+            and not self.ws.closed
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0
+        ):
+            transport.write(text_frames(payloads))
+            return
         async with asyncio.timeout(10):
             for p in payloads:
                 await self.ws.send_frame(p, WSMsgType.TEXT)

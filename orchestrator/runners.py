@@ -55,8 +55,7 @@ class RunnerPool:
     async def wait_for_slot(self, timeout_s: float) -> None:
         """Waits (at most `timeout_s`) until a runner ends while the pool is full. Waiters are woken
         one per freed slot, in arrival order: a parked turn takes the slot the moment it frees instead
-        of at its next poll (under overload, hundreds of parked turns polling every 0.25 s left slots
-        idle), and a freed slot never wakes them all at once."""
+        of at its next 0.25 s poll of Redis, and a freed slot never wakes them all at once."""
         waiters = self._slot_waiters
         while waiters and waiters[0].done():  # those that gave up (they time out oldest first)
             waiters.popleft()
