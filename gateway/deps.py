@@ -29,6 +29,7 @@ class Counters:
     bad_frames: int = 0
     sends: int = 0
     cancel_requests: int = 0
+    gap_reads: int = 0  # store reads because a live event did not follow the last seq delivered
 
 
 FLAG_TTL_S = 2.0  # as in the orchestrator: a flag flip applies to sends a couple of seconds later

@@ -233,7 +233,9 @@ class SessionRunner:
             status, why = await self._generate(req, progress, writer, snap, start)
             # Checkpointed first, so that a crash before the commit still ends the turn exactly once
             # (the taker-over finds it and commits it); held from readers until the commit is done.
+            t_end = svc.clock.monotonic()
             await writer.finish([progress.end(status)])
+            telemetry.observe_stage("checkpoint_turn_end", svc.clock.monotonic() - t_end)
             if fresh:
                 progress.start_seq = writer.start_seq
             if why:
@@ -254,6 +256,7 @@ class SessionRunner:
             for r, ev in ((r, client.event_decoder.decode(r)) for r in reversed(raws))
             if isinstance(ev, client.TurnEnd) and ev.turn_id == turn_id
         )
+        t_commit = svc.clock.monotonic()
         with telemetry.tracer.start_as_current_span("eventlog.append_turn"):
             await svc.eventlog.append_turn(
                 self.sid,
@@ -267,10 +270,13 @@ class SessionRunner:
         # Durable now: released to readers by finish_turn, then shown live, so whoever is woken by the
         # live turn_end and re-reads the store finds it. A crash between the two: the takeover scan
         # re-publishes the log's tail (orchestrator/takeover.py).
+        t_finish = svc.clock.monotonic()
+        telemetry.observe_stage("eventlog_commit", t_finish - t_commit)
         after = self._turn.plan.state_after(turn_id, ended)
         nxt = await cp.finish_and_next(
             self.lease, turn_id, ended.status, None if after is None else svc.encode_state(after)
         )
+        telemetry.observe_stage("turn_finish", svc.clock.monotonic() - t_finish)
         await writer.publish([ended_raw])
         svc.record_analytics(req, ended, raws, self._turn.first_token_ns)
         svc.metrics["turns_" + ended.status] += 1
