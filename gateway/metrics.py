@@ -25,11 +25,9 @@ if TYPE_CHECKING:
 
     from gateway.deps import Deps
 
-_ttft = telemetry.meter("tidewire.gateway").create_histogram(
+_ttft = telemetry.histogram(
     "tidewire_ttft_seconds",
-    unit="s",
     description="Time to first token: the gateway received the user message -> first delta written to a client",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
 )
 
 GAUGES = frozenset({"sockets", "sse_streams"})  # Counters fields that go up and down

@@ -31,13 +31,11 @@ from shared.eventlog import EventLog
 log = logging.getLogger(__name__)
 MAX_QUEUED = 1024
 
-_append_seconds = telemetry.meter("tidewire.orchestrator").create_histogram(
+_append_seconds = telemetry.histogram(
     "tidewire_checkpoint_append_seconds",
-    unit="s",
     description="Checkpoint store append latency (one batch of a turn's events, fenced by the lease)",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
 )
-_append_events = telemetry.meter("tidewire.orchestrator").create_counter(
+_append_events = telemetry.counter(
     "tidewire_checkpoint_appended_events", description="Events appended to the checkpoint store"
 )
 

@@ -1,6 +1,7 @@
 """New turns from JetStream, and keeping each turn's message until the turn is done.
 
-The fetch loop pulls turn messages (bounded by the sessions this process may run) and parks one
+The fetch loop pulls turn messages only while this process has a free session slot (at most as many
+as it has free, so a full orchestrator leaves new turns in JetStream for one with room) and parks one
 task per message. A parked message starts the session's runner when the session is free (one
 round trip: `CheckpointStore.claim`), or waits on whoever runs it; it is acked only once the turn
 is `done` in the checkpoint store (after its Postgres commit), and kept alive with in-progress
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from orchestrator.ports import TurnPorts
 from orchestrator.runner import decode_request
@@ -34,6 +36,8 @@ PARKED_PER_SESSION = 4  # parked turn messages per session slot (a burst of send
 FETCH_BATCH = 64
 FETCH_WAIT_S = 1.0
 BUSY_WAIT_S = 0.05
+FULL_PAUSE_S = 0.05  # a full orchestrator leaves new turns in JetStream, where another one takes them
+SLOT_WAIT_S = TURN_ACK_WAIT_S / 3  # a parked turn is woken by a freed slot; this is only the backstop
 
 
 class TurnIntake:
@@ -44,6 +48,7 @@ class TurnIntake:
         self.runners = runners
         self._tg = tg
         self._stopping = stopping
+        self._deciding = 0  # fetched turns not yet past their first claim: they may take a slot
 
     async def run(self) -> None:
         sub = await self.ports.bus.turn_subscription()
@@ -51,23 +56,44 @@ class TurnIntake:
         quiet = True
         while True:
             room = self.runners.max_sessions * PARKED_PER_SESSION - len(parked)
-            if room <= 0:
-                await asyncio.sleep(0.05)
+            free = self.runners.max_sessions - len(self.runners) - self._deciding
+            if room <= 0 or free <= 0:
+                # Fetching while every slot is taken only moved turns from the broker into this
+                # process, where each waited (and polled Redis) while the other orchestrators may have
+                # had room: at 200 msg/s a full orchestrator had 374-947 turns unacked, 150-270 running.
+                await asyncio.sleep(FULL_PAUSE_S)
                 continue
             if quiet:
                 msgs = await fetch_batch(sub, 1, FETCH_WAIT_S, what="the turn queue")
             else:
-                msgs = await fetch_batch(sub, min(room, FETCH_BATCH), BUSY_WAIT_S, what="the turn queue")
+                msgs = await fetch_batch(
+                    sub, min(room, free, FETCH_BATCH), BUSY_WAIT_S, what="the turn queue"
+                )
             # Quiet unless the broker says more are waiting (`num_pending` after the last one): a lone
             # turn's batch request would cost a no-wait probe, its 404 and a lingering request's 408.
             quiet = not msgs or msgs[-1].metadata.num_pending == 0
             for msg in msgs:
+                self._deciding += 1
                 t = self._tg.create_task(self.keep(msg))
                 parked.add(t)
                 t.add_done_callback(parked.discard)
 
     async def keep(self, msg: BusMessage) -> None:
         """Keeps the message until its turn is done (by us or by whoever owns the session)."""
+        deciding = True
+
+        def decided() -> None:
+            nonlocal deciding
+            if deciding:
+                deciding = False
+                self._deciding -= 1
+
+        try:
+            await self._keep(msg, decided)
+        finally:
+            decided()
+
+    async def _keep(self, msg: BusMessage, decided: Callable[[], None]) -> None:
         try:
             req = decode_request(msg.data)
         except Exception:  # noqa: BLE001 - not ours to retry: dead-letter it
@@ -106,12 +132,13 @@ class TurnIntake:
                         return
                     if await cp.ensure_queued(req.session_id, req.turn_id, msg.data):
                         continue
+                decided()  # it runs, waits on its session's runner or for a slot: counted there now
                 if runner is not None:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(2.0):
                             await runner.done_turns.wait()
                 elif full:  # woken the moment one of our runners ends (the timeout is a backstop)
-                    await self.runners.wait_for_slot(1.0)
+                    await self.runners.wait_for_slot(SLOT_WAIT_S)
                 else:  # another process runs the session
                     await asyncio.sleep(0.25)
                 if time.monotonic() - last_progress_ack > TURN_ACK_WAIT_S / 3:

@@ -313,10 +313,14 @@ class SessionRunner:
                 writer.add(progress.status(start.notice))
             return start.status, start.why
         writer_task = asyncio.create_task(writer.run(), name=f"writer-{progress.turn_id}")
+        planned = asyncio.Event()
         gen = asyncio.create_task(
-            self._steps(req, progress, writer, snap.session_state), name=f"steps-{progress.turn_id}"
+            self._steps(req, progress, writer, snap.session_state, planned), name=f"steps-{progress.turn_id}"
         )
-        watchers = [asyncio.create_task(self._cancel.wait()), asyncio.create_task(self._disconnect_watch())]
+        watchers = [
+            asyncio.create_task(self._cancel.wait()),
+            asyncio.create_task(self._disconnect_watch(planned)),
+        ]
         owned = [gen, *watchers]
         try:
             await asyncio.wait(
@@ -350,14 +354,16 @@ class SessionRunner:
             writer_task.cancel()
             await asyncio.gather(writer_task, return_exceptions=True)
 
-    async def _disconnect_watch(self) -> None:
-        """Samples the session's watchers for the disconnect policy (`continue`: none are taken).
-        Asked each tick: the plan, and with it the turn's policy, arrives once its context is loaded."""
+    async def _disconnect_watch(self, planned: asyncio.Event) -> None:
+        """Samples the session's watchers for the disconnect policy, once the plan (and with it the
+        turn's policy) is loaded. Under `continue` (the default) it takes no sample and keeps no
+        timer: a 4 Hz tick per running turn cost wake-ups in proportion to the turns in flight."""
         turn = self._turn
+        await planned.wait()
+        if not turn.watches_clients:
+            await asyncio.Event().wait()  # until the turn ends and cancels it
         while True:
             await asyncio.sleep(0.25)
-            if not turn.watches_clients:
-                continue
             watched = await self.svc.checkpoints.watched(self.sid)
             if turn.watcher_sample(watched, self.svc.clock.monotonic()):
                 self._cancel.set()
@@ -369,6 +375,7 @@ class SessionRunner:
         progress: TurnProgress,
         writer: CheckpointWriter,
         stored_state: bytes | None,
+        planned: asyncio.Event,
     ) -> None:
         svc = self.svc
         marker = svc.settings.fault_poison_marker
@@ -377,6 +384,7 @@ class SessionRunner:
         plan = await svc.plan_turn(req, stored_state)
         turn = self._turn
         turn.planned(plan)
+        planned.set()
         while turn.next_step():
             pending_calls = progress.unfinished_calls()
             if pending_calls:

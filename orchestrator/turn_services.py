@@ -38,18 +38,13 @@ from shared.sessionstate import SessionStore
 
 log = logging.getLogger(__name__)
 
-_meter = telemetry.meter("tidewire.orchestrator")
-_tool_seconds = _meter.create_histogram(
+_tool_seconds = telemetry.histogram(
     "tidewire_tool_call_seconds",
-    unit="s",
     description="Tool call latency seen by the turn (dispatch -> result)",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
 )
-_turn_seconds = _meter.create_histogram(
+_turn_seconds = telemetry.histogram(
     "tidewire_turn_seconds",
-    unit="s",
     description="Whole turn duration, pickup -> turn_end durable",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
 )
 
 

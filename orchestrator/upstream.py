@@ -74,11 +74,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_queue_wait = telemetry.meter("tidewire.upstream").create_histogram(
+_queue_wait = telemetry.histogram(
     "tidewire_upstream_queue_wait_seconds",
-    unit="s",
     description="Wait for a concurrency slot of the model upstream, per admitted call",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
 )
 
 # The Redis names (`breaker_key`, `BREAKERS_SEEN`) are in shared/subjects.py, re-exported here.

@@ -61,15 +61,12 @@ log = logging.getLogger("tool_workers")
 
 _job_decoder = msgspec.msgpack.Decoder(busproto.ToolJob)
 
-_meter = telemetry.meter("tidewire.tool_worker")
-_run_seconds = _meter.create_histogram(
+_run_seconds = telemetry.histogram(
     "tidewire_tool_run_seconds",
-    unit="s",
     description="Tool job handling time on the worker, by tool and outcome",
-    explicit_bucket_boundaries_advisory=telemetry.LATENCY_BUCKETS_S,
 )
-_jobs = _meter.create_counter("tidewire_tool_jobs", description="Tool jobs handled, by tool and outcome")
-_timeouts = _meter.create_counter("tidewire_tool_timeouts", description="Tool runs that hit their time limit")
+_jobs = telemetry.counter("tidewire_tool_jobs", description="Tool jobs handled, by tool and outcome")
+_timeouts = telemetry.counter("tidewire_tool_timeouts", description="Tool runs that hit their time limit")
 
 FETCH_WAIT_S = 1.0  # how long one fetch long-polls; also bounds how fast SIGTERM stops fetching
 _MAX_REMEMBERED_CANCELS = 10_000

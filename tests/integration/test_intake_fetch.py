@@ -50,3 +50,41 @@ async def test_each_turn_of_a_quiet_session_starts_at_once(infra, tmp_path) -> N
         )
     finally:
         s.stop()
+
+
+async def test_a_full_orchestrator_leaves_new_turns_to_one_with_room(infra, tmp_path) -> None:
+    """An orchestrator whose session slots are all taken stops pulling the turn queue, so another
+    one with room starts those turns at once. Before, the full one pulled up to four turns per slot
+    and kept them waiting for its own slots (here: one slot, 3 s turns, so they would start only
+    seconds later)."""
+    s = Stack(infra_env=stack_env(infra), log_dir=tmp_path, orchestrators=0, tool_workers=0)
+    s.start()
+    try:
+        s.add_orchestrator("orchestrator-small", env={"TIDEWIRE_MAX_SESSIONS": "1"})
+        s.add_orchestrator("orchestrator-big", env={"TIDEWIRE_MAX_SESSIONS": "16"})
+        clients = [WsTestClient(s.url, make_token(f"full-{i}")) for i in range(6)]
+        for c in clients:
+            await c.__aenter__()
+            await c.connect()
+        try:
+            prompt = "/sim tokens=30 rate=10 ttft_ms=0\nslow turn"
+            acks = [await c.ack_for(await c.send_message(prompt)) for c in clients]
+            acked = time.monotonic()
+            for i, (c, ack) in enumerate(zip(clients, acks, strict=True)):
+                if not any(isinstance(e, client.TurnStart) and e.turn_id == ack.turn_id for e in c.events):
+                    remaining = 2.0 - (time.monotonic() - acked)
+                    assert remaining > 0, f"turn {i} had not started 2 s after the last ack (3 s turns)"
+                    await c.until(
+                        lambda f, t=ack.turn_id: isinstance(f, client.TurnStart) and f.turn_id == t,
+                        timeout=remaining,
+                        what=f"turn_start of session {i} within 2 s of the last ack, while one "
+                        "orchestrator is full and the other has room",
+                    )
+            for c, ack in zip(clients, acks, strict=True):
+                end = await c.until_turn_end(ack.turn_id, timeout=30)
+                assert end.status == "completed", f"turn {ack.turn_id} ended {end.status}"
+        finally:
+            for c in clients:
+                await c.__aexit__(None, None, None)
+    finally:
+        s.stop()

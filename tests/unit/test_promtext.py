@@ -247,3 +247,26 @@ def test_a_failing_metric_source_is_left_out_and_logged_once(caplog: pytest.LogC
         "metric tidewire_test_promtext_flaky is not served while its source fails",
         "metric tidewire_test_promtext_flaky is served again",
     ]
+
+
+def test_reads_what_the_lean_instruments_render() -> None:
+    """`telemetry.histogram` / `counter` (the hot-path instruments) render as the SDK's did: buckets
+    are (previous bound, bound], cumulative, with +Inf, sum and count; one series per attribute set."""
+    hist = telemetry.histogram("tidewire_test_lean_seconds", description="lean", buckets=(0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 5.0):
+        hist.record(v, {"route": 'x"y'})
+    hist.record(0.2)
+    total = telemetry.counter("tidewire_test_lean_events", description="lean events")
+    total.add(2, {"kind": "a"})
+    total.add(3, {"kind": "a"})
+    total.add(1)
+    page = parse(telemetry.render_prometheus())
+    h = page.histogram("tidewire_test_lean_seconds", route='x"y')
+    assert h is not None
+    assert h.buckets == ((0.1, 2.0), (1.0, 3.0), (math.inf, 4.0)), h.buckets
+    assert h.count == 4 and h.sum == pytest.approx(5.65)
+    both = page.histogram("tidewire_test_lean_seconds")  # summed over both series, 0.2 unlabelled
+    assert both is not None and both.buckets == ((0.1, 2.0), (1.0, 4.0), (math.inf, 5.0)), both
+    assert page.value("tidewire_test_lean_events", kind="a") == 5
+    assert page.value("tidewire_test_lean_events") == 6
+    assert telemetry.histogram("tidewire_test_lean_seconds") is hist  # one per name

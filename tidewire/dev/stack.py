@@ -171,11 +171,12 @@ class Stack:
         *,
         address: str = "127.0.0.1",
         wrap: Callable[[list[str]], list[str]] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Service:
-        """`address` is where its health port listens and what it advertises to its peers (an
+        """`env` is added to its environment; `address` is where its health port listens and what it advertises to its peers (an
         address on a namespace bridge, with `wrap` running it inside that namespace)."""
         port = free_port()
-        env = {"TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)}
+        env = {**(env or {}), "TIDEWIRE_ORCHESTRATOR_ID": name, "TIDEWIRE_HEALTH_PORT": str(port)}
         if address != "127.0.0.1":
             env.update(TIDEWIRE_HOST=address, TIDEWIRE_ADVERTISE_URL=f"http://{address}:{port}")
         svc = self.service(name, "orchestrator", env, wrap=wrap)
