@@ -17,7 +17,8 @@ Three layers, cheapest first, so a misbehaving client costs the gateway little:
   consumer pending), the dependencies and the model upstreams' circuit breakers (as the
   orchestrators publish them in Redis, read through `shared/breakers.py`) at most every
   `shed_sample_ms`; a send checks the last sample only (no I/O), so a refusal (`degraded`,
-  `retry_after_ms`) is immediate, never a wait.
+  `retry_after_ms`) is immediate, never a wait. Past capacity, a fraction of new sends is refused
+  in proportion to how long turns stand waiting to start (`gateway/shedding.py`, PIE).
   Breakers shed only when *every* upstream an orchestrator lists has its breaker open: the gateway
   does not know which route a session's next turn takes, so one healthy route keeps sends coming.
 
@@ -36,6 +37,7 @@ import functools
 import itertools
 import logging
 import math
+import random
 import re
 import secrets
 import time
@@ -50,6 +52,7 @@ from gateway.deps import Deps
 from gateway.http_errors import http_error
 from gateway.keys import DEPS
 from gateway.settings import GatewaySettings
+from gateway.shedding import DelayShedder
 from shared import telemetry
 from shared.breakers import BreakerMirror
 from shared.checkpoints import CheckpointStore, MessageQuota
@@ -240,6 +243,14 @@ class LoadSample:
     at: float = 0.0
     upstreams_open_ms: int | None = None  # set while every model upstream's breaker is open
     overloaded: str | None = None  # why turns are too slow to start (orchestrators' reports, own lag)
+    standing_ms: int | None = None  # the median orchestrator's shortest recent pickup delay
+
+
+def standing_delay_ms(reports: list[tuple[int, int, int]]) -> int | None:
+    """The median, over the orchestrators that had enough pickups to tell, of their shortest pickup
+    delay (gateway/shedding.py); None when none had."""
+    shortest = sorted(m for _, _, m in reports if m >= 0)
+    return shortest[len(shortest) // 2] if shortest else None
 
 
 def overload(
@@ -274,6 +285,8 @@ class LoadShedder:
     # `BreakerMirror.every_upstream_open` (shared/breakers.py); None = breakers are not consulted
     breakers: Callable[[], Awaitable[int | None]] | None = None
     own_lag_ms: int = 0  # how late this gateway's sampler last woke: its own event-loop lag
+    delay_shedder: DelayShedder | None = None  # from `shed_target_delay_ms` (None: off)
+    draw: Callable[[], float] = random.random
     FAILURES_TO_DOWN = 2
     PG_EVERY = 4  # Postgres is probed every 4th sample (~1 s)
 
@@ -295,6 +308,11 @@ class LoadShedder:
             reason = "the turn queue is full"
         elif self.sample.overloaded is not None:
             reason = self.sample.overloaded
+        elif self.delay_shedder is not None and not self.delay_shedder.admits(self.draw()):
+            reason = (
+                f"turns wait {self.sample.standing_ms} ms to start; "
+                f"{self.delay_shedder.p:.0%} of new sends are refused"
+            )
         if reason is not None:
             self.counters.shed_sends += 1
             raise Degraded(
@@ -326,8 +344,22 @@ class LoadShedder:
             self._load_reports(),
         )
         overloaded = overload(
-            reports, self.own_lag_ms, pickup_delay_ms=s.shed_pickup_delay_ms, loop_lag_ms=s.shed_loop_lag_ms
+            [(d, g) for d, g, _ in reports],
+            self.own_lag_ms,
+            pickup_delay_ms=s.shed_pickup_delay_ms,
+            loop_lag_ms=s.shed_loop_lag_ms,
         )
+        standing = standing_delay_ms(reports)
+        if self.delay_shedder is not None:
+            was = self.delay_shedder.p
+            now_p = self.delay_shedder.update(None if standing is None else standing / 1000)
+            if (was == 0) != (now_p == 0):
+                log.warning(
+                    "load shedding: %s",
+                    f"turns wait {standing} ms to start: refusing {now_p:.0%} of new sends"
+                    if now_p
+                    else "turns start in time again: refusing none",
+                )
         if (overloaded is None) != (self.sample.overloaded is None):
             log.warning("load shedding: %s", overloaded or "no longer overloaded")
         pending = results[0] if isinstance(results[0], int) else self.sample.pending
@@ -342,15 +374,20 @@ class LoadShedder:
                 "open" if open_ms is not None else "no longer open",
             )
         self.sample = LoadSample(
-            pending=pending, down=down, at=time.monotonic(), upstreams_open_ms=open_ms, overloaded=overloaded
+            pending=pending,
+            down=down,
+            at=time.monotonic(),
+            upstreams_open_ms=open_ms,
+            overloaded=overloaded,
+            standing_ms=standing,
         )
         return self.sample
 
-    async def _load_reports(self) -> list[tuple[int, int]]:
+    async def _load_reports(self) -> list[tuple[int, int, int]]:
         """Fails open like the breakers: unreadable reports shed nothing."""
         try:
             async with asyncio.timeout(min(1.0, self.deps.settings.redis_timeout_s)):
-                return await self.deps.checkpoints.read_load(fresh_ms=2000)
+                return await self.deps.checkpoints.read_load_reports(fresh_ms=2000)
         except Exception as e:  # noqa: BLE001 - see the docstring
             log.debug("load reports not read: %r", e)
             return []
@@ -454,7 +491,14 @@ async def edge_context(app: web.Application) -> AsyncIterator[None]:
     install_metrics(counters)
     edge = Edge(
         SubjectLimits(SubjectQuotas(deps.checkpoints), deps.settings, deps.gateway_id, counters),
-        LoadShedder(deps, counters, breakers=BreakerMirror(deps.checkpoints).every_upstream_open),
+        LoadShedder(
+            deps,
+            counters,
+            breakers=BreakerMirror(deps.checkpoints).every_upstream_open,
+            delay_shedder=DelayShedder(deps.settings.shed_target_delay_ms / 1000)
+            if deps.settings.shed_target_delay_ms >= 0
+            else None,
+        ),
         counters,
     )
     await edge.shedder.sample_once()

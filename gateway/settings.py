@@ -73,6 +73,10 @@ class GatewaySettings:
     # 1 s and the gateways then refused sends for 24 s; e.g. 1000 / 500 on a single-node broker
     shed_pickup_delay_ms: int = -1
     shed_loop_lag_ms: int = -1
+    # delay-based shedding (gateway/shedding.py, on by default): while even the quickest turns wait
+    # longer than this to start (receipt -> pickup), a growing fraction of new sends is refused
+    # with `degraded`, about the excess over capacity (negative = off)
+    shed_target_delay_ms: int = 250
     shed_retry_after_ms: int = 2000
     receive_yield_every: int = 16  # the receive loop yields to the event loop every N frames
     # behaviour

@@ -1,8 +1,10 @@
 """What this orchestrator tells the gateways about its load, for admission (gateway/limits.py).
 
-Two numbers, reported twice a second: the longest pickup delay of the last window (from the
-gateway's receipt of a user message to its turn starting here: queueing in JetStream and in this
-process) and the event loop's lag (how late a 100 ms timer fires). Both grow before anything
+Reported twice a second: the longest pickup delay of the last window (from the gateway's receipt
+of a user message to its turn starting here: queueing in JetStream and in this process), the
+shortest one when the window had at least `MIN_EVIDENCE` pickups (when even the quickest turn
+waited, there is a standing queue, not a burst: what the gateways' delay-based shedding follows,
+gateway/shedding.py), and the event loop's lag (how late a 100 ms timer fires). Both grow before anything
 breaks; a gateway that sees them high refuses new sends with `degraded` instead of letting the
 queue, the loop lag and then lease lapses grow (PERF-LEDGER §5: past the knee the stack drowned).
 The window is a max over fixed slots, so recording a pickup is a compare, not an allocation.
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 REPORT_S = 0.5
 LAG_TICK_S = 0.1
+MIN_EVIDENCE = 8  # pickups in a window before its shortest one counts as a standing queue
 
 
 class LoadReporter:
@@ -28,12 +31,18 @@ class LoadReporter:
         self._store = store
         self._instance = instance
         self._delay_s = 0.0  # max pickup delay since the last report
+        self._min_s = float("inf")  # min pickup delay since the last report
+        self._picked = 0
         self._lag_s = 0.0  # max loop lag since the last report
         self.last_report: tuple[int, int] = (0, 0)
 
     def picked(self, delay_s: float) -> None:
+        """A fresh turn started `delay_s` after its gateway received it."""
         if delay_s > self._delay_s:
             self._delay_s = delay_s
+        if delay_s < self._min_s:
+            self._min_s = delay_s
+        self._picked += 1
 
     async def run(self) -> None:
         """Owned by the service for the life of the process."""
@@ -57,6 +66,8 @@ class LoadReporter:
 
     async def _report(self) -> None:
         delay_ms, lag_ms = int(self._delay_s * 1000), int(self._lag_s * 1000)
+        min_ms = int(self._min_s * 1000) if self._picked >= MIN_EVIDENCE else -1
         self._delay_s = self._lag_s = 0.0
+        self._min_s, self._picked = float("inf"), 0
         self.last_report = (delay_ms, lag_ms)
-        await self._store.report_load(self._instance, delay_ms, lag_ms)
+        await self._store.report_load(self._instance, delay_ms, lag_ms, min_ms)

@@ -187,7 +187,8 @@ class SessionRunner:
         if req.received_at_ns:
             wait_s = max(0.0, (picked_ns - req.received_at_ns) / 1e9)
             telemetry.observe_stage("queue_wait", wait_s)
-            svc.load.picked(wait_s)
+            if snap.state is None and snap.starts <= 1:  # a takeover's or retry's wait is no queue
+                svc.load.picked(wait_s)
             telemetry.record_span(
                 "orchestrator.pickup",
                 req.received_at_ns,

@@ -722,29 +722,39 @@ class CheckpointStore(Adapter):
         return broken
 
     # ---- load board (admission) ------------------------------------------------------------------
-    async def report_load(self, instance: str, pickup_delay_ms: int, loop_lag_ms: int) -> None:
+    async def report_load(
+        self, instance: str, pickup_delay_ms: int, loop_lag_ms: int, min_pickup_ms: int = -1
+    ) -> None:
         """An orchestrator's recent pickup delay (a turn's wait from the gateway's receipt to its
-        start) and event-loop lag, for the gateways' admission; one write per report."""
+        start: the longest, and the shortest of enough pickups to tell a standing queue, -1 when too
+        few) and event-loop lag, for the gateways' admission; one write per report."""
         now = int(time.time() * 1000)
-        await self.redis.hset(LOAD_BOARD, instance, f"{pickup_delay_ms}:{loop_lag_ms}:{now}")
+        await self.redis.hset(LOAD_BOARD, instance, f"{pickup_delay_ms}:{loop_lag_ms}:{now}:{min_pickup_ms}")
 
     async def withdraw_load(self, instance: str) -> None:
         await self.redis.hdel(LOAD_BOARD, instance)
 
     async def read_load(self, fresh_ms: int) -> list[tuple[int, int]]:
-        """(pickup delay ms, loop lag ms) of every orchestrator that reported in the last `fresh_ms`;
-        entries older than ten times that are removed (their process is gone)."""
+        """(pickup delay ms, loop lag ms) of every orchestrator that reported in the last `fresh_ms`."""
+        return [(delay, lag) for delay, lag, _ in await self.read_load_reports(fresh_ms)]
+
+    async def read_load_reports(self, fresh_ms: int) -> list[tuple[int, int, int]]:
+        """(longest pickup delay ms, loop lag ms, shortest pickup delay ms or -1) of every
+        orchestrator that reported in the last `fresh_ms`; entries older than ten times that are
+        removed (their process is gone)."""
         now = int(time.time() * 1000)
-        out: list[tuple[int, int]] = []
+        out: list[tuple[int, int, int]] = []
         stale: list[bytes] = []
         for field, value in (await self.redis.hgetall(LOAD_BOARD)).items():
             try:
-                delay, lag, at = (int(x) for x in value.split(b":"))
+                parts = [int(x) for x in value.split(b":")]
+                delay, lag, at = parts[:3]
+                shortest = parts[3] if len(parts) > 3 else -1
             except ValueError:
                 stale.append(field)
                 continue
             if now - at <= fresh_ms:
-                out.append((delay, lag))
+                out.append((delay, lag, shortest))
             elif now - at > 10 * fresh_ms:
                 stale.append(field)
         if stale:

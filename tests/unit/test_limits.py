@@ -277,16 +277,44 @@ def test_overload_is_the_median_orchestrators_delay_or_lag_or_the_gateways_own_l
 
 async def test_a_shedder_refuses_sends_while_the_orchestrators_report_slow_pickups() -> None:
     shedder, deps = _shedder(shed_pickup_delay_ms=1000, shed_retry_after_ms=700)
-    reports: list[tuple[int, int]] = [(2500, 10)]
+    reports: list[tuple[int, int, int]] = [(2500, 10, -1)]
 
-    async def read_load(fresh_ms: int) -> list[tuple[int, int]]:
+    async def read_load_reports(fresh_ms: int) -> list[tuple[int, int, int]]:
         return reports
 
-    deps.checkpoints.read_load = read_load  # type: ignore[attr-defined]
+    deps.checkpoints.read_load_reports = read_load_reports  # type: ignore[attr-defined]
     await shedder.sample_once()
     with pytest.raises(Degraded) as e:
         shedder.check()
     assert "turns wait 2500 ms" in str(e.value) and e.value.retry_after_ms == 700
-    reports[:] = [(40, 5)]
+    reports[:] = [(40, 5, -1)]
     await shedder.sample_once()
     shedder.check()  # back to normal at the next sample
+
+
+async def test_a_standing_wait_refuses_part_of_the_sends_and_a_quiet_stack_none() -> None:
+    from gateway.shedding import DelayShedder
+
+    shedder, deps = _shedder(shed_retry_after_ms=900)
+    shedder.delay_shedder = DelayShedder(0.25)
+    draws = iter([0.999, 0.0] * 100)
+    shedder.draw = lambda: next(draws)
+    reports: list[tuple[int, int, int]] = [(3000, 10, 1500), (2500, 10, 1200), (100, 1, -1)]
+
+    async def read_load_reports(fresh_ms: int) -> list[tuple[int, int, int]]:
+        return reports
+
+    deps.checkpoints.read_load_reports = read_load_reports  # type: ignore[attr-defined]
+    for _ in range(3):
+        await shedder.sample_once()
+    assert 0 < shedder.delay_shedder.p < 1, shedder.delay_shedder.p
+    shedder.check()  # draw 0.999: admitted
+    with pytest.raises(Degraded) as e:
+        shedder.check()  # draw 0.0: refused
+    assert "turns wait 1500 ms" in str(e.value) and e.value.retry_after_ms == 900
+    reports[:] = [(40, 5, 3), (30, 5, -1)]
+    for _ in range(8):
+        await shedder.sample_once()
+    assert shedder.delay_shedder.p == 0.0
+    for _ in range(20):
+        shedder.check()  # nothing is refused once turns start in time

@@ -1,0 +1,48 @@
+"""Delay-based shedding: the fraction of new sends a gateway refuses, from how long turns wait.
+
+PIE (RFC 8033), on the turn queue instead of a router's: every sample (`shed_sample_ms`) the refusal
+probability moves by `alpha` per second the delay stands above the target and by `beta` per second
+it grew since the last sample (growth only counts above the target), and each send is refused with that probability. So past capacity a
+gateway refuses about the excess — answered `degraded` at once, with no I/O — and admits the rest,
+instead of letting every send in until queues, timeouts and lease lapses take the stack down, or
+refusing everything while one sample looks bad (the binary thresholds of `gateway/limits.py`).
+
+The delay is the shortest pickup delay (gateway receipt to turn start) of an orchestrator's last
+window, the median over orchestrators, and only from windows with enough pickups
+(orchestrator/load.py): when even the quickest turn waited, the queue stands; a burst, a lone slow
+turn or a takeover's old receipt time does not count. No evidence is read as no delay, so the
+probability decays once turns stop waiting, and nothing is refused on a quiet stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DelayShedder:
+    target_s: float
+    alpha: float = 0.125  # per sample, per second of delay above the target
+    beta: float = 0.25  # per sample, per second the delay grew since the last sample
+    max_step: float = 0.2  # the most one sample may add: a spike alone never refuses everything
+    p: float = 0.0  # the probability that a new send is refused
+    delay_s: float = 0.0  # the last delay it was told
+
+    def update(self, delay_s: float | None) -> float:
+        """One sample's delay (None: too few pickups to tell); returns the new probability."""
+        d = 0.0 if delay_s is None else max(0.0, delay_s)
+        step = self.alpha * (d - self.target_s) + self.beta * (d - self.delay_s)
+        p = self.p + min(step, self.max_step)
+        if d <= self.target_s:
+            p = min(p, self.p)  # growth under the target refuses nothing more
+        if d < self.target_s / 2 and self.delay_s < self.target_s / 2:
+            p = min(p, self.p / 2)  # two samples well under the target: decay fast
+            if p < 0.01:
+                p = 0.0
+        self.p = min(1.0, max(0.0, p))
+        self.delay_s = d
+        return self.p
+
+    def admits(self, u: float) -> bool:
+        """Whether a send with the uniform draw `u` in [0, 1) is admitted."""
+        return u >= self.p
