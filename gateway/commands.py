@@ -162,12 +162,16 @@ async def send_message(
 
         try:
             ack = await _send_message(deps, subject, session_id, req, policy, started, admitted)
-        except BaseException:
+        except BaseException as e:
             if turn_id:
                 deps.turn_traces.forget(turn_id)
+            if isinstance(e, Degraded):  # a store or the bus too slow to make it durable: a wait too
+                deps.accepts.note((time.monotonic_ns() - received_mono) / 1e9)
             raise
         span.set_attribute("duplicate", ack.duplicate)
-        telemetry.observe_stage("gateway_accept", (time.monotonic_ns() - received_mono) / 1e9)
+        accepted_s = (time.monotonic_ns() - received_mono) / 1e9
+        deps.accepts.note(accepted_s)
+        telemetry.observe_stage("gateway_accept", accepted_s)
         return ack
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from gateway.metrics import TurnTraces
 from gateway.settings import GatewaySettings
+from gateway.shedding import AcceptDelays
 from shared.bus import Bus
 from shared.checkpoints import CheckpointStore
 from shared.eventlog import EventLog
@@ -44,6 +45,7 @@ class Deps:
     gateway_id: str
     counters: Counters = field(default_factory=Counters)
     turn_traces: TurnTraces = field(default_factory=TurnTraces)
+    accepts: AcceptDelays = field(default_factory=AcceptDelays)  # for delay-based shedding
     draining: bool = False
     flag_cache: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)
     flags: FlagResolver = field(init=False)  # deployment / tenant / operator scopes (shared.flags)

@@ -52,7 +52,7 @@ from gateway.deps import Deps
 from gateway.http_errors import http_error
 from gateway.keys import DEPS
 from gateway.settings import GatewaySettings
-from gateway.shedding import DelayShedder
+from gateway.shedding import DelayShedder, standing_delay_s
 from shared import telemetry
 from shared.breakers import BreakerMirror
 from shared.checkpoints import CheckpointStore, MessageQuota
@@ -349,10 +349,13 @@ class LoadShedder:
             pickup_delay_ms=s.shed_pickup_delay_ms,
             loop_lag_ms=s.shed_loop_lag_ms,
         )
-        standing = standing_delay_ms(reports)
+        accept_s = deps.accepts.take()
+        pickup_ms = standing_delay_ms(reports)
+        standing_s = standing_delay_s(accept_s, None if pickup_ms is None else pickup_ms / 1000)
+        standing = None if standing_s is None else int(standing_s * 1000)
         if self.delay_shedder is not None:
             was = self.delay_shedder.p
-            now_p = self.delay_shedder.update(None if standing is None else standing / 1000)
+            now_p = self.delay_shedder.update(standing_s)
             if (was == 0) != (now_p == 0):
                 log.warning(
                     "load shedding: %s",
@@ -502,6 +505,12 @@ async def edge_context(app: web.Application) -> AsyncIterator[None]:
         counters,
     )
     await edge.shedder.sample_once()
+    shedding = edge.shedder.delay_shedder
+    telemetry.observe(
+        "tidewire_gateway_shed_share",
+        lambda: shedding.p if shedding is not None else 0.0,
+        description="Share of new sends the delay-based shedding refuses now (gateway/shedding.py)",
+    )
     app[EDGE] = edge
     tasks = [
         asyncio.create_task(edge.shedder.run_forever(), name="load-sampler"),

@@ -7,10 +7,11 @@ gateway refuses about the excess â€” answered `degraded` at once, with no I/O â€
 instead of letting every send in until queues, timeouts and lease lapses take the stack down, or
 refusing everything while one sample looks bad (the binary thresholds of `gateway/limits.py`).
 
-The delay is the shortest pickup delay (gateway receipt to turn start) of an orchestrator's last
-window, the median over orchestrators, and only from windows with enough pickups
-(orchestrator/load.py): when even the quickest turn waited, the queue stands; a burst, a lone slow
-turn or a takeover's old receipt time does not count. No evidence is read as no delay, so the
+The delay is the longer of two standing waits, each the shortest of a window with enough samples
+(when even the quickest waited, the queue stands; a burst, a lone slow turn or a takeover's old
+receipt time does not count): this gateway's own accepts (receipt to ack: the stores and the bus
+making the message durable, `AcceptDelays`), and the orchestrators' pickups (receipt to turn start,
+the median over orchestrators, orchestrator/load.py). No evidence is read as no delay, so the
 probability decays once turns stop waiting, and nothing is refused on a quiet stack.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 @dataclass
 class DelayShedder:
     target_s: float
-    alpha: float = 0.125  # per sample, per second of delay above the target
+    alpha: float = 0.25  # per sample, per second of delay above the target
     beta: float = 0.25  # per sample, per second the delay grew since the last sample
     max_step: float = 0.2  # the most one sample may add: a spike alone never refuses everything
     p: float = 0.0  # the probability that a new send is refused
@@ -46,3 +47,31 @@ class DelayShedder:
     def admits(self, u: float) -> bool:
         """Whether a send with the uniform draw `u` in [0, 1) is admitted."""
         return u >= self.p
+
+
+class AcceptDelays:
+    """This gateway's accepts (receipt to ack) since the last sample: the shortest, when there were
+    enough to tell a standing queue (`MIN_EVIDENCE`)."""
+
+    MIN_EVIDENCE = 4
+    __slots__ = ("_min_s", "_n")
+
+    def __init__(self) -> None:
+        self._min_s, self._n = float("inf"), 0
+
+    def note(self, seconds: float) -> None:
+        if seconds < self._min_s:
+            self._min_s = seconds
+        self._n += 1
+
+    def take(self) -> float | None:
+        """The window's shortest accept (None: too few), and a new window."""
+        out = self._min_s if self._n >= self.MIN_EVIDENCE else None
+        self._min_s, self._n = float("inf"), 0
+        return out
+
+
+def standing_delay_s(*delays: float | None) -> float | None:
+    """The longest of the standing waits that could be told."""
+    known = [d for d in delays if d is not None]
+    return max(known) if known else None

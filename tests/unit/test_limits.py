@@ -22,6 +22,7 @@ from gateway.limits import (
     check_text,
 )
 from gateway.settings import GatewaySettings
+from gateway.shedding import AcceptDelays
 from shared.checkpoints import MessageQuota
 from shared.errors import BadFrame, Degraded, NotFound, RateLimited
 from tests.waits import eventually
@@ -89,6 +90,7 @@ class FakeDeps:
     bus: FakeBus = field(default_factory=FakeBus)
     checkpoints: FakeStore = field(default_factory=FakeStore)
     eventlog: FakeStore = field(default_factory=FakeStore)
+    accepts: AcceptDelays = field(default_factory=AcceptDelays)
 
 
 def _shedder(**settings: Any) -> tuple[LoadShedder, FakeDeps]:
@@ -318,3 +320,22 @@ async def test_a_standing_wait_refuses_part_of_the_sends_and_a_quiet_stack_none(
     assert shedder.delay_shedder.p == 0.0
     for _ in range(20):
         shedder.check()  # nothing is refused once turns start in time
+
+
+async def test_the_gateways_own_slow_accepts_shed_without_any_orchestrator_report() -> None:
+    from gateway.shedding import DelayShedder
+
+    shedder, deps = _shedder()
+    shedder.delay_shedder = DelayShedder(0.25)
+    shedder.draw = lambda: 0.0
+    for _ in range(3):
+        for _ in range(AcceptDelays.MIN_EVIDENCE):
+            deps.accepts.note(1.5)  # even the quickest accept of the window took 1.5 s
+        await shedder.sample_once()
+    with pytest.raises(Degraded) as e:
+        shedder.check()
+    assert "turns wait 1500 ms" in str(e.value)
+    deps.accepts.note(5.0)  # one slow accept alone is no standing queue
+    for _ in range(8):
+        await shedder.sample_once()
+    shedder.check()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from gateway.limits import standing_delay_ms
-from gateway.shedding import DelayShedder
+from gateway.shedding import AcceptDelays, DelayShedder, standing_delay_s
 
 
 def _admitted(shedder: DelayShedder, n: int, rng: random.Random) -> int:
@@ -56,3 +56,17 @@ def test_the_standing_delay_is_the_median_of_the_orchestrators_that_can_tell() -
     assert standing_delay_ms([(900, 5, -1), (800, 3, -1)]) is None  # too few pickups anywhere
     assert standing_delay_ms([(900, 5, 400), (800, 3, -1), (50, 1, 10)]) == 400
     assert standing_delay_ms([(900, 5, 400), (80, 3, 20), (50, 1, 10)]) == 20  # one slow one sheds nothing
+
+
+def test_accepts_tell_a_standing_wait_only_from_enough_of_them() -> None:
+    a = AcceptDelays()
+    for v in (0.9, 0.7, 0.8):
+        a.note(v)
+    assert a.take() is None, "three accepts are too few to tell"
+    for v in (0.9, 0.7, 0.8, 1.2):
+        a.note(v)
+    assert a.take() == 0.7
+    assert a.take() is None, "a new window starts empty"
+    assert standing_delay_s(None, None) is None
+    assert standing_delay_s(0.7, None) == 0.7
+    assert standing_delay_s(0.2, 1.1) == 1.1

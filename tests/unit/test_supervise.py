@@ -21,6 +21,7 @@ import pytest
 from gateway import hub
 from gateway.limits import EdgeCounters, LoadShedder, Slot, SubjectLimits
 from gateway.settings import GatewaySettings
+from gateway.shedding import AcceptDelays
 from orchestrator.upstream import SEEN_FOR_MS, UpstreamRouter
 from shared import promtext, supervise, telemetry
 from shared.breakers import BreakerMirror
@@ -226,7 +227,7 @@ async def test_slot_renewal_reports_a_failure_and_renews_at_the_next_tick(
 async def test_the_load_sampler_survives_a_failing_sample_without_counting_the_backoff_as_lag(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    deps = types.SimpleNamespace(settings=GatewaySettings(shed_sample_ms=50))
+    deps = types.SimpleNamespace(settings=GatewaySettings(shed_sample_ms=50), accepts=AcceptDelays())
     shedder = LoadShedder(deps, EdgeCounters())  # type: ignore[arg-type]
     seen: list[tuple[int, int]] = []  # (sample number, own_lag_ms when it was taken)
     script = Script(fail_on={2, 3, 4}, until=6)
