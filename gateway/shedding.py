@@ -7,11 +7,11 @@ gateway refuses about the excess â€” answered `degraded` at once, with no I/O â€
 instead of letting every send in until queues, timeouts and lease lapses take the stack down, or
 refusing everything while one sample looks bad (the binary thresholds of `gateway/limits.py`).
 
-The delay is the longer of two standing waits, each the shortest of a window with enough samples
-(when even the quickest waited, the queue stands; a burst, a lone slow turn or a takeover's old
-receipt time does not count): this gateway's own accepts (receipt to ack: the stores and the bus
-making the message durable, `AcceptDelays`), and the orchestrators' pickups (receipt to turn start,
-the median over orchestrators, orchestrator/load.py). No evidence is read as no delay, so the
+The delay is the longer of two waits, each from a window with enough samples, so that a lone slow
+turn or a takeover's old receipt time does not count: the median of this gateway's own accepts
+(receipt to ack: the stores and the bus making the message durable, `AcceptDelays`), and the
+orchestrators' shortest pickup (receipt to turn start: when even the quickest turn waited, the
+queue stands; the median over orchestrators, orchestrator/load.py). No evidence is read as no delay, so the
 probability decays once turns stop waiting, and nothing is refused on a quiet stack.
 """
 
@@ -50,25 +50,29 @@ class DelayShedder:
 
 
 class AcceptDelays:
-    """This gateway's accepts (receipt to ack) since the last sample: the shortest, when there were
-    enough to tell a standing queue (`MIN_EVIDENCE`)."""
+    """This gateway's accepts (receipt to ack) since the last sample: their median, when there were
+    enough to tell (`MIN_EVIDENCE`). The median, not the shortest: a send waits in connection pools
+    whose waits vary a lot, and the lucky few that found a free connection hid the queue (at 300
+    msg/s the shortest stayed low while most sends timed out)."""
 
     MIN_EVIDENCE = 4
-    __slots__ = ("_min_s", "_n")
+    KEPT = 256  # values kept per window: enough for a median, bounded
+    __slots__ = ("_values",)
 
     def __init__(self) -> None:
-        self._min_s, self._n = float("inf"), 0
+        self._values: list[float] = []
 
     def note(self, seconds: float) -> None:
-        if seconds < self._min_s:
-            self._min_s = seconds
-        self._n += 1
+        if len(self._values) < self.KEPT:
+            self._values.append(seconds)
 
     def take(self) -> float | None:
-        """The window's shortest accept (None: too few), and a new window."""
-        out = self._min_s if self._n >= self.MIN_EVIDENCE else None
-        self._min_s, self._n = float("inf"), 0
-        return out
+        """The window's median accept (None: too few), and a new window."""
+        values, self._values = self._values, []
+        if len(values) < self.MIN_EVIDENCE:
+            return None
+        values.sort()
+        return values[len(values) // 2]
 
 
 def standing_delay_s(*delays: float | None) -> float | None:

@@ -330,7 +330,7 @@ async def test_the_gateways_own_slow_accepts_shed_without_any_orchestrator_repor
     shedder.draw = lambda: 0.0
     for _ in range(3):
         for _ in range(AcceptDelays.MIN_EVIDENCE):
-            deps.accepts.note(1.5)  # even the quickest accept of the window took 1.5 s
+            deps.accepts.note(1.5)  # the accepts of the window took 1.5 s
         await shedder.sample_once()
     with pytest.raises(Degraded) as e:
         shedder.check()
