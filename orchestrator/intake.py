@@ -56,7 +56,7 @@ class TurnIntake:
         quiet = True
         while True:
             room = self.runners.max_sessions * PARKED_PER_SESSION - len(parked)
-            free = self.runners.max_sessions - len(self.runners) - self._deciding
+            free = self.runners.max_sessions - len(self.runners) - self._deciding - self.runners.slot_waiters
             if room <= 0 or free <= 0:
                 # Fetching while every slot is taken only moved turns from the broker into this
                 # process, where each waited (and polled Redis) while the other orchestrators may have

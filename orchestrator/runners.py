@@ -47,6 +47,11 @@ class RunnerPool:
         entry = self._entries.get(sid)
         return entry[0] if entry is not None else None
 
+    @property
+    def slot_waiters(self) -> int:
+        """Parked turns waiting for a slot here: a freed slot is theirs before any new turn's."""
+        return sum(1 for f in self._slot_waiters if not f.done())
+
     def done(self, turn_id: str) -> bool:
         """Whether one of our runners marked this turn done in the checkpoint store (after its
         commit): its message may be acked without asking the store."""

@@ -58,3 +58,19 @@ def test_a_full_pool_wakes_nobody_and_a_waiter_that_gave_up_is_skipped() -> None
         assert len(pool._slot_waiters) <= 1
 
     asyncio.run(main())
+
+
+def test_parked_turns_waiting_for_a_slot_are_counted_until_they_give_up() -> None:
+    async def main() -> None:
+        pool = await _pool(0)
+        waiter = asyncio.create_task(pool.wait_for_slot(5.0))
+        short = asyncio.create_task(pool.wait_for_slot(0.01))
+        await asyncio.sleep(0)
+        assert pool.slot_waiters == 2
+        await short
+        assert pool.slot_waiters == 1, "a waiter that timed out still counted"
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert pool.slot_waiters == 0
+
+    asyncio.run(main())
