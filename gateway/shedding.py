@@ -11,8 +11,8 @@ The delay is the longer of two waits, each from a window with enough samples, so
 turn or a takeover's old receipt time does not count: the median of this gateway's own accepts
 (receipt to ack: the stores and the bus making the message durable, `AcceptDelays`), and the
 orchestrators' shortest pickup (receipt to turn start: when even the quickest turn waited, the
-queue stands; the median over orchestrators, orchestrator/load.py). No evidence is read as no delay, so the
-probability decays once turns stop waiting, and nothing is refused on a quiet stack.
+queue stands; the median over orchestrators, orchestrator/load.py). No evidence (too few samples) means the load is gone:
+the refusals stop at once, and nothing is refused on a quiet stack.
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ class DelayShedder:
     delay_s: float = 0.0  # the last delay it was told
 
     def update(self, delay_s: float | None) -> float:
-        """One sample's delay (None: too few pickups to tell); returns the new probability."""
-        d = 0.0 if delay_s is None else max(0.0, delay_s)
+        """One sample's delay (None: too few accepts and pickups to tell); returns the new
+        probability. Too few to tell means the load is gone (a standing queue always has pickups),
+        so the refusals stop at once: after a 400 msg/s level the halving decay still refused the
+        canary sent 1-2 s after the backlog had drained."""
+        if delay_s is None:
+            self.p, self.delay_s = 0.0, 0.0
+            return 0.0
+        d = max(0.0, delay_s)
         step = self.alpha * (d - self.target_s) + self.beta * (d - self.delay_s)
         p = self.p + min(step, self.max_step)
         if d <= self.target_s:
